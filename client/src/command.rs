@@ -1,0 +1,366 @@
+//! [`Command`]: a `std::process::Command` whose process the server starts.
+
+use std::collections::BTreeMap;
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::Path;
+use std::process::{ExitStatus, Output};
+use std::sync::Arc;
+
+use forkserver_protocol::{
+    ClientMessage, FdMapping, OnDisconnect, ServerMessage, Spawn, StdioSpec, Target, WireStr,
+};
+
+use crate::child::Child;
+use crate::connection::Connection;
+use crate::Error;
+
+/// Where a child's standard stream comes from, as in `std::process::Stdio`.
+#[derive(Debug)]
+pub struct Stdio(StdioKind);
+
+#[derive(Debug)]
+enum StdioKind {
+    Inherit,
+    Null,
+    Piped,
+    Fd(OwnedFd),
+}
+
+// Defaults for streams a command leaves unset.
+static INHERIT: StdioKind = StdioKind::Inherit;
+static NULL: StdioKind = StdioKind::Null;
+static PIPED: StdioKind = StdioKind::Piped;
+
+impl Stdio {
+    /// The calling process's own stream (its fd 0, 1 or 2 is passed to the
+    /// server and installed in the child).
+    pub fn inherit() -> Stdio {
+        Stdio(StdioKind::Inherit)
+    }
+
+    /// `/dev/null`.
+    pub fn null() -> Stdio {
+        Stdio(StdioKind::Null)
+    }
+
+    /// A new pipe; the other end is in [`Child::stdin`] / `stdout` / `stderr`.
+    pub fn piped() -> Stdio {
+        Stdio(StdioKind::Piped)
+    }
+}
+
+impl From<OwnedFd> for Stdio {
+    fn from(fd: OwnedFd) -> Stdio {
+        Stdio(StdioKind::Fd(fd))
+    }
+}
+
+impl From<File> for Stdio {
+    fn from(file: File) -> Stdio {
+        Stdio(StdioKind::Fd(file.into()))
+    }
+}
+
+macro_rules! stdio_from_child_pipe {
+    ($($t:ty)*) => ($(impl From<$t> for Stdio {
+        /// Connects this end of another child's pipe.
+        fn from(pipe: $t) -> Stdio {
+            Stdio(StdioKind::Fd(pipe.into()))
+        }
+    })*)
+}
+
+stdio_from_child_pipe! { std::process::ChildStdin std::process::ChildStdout std::process::ChildStderr }
+
+/// A process to start through a forkserver, built like
+/// `std::process::Command`. Made by [`Client::command`](crate::Client::command).
+///
+/// By default the child inherits this process's stdin, stdout and stderr,
+/// the server's environment and working directory, starts in a new session,
+/// and is killed if this connection closes first.
+#[derive(Debug)]
+pub struct Command {
+    connection: Arc<Connection>,
+    program: OsString,
+    arg0: Option<OsString>,
+    args: Vec<OsString>,
+    env_clear: bool,
+    env: BTreeMap<OsString, Option<OsString>>,
+    cwd: Option<OsString>,
+    stdin: Option<Stdio>,
+    stdout: Option<Stdio>,
+    stderr: Option<Stdio>,
+    fds: Vec<(i32, OwnedFd)>,
+    new_session: bool,
+    on_disconnect: OnDisconnect,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("server", &self.info)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Command {
+    pub(crate) fn new(connection: Arc<Connection>, program: &OsStr) -> Command {
+        Command {
+            connection,
+            program: program.to_owned(),
+            arg0: None,
+            args: Vec::new(),
+            env_clear: false,
+            env: BTreeMap::new(),
+            cwd: None,
+            stdin: None,
+            stdout: None,
+            stderr: None,
+            fds: Vec::new(),
+            new_session: true,
+            on_disconnect: OnDisconnect::Kill,
+        }
+    }
+
+    /// Adds an argument.
+    pub fn arg(&mut self, arg: impl AsRef<OsStr>) -> &mut Command {
+        self.args.push(arg.as_ref().to_owned());
+        self
+    }
+
+    /// Adds arguments.
+    pub fn args<I, S>(&mut self, args: I) -> &mut Command
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        self.args
+            .extend(args.into_iter().map(|a| a.as_ref().to_owned()));
+        self
+    }
+
+    /// Sets argv\[0\] (the program name the child sees); the program itself by
+    /// default.
+    pub fn arg0(&mut self, arg0: impl AsRef<OsStr>) -> &mut Command {
+        self.arg0 = Some(arg0.as_ref().to_owned());
+        self
+    }
+
+    /// Sets an environment variable in the child.
+    pub fn env(&mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> &mut Command {
+        self.env
+            .insert(key.as_ref().to_owned(), Some(value.as_ref().to_owned()));
+        self
+    }
+
+    /// Sets several environment variables.
+    pub fn envs<I, K, V>(&mut self, vars: I) -> &mut Command
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: AsRef<OsStr>,
+        V: AsRef<OsStr>,
+    {
+        for (k, v) in vars {
+            self.env(k, v);
+        }
+        self
+    }
+
+    /// Removes a variable from the child's environment.
+    pub fn env_remove(&mut self, key: impl AsRef<OsStr>) -> &mut Command {
+        self.env.insert(key.as_ref().to_owned(), None);
+        self
+    }
+
+    /// Starts the child with an empty environment (plus what `env` sets
+    /// afterwards). Like std, this also forgets earlier `env` calls.
+    pub fn env_clear(&mut self) -> &mut Command {
+        self.env_clear = true;
+        self.env.clear();
+        self
+    }
+
+    /// Sets the child's working directory. A relative path is relative to
+    /// the server's working directory, not this process's.
+    pub fn current_dir(&mut self, dir: impl AsRef<Path>) -> &mut Command {
+        self.cwd = Some(dir.as_ref().as_os_str().to_owned());
+        self
+    }
+
+    /// The child's stdin.
+    pub fn stdin(&mut self, stdio: impl Into<Stdio>) -> &mut Command {
+        self.stdin = Some(stdio.into());
+        self
+    }
+
+    /// The child's stdout.
+    pub fn stdout(&mut self, stdio: impl Into<Stdio>) -> &mut Command {
+        self.stdout = Some(stdio.into());
+        self
+    }
+
+    /// The child's stderr.
+    pub fn stderr(&mut self, stdio: impl Into<Stdio>) -> &mut Command {
+        self.stderr = Some(stdio.into());
+        self
+    }
+
+    /// Installs `fd` as fd number `target` (at least 3) in the child.
+    pub fn fd(&mut self, target: i32, fd: impl Into<OwnedFd>) -> &mut Command {
+        self.fds.push((target, fd.into()));
+        self
+    }
+
+    /// Whether the child starts in a new session (`setsid`); true by default.
+    pub fn new_session(&mut self, on: bool) -> &mut Command {
+        self.new_session = on;
+        self
+    }
+
+    /// Whether the child keeps running when this connection closes (it is
+    /// killed by default).
+    pub fn detach(&mut self, on: bool) -> &mut Command {
+        self.on_disconnect = if on {
+            OnDisconnect::Detach
+        } else {
+            OnDisconnect::Kill
+        };
+        self
+    }
+
+    /// Starts the child and returns once it runs (for a program: once
+    /// `execve` succeeded). Stdio not set is inherited.
+    pub fn spawn(&mut self) -> Result<Child, Error> {
+        self.spawn_with_defaults(&INHERIT, &INHERIT)
+    }
+
+    /// Runs the child to completion and returns its exit status. Stdio not
+    /// set is inherited.
+    pub fn status(&mut self) -> Result<ExitStatus, Error> {
+        self.spawn()?.wait()
+    }
+
+    /// Runs the child to completion, collecting its stdout and stderr. Unless
+    /// set, stdin is `/dev/null` and stdout and stderr are piped.
+    pub fn output(&mut self) -> Result<Output, Error> {
+        self.spawn_with_defaults(&NULL, &PIPED)?.wait_with_output()
+    }
+
+    fn spawn_with_defaults(
+        &mut self,
+        stdin: &'static StdioKind,
+        out: &'static StdioKind,
+    ) -> Result<Child, Error> {
+        let (mut request, fds) = self.request(stdin, out);
+        let id = self.connection.next_id();
+        request.id = id;
+        self.connection.send(&ClientMessage::Spawn(request), &fds)?;
+        let reply = self
+            .connection
+            .take(id, true, |m| {
+                matches!(
+                    m,
+                    ServerMessage::Spawned { .. }
+                        | ServerMessage::SpawnFailed { .. }
+                        | ServerMessage::Error { .. }
+                )
+            })?
+            .expect("a blocking take returns a message or an error");
+        match reply.message {
+            ServerMessage::Spawned {
+                pid,
+                pidfd,
+                stdin,
+                stdout,
+                stderr,
+                ..
+            } => Child::new(
+                self.connection.clone(),
+                id,
+                pid,
+                reply.fds,
+                [Some(pidfd), stdin, stdout, stderr],
+            ),
+            ServerMessage::SpawnFailed {
+                kind,
+                errno,
+                message,
+                ..
+            } => Err(Error::SpawnFailed {
+                program: self.program.to_string_lossy().into_owned(),
+                kind,
+                errno,
+                message,
+            }),
+            ServerMessage::Error { kind, message, .. } => Err(Error::Refused { kind, message }),
+            other => Err(Error::Protocol(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// The Spawn message (id still 0) and the fds it refers to by index.
+    fn request(
+        &self,
+        stdin_default: &'static StdioKind,
+        out_default: &'static StdioKind,
+    ) -> (Spawn, Vec<BorrowedFd<'_>>) {
+        let mut fds: Vec<BorrowedFd<'_>> = Vec::new();
+        let stdin = stdio_spec(kind_or(&self.stdin, stdin_default), 0, &mut fds);
+        let stdout = stdio_spec(kind_or(&self.stdout, out_default), 1, &mut fds);
+        let stderr = stdio_spec(kind_or(&self.stderr, out_default), 2, &mut fds);
+        let mut mappings = Vec::with_capacity(self.fds.len());
+        for (target, fd) in &self.fds {
+            fds.push(fd.as_fd());
+            mappings.push(FdMapping {
+                index: (fds.len() - 1) as u32,
+                target: *target,
+            });
+        }
+        let wire = |s: &OsString| WireStr::from(s.as_os_str());
+        let request = Spawn {
+            id: 0,
+            target: Target::Exec {
+                program: wire(&self.program),
+                args: self.args.iter().map(wire).collect(),
+                arg0: self.arg0.as_ref().map(wire),
+            },
+            env_clear: self.env_clear,
+            env: self
+                .env
+                .iter()
+                .map(|(k, v)| (wire(k), v.as_ref().map(wire)))
+                .collect(),
+            cwd: self.cwd.as_ref().map(wire),
+            stdin,
+            stdout,
+            stderr,
+            fds: mappings,
+            new_session: self.new_session,
+            on_disconnect: self.on_disconnect,
+        };
+        (request, fds)
+    }
+}
+
+/// The protocol's stdio spec for one stream, pushing any fd it passes.
+/// `own` is this process's fd for the stream (0, 1 or 2), passed to inherit.
+fn stdio_spec<'a>(kind: &'a StdioKind, own: i32, fds: &mut Vec<BorrowedFd<'a>>) -> StdioSpec {
+    let fd = match kind {
+        StdioKind::Null => return StdioSpec::Null,
+        StdioKind::Piped => return StdioSpec::Pipe,
+        // SAFETY: fds 0-2 are this process's standard streams, which stay
+        // open for its life (std's own `Stdin::as_fd` borrows fd 0 the same
+        // way); if one was closed, sendmsg fails with EBADF.
+        StdioKind::Inherit => unsafe { BorrowedFd::borrow_raw(own) },
+        StdioKind::Fd(fd) => fd.as_fd(),
+    };
+    fds.push(fd);
+    StdioSpec::Fd {
+        index: (fds.len() - 1) as u32,
+    }
+}
+
+fn kind_or<'a>(stdio: &'a Option<Stdio>, default: &'static StdioKind) -> &'a StdioKind {
+    stdio.as_ref().map_or(default, |s| &s.0)
+}

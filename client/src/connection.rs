@@ -1,0 +1,239 @@
+//! The shared connection: one socket, many waiters.
+//!
+//! Replies and events are routed by request id. Whoever needs a message and
+//! finds none waiting becomes the reader: it receives one datagram with the
+//! lock released, files it under its id, and wakes the others. So any number
+//! of `Child`ren, on any threads, can wait on one connection without a
+//! background thread.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
+
+use forkserver_protocol::{
+    connect_seqpacket, decode, encode, recv_datagram, send_datagram, ClientMessage, Limits,
+    ServerMessage, PROTOCOL_VERSION,
+};
+
+use crate::Error;
+
+/// A message and the fds that came with it.
+pub(crate) struct Incoming {
+    pub(crate) message: ServerMessage,
+    pub(crate) fds: Vec<OwnedFd>,
+}
+
+#[derive(Default)]
+struct State {
+    /// A thread is blocked receiving; others wait on the condvar.
+    reading: bool,
+    inbox: HashMap<u64, VecDeque<Incoming>>,
+    /// Ids whose handles were dropped: their messages are discarded.
+    abandoned: HashSet<u64>,
+    /// Set once the connection failed; every waiter gets it.
+    broken: Option<String>,
+}
+
+/// What the server said in `Welcome`.
+#[derive(Debug, Clone)]
+pub struct ServerInfo {
+    /// The server's package version.
+    pub version: String,
+    /// The server's pid.
+    pub pid: u32,
+    /// The limits it enforces.
+    pub limits: Limits,
+}
+
+pub(crate) struct Connection {
+    socket: OwnedFd,
+    pub(crate) info: ServerInfo,
+    next_id: AtomicU64,
+    state: Mutex<State>,
+    arrived: Condvar,
+}
+
+impl Connection {
+    pub(crate) fn open(path: &Path, client_name: &str) -> Result<Connection, Error> {
+        let socket = connect_seqpacket(path).map_err(|source| Error::Connect {
+            path: path.to_owned(),
+            source,
+        })?;
+        let hello = ClientMessage::Hello {
+            protocol: PROTOCOL_VERSION,
+            client: client_name.to_owned(),
+        };
+        send(socket.as_fd(), &hello, &[])?;
+        // The server's limits are not known yet; a Welcome is small.
+        let welcome = receive(socket.as_fd(), &Limits::default(), 0)?
+            .ok_or_else(|| Error::Disconnected("closed before answering hello".into()))?;
+        let info = match welcome.message {
+            ServerMessage::Welcome {
+                server_version,
+                pid,
+                limits,
+                ..
+            } => ServerInfo {
+                version: server_version,
+                pid,
+                limits,
+            },
+            ServerMessage::Error { kind, message, .. } => {
+                return Err(Error::Refused { kind, message })
+            }
+            other => return Err(Error::Protocol(format!("expected welcome, got {other:?}"))),
+        };
+        Ok(Connection {
+            socket,
+            info,
+            next_id: AtomicU64::new(1),
+            state: Mutex::default(),
+            arrived: Condvar::new(),
+        })
+    }
+
+    pub(crate) fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub(crate) fn send(
+        &self,
+        message: &ClientMessage,
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<(), Error> {
+        send(self.socket.as_fd(), message, fds)
+    }
+
+    /// Takes the first message for `id` that `wanted` accepts. With `block`,
+    /// waits for one; without, reads only what has already arrived and
+    /// returns `Ok(None)` if there is none.
+    pub(crate) fn take(
+        &self,
+        id: u64,
+        block: bool,
+        wanted: impl Fn(&ServerMessage) -> bool,
+    ) -> Result<Option<Incoming>, Error> {
+        let mut state = self.lock();
+        loop {
+            if let Some(queue) = state.inbox.get_mut(&id) {
+                if let Some(pos) = queue.iter().position(|m| wanted(&m.message)) {
+                    let found = queue.remove(pos);
+                    if queue.is_empty() {
+                        state.inbox.remove(&id);
+                    }
+                    return Ok(found);
+                }
+            }
+            if let Some(why) = &state.broken {
+                return Err(Error::Disconnected(why.clone()));
+            }
+            if state.reading {
+                if !block {
+                    return Ok(None);
+                }
+                state = self
+                    .arrived
+                    .wait(state)
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                continue;
+            }
+            state.reading = true;
+            drop(state);
+            let flags = if block { 0 } else { libc::MSG_DONTWAIT };
+            let received = receive(self.socket.as_fd(), &self.info.limits, flags);
+            state = self.lock();
+            state.reading = false;
+            self.arrived.notify_all();
+            match received {
+                Ok(Some(incoming)) => route(&mut state, incoming),
+                Ok(None) => state.broken = Some("the server closed the connection".into()),
+                Err(Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                Err(e) => state.broken = Some(e.to_string()),
+            }
+        }
+    }
+
+    /// Discards everything queued or still to come for `id`.
+    pub(crate) fn abandon(&self, id: u64) {
+        let mut state = self.lock();
+        state.inbox.remove(&id);
+        state.abandoned.insert(id);
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves the state consistent (every
+        // update is a single insert or remove), so poisoning is ignored.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Files a message under its id, or records a fatal error.
+fn route(state: &mut State, incoming: Incoming) {
+    let id = match &incoming.message {
+        ServerMessage::Spawned { id, .. }
+        | ServerMessage::SpawnFailed { id, .. }
+        | ServerMessage::Exited { id, .. }
+        | ServerMessage::Signaled { id, .. }
+        | ServerMessage::Error { id: Some(id), .. } => *id,
+        ServerMessage::Error {
+            message,
+            fatal: true,
+            ..
+        } => {
+            state.broken = Some(message.clone());
+            return;
+        }
+        // A non-fatal error about no request in particular, or a message
+        // that has no place after the handshake: nothing waits for it.
+        _ => return,
+    };
+    if state.abandoned.contains(&id) {
+        if matches!(incoming.message, ServerMessage::Exited { .. }) {
+            state.abandoned.remove(&id);
+        }
+        return;
+    }
+    state.inbox.entry(id).or_default().push_back(incoming);
+}
+
+fn send(
+    socket: BorrowedFd<'_>,
+    message: &ClientMessage,
+    fds: &[BorrowedFd<'_>],
+) -> Result<(), Error> {
+    let bytes = encode(message).map_err(|e| Error::Protocol(e.to_string()))?;
+    send_datagram(socket, &bytes, fds, 0).map_err(|e| match e.raw_os_error() {
+        Some(libc::EPIPE) | Some(libc::ECONNRESET) => {
+            Error::Disconnected("the server closed the connection".into())
+        }
+        Some(libc::EMSGSIZE) => Error::Protocol(format!(
+            "a request of {} bytes is too large for the socket",
+            bytes.len()
+        )),
+        _ => Error::Io(e),
+    })
+}
+
+fn receive(socket: BorrowedFd<'_>, limits: &Limits, flags: i32) -> Result<Option<Incoming>, Error> {
+    // Replies carry at most four fds; room for more only guards against a
+    // misbehaving server (extra fds are closed when dropped).
+    let Some(datagram) = recv_datagram(socket, limits.max_message_bytes as usize, 16, flags)?
+    else {
+        return Ok(None);
+    };
+    if datagram.truncated || datagram.fds_truncated {
+        return Err(Error::Protocol(
+            "the server sent an oversized message".into(),
+        ));
+    }
+    let message = decode(&datagram.bytes).map_err(|e| Error::Protocol(e.to_string()))?;
+    Ok(Some(Incoming {
+        message,
+        fds: datagram.fds,
+    }))
+}

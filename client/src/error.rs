@@ -1,0 +1,118 @@
+//! The client's error type.
+
+use std::fmt;
+use std::io;
+use std::path::PathBuf;
+
+use forkserver_protocol::ErrorKind;
+
+/// What went wrong talking to a forkserver.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Error {
+    /// No server accepted a connection on the socket.
+    Connect {
+        /// The socket path tried.
+        path: PathBuf,
+        /// The OS error from `connect`.
+        source: io::Error,
+    },
+    /// Sending or receiving on the connection failed.
+    Io(io::Error),
+    /// The server closed the connection; the text says why when it told us.
+    Disconnected(String),
+    /// The server sent something this client cannot read.
+    Protocol(String),
+    /// The server refused a request (or the connection) with an error reply.
+    Refused {
+        /// The kind of error the server named.
+        kind: ErrorKind,
+        /// The server's explanation.
+        message: String,
+    },
+    /// The child could not be started.
+    SpawnFailed {
+        /// The program (or target) that was to run.
+        program: String,
+        /// Which step failed.
+        kind: ErrorKind,
+        /// The OS error number, if the failure was an OS error.
+        errno: Option<i32>,
+        /// The server's explanation.
+        message: String,
+    },
+}
+
+impl Error {
+    /// The OS error number behind this error, if there is one: for a failed
+    /// exec, the `execve` errno (ENOENT, EACCES…).
+    pub fn raw_os_error(&self) -> Option<i32> {
+        match self {
+            Error::Connect { source, .. } | Error::Io(source) => source.raw_os_error(),
+            Error::SpawnFailed { errno, .. } => *errno,
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Connect { path, source } => write!(
+                f,
+                "no forkserver is listening on {} ({source}); start one with `forkserver serve --socket {}`",
+                path.display(),
+                path.display()
+            ),
+            Error::Io(e) => write!(f, "talking to the forkserver: {e}"),
+            Error::Disconnected(why) => write!(f, "the forkserver closed the connection: {why}"),
+            Error::Protocol(why) => write!(f, "unexpected reply from the forkserver: {why}"),
+            Error::Refused { message, .. } => write!(f, "the forkserver refused: {message}"),
+            Error::SpawnFailed {
+                program,
+                kind: ErrorKind::Exec,
+                errno: Some(errno),
+                ..
+            } => write!(
+                f,
+                "cannot run '{program}': {}",
+                io::Error::from_raw_os_error(*errno)
+            ),
+            Error::SpawnFailed {
+                program, message, ..
+            } => write!(f, "cannot start '{program}': {message}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Connect { source, .. } | Error::Io(source) => Some(source),
+            _ => None,
+        }
+    }
+}
+
+impl From<io::Error> for Error {
+    fn from(e: io::Error) -> Error {
+        Error::Io(e)
+    }
+}
+
+/// Lets `?` carry a client error out of a function returning `io::Result`,
+/// keeping the errno where there is one.
+impl From<Error> for io::Error {
+    fn from(e: Error) -> io::Error {
+        match e {
+            Error::Io(e) => e,
+            other => {
+                let kind = match other.raw_os_error() {
+                    Some(errno) => io::Error::from_raw_os_error(errno).kind(),
+                    None => io::ErrorKind::Other,
+                };
+                io::Error::new(kind, other)
+            }
+        }
+    }
+}

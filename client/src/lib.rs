@@ -1,0 +1,79 @@
+//! A client for forkserver that feels like `std::process::Command`.
+//!
+//! [`Client::connect`] opens a connection to a running server (started with
+//! `forkserver serve`); [`Client::command`] builds a [`Command`]; `spawn`
+//! returns a [`Child`] with the child's pid, a pidfd, and the pipe ends you
+//! asked for. The server forks the process, so the caller's size and threads
+//! cost nothing.
+//!
+//! ```no_run
+//! use forkserver_client::{Client, Stdio};
+//!
+//! # fn main() -> Result<(), forkserver_client::Error> {
+//! let client = Client::connect("/run/user/1000/forkserver.sock")?;
+//! let output = client.command("echo").arg("hello").output()?;
+//! assert_eq!(output.stdout, b"hello\n");
+//!
+//! let mut child = client.command("cat").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn()?;
+//! drop(child.stdin.take());
+//! assert!(child.wait()?.success());
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! One connection carries any number of children at once; each can be
+//! waited from any thread. Children are killed when their connection closes
+//! (when the last `Client`, `Command` and `Child` sharing it are dropped)
+//! unless spawned with [`Command::detach`].
+#![deny(missing_docs)]
+
+mod child;
+mod command;
+mod connection;
+mod error;
+
+use std::ffi::OsStr;
+use std::path::Path;
+use std::sync::Arc;
+
+pub use child::Child;
+pub use command::{Command, Stdio};
+pub use connection::ServerInfo;
+pub use error::Error;
+pub use forkserver_protocol::{default_socket_path, ErrorKind};
+
+use connection::Connection;
+
+/// A connection to a forkserver. Cheap to clone; clones share the connection.
+#[derive(Debug, Clone)]
+pub struct Client {
+    connection: Arc<Connection>,
+}
+
+impl Client {
+    /// Connects to the server listening on `path` and does the handshake.
+    pub fn connect(path: impl AsRef<Path>) -> Result<Client, Error> {
+        let name = std::env::args()
+            .next()
+            .unwrap_or_else(|| "forkserver-client".into());
+        Ok(Client {
+            connection: Arc::new(Connection::open(path.as_ref(), &name)?),
+        })
+    }
+
+    /// Connects to the server at [`default_socket_path`].
+    pub fn connect_default() -> Result<Client, Error> {
+        Client::connect(default_socket_path())
+    }
+
+    /// What the server said about itself when we connected.
+    pub fn server(&self) -> &ServerInfo {
+        &self.connection.info
+    }
+
+    /// A command that runs `program` (looked up in the child's `PATH` if it
+    /// has no `/`).
+    pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
+        Command::new(self.connection.clone(), program.as_ref())
+    }
+}

@@ -1,0 +1,333 @@
+//! The messages, one MessagePack map per datagram.
+//!
+//! Every message is a map whose `type` field names it in snake_case. Optional
+//! fields may be absent or `nil`; unknown fields are ignored, so the protocol
+//! can grow without breaking older peers. See `protocol/README.md` for the
+//! field-by-field reference other languages implement.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::WireStr;
+
+/// A message from a client to the server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientMessage {
+    /// The first message on every connection.
+    Hello {
+        /// The protocol version the client speaks ([`crate::PROTOCOL_VERSION`]).
+        protocol: u32,
+        /// A free-form name of the client, for logs.
+        #[serde(default)]
+        client: String,
+    },
+    /// Start a child; answered by [`ServerMessage::Spawned`] or
+    /// [`ServerMessage::SpawnFailed`], then [`ServerMessage::Exited`].
+    Spawn(Spawn),
+    /// Send a signal to a child this connection spawned; answered by
+    /// [`ServerMessage::Signaled`] or [`ServerMessage::Error`].
+    Signal {
+        /// The `id` of the spawn request that started the child.
+        id: u64,
+        /// The signal number (1..=64).
+        signal: i32,
+    },
+}
+
+/// A request to start a child. File descriptors ride on the same datagram
+/// (`SCM_RIGHTS`) and are referred to by their index in that list.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Spawn {
+    /// Chosen by the client; every reply about this child carries it. Must not
+    /// be in use by another live child of the same connection.
+    pub id: u64,
+    /// What the child runs.
+    pub target: Target,
+    /// Start from an empty environment instead of the server's.
+    #[serde(default)]
+    pub env_clear: bool,
+    /// Changes to the environment: a string value sets a variable, `nil`
+    /// removes it. Applied after `env_clear`.
+    #[serde(default)]
+    pub env: BTreeMap<WireStr, Option<WireStr>>,
+    /// Working directory of the child; the server's if absent.
+    #[serde(default)]
+    pub cwd: Option<WireStr>,
+    /// The child's fd 0.
+    #[serde(default)]
+    pub stdin: StdioSpec,
+    /// The child's fd 1.
+    #[serde(default)]
+    pub stdout: StdioSpec,
+    /// The child's fd 2.
+    #[serde(default)]
+    pub stderr: StdioSpec,
+    /// Further passed fds to install in the child at chosen numbers (>= 3).
+    #[serde(default)]
+    pub fds: Vec<FdMapping>,
+    /// Start the child in a new session (`setsid`). On by default: a child left
+    /// in the server's process group would be stopped by SIGTTIN when it
+    /// reads a terminal the server was started from.
+    #[serde(default = "default_true")]
+    pub new_session: bool,
+    /// What happens to the child when this connection closes.
+    #[serde(default)]
+    pub on_disconnect: OnDisconnect,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl Spawn {
+    /// A request to exec `program` with `args` (not including argv\[0\]) and
+    /// every other option at its default.
+    pub fn exec(id: u64, program: impl Into<WireStr>, args: Vec<WireStr>) -> Spawn {
+        Spawn {
+            id,
+            target: Target::Exec {
+                program: program.into(),
+                args,
+                arg0: None,
+            },
+            env_clear: false,
+            env: BTreeMap::new(),
+            cwd: None,
+            stdin: StdioSpec::Null,
+            stdout: StdioSpec::Null,
+            stderr: StdioSpec::Null,
+            fds: Vec::new(),
+            new_session: true,
+            on_disconnect: OnDisconnect::Kill,
+        }
+    }
+}
+
+/// What a child runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Target {
+    /// `execve` a program. A `program` without a `/` is looked up in the
+    /// child's `PATH` (after `env` is applied), as `execvp` does.
+    Exec {
+        /// The program name or path.
+        program: WireStr,
+        /// Arguments after argv\[0\].
+        #[serde(default)]
+        args: Vec<WireStr>,
+        /// argv\[0\]; `program` if absent.
+        #[serde(default)]
+        arg0: Option<WireStr>,
+    },
+}
+
+/// Where one of the child's standard streams comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum StdioSpec {
+    /// `/dev/null`.
+    #[default]
+    Null,
+    /// A new pipe; the server sends the other end back with `Spawned`.
+    Pipe,
+    /// A file descriptor passed with this request, by index.
+    Fd {
+        /// Index into the fds attached to the request.
+        index: u32,
+    },
+}
+
+/// Installs passed fd number `index` as fd `target` in the child.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FdMapping {
+    /// Index into the fds attached to the request.
+    pub index: u32,
+    /// The fd number it gets in the child; at least 3 (use `stdin`,
+    /// `stdout`, `stderr` for 0–2).
+    pub target: i32,
+}
+
+/// What happens to a child when the connection that spawned it closes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnDisconnect {
+    /// SIGTERM, then SIGKILL after the server's grace period.
+    #[default]
+    Kill,
+    /// Leave it running; the server still reaps it.
+    Detach,
+}
+
+/// A message from the server to a client.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerMessage {
+    /// The answer to a matching `Hello`.
+    Welcome {
+        /// The protocol version the server speaks.
+        protocol: u32,
+        /// The server's package version.
+        server_version: String,
+        /// The server's pid.
+        pid: u32,
+        /// Preloaded modules the server offers (none yet in this version).
+        #[serde(default)]
+        modules: Vec<String>,
+        /// The limits this server enforces.
+        limits: Limits,
+    },
+    /// The child started: for an exec target, `execve` succeeded.
+    /// Attached fds, by the indexes named here: the child's pidfd, then the
+    /// client's ends of the pipes it asked for.
+    Spawned {
+        /// The spawn request's id.
+        id: u64,
+        /// The child's pid.
+        pid: u32,
+        /// Index of the child's pidfd among the attached fds.
+        pidfd: u32,
+        /// Index of the write end of the child's stdin pipe, if piped.
+        #[serde(default)]
+        stdin: Option<u32>,
+        /// Index of the read end of the child's stdout pipe, if piped.
+        #[serde(default)]
+        stdout: Option<u32>,
+        /// Index of the read end of the child's stderr pipe, if piped.
+        #[serde(default)]
+        stderr: Option<u32>,
+    },
+    /// The child could not be started. No `Exited` follows.
+    SpawnFailed {
+        /// The spawn request's id.
+        id: u64,
+        /// Which step failed.
+        kind: ErrorKind,
+        /// The OS error number, when the failure was an OS error.
+        #[serde(default)]
+        errno: Option<i32>,
+        /// A sentence naming the problem.
+        message: String,
+    },
+    /// A child that was `Spawned` has ended and been reaped.
+    Exited {
+        /// The spawn request's id.
+        id: u64,
+        /// The child's pid.
+        pid: u32,
+        /// How it ended.
+        status: ChildStatus,
+    },
+    /// A `Signal` request was carried out.
+    Signaled {
+        /// The spawn request's id.
+        id: u64,
+        /// The signal sent.
+        signal: i32,
+    },
+    /// A request, or the connection, failed.
+    Error {
+        /// The request's id, when the error is about one request.
+        #[serde(default)]
+        id: Option<u64>,
+        /// What kind of failure.
+        kind: ErrorKind,
+        /// A sentence naming the problem and, where there is one, the remedy.
+        message: String,
+        /// True when the server closes the connection after this message.
+        #[serde(default)]
+        fatal: bool,
+    },
+}
+
+/// How a child ended, as `waitpid` reported it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ChildStatus {
+    /// It exited with this code.
+    Exited {
+        /// The exit code (0..=255).
+        code: i32,
+    },
+    /// It was killed by a signal.
+    Signaled {
+        /// The signal number.
+        signal: i32,
+        /// Whether it dumped core.
+        core_dumped: bool,
+    },
+}
+
+impl ChildStatus {
+    /// The status in `waitpid`'s encoding, as
+    /// `std::os::unix::process::ExitStatusExt::from_raw` expects.
+    pub fn into_raw(self) -> i32 {
+        match self {
+            ChildStatus::Exited { code } => (code & 0xff) << 8,
+            ChildStatus::Signaled {
+                signal,
+                core_dumped,
+            } => (signal & 0x7f) | if core_dumped { 0x80 } else { 0 },
+        }
+    }
+}
+
+/// What went wrong, in `SpawnFailed` and `Error`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The message could not be decoded, or came out of order.
+    Protocol,
+    /// The client's protocol version is not spoken here.
+    Version,
+    /// A field has a bad value; the message names the field.
+    Invalid,
+    /// A limit was exceeded; the message names the limit and the value.
+    Limit,
+    /// `execve` failed; `errno` says why.
+    Exec,
+    /// The child could not change to the requested directory.
+    Chdir,
+    /// Another step of the child's setup (dup2, setsid, …) failed.
+    Setup,
+    /// The server could not create the process or its pipes (EAGAIN, EMFILE…).
+    Resource,
+    /// The server is no longer single-threaded and refuses to fork.
+    Threads,
+    /// No live child with this id on this connection.
+    NoSuchChild,
+    /// A kind this version does not know (sent by a newer peer).
+    #[serde(other)]
+    Unknown,
+}
+
+/// The limits a server enforces, sent in `Welcome`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Largest message, in bytes, either direction.
+    pub max_message_bytes: u32,
+    /// Most fds attached to one message.
+    pub max_fds_per_message: u32,
+    /// Most arguments in one spawn (argv\[0\] not counted).
+    pub max_args: u32,
+    /// Most entries in one spawn's `env`.
+    pub max_env: u32,
+    /// Most live children one connection may have.
+    pub max_children_per_connection: u32,
+    /// Most connections the server holds open at once.
+    pub max_connections: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_message_bytes: 64 * 1024,
+            max_fds_per_message: 64,
+            max_args: 4096,
+            max_env: 4096,
+            max_children_per_connection: 1024,
+            max_connections: 256,
+        }
+    }
+}

@@ -1,0 +1,233 @@
+//! The child between `fork()` and `execve()`.
+//!
+//! Everything in [`run_child`] executes in the new child process, a copy of
+//! the single-threaded server. Its rules, after Rust std's unix process code:
+//! - no allocation, no locks, no stdio, no panics: only async-signal-safe libc
+//!   calls on data prepared before the fork ([`ChildPlan`]). (Allocation would
+//!   in fact be safe here because the thread guard guarantees no other thread
+//!   held the malloc lock at fork, but nothing here needs it.)
+//! - never return and never unwind into the server's code: every path ends in
+//!   `execve` or `_exit`.
+//! - report failure as a fixed-size record on the close-on-exec error pipe:
+//!   the errno and the step that failed. A successful exec closes the pipe, so
+//!   the server reads end-of-file; a short read would be a bug.
+//!
+//! The server blocks every signal before forking, so a signal sent to the
+//! child early (say, SIGTERM because its client went away) stays pending until
+//! the child has put every disposition back to the default.
+
+use std::ffi::{c_char, CString};
+use std::os::fd::RawFd;
+use std::ptr;
+
+/// The size of an error record on the error pipe.
+pub(crate) const ERROR_RECORD_LEN: usize = 8;
+
+/// Which step of the child's setup failed, as written to the error pipe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub(crate) enum FailedStep {
+    /// `setsid`, `fcntl` or `dup2`.
+    Setup = 1,
+    /// `chdir`.
+    Chdir = 2,
+    /// `execve`.
+    Exec = 3,
+}
+
+impl FailedStep {
+    /// Decodes an error record; `None` for bytes that are not one.
+    pub(crate) fn decode(record: [u8; ERROR_RECORD_LEN]) -> Option<(FailedStep, i32)> {
+        let errno = i32::from_ne_bytes(record[..4].try_into().ok()?);
+        let step = match u32::from_ne_bytes(record[4..].try_into().ok()?) {
+            1 => FailedStep::Setup,
+            2 => FailedStep::Chdir,
+            3 => FailedStep::Exec,
+            _ => return None,
+        };
+        Some((step, errno))
+    }
+}
+
+/// Everything the child needs, built before the fork so that the child only
+/// reads it.
+pub(crate) struct ChildPlan {
+    /// argv, NUL-terminated strings behind `argv_ptrs`.
+    pub(crate) _argv: Vec<CString>,
+    /// Pointers into `_argv`, ending in null.
+    pub(crate) argv_ptrs: Vec<*const c_char>,
+    /// `KEY=VALUE` strings behind `envp_ptrs`.
+    pub(crate) _envp: Vec<CString>,
+    /// Pointers into `_envp`, ending in null.
+    pub(crate) envp_ptrs: Vec<*const c_char>,
+    /// Paths to try with execve, in order (one, or one per `PATH` entry).
+    pub(crate) candidates: Vec<CString>,
+    pub(crate) cwd: Option<CString>,
+    /// `(source, target)`: install the server's fd `source` as `target`.
+    /// Sorted by target; targets are distinct.
+    pub(crate) fd_moves: Vec<(RawFd, RawFd)>,
+    pub(crate) new_session: bool,
+}
+
+/// Runs in the child right after `fork()`: sets the process up as `plan`
+/// says and execs it. Never returns.
+///
+/// # Safety
+/// Call only in a freshly forked child of a single-threaded process, with
+/// every fd in `plan.fd_moves` and `error_pipe` open.
+pub(crate) unsafe fn run_child(plan: &ChildPlan, error_pipe: RawFd) -> ! {
+    // 1. Signals: the server installed handlers (through signal-hook) and
+    //    ignores SIGPIPE. execve resets handlers but not SIG_IGN, and a handler
+    //    firing before exec would write into the server's signal pipe. Put
+    //    every disposition back to the default, then unblock the mask the
+    //    server set before forking.
+    // SAFETY (whole function): only async-signal-safe calls on memory the
+    // parent prepared and which no one else can touch in this process.
+    let mut default: libc::sigaction = std::mem::zeroed();
+    default.sa_sigaction = libc::SIG_DFL;
+    for signal in 1..=libc::SIGRTMAX() {
+        if signal != libc::SIGKILL && signal != libc::SIGSTOP {
+            // Fails only for numbers libc reserves (32, 33); nothing to reset.
+            libc::sigaction(signal, &default, ptr::null_mut());
+        }
+    }
+    let mut empty: libc::sigset_t = std::mem::zeroed();
+    libc::sigemptyset(&mut empty);
+    libc::pthread_sigmask(libc::SIG_SETMASK, &empty, ptr::null_mut());
+
+    // 2. A new session, so the child is never in the server's process group
+    //    (and never gets the terminal's job-control signals meant for it).
+    if plan.new_session && libc::setsid() == -1 {
+        fail(error_pipe, FailedStep::Setup);
+    }
+
+    // 3. File descriptors. Sources may sit on the very numbers other entries
+    //    want as targets, so first copy every source (and the error pipe) above
+    //    the highest target, then dup2 each copy into place. dup2 clears
+    //    close-on-exec on the target; the high copies keep it.
+    let highest_target = plan.fd_moves.last().map_or(2, |&(_, target)| target.max(2));
+    let floor = highest_target + 1;
+    let error_pipe = libc::fcntl(error_pipe, libc::F_DUPFD_CLOEXEC, floor);
+    if error_pipe == -1 {
+        // Nowhere to report to; the server sees EOF without exec and an exit
+        // status of 127.
+        libc::_exit(127);
+    }
+    let mut high = [0 as RawFd; MAX_MOVES];
+    if plan.fd_moves.len() > MAX_MOVES {
+        fail_with(error_pipe, FailedStep::Setup, libc::E2BIG);
+    }
+    for (i, &(source, _)) in plan.fd_moves.iter().enumerate() {
+        high[i] = libc::fcntl(source, libc::F_DUPFD_CLOEXEC, floor);
+        if high[i] == -1 {
+            fail(error_pipe, FailedStep::Setup);
+        }
+    }
+    for (i, &(_, target)) in plan.fd_moves.iter().enumerate() {
+        if retry_eintr(|| libc::dup2(high[i], target)) == -1 {
+            fail(error_pipe, FailedStep::Setup);
+        }
+    }
+    // 4. Close every fd the child was not given: the gaps between targets, and
+    //    everything from `floor` up except the error pipe (the high copies,
+    //    the listener, other clients' sockets, the signal pipe, epoll...).
+    let mut next = 0;
+    for &(_, target) in &plan.fd_moves {
+        if target > next {
+            close_range(next, target - 1);
+        }
+        next = target + 1;
+    }
+    if next < floor {
+        close_range(next, floor - 1);
+    }
+    if error_pipe > floor {
+        close_range(floor, error_pipe - 1);
+    }
+    close_range(error_pipe + 1, RawFd::MAX);
+
+    // 5. Working directory.
+    if let Some(cwd) = &plan.cwd {
+        if libc::chdir(cwd.as_ptr()) == -1 {
+            fail(error_pipe, FailedStep::Chdir);
+        }
+    }
+
+    // 6. Exec, trying each candidate path as execvp does: keep going past
+    //    "not here" errors, remember that some candidate was not executable,
+    //    and stop at any other error.
+    let mut saw_eacces = false;
+    let mut errno = libc::ENOENT;
+    for path in &plan.candidates {
+        libc::execve(
+            path.as_ptr(),
+            plan.argv_ptrs.as_ptr(),
+            plan.envp_ptrs.as_ptr(),
+        );
+        errno = last_errno();
+        match errno {
+            libc::EACCES => saw_eacces = true,
+            libc::ENOENT | libc::ENOTDIR | libc::ESTALE | libc::ENODEV | libc::ETIMEDOUT => {}
+            _ => break,
+        }
+    }
+    if saw_eacces && errno != libc::EACCES && is_not_found(errno) {
+        errno = libc::EACCES;
+    }
+    fail_with(error_pipe, FailedStep::Exec, errno)
+}
+
+/// At most this many fds are installed in one child (0–2 plus passed ones);
+/// it bounds the stack array the child uses instead of allocating. The
+/// server's `max_fds_per_message` limit is checked against it at start.
+pub(crate) const MAX_MOVES: usize = 256;
+
+fn is_not_found(errno: i32) -> bool {
+    matches!(
+        errno,
+        libc::ENOENT | libc::ENOTDIR | libc::ESTALE | libc::ENODEV | libc::ETIMEDOUT
+    )
+}
+
+fn last_errno() -> i32 {
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+}
+
+/// close_range(2); falls back to closing one by one up to the fd limit on
+/// kernels older than 5.9.
+unsafe fn close_range(first: RawFd, last: RawFd) {
+    let rc = libc::syscall(libc::SYS_close_range, first as u32, last as u32, 0);
+    if rc == -1 {
+        let limit = match libc::sysconf(libc::_SC_OPEN_MAX) {
+            n if n > 0 => n.min(last as libc::c_long + 1) as RawFd,
+            _ => 1024.min(last.saturating_add(1)),
+        };
+        for fd in first..limit {
+            libc::close(fd);
+        }
+    }
+}
+
+unsafe fn retry_eintr(mut call: impl FnMut() -> i32) -> i32 {
+    loop {
+        let rc = call();
+        if rc != -1 || last_errno() != libc::EINTR {
+            return rc;
+        }
+    }
+}
+
+unsafe fn fail(error_pipe: RawFd, step: FailedStep) -> ! {
+    fail_with(error_pipe, step, last_errno())
+}
+
+/// Writes the error record and exits 127, the shell's "cannot run" status.
+unsafe fn fail_with(error_pipe: RawFd, step: FailedStep, errno: i32) -> ! {
+    let mut record = [0u8; ERROR_RECORD_LEN];
+    record[..4].copy_from_slice(&errno.to_ne_bytes());
+    record[4..].copy_from_slice(&(step as u32).to_ne_bytes());
+    // A pipe write of 8 bytes is atomic (< PIPE_BUF); if it fails the server
+    // still sees the exit status.
+    retry_eintr(|| libc::write(error_pipe, record.as_ptr().cast(), record.len()) as i32);
+    libc::_exit(127)
+}

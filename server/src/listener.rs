@@ -1,0 +1,119 @@
+//! The listening socket: where it lives, how it is created, and how it is
+//! removed.
+//!
+//! - The socket file is created mode 0600 (umask 0177 around `bind`), so there
+//!   is no moment at which others could connect.
+//! - An existing path is probed by connecting to it: if a server answers, we
+//!   refuse to start; if nothing listens (a server that was SIGKILLed), the
+//!   stale file is removed. A path that is not a socket is never removed.
+//! - On shutdown the file is removed only if it is still the one we bound
+//!   (same device and inode), so a successor's socket is left alone.
+
+use std::fs;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use forkserver_protocol::{connect_seqpacket, listen_seqpacket};
+
+use crate::{sys, ServeError};
+
+pub(crate) struct Listener {
+    socket: OwnedFd,
+    path: PathBuf,
+    identity: (u64, u64),
+}
+
+impl Listener {
+    pub(crate) fn bind(path: &Path) -> Result<Listener, ServeError> {
+        prepare_parent(path)?;
+        remove_if_stale(path)?;
+        let old_mask = sys::umask(0o177);
+        let bound = listen_seqpacket(path, 128);
+        sys::umask(old_mask);
+        let socket = bound.map_err(|source| ServeError::io("binding the socket", path, source))?;
+        let meta = fs::symlink_metadata(path)
+            .map_err(|source| ServeError::io("reading the new socket's metadata", path, source))?;
+        Ok(Listener {
+            socket,
+            path: path.to_owned(),
+            identity: (meta.dev(), meta.ino()),
+        })
+    }
+}
+
+impl AsFd for Listener {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.socket.as_fd()
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Ok(meta) = fs::symlink_metadata(&self.path) {
+            if (meta.dev(), meta.ino()) == self.identity {
+                let _ = fs::remove_file(&self.path);
+            }
+        }
+    }
+}
+
+/// Creates the per-uid fallback directory under /tmp with mode 0700 and
+/// checks an existing one is ours and private; other parents must exist.
+fn prepare_parent(path: &Path) -> Result<(), ServeError> {
+    let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) else {
+        return Ok(());
+    };
+    let is_fallback = forkserver_protocol::default_socket_path() == path
+        && parent.starts_with("/tmp")
+        && std::env::var_os("FORKSERVER_SOCKET").is_none();
+    if !is_fallback {
+        return Ok(());
+    }
+    match fs::DirBuilder::new().mode(0o700).create(parent) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            let meta = fs::symlink_metadata(parent).map_err(|source| {
+                ServeError::io("checking the socket directory", parent, source)
+            })?;
+            let private = meta.is_dir()
+                && meta.uid() == sys::getuid()
+                && meta.permissions().mode() & 0o077 == 0;
+            if private {
+                Ok(())
+            } else {
+                Err(ServeError::Config(format!(
+                    "{} is not a private directory of ours (want a directory owned by uid {} with mode 0700); remove it or pass --socket",
+                    parent.display(),
+                    sys::getuid()
+                )))
+            }
+        }
+        Err(source) => Err(ServeError::io(
+            "creating the socket directory",
+            parent,
+            source,
+        )),
+    }
+}
+
+fn remove_if_stale(path: &Path) -> Result<(), ServeError> {
+    let meta = match fs::symlink_metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => return Err(ServeError::io("checking the socket path", path, source)),
+    };
+    if !meta.file_type().is_socket() {
+        return Err(ServeError::Config(format!(
+            "{} exists and is not a socket; remove it or choose another --socket",
+            path.display()
+        )));
+    }
+    match connect_seqpacket(path) {
+        Ok(_) => Err(ServeError::AlreadyRunning(path.to_owned())),
+        Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => fs::remove_file(path)
+            .map_err(|source| ServeError::io("removing the stale socket", path, source)),
+        Err(source) => Err(ServeError::io("probing the existing socket", path, source)),
+    }
+}

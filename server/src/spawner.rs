@@ -1,0 +1,388 @@
+//! The spawner: checks a `Spawn` request, prepares everything the child needs
+//! (so that bad input is rejected before any fork), forks, and hands back the
+//! parent's side of the new child.
+
+use std::collections::BTreeMap;
+use std::ffi::{CString, OsStr};
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::ptr;
+
+use forkserver_protocol::{ErrorKind, Limits, Spawn, StdioSpec, Target, WireStr};
+
+use crate::child::{self, ChildPlan};
+use crate::{sys, threads};
+
+/// The highest fd number a client may ask for in the child.
+const MAX_FD_TARGET: i32 = 65535;
+
+/// Used when neither the request's environment nor the server's has `PATH`.
+const DEFAULT_PATH: &[u8] = b"/usr/local/bin:/usr/bin:/bin";
+
+/// Why a spawn did not happen; becomes a `SpawnFailed` reply.
+#[derive(Debug)]
+pub(crate) struct SpawnError {
+    pub(crate) kind: ErrorKind,
+    pub(crate) errno: Option<i32>,
+    pub(crate) message: String,
+}
+
+impl SpawnError {
+    pub(crate) fn new(kind: ErrorKind, message: String) -> SpawnError {
+        SpawnError {
+            kind,
+            errno: None,
+            message,
+        }
+    }
+
+    fn os(kind: ErrorKind, doing: &str, err: io::Error) -> SpawnError {
+        SpawnError {
+            kind,
+            errno: err.raw_os_error(),
+            message: format!("{doing}: {err}"),
+        }
+    }
+}
+
+/// The client's ends of the pipes a spawn asked for.
+#[derive(Default)]
+pub(crate) struct ClientEnds {
+    pub(crate) stdin: Option<OwnedFd>,
+    pub(crate) stdout: Option<OwnedFd>,
+    pub(crate) stderr: Option<OwnedFd>,
+}
+
+/// A child that has been forked; whether its exec succeeded is told by
+/// `error_pipe` (EOF: yes; an error record: no).
+pub(crate) struct Started {
+    pub(crate) pid: libc::pid_t,
+    pub(crate) pidfd: OwnedFd,
+    pub(crate) error_pipe: OwnedFd,
+    pub(crate) client_ends: ClientEnds,
+}
+
+pub(crate) struct Spawner {
+    dev_null: OwnedFd,
+    /// The server's environment, read once at start.
+    base_env: BTreeMap<Vec<u8>, Vec<u8>>,
+    /// Refuse to fork while other threads exist (the thread guard).
+    guard_threads: bool,
+}
+
+impl Spawner {
+    pub(crate) fn new(guard_threads: bool) -> io::Result<Spawner> {
+        Ok(Spawner {
+            dev_null: sys::open_rdwr(c"/dev/null")?,
+            base_env: std::env::vars_os()
+                .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
+                .collect(),
+            guard_threads,
+        })
+    }
+
+    /// Checks `request`, forks and returns the new child. `fds` are the fds
+    /// attached to the request; the ones it references are installed in the
+    /// child and all are closed in the server when this returns.
+    pub(crate) fn spawn(
+        &self,
+        request: &Spawn,
+        fds: Vec<OwnedFd>,
+        limits: &Limits,
+    ) -> Result<Started, SpawnError> {
+        let mut pipes = Vec::new();
+        let mut client_ends = ClientEnds::default();
+        let plan = self.plan(request, &fds, limits, &mut pipes, &mut client_ends)?;
+        if self.guard_threads {
+            threads::ensure_single_threaded()
+                .map_err(|e| SpawnError::new(ErrorKind::Threads, e.to_string()))?;
+        }
+        let (error_read, error_write) = sys::pipe(true)
+            .map_err(|e| SpawnError::os(ErrorKind::Resource, "creating the exec error pipe", e))?;
+        let old_mask = sys::block_all_signals()
+            .map_err(|e| SpawnError::os(ErrorKind::Resource, "blocking signals", e))?;
+        // SAFETY: the server is single-threaded (the thread guard), so the
+        // child is a consistent copy; run_child never returns.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            // SAFETY: we are the freshly forked child; every fd in the plan is
+            // open (owned by `fds`, `pipes` or the spawner).
+            unsafe { child::run_child(&plan, error_write.as_raw_fd()) }
+        }
+        let fork_error = io::Error::last_os_error();
+        sys::restore_signal_mask(&old_mask);
+        if pid == -1 {
+            return Err(SpawnError::os(
+                ErrorKind::Resource,
+                "fork failed",
+                fork_error,
+            ));
+        }
+        // Our copy of the write end must go now, or EOF would never come.
+        drop(error_write);
+        let pidfd = match sys::pidfd_open(pid) {
+            Ok(pidfd) => pidfd,
+            Err(e) => {
+                // Without a pidfd we cannot hand the child out safely; it has
+                // not been reaped, so its pid is still its own.
+                // SAFETY: kill and waitpid on our own unreaped child.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                    libc::waitpid(pid, ptr::null_mut(), 0);
+                }
+                return Err(SpawnError::os(ErrorKind::Resource, "pidfd_open failed", e));
+            }
+        };
+        Ok(Started {
+            pid,
+            pidfd,
+            error_pipe: error_read,
+            client_ends,
+        })
+    }
+
+    /// Validates the request and builds the child's plan. Pipes the request
+    /// asks for are created here: the child's ends go to `pipes` (kept open
+    /// until after the fork), the client's to `client_ends`.
+    fn plan(
+        &self,
+        request: &Spawn,
+        fds: &[OwnedFd],
+        limits: &Limits,
+        pipes: &mut Vec<OwnedFd>,
+        client_ends: &mut ClientEnds,
+    ) -> Result<ChildPlan, SpawnError> {
+        let Target::Exec {
+            program,
+            args,
+            arg0,
+        } = &request.target;
+        if program.as_bytes().is_empty() {
+            return Err(invalid("target.program is empty".into()));
+        }
+        check_count("target.args", args.len(), limits.max_args, "max_args")?;
+        check_count("env", request.env.len(), limits.max_env, "max_env")?;
+
+        let mut argv = Vec::with_capacity(args.len() + 1);
+        argv.push(c_string(arg0.as_ref().unwrap_or(program), "target.arg0")?);
+        for (i, arg) in args.iter().enumerate() {
+            argv.push(c_string(arg, &format!("target.args[{i}]"))?);
+        }
+
+        let mut env = if request.env_clear {
+            BTreeMap::new()
+        } else {
+            self.base_env.clone()
+        };
+        for (key, value) in &request.env {
+            let k = key.as_bytes();
+            if k.is_empty() || k.contains(&b'=') || k.contains(&0) {
+                return Err(invalid(format!(
+                    "env key {key:?} must be non-empty without '=' or NUL bytes"
+                )));
+            }
+            match value {
+                Some(v) if v.as_bytes().contains(&0) => {
+                    return Err(invalid(format!("env value of {key:?} contains a NUL byte")))
+                }
+                Some(v) => env.insert(k.to_vec(), v.as_bytes().to_vec()),
+                None => env.remove(k),
+            };
+        }
+        let candidates = exec_candidates(program.as_bytes(), env.get(&b"PATH"[..]))?;
+        let envp: Vec<CString> = env
+            .into_iter()
+            .map(|(mut k, v)| {
+                k.push(b'=');
+                k.extend_from_slice(&v);
+                // Keys and values were checked for NUL above (the server's
+                // own environment cannot contain one).
+                CString::new(k).expect("environment entries have no NUL")
+            })
+            .collect();
+
+        let cwd = match &request.cwd {
+            Some(dir) => Some(c_string(dir, "cwd")?),
+            None => None,
+        };
+
+        let fd_moves = self.fd_moves(request, fds, pipes, client_ends)?;
+
+        Ok(ChildPlan {
+            argv_ptrs: null_terminated(&argv),
+            _argv: argv,
+            envp_ptrs: null_terminated(&envp),
+            _envp: envp,
+            candidates,
+            cwd,
+            fd_moves,
+            new_session: request.new_session,
+        })
+    }
+
+    /// Where each of the child's fds comes from, sorted by target.
+    fn fd_moves(
+        &self,
+        request: &Spawn,
+        fds: &[OwnedFd],
+        pipes: &mut Vec<OwnedFd>,
+        client_ends: &mut ClientEnds,
+    ) -> Result<Vec<(RawFd, RawFd)>, SpawnError> {
+        let passed = |index: u32, field: &str| -> Result<RawFd, SpawnError> {
+            fds.get(index as usize)
+                .map(|fd| fd.as_raw_fd())
+                .ok_or_else(|| {
+                    invalid(format!(
+                        "{field}: fd index {index} is out of range (the request carried {} fds)",
+                        fds.len()
+                    ))
+                })
+        };
+        let mut moves = Vec::with_capacity(3 + request.fds.len());
+        let stdio = [
+            (&request.stdin, &mut client_ends.stdin, "stdin"),
+            (&request.stdout, &mut client_ends.stdout, "stdout"),
+            (&request.stderr, &mut client_ends.stderr, "stderr"),
+        ];
+        for (target, (spec, client_end, field)) in stdio.into_iter().enumerate() {
+            let source = match spec {
+                StdioSpec::Null => self.dev_null.as_raw_fd(),
+                StdioSpec::Fd { index } => passed(*index, field)?,
+                StdioSpec::Pipe => {
+                    let (read, write) = sys::pipe(false).map_err(|e| {
+                        SpawnError::os(
+                            ErrorKind::Resource,
+                            &format!("creating the {field} pipe"),
+                            e,
+                        )
+                    })?;
+                    let (child_end, ours) = if target == 0 {
+                        (read, write)
+                    } else {
+                        (write, read)
+                    };
+                    let raw = child_end.as_raw_fd();
+                    pipes.push(child_end);
+                    *client_end = Some(ours);
+                    raw
+                }
+            };
+            moves.push((source, target as RawFd));
+        }
+        for (i, mapping) in request.fds.iter().enumerate() {
+            let field = format!("fds[{i}]");
+            if !(3..=MAX_FD_TARGET).contains(&mapping.target) {
+                return Err(invalid(format!(
+                    "{field}.target is {}; it must be between 3 and {MAX_FD_TARGET} (0-2 are set by stdin, stdout and stderr)",
+                    mapping.target
+                )));
+            }
+            if let Some(j) = request.fds[..i]
+                .iter()
+                .position(|m| m.target == mapping.target)
+            {
+                return Err(invalid(format!(
+                    "{field}.target {} is also fds[{j}].target",
+                    mapping.target
+                )));
+            }
+            moves.push((passed(mapping.index, &field)?, mapping.target));
+        }
+        moves.sort_by_key(|&(_, target)| target);
+        Ok(moves)
+    }
+}
+
+fn invalid(message: String) -> SpawnError {
+    SpawnError::new(ErrorKind::Invalid, message)
+}
+
+fn check_count(field: &str, count: usize, limit: u32, name: &str) -> Result<(), SpawnError> {
+    if count > limit as usize {
+        return Err(SpawnError::new(
+            ErrorKind::Limit,
+            format!("{field} has {count} entries; the limit {name} is {limit}"),
+        ));
+    }
+    Ok(())
+}
+
+fn c_string(s: &WireStr, field: &str) -> Result<CString, SpawnError> {
+    CString::new(s.as_bytes()).map_err(|_| invalid(format!("{field} contains a NUL byte")))
+}
+
+fn null_terminated(strings: &[CString]) -> Vec<*const libc::c_char> {
+    strings
+        .iter()
+        .map(|s| s.as_ptr())
+        .chain([ptr::null()])
+        .collect()
+}
+
+/// The paths execve should try for `program`: itself if it contains a `/`,
+/// else `DIR/program` for each entry of the child's `PATH` (an empty entry
+/// meaning the current directory, as execvp has it).
+fn exec_candidates(program: &[u8], path: Option<&Vec<u8>>) -> Result<Vec<CString>, SpawnError> {
+    let to_c = |bytes: Vec<u8>| {
+        CString::new(bytes).map_err(|_| invalid("target.program contains a NUL byte".into()))
+    };
+    if program.contains(&b'/') {
+        return Ok(vec![to_c(program.to_vec())?]);
+    }
+    let path = path.map_or(DEFAULT_PATH, |p| p.as_slice());
+    path.split(|&b| b == b':')
+        .map(|dir| {
+            let dir = if dir.is_empty() { b"." as &[u8] } else { dir };
+            let mut full = Vec::with_capacity(dir.len() + 1 + program.len());
+            full.extend_from_slice(dir);
+            full.push(b'/');
+            full.extend_from_slice(program);
+            to_c(full)
+        })
+        .collect()
+}
+
+/// For log lines: the program a request runs.
+pub(crate) fn describe(request: &Spawn) -> &OsStr {
+    let Target::Exec { program, .. } = &request.target;
+    program.as_os_str()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn path_search_follows_execvp() {
+        let got = exec_candidates(b"ls", Some(&b"/a::/b".to_vec())).unwrap();
+        let got: Vec<&[u8]> = got.iter().map(|c| c.as_bytes()).collect();
+        assert_eq!(got, [&b"/a/ls"[..], b"./ls", b"/b/ls"]);
+        let direct = exec_candidates(b"./x", None).unwrap();
+        assert_eq!(direct[0].as_bytes(), b"./x");
+    }
+
+    #[test]
+    fn bad_requests_are_refused_before_any_fork() {
+        let spawner = Spawner::new(false).unwrap();
+        let limits = Limits::default();
+        let mut request = Spawn::exec(1, "true", vec!["a\0b".into()]);
+        let err = spawner.spawn(&request, Vec::new(), &limits).err().unwrap();
+        assert_eq!(err.kind, ErrorKind::Invalid);
+        assert!(err.message.contains("target.args[0]"), "{}", err.message);
+
+        request = Spawn::exec(1, "true", Vec::new());
+        request.stdin = StdioSpec::Fd { index: 2 };
+        let err = spawner.spawn(&request, Vec::new(), &limits).err().unwrap();
+        assert!(err.message.contains("stdin: fd index 2"), "{}", err.message);
+
+        request = Spawn::exec(1, "true", vec!["x".into(); 5]);
+        let small = Limits {
+            max_args: 4,
+            ..Limits::default()
+        };
+        let err = spawner.spawn(&request, Vec::new(), &small).err().unwrap();
+        assert_eq!(err.kind, ErrorKind::Limit);
+        assert!(err.message.contains("max_args is 4"), "{}", err.message);
+    }
+}

@@ -1,0 +1,159 @@
+//! The `forkserver` command: parses flags, calls the libraries, and turns the
+//! outcome into an exit status.
+
+use std::ffi::OsString;
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use forkserver::client::{Client, Error as ClientError, ErrorKind};
+use forkserver::protocol::default_socket_path;
+use forkserver::server::{serve, ServeOptions};
+
+/// Exit status when forkserver itself fails (not the program it runs), as
+/// `env` and `nice` use 125.
+const FAILURE: u8 = 125;
+
+#[derive(Parser)]
+#[command(
+    name = "forkserver",
+    version,
+    about = "A single-threaded forkserver: start it once, then spawn processes through it",
+    after_help = "Examples:\n  forkserver serve &\n  forkserver spawn -- echo hello"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Listen on a Unix socket and spawn processes for clients until SIGTERM/SIGINT.
+    #[command(after_help = "Example:\n  forkserver serve --socket /tmp/fs.sock &")]
+    Serve(ServeArgs),
+    /// Run a program as a child of the server, with this terminal's stdin,
+    /// stdout and stderr, and exit with its status.
+    #[command(
+        after_help = "Examples:\n  forkserver spawn -- echo hello\n  forkserver spawn --env LANG=C --cwd /tmp -- ls -l\n\nExits with the program's exit code, 128+N if signal N killed it, 127 if it\nwas not found, 126 if it could not be executed, 125 if forkserver failed."
+    )]
+    Spawn(SpawnArgs),
+}
+
+#[derive(Args)]
+struct SocketArg {
+    /// The server's socket [default: $FORKSERVER_SOCKET, else
+    /// $XDG_RUNTIME_DIR/forkserver.sock, else /tmp/forkserver-UID/forkserver.sock]
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+}
+
+impl SocketArg {
+    fn path(&self) -> PathBuf {
+        self.socket.clone().unwrap_or_else(default_socket_path)
+    }
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    socket: SocketArg,
+    /// Seconds a child gets between SIGTERM and SIGKILL when its client
+    /// disconnects or the server stops.
+    #[arg(long, value_name = "SECS", default_value_t = 5.0)]
+    kill_grace: f64,
+    /// Fork even if this process has other threads (their locks would be
+    /// copied mid-use and children could deadlock).
+    #[arg(long)]
+    allow_threads: bool,
+}
+
+#[derive(Args)]
+struct SpawnArgs {
+    #[command(flatten)]
+    socket: SocketArg,
+    /// Set an environment variable in the child (repeatable).
+    #[arg(long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
+    env: Vec<(OsString, OsString)>,
+    /// The child's working directory (relative paths are relative to the
+    /// server's working directory).
+    #[arg(long, value_name = "DIR")]
+    cwd: Option<PathBuf>,
+    /// The program and its arguments.
+    #[arg(last = true, required = true, value_name = "PROGRAM ARGS")]
+    command: Vec<OsString>,
+}
+
+fn parse_env(s: &str) -> Result<(OsString, OsString), String> {
+    match s.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.into(), value.into())),
+        _ => Err(format!("expected KEY=VALUE, got '{s}'")),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => run_serve(args),
+        Command::Spawn(args) => run_spawn(args),
+    }
+}
+
+fn run_serve(args: ServeArgs) -> ExitCode {
+    if !(args.kill_grace.is_finite() && args.kill_grace >= 0.0) {
+        eprintln!("forkserver: --kill-grace must be a non-negative number of seconds");
+        return ExitCode::from(2);
+    }
+    let mut options = ServeOptions::new(args.socket.path());
+    options.kill_grace = Duration::from_secs_f64(args.kill_grace);
+    options.allow_threads = args.allow_threads;
+    match serve(&options) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("forkserver: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_spawn(args: SpawnArgs) -> ExitCode {
+    let path = args.socket.path();
+    let result = Client::connect(&path).and_then(|client| {
+        let (program, rest) = args.command.split_first().expect("clap requires PROGRAM");
+        let mut command = client.command(program);
+        command.args(rest);
+        command.envs(args.env.iter().map(|(k, v)| (k, v)));
+        if let Some(cwd) = &args.cwd {
+            command.current_dir(cwd);
+        }
+        command.status()
+    });
+    match result {
+        Ok(status) => match (status.code(), status.signal()) {
+            (Some(code), _) => ExitCode::from(code as u8),
+            (None, Some(signal)) => ExitCode::from(128u8.wrapping_add(signal as u8)),
+            (None, None) => ExitCode::from(FAILURE),
+        },
+        Err(e) => {
+            eprintln!("forkserver: {e}");
+            ExitCode::from(spawn_failure_status(&e))
+        }
+    }
+}
+
+/// The shell's statuses for a program that could not run: 127 when it was
+/// not found, 126 when it was found but could not be executed.
+fn spawn_failure_status(error: &ClientError) -> u8 {
+    match error {
+        ClientError::SpawnFailed {
+            kind: ErrorKind::Exec,
+            errno,
+            ..
+        } => match *errno {
+            Some(libc::ENOENT) | Some(libc::ENOTDIR) => 127,
+            _ => 126,
+        },
+        _ => FAILURE,
+    }
+}
