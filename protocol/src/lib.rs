@@ -35,7 +35,7 @@ pub use message::{
     ChildStatus, ClientMessage, ErrorKind, FdMapping, Limits, OnDisconnect, ServerMessage, Spawn,
     StdioSpec, Target,
 };
-pub use socket::{connect_seqpacket, default_socket_path, listen_seqpacket};
+pub use socket::{connect_seqpacket, default_socket_path, listen_seqpacket, per_user_socket_dir};
 pub use wire_str::WireStr;
 
 /// The protocol version this crate speaks, sent in `Hello` and `Welcome`.

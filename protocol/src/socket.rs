@@ -114,11 +114,14 @@ pub fn default_socket_path() -> std::path::PathBuf {
     if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR").filter(|p| !p.is_empty()) {
         return Path::new(&dir).join("forkserver.sock");
     }
+    per_user_socket_dir().join("forkserver.sock")
+}
+
+/// `/tmp/forkserver-UID`: the directory of the last-resort default socket.
+pub fn per_user_socket_dir() -> std::path::PathBuf {
     // SAFETY: getuid cannot fail.
     let uid = unsafe { libc::getuid() };
-    Path::new("/tmp")
-        .join(format!("forkserver-{uid}"))
-        .join("forkserver.sock")
+    Path::new("/tmp").join(format!("forkserver-{uid}"))
 }
 
 #[cfg(test)]

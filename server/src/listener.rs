@@ -65,10 +65,7 @@ fn prepare_parent(path: &Path) -> Result<(), ServeError> {
     let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) else {
         return Ok(());
     };
-    let is_fallback = forkserver_protocol::default_socket_path() == path
-        && parent.starts_with("/tmp")
-        && std::env::var_os("FORKSERVER_SOCKET").is_none();
-    if !is_fallback {
+    if parent != forkserver_protocol::per_user_socket_dir() {
         return Ok(());
     }
     match fs::DirBuilder::new().mode(0o700).create(parent) {

@@ -1,0 +1,127 @@
+//! Starting and stopping `forkserver serve`: the ready line, the socket's
+//! mode, SIGTERM, a second server, a stale socket, the default path.
+
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::process::Stdio;
+
+use crate::util::{serve_command, wait_until, Server, FORKSERVER};
+
+#[test]
+fn logs_when_ready_and_stops_cleanly_on_sigterm() {
+    let mut server = Server::start();
+    let socket = server.socket.clone();
+    wait_until("the ready line is logged", || {
+        server.log().contains("listening on")
+    });
+    assert!(server.log().contains(&socket.display().to_string()));
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "socket mode {mode:o}");
+
+    // A running child is terminated on the way out.
+    let child = server
+        .client()
+        .command("sleep")
+        .arg("1000")
+        .spawn()
+        .unwrap();
+    server.signal(libc::SIGTERM);
+    assert_eq!(server.wait_exit().code(), Some(0), "{}", server.log());
+    assert!(!socket.exists(), "socket left behind");
+    // The server waited for it and reaped it before exiting.
+    assert_eq!(crate::util::state_of(child.id()), None);
+}
+
+#[test]
+fn sigint_stops_it_too() {
+    let mut server = Server::start();
+    server.signal(libc::SIGINT);
+    assert_eq!(server.wait_exit().code(), Some(0));
+    assert!(!server.socket.exists());
+}
+
+#[test]
+fn a_second_server_on_the_same_path_refuses_to_start() {
+    let server = Server::start();
+    let second = std::process::Command::new(FORKSERVER)
+        .arg("serve")
+        .arg("--socket")
+        .arg(&server.socket)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(stderr.contains("already listening"), "{stderr}");
+    // The first one is undisturbed.
+    assert!(server.client().command("true").status().unwrap().success());
+}
+
+#[test]
+fn a_stale_socket_is_replaced() {
+    let mut first = Server::start();
+    first.signal(libc::SIGKILL);
+    first.wait_exit();
+    let socket = first.socket.clone();
+    assert!(std::fs::symlink_metadata(&socket)
+        .unwrap()
+        .file_type()
+        .is_socket());
+
+    let mut second = serve_command(&socket, first.dir.path()).spawn().unwrap();
+    wait_until("the new server answers", || {
+        forkserver::protocol::connect_seqpacket(&socket).is_ok()
+    });
+    let client = forkserver::client::Client::connect(&socket).unwrap();
+    assert_eq!(client.server().pid, second.id());
+    second.kill().unwrap();
+    second.wait().unwrap();
+}
+
+#[test]
+fn a_path_that_is_not_a_socket_is_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("precious");
+    std::fs::write(&path, "data").unwrap();
+    let output = std::process::Command::new(FORKSERVER)
+        .arg("serve")
+        .arg("--socket")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("is not a socket"));
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), "data");
+}
+
+#[test]
+fn the_default_socket_is_under_xdg_runtime_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = std::process::Command::new(FORKSERVER)
+        .arg("serve")
+        .env_remove("FORKSERVER_SOCKET")
+        .env("XDG_RUNTIME_DIR", dir.path())
+        .spawn()
+        .unwrap();
+    let socket = dir.path().join("forkserver.sock");
+    wait_until(
+        "the server listens on $XDG_RUNTIME_DIR/forkserver.sock",
+        || forkserver::protocol::connect_seqpacket(&socket).is_ok(),
+    );
+    // The CLI finds it the same way.
+    let status = std::process::Command::new(FORKSERVER)
+        .args(["spawn", "--", "true"])
+        .env_remove("FORKSERVER_SOCKET")
+        .env("XDG_RUNTIME_DIR", dir.path())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // SAFETY: kill on our own unreaped child's pid.
+    unsafe { libc::kill(server.id() as i32, libc::SIGTERM) };
+    let mut status = None;
+    wait_until("the server exits", || {
+        status = server.try_wait().unwrap();
+        status.is_some()
+    });
+    assert!(status.unwrap().success());
+    assert!(!socket.exists());
+}

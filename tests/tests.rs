@@ -1,0 +1,10 @@
+//! Integration tests: each starts a real `forkserver serve` on a socket in a
+//! temp dir and talks to it as a client would.
+
+mod util;
+
+mod cli;
+mod hygiene;
+mod lifecycle;
+mod protocol;
+mod spawn;

@@ -1,0 +1,303 @@
+//! Test fixtures: a real `forkserver serve` process on a socket in a temp dir,
+//! and readers of the kernel's truth under /proc.
+
+use std::fs;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use forkserver::client::Client;
+use forkserver::protocol::{
+    connect_seqpacket, decode, encode, recv_datagram, send_datagram, ClientMessage, ServerMessage,
+    PROTOCOL_VERSION,
+};
+use tempfile::TempDir;
+
+/// How long any wait in these tests may take before it counts as a failure.
+pub const TIMEOUT: Duration = Duration::from_secs(20);
+
+pub const FORKSERVER: &str = env!("CARGO_BIN_EXE_forkserver");
+
+/// A `forkserver serve` process for one test. Killed and reaped on drop.
+pub struct Server {
+    process: Child,
+    pub dir: TempDir,
+    pub socket: PathBuf,
+}
+
+impl Server {
+    pub fn start() -> Server {
+        Server::start_with(&[])
+    }
+
+    /// Starts `forkserver serve --socket DIR/fs.sock EXTRA_ARGS…` and waits
+    /// until it accepts connections.
+    #[track_caller]
+    pub fn start_with(extra_args: &[&str]) -> Server {
+        let dir = tempfile::Builder::new()
+            .prefix("fs-test")
+            .tempdir()
+            .unwrap();
+        let socket = dir.path().join("fs.sock");
+        let process = serve_command(&socket, dir.path())
+            .args(extra_args)
+            .spawn()
+            .expect("start forkserver serve");
+        let mut server = Server {
+            process,
+            dir,
+            socket,
+        };
+        server.wait_ready();
+        server
+    }
+
+    #[track_caller]
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + TIMEOUT;
+        while connect_seqpacket(&self.socket).is_err() {
+            if let Some(status) = self.process.try_wait().unwrap() {
+                panic!("server exited at start with {status}: {}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "server not ready: {}",
+                self.log()
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.process.id()
+    }
+
+    pub fn client(&self) -> Client {
+        Client::connect(&self.socket).expect("connect to the test server")
+    }
+
+    /// What the server wrote to stderr so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
+    /// `forkserver spawn --socket … ARGS…`, ready to run.
+    pub fn cli_spawn(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(FORKSERVER);
+        command
+            .arg("spawn")
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args);
+        command
+    }
+
+    /// Sends `signal` to the server process.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill on our own unreaped child's pid.
+        assert_eq!(unsafe { libc::kill(self.pid() as i32, signal) }, 0);
+    }
+
+    /// Waits for the server to exit, within TIMEOUT.
+    #[track_caller]
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            if let Some(status) = self.process.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "server did not exit: {}",
+                self.log()
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
+}
+
+/// `forkserver serve --socket SOCKET` with stderr going to DIR/server.log.
+pub fn serve_command(socket: &Path, dir: &Path) -> Command {
+    let log = fs::File::create(dir.join("server.log")).unwrap();
+    let mut command = Command::new(FORKSERVER);
+    command
+        .arg("serve")
+        .arg("--socket")
+        .arg(socket)
+        .env("FORKSERVER_LOG", "debug")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log);
+    command
+}
+
+/// Polls `done` until it returns true, failing the test after TIMEOUT.
+#[track_caller]
+pub fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + TIMEOUT;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The open fd numbers of a process, from /proc/PID/fd.
+pub fn fds_of(pid: u32) -> Vec<i32> {
+    let mut fds: Vec<i32> = fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_str().unwrap().parse().unwrap())
+        .collect();
+    fds.sort_unstable();
+    fds
+}
+
+/// Every open fd of a process with what it refers to.
+pub fn fd_table(pid: u32) -> Vec<(i32, PathBuf)> {
+    fds_of(pid)
+        .into_iter()
+        .filter_map(|fd| Some((fd, fs::read_link(format!("/proc/{pid}/fd/{fd}")).ok()?)))
+        .collect()
+}
+
+/// Waits until every fd `pid` has open was already open (to the same file)
+/// in `baseline`: nothing leaked. Fails with both tables after TIMEOUT.
+#[track_caller]
+pub fn assert_no_new_fds(pid: u32, baseline: &[(i32, PathBuf)]) {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let now = fd_table(pid);
+        if now.iter().all(|entry| baseline.contains(entry)) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "fds of {pid} did not return to baseline\nbaseline: {baseline:?}\nnow: {now:?}"
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// What fd `fd` of process `pid` refers to (e.g. `pipe:[1234]`).
+pub fn fd_target(pid: u32, fd: i32) -> PathBuf {
+    fs::read_link(format!("/proc/{pid}/fd/{fd}")).unwrap()
+}
+
+/// Our own fd's target.
+pub fn own_fd_target(fd: BorrowedFd<'_>) -> PathBuf {
+    fd_target(std::process::id(), fd.as_raw_fd())
+}
+
+/// The state letter of a process (R, S, Z…) from /proc/PID/stat, or None if
+/// it no longer exists.
+pub fn state_of(pid: u32) -> Option<char> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The comm field may hold spaces and parentheses; the state follows the
+    // last ')'.
+    stat[stat.rfind(')')? + 2..].chars().next()
+}
+
+/// The parent pid of a process, from /proc/PID/stat.
+fn ppid_of(pid: u32) -> Option<u32> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 2..].split(' ').nth(1)?.parse().ok()
+}
+
+/// Children of `parent` that are zombies (state Z).
+pub fn zombie_children_of(parent: u32) -> Vec<u32> {
+    fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| ppid_of(pid) == Some(parent) && state_of(pid) == Some('Z'))
+        .collect()
+}
+
+/// The `Threads:` line of /proc/PID/status.
+pub fn threads_of(pid: u32) -> u32 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// True while `pid` exists and is not a zombie.
+pub fn is_running(pid: u32) -> bool {
+    matches!(state_of(pid), Some(state) if state != 'Z')
+}
+
+/// A raw protocol connection, for speaking to the server without the client
+/// library (and sending what it never would).
+pub struct RawConnection {
+    pub socket: OwnedFd,
+}
+
+impl RawConnection {
+    pub fn connect(server: &Server) -> RawConnection {
+        let socket = connect_seqpacket(&server.socket).unwrap();
+        let timeout = libc::timeval {
+            tv_sec: TIMEOUT.as_secs() as _,
+            tv_usec: 0,
+        };
+        // SAFETY: setting a receive timeout on our own socket.
+        let rc = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&timeout as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as u32,
+            )
+        };
+        assert_eq!(rc, 0);
+        RawConnection { socket }
+    }
+
+    /// Connects and completes the handshake.
+    pub fn greeted(server: &Server) -> RawConnection {
+        let conn = RawConnection::connect(server);
+        conn.send(
+            &ClientMessage::Hello {
+                protocol: PROTOCOL_VERSION,
+                client: "raw-test".into(),
+            },
+            &[],
+        );
+        match conn.recv() {
+            Some((ServerMessage::Welcome { .. }, _)) => conn,
+            other => panic!("expected welcome, got {other:?}"),
+        }
+    }
+
+    pub fn send(&self, message: &ClientMessage, fds: &[BorrowedFd<'_>]) {
+        self.send_bytes(&encode(message).unwrap(), fds);
+    }
+
+    pub fn send_bytes(&self, bytes: &[u8], fds: &[BorrowedFd<'_>]) {
+        send_datagram(self.socket.as_fd(), bytes, fds, 0).unwrap();
+    }
+
+    /// The next message, or None at EOF. Fails the test on a timeout.
+    #[track_caller]
+    pub fn recv(&self) -> Option<(ServerMessage, Vec<OwnedFd>)> {
+        match recv_datagram(self.socket.as_fd(), 1 << 20, 16, 0) {
+            Ok(Some(d)) => Some((decode(&d.bytes).unwrap(), d.fds)),
+            Ok(None) => None,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => panic!("no reply within TIMEOUT"),
+            Err(e) if e.raw_os_error() == Some(libc::ECONNRESET) => None,
+            Err(e) => panic!("recv: {e}"),
+        }
+    }
+}
