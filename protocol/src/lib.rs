@@ -83,7 +83,21 @@ mod tests {
             .flat_map(|line| line[10..58].split_whitespace())
             .map(|b| u8::from_str_radix(b, 16).unwrap())
             .collect::<Vec<u8>>();
-        assert_eq!(bytes, documented, "README hex dump is stale");
+        assert_eq!(bytes, documented, "README hex dump is stale; now:\n{}", hex_dump(&bytes));
+    }
+
+    /// The dump format of the README (xxd's): offset, 16 bytes, ASCII.
+    fn hex_dump(bytes: &[u8]) -> String {
+        let mut out = String::new();
+        for (i, chunk) in bytes.chunks(16).enumerate() {
+            let hex: Vec<String> = chunk.iter().map(|b| format!("{b:02x}")).collect();
+            let ascii: String = chunk
+                .iter()
+                .map(|&b| if (0x20..0x7f).contains(&b) { b as char } else { '.' })
+                .collect();
+            out += &format!("{:08x}: {:<48}{ascii}\n", i * 16, hex.join(" ") + " ");
+        }
+        out
     }
 
     #[test]
@@ -98,7 +112,7 @@ mod tests {
         };
         let bytes = encode(&msg).unwrap();
         // fixmap with 4 entries, first key "type", value "exited".
-        assert_eq!(&bytes[..12], b"\x84\xa4type\xa6exited");
+        assert_eq!(&bytes[..13], b"\x84\xa4type\xa6exited");
         assert_eq!(decode::<ServerMessage>(&bytes).unwrap(), msg);
     }
 
@@ -154,29 +168,5 @@ mod tests {
             core_dumped: true,
         };
         assert_eq!(killed.into_raw(), 9 | 0x80);
-    }
-}
-#[cfg(test)]
-mod print_hex {
-    #[test]
-    fn print_hex() {
-        use super::*;
-        let mut spawn = Spawn::exec(7, "echo", vec!["hi".into()]);
-        spawn.stdout = StdioSpec::Pipe;
-        let bytes = encode(&ClientMessage::Spawn(spawn)).unwrap();
-        for (i, chunk) in bytes.chunks(16).enumerate() {
-            let hex: Vec<String> = chunk.iter().map(|b| format!("{b:02x}")).collect();
-            let ascii: String = chunk
-                .iter()
-                .map(|&b| {
-                    if (0x20..0x7f).contains(&b) {
-                        b as char
-                    } else {
-                        '.'
-                    }
-                })
-                .collect();
-            println!("{:08x}: {:<48}{}", i * 16, hex.join(" ") + " ", ascii);
-        }
     }
 }
