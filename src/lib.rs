@@ -21,3 +21,8 @@
 pub use forkserver_client as client;
 pub use forkserver_protocol as protocol;
 pub use forkserver_server as server;
+
+/// The README's Rust examples, compiled as doctests so they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -7,4 +7,5 @@ mod cli;
 mod hygiene;
 mod lifecycle;
 mod protocol;
+mod python;
 mod spawn;

@@ -83,7 +83,12 @@ mod tests {
             .flat_map(|line| line[10..58].split_whitespace())
             .map(|b| u8::from_str_radix(b, 16).unwrap())
             .collect::<Vec<u8>>();
-        assert_eq!(bytes, documented, "README hex dump is stale; now:\n{}", hex_dump(&bytes));
+        assert_eq!(
+            bytes,
+            documented,
+            "README hex dump is stale; now:\n{}",
+            hex_dump(&bytes)
+        );
     }
 
     /// The dump format of the README (xxd's): offset, 16 bytes, ASCII.
@@ -93,7 +98,13 @@ mod tests {
             let hex: Vec<String> = chunk.iter().map(|b| format!("{b:02x}")).collect();
             let ascii: String = chunk
                 .iter()
-                .map(|&b| if (0x20..0x7f).contains(&b) { b as char } else { '.' })
+                .map(|&b| {
+                    if (0x20..0x7f).contains(&b) {
+                        b as char
+                    } else {
+                        '.'
+                    }
+                })
                 .collect();
             out += &format!("{:08x}: {:<48}{ascii}\n", i * 16, hex.join(" ") + " ");
         }

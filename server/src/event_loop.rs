@@ -35,6 +35,11 @@ const SIGNALS: u64 = 1;
 const TAG_CONN: u64 = 2;
 const TAG_PIPE: u64 = 3;
 
+/// How long to stop accepting after running out of fds (EMFILE/ENFILE):
+/// epoll is level-triggered, so a listener we cannot accept from would
+/// otherwise wake us in a busy loop.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+
 /// Requests read from one connection per wake-up, so one busy client cannot
 /// starve the rest (epoll is level-triggered and comes back for more).
 const READS_PER_WAKEUP: usize = 64;
@@ -57,6 +62,8 @@ pub(crate) struct EventLoop {
     connections: HashMap<ConnId, Connection>,
     next_conn: ConnId,
     children: Children,
+    /// Set while the listener is out of the epoll set after EMFILE/ENFILE.
+    accept_paused_until: Option<Instant>,
 }
 
 impl EventLoop {
@@ -85,6 +92,7 @@ impl EventLoop {
             connections: HashMap::new(),
             next_conn: 1,
             children: Children::default(),
+            accept_paused_until: None,
         })
     }
 
@@ -97,7 +105,11 @@ impl EventLoop {
             if self.listener.is_none() && self.children.being_killed() == 0 {
                 return Ok(());
             }
-            let timeout = match self.children.next_deadline() {
+            let next_timer = [self.children.next_deadline(), self.accept_paused_until]
+                .into_iter()
+                .flatten()
+                .min();
+            let timeout = match next_timer {
                 None => EpollTimeout::NONE,
                 Some(at) => {
                     let ms = at.saturating_duration_since(Instant::now()).as_millis() + 1;
@@ -112,7 +124,30 @@ impl EventLoop {
             for event in &events[..n] {
                 self.dispatch(event.data(), event.events());
             }
-            self.children.kill_overdue(Instant::now());
+            let now = Instant::now();
+            self.children.kill_overdue(now);
+            if self.accept_paused_until.is_some_and(|until| until <= now) {
+                self.resume_accepting();
+            }
+        }
+    }
+
+    fn pause_accepting(&mut self) {
+        if let Some(listener) = &self.listener {
+            let _ = self.epoll.delete(listener);
+            self.accept_paused_until = Some(Instant::now() + ACCEPT_PAUSE);
+        }
+    }
+
+    fn resume_accepting(&mut self) {
+        self.accept_paused_until = None;
+        if let Some(listener) = &self.listener {
+            if let Err(e) = self
+                .epoll
+                .add(listener, EpollEvent::new(EpollFlags::EPOLLIN, LISTENER))
+            {
+                log!(Level::Error, "cannot watch the listener again: {e}");
+            }
         }
     }
 
@@ -175,11 +210,16 @@ impl EventLoop {
             };
             if fd == -1 {
                 let err = io::Error::last_os_error();
-                match err.kind() {
-                    io::ErrorKind::WouldBlock => return,
-                    io::ErrorKind::Interrupted => continue,
-                    // ECONNABORTED: the client gave up first. EMFILE/ENFILE:
-                    // the connection waits in the backlog until fds free up.
+                match err.raw_os_error() {
+                    Some(libc::EAGAIN) => return,
+                    Some(libc::EINTR) | Some(libc::ECONNABORTED) => continue,
+                    // Out of fds: the connection waits in the backlog until
+                    // some are freed; stop watching the listener meanwhile.
+                    Some(libc::EMFILE) | Some(libc::ENFILE) => {
+                        log!(Level::Warn, "accept failed, pausing accepts: {err}");
+                        self.pause_accepting();
+                        return;
+                    }
                     _ => {
                         log!(Level::Warn, "accept failed: {err}");
                         return;
