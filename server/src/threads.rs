@@ -85,10 +85,16 @@ mod tests {
         // The test harness itself may run tests on threads; make sure there is
         // at least one named thread of ours to find.
         let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let (started_tx, started) = std::sync::mpsc::channel::<()>();
         let handle = std::thread::Builder::new()
             .name("guard-probe".into())
-            .spawn(move || rx.recv().ok())
+            .spawn(move || {
+                // std names the thread from inside it, once it runs.
+                started_tx.send(()).unwrap();
+                rx.recv().ok()
+            })
             .unwrap();
+        started.recv().unwrap();
         let err = ensure_single_threaded().unwrap_err();
         assert!(err.threads.iter().any(|t| t.name == "guard-probe"), "{err}");
         assert!(err.to_string().contains("deadlock"));
