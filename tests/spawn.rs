@@ -234,11 +234,14 @@ fn child_has_exactly_its_stdio_and_the_fds_it_was_given() {
 fn fifty_children_in_flight_waited_in_reverse_order() {
     let server = Server::start();
     let client = server.client();
+    // Each child blocks reading its stdin, so all fifty are alive at once;
+    // wait() closes a child's stdin, letting just that one exit.
     let mut children: Vec<_> = (0..50)
         .map(|i| {
             let child = client
                 .command("sh")
-                .args(["-c", &format!("sleep 0.2; exit {i}")])
+                .args(["-c", &format!("read line; exit {i}")])
+                .stdin(Stdio::piped())
                 .spawn()
                 .unwrap();
             (i, child)
