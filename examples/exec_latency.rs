@@ -53,8 +53,14 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         assert!(status.success());
     });
     println!("/bin/true spawn→exit, {runs} runs each (median / p90):");
-    println!("  through forkserver      {:>8.1?} / {:>8.1?}", server.0, server.1);
-    println!("  std::process::Command   {:>8.1?} / {:>8.1?}", local.0, local.1);
+    println!(
+        "  through forkserver      {:>8.1?} / {:>8.1?}",
+        server.0, server.1
+    );
+    println!(
+        "  std::process::Command   {:>8.1?} / {:>8.1?}",
+        local.0, local.1
+    );
     println!(
         "  ratio (forkserver / std) {:.2}",
         server.0.as_secs_f64() / local.0.as_secs_f64()

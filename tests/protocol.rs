@@ -94,6 +94,22 @@ fn an_oversize_message_is_refused_naming_the_limit() {
     );
     let message = expect_error(conn.recv(), ErrorKind::Limit, false);
     assert!(message.contains("max_message_bytes"), "{message}");
+
+    // One fd more than the limit: the whole message is discarded, and every
+    // fd that did arrive is closed.
+    let baseline = fd_table(server.pid());
+    let (_read_end, write_end) = std::io::pipe().unwrap();
+    let too_many = vec![write_end.as_fd(); 65];
+    conn.send(
+        &ClientMessage::Spawn(Spawn::exec(2, "true", vec![])),
+        &too_many,
+    );
+    let message = expect_error(conn.recv(), ErrorKind::Limit, false);
+    assert!(
+        message.contains("more than 64 fds (the limit max_fds_per_message)"),
+        "{message}"
+    );
+    assert_no_new_fds(server.pid(), &baseline);
 }
 
 #[test]

@@ -296,32 +296,24 @@ impl EventLoop {
                 return false;
             }
         };
-        if datagram.truncated {
+        let discarded = if datagram.truncated {
+            Some(format!(
+                "a message was longer than {} bytes (the limit max_message_bytes)",
+                limits.max_message_bytes
+            ))
+        } else if datagram.fds_truncated {
+            Some(format!(
+                "a message carried more than {} fds (the limit max_fds_per_message)",
+                limits.max_fds_per_message
+            ))
+        } else {
+            None
+        };
+        if let Some(what) = discarded {
+            let message = format!("{what} and was discarded");
             self.reply(
                 id,
-                request_error(
-                    None,
-                    ErrorKind::Limit,
-                    format!(
-                        "a message was longer than {} bytes (the limit max_message_bytes) and was discarded",
-                        limits.max_message_bytes
-                    ),
-                ),
-                Vec::new(),
-            );
-            return true;
-        }
-        if datagram.fds_truncated {
-            self.reply(
-                id,
-                request_error(
-                    None,
-                    ErrorKind::Limit,
-                    format!(
-                        "a message carried more than {} fds (the limit max_fds_per_message) and was discarded",
-                        limits.max_fds_per_message
-                    ),
-                ),
+                request_error(None, ErrorKind::Limit, message),
                 Vec::new(),
             );
             return true;
