@@ -5,12 +5,11 @@ use std::ffi::OsString;
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use forkserver::client::{Client, Error as ClientError, ErrorKind};
 use forkserver::protocol::default_socket_path;
-use forkserver::server::{serve, ServeOptions};
+use forkserver::server::{serve, ServeArgs};
 
 /// Exit status when forkserver itself fails (not the program it runs), as
 /// `env` and `nice` use 125.
@@ -30,8 +29,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Listen on a Unix socket and spawn processes for clients until SIGTERM/SIGINT.
-    #[command(after_help = "Example:\n  forkserver serve --socket /tmp/fs.sock &")]
+    /// Preload modules, listen on a Unix socket and spawn processes for
+    /// clients until SIGTERM/SIGINT.
     Serve(ServeArgs),
     /// Run a program as a child of the server, with this terminal's stdin,
     /// stdout and stderr, and exit with its status.
@@ -56,20 +55,6 @@ impl SocketArg {
 }
 
 #[derive(Args)]
-struct ServeArgs {
-    #[command(flatten)]
-    socket: SocketArg,
-    /// Seconds a child gets between SIGTERM and SIGKILL when its client
-    /// disconnects or the server stops.
-    #[arg(long, value_name = "SECS", default_value_t = 5.0)]
-    kill_grace: f64,
-    /// Fork even if this process has other threads (their locks would be
-    /// copied mid-use and children could deadlock).
-    #[arg(long)]
-    allow_threads: bool,
-}
-
-#[derive(Args)]
 struct SpawnArgs {
     #[command(flatten)]
     socket: SocketArg,
@@ -80,8 +65,17 @@ struct SpawnArgs {
     /// server's working directory).
     #[arg(long, value_name = "DIR")]
     cwd: Option<PathBuf>,
-    /// The program and its arguments.
-    #[arg(last = true, required = true, value_name = "PROGRAM ARGS")]
+    /// Run this preloaded worker instead of a program: an embedded worker's
+    /// name or MODULE:SYMBOL of a dynamic module. What follows `--` are its
+    /// arguments.
+    #[arg(long, value_name = "NAME")]
+    worker: Option<String>,
+    /// The program and its arguments (with --worker: the worker's arguments).
+    #[arg(
+        last = true,
+        required_unless_present = "worker",
+        value_name = "PROGRAM ARGS"
+    )]
     command: Vec<OsString>,
 }
 
@@ -101,13 +95,13 @@ fn main() -> ExitCode {
 }
 
 fn run_serve(args: ServeArgs) -> ExitCode {
-    if !(args.kill_grace.is_finite() && args.kill_grace >= 0.0) {
-        eprintln!("forkserver: --kill-grace must be a non-negative number of seconds");
-        return ExitCode::from(2);
-    }
-    let mut options = ServeOptions::new(args.socket.path());
-    options.kill_grace = Duration::from_secs_f64(args.kill_grace);
-    options.allow_threads = args.allow_threads;
+    let options = match args.options() {
+        Ok(options) => options,
+        Err(message) => {
+            eprintln!("forkserver: {message}");
+            return ExitCode::from(2);
+        }
+    };
     match serve(&options) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -120,9 +114,19 @@ fn run_serve(args: ServeArgs) -> ExitCode {
 fn run_spawn(args: SpawnArgs) -> ExitCode {
     let path = args.socket.path();
     let result = Client::connect(&path).and_then(|client| {
-        let (program, rest) = args.command.split_first().expect("clap requires PROGRAM");
-        let mut command = client.command(program);
-        command.args(rest);
+        let mut command = match &args.worker {
+            Some(name) => {
+                let mut command = client.worker(name);
+                command.args(&args.command);
+                command
+            }
+            None => {
+                let (program, rest) = args.command.split_first().expect("clap requires PROGRAM");
+                let mut command = client.command(program);
+                command.args(rest);
+                command
+            }
+        };
         command.envs(args.env.iter().map(|(k, v)| (k, v)));
         if let Some(cwd) = &args.cwd {
             command.current_dir(cwd);

@@ -83,7 +83,7 @@ stdio_from_child_pipe! { std::process::ChildStdin std::process::ChildStdout std:
 #[derive(Debug)]
 pub struct Command {
     connection: Arc<Connection>,
-    program: OsString,
+    what: What,
     arg0: Option<OsString>,
     args: Vec<OsString>,
     env_clear: bool,
@@ -97,6 +97,16 @@ pub struct Command {
     on_disconnect: OnDisconnect,
 }
 
+/// What a command runs.
+#[derive(Debug)]
+enum What {
+    Program(OsString),
+    Worker {
+        name: String,
+        payload: Option<rmpv::Value>,
+    },
+}
+
 impl std::fmt::Debug for Connection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Connection")
@@ -107,9 +117,23 @@ impl std::fmt::Debug for Connection {
 
 impl Command {
     pub(crate) fn new(connection: Arc<Connection>, program: &OsStr) -> Command {
+        Command::with(connection, What::Program(program.to_owned()))
+    }
+
+    pub(crate) fn new_worker(connection: Arc<Connection>, name: &str) -> Command {
+        Command::with(
+            connection,
+            What::Worker {
+                name: name.to_owned(),
+                payload: None,
+            },
+        )
+    }
+
+    fn with(connection: Arc<Connection>, what: What) -> Command {
         Command {
             connection,
-            program: program.to_owned(),
+            what,
             arg0: None,
             args: Vec::new(),
             env_clear: false,
@@ -142,10 +166,31 @@ impl Command {
     }
 
     /// Sets argv\[0\] (the program name the child sees); the program itself by
-    /// default.
+    /// default. Ignored for workers.
     pub fn arg0(&mut self, arg0: impl AsRef<OsStr>) -> &mut Command {
         self.arg0 = Some(arg0.as_ref().to_owned());
         self
+    }
+
+    /// Gives a worker `value`, encoded as MessagePack (structs as maps with
+    /// named fields); the worker decodes it with `ctx.payload::<T>()`. Fails
+    /// if `value` cannot be encoded, or if this command runs a program rather
+    /// than a worker.
+    pub fn payload<T: serde::Serialize + ?Sized>(
+        &mut self,
+        value: &T,
+    ) -> Result<&mut Command, Error> {
+        let What::Worker { payload, .. } = &mut self.what else {
+            return Err(Error::Protocol(
+                "a payload is for workers; a program gets args and env".into(),
+            ));
+        };
+        let bytes = rmp_serde::to_vec_named(value)
+            .map_err(|e| Error::Protocol(format!("cannot encode the payload: {e}")))?;
+        let value = rmpv::decode::read_value(&mut bytes.as_slice())
+            .map_err(|e| Error::Protocol(format!("cannot encode the payload: {e}")))?;
+        *payload = Some(value);
+        Ok(self)
     }
 
     /// Sets an environment variable in the child.
@@ -289,7 +334,10 @@ impl Command {
                 message,
                 ..
             } => Err(Error::SpawnFailed {
-                program: self.program.to_string_lossy().into_owned(),
+                program: match &self.what {
+                    What::Program(program) => program.to_string_lossy().into_owned(),
+                    What::Worker { name, .. } => name.clone(),
+                },
                 kind,
                 errno,
                 message,
@@ -318,13 +366,22 @@ impl Command {
             });
         }
         let wire = |s: &OsString| WireStr::from(s.as_os_str());
-        let request = Spawn {
-            id: 0,
-            target: Target::Exec {
-                program: wire(&self.program),
-                args: self.args.iter().map(wire).collect(),
+        let args = self.args.iter().map(wire).collect();
+        let target = match &self.what {
+            What::Program(program) => Target::Exec {
+                program: wire(program),
+                args,
                 arg0: self.arg0.as_ref().map(wire),
             },
+            What::Worker { name, payload } => Target::Worker {
+                name: name.clone(),
+                args,
+                payload: payload.clone(),
+            },
+        };
+        let request = Spawn {
+            id: 0,
+            target,
             env_clear: self.env_clear,
             env: self
                 .env

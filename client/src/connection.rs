@@ -15,7 +15,7 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 
 use forkserver_protocol::{
     connect_seqpacket, decode, encode, recv_datagram, send_datagram, ClientMessage, Limits,
-    ServerMessage, PROTOCOL_VERSION,
+    ModuleInfo, ServerMessage, PROTOCOL_VERSION,
 };
 
 use crate::Error;
@@ -46,6 +46,10 @@ pub struct ServerInfo {
     pub pid: u32,
     /// The limits it enforces.
     pub limits: Limits,
+    /// The modules it preloaded.
+    pub modules: Vec<ModuleInfo>,
+    /// The embedded workers it offers.
+    pub workers: Vec<String>,
 }
 
 pub(crate) struct Connection {
@@ -75,11 +79,15 @@ impl Connection {
                 server_version,
                 pid,
                 limits,
+                modules,
+                workers,
                 ..
             } => ServerInfo {
                 version: server_version,
                 pid,
                 limits,
+                modules,
+                workers,
             },
             ServerMessage::Error { kind, message, .. } => {
                 return Err(Error::Refused { kind, message })
@@ -180,6 +188,7 @@ fn route(state: &mut State, incoming: Incoming) {
         | ServerMessage::Exited { id, .. }
         | ServerMessage::Signaled { id, .. }
         | ServerMessage::Error { id: Some(id), .. } => *id,
+        ServerMessage::Status(report) => report.id,
         ServerMessage::Error {
             message,
             fatal: true,

@@ -40,7 +40,9 @@ pub use child::Child;
 pub use command::{Command, Stdio};
 pub use connection::ServerInfo;
 pub use error::Error;
-pub use forkserver_protocol::{default_socket_path, ErrorKind};
+pub use forkserver_protocol::{
+    default_socket_path, ErrorKind, ModuleInfo, ModuleKind, StatusReport,
+};
 
 use connection::Connection;
 
@@ -75,5 +77,31 @@ impl Client {
     /// has no `/`).
     pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
         Command::new(self.connection.clone(), program.as_ref())
+    }
+
+    /// A command that runs a preloaded worker in a forked child of the
+    /// server, without exec: an embedded worker by name (see
+    /// [`ServerInfo::workers`]), or `MODULE:SYMBOL` of a dynamic module.
+    pub fn worker(&self, name: &str) -> Command {
+        Command::new_worker(self.connection.clone(), name)
+    }
+
+    /// The server's pid, version, uptime, RSS, modules with their preload
+    /// times, and counts of children and connections.
+    pub fn status(&self) -> Result<StatusReport, Error> {
+        let id = self.connection.next_id();
+        self.connection
+            .send(&forkserver_protocol::ClientMessage::Status { id }, &[])?;
+        let reply = self
+            .connection
+            .take(id, true, |_| true)?
+            .expect("a blocking take returns a message or an error");
+        match reply.message {
+            forkserver_protocol::ServerMessage::Status(report) => Ok(report),
+            forkserver_protocol::ServerMessage::Error { kind, message, .. } => {
+                Err(Error::Refused { kind, message })
+            }
+            other => Err(Error::Protocol(format!("expected status, got {other:?}"))),
+        }
     }
 }

@@ -32,9 +32,10 @@ use std::fmt;
 
 pub use fdpass::{recv_datagram, send_datagram, Datagram};
 pub use message::{
-    ChildStatus, ClientMessage, ErrorKind, FdMapping, Limits, OnDisconnect, ServerMessage, Spawn,
-    StdioSpec, Target,
+    ChildStatus, ClientMessage, ErrorKind, FdMapping, Limits, ModuleInfo, ModuleKind, OnDisconnect,
+    ServerMessage, Spawn, StatusReport, StdioSpec, Target,
 };
+pub use rmpv;
 pub use socket::{connect_seqpacket, default_socket_path, listen_seqpacket, per_user_socket_dir};
 pub use wire_str::WireStr;
 

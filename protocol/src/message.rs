@@ -34,6 +34,11 @@ pub enum ClientMessage {
         /// The signal number (1..=64).
         signal: i32,
     },
+    /// Ask how the server is doing; answered by [`ServerMessage::Status`].
+    Status {
+        /// Echoed in the reply.
+        id: u64,
+    },
 }
 
 /// A request to start a child. File descriptors ride on the same datagram
@@ -121,6 +126,18 @@ pub enum Target {
         #[serde(default)]
         arg0: Option<WireStr>,
     },
+    /// Run a preloaded worker in the forked child, without exec.
+    Worker {
+        /// A worker the server offers (listed in `Welcome.workers`), or
+        /// `MODULE:SYMBOL` for a symbol of a dynamic module.
+        name: String,
+        /// The worker's arguments (UTF-8).
+        #[serde(default)]
+        args: Vec<WireStr>,
+        /// Any MessagePack value, handed to the worker (embedded workers only).
+        #[serde(default)]
+        payload: Option<rmpv::Value>,
+    },
 }
 
 /// Where one of the child's standard streams comes from.
@@ -172,9 +189,13 @@ pub enum ServerMessage {
         server_version: String,
         /// The server's pid.
         pid: u32,
-        /// Preloaded modules the server offers (none yet in this version).
+        /// The modules the server preloaded.
         #[serde(default)]
-        modules: Vec<String>,
+        modules: Vec<ModuleInfo>,
+        /// The embedded workers it offers by name (dynamic modules' symbols
+        /// are found at spawn time as `MODULE:SYMBOL`).
+        #[serde(default)]
+        workers: Vec<String>,
         /// The limits this server enforces.
         limits: Limits,
     },
@@ -226,6 +247,8 @@ pub enum ServerMessage {
         /// The signal sent.
         signal: i32,
     },
+    /// The answer to `Status`.
+    Status(StatusReport),
     /// A request, or the connection, failed.
     Error {
         /// The request's id, when the error is about one request.
@@ -239,6 +262,53 @@ pub enum ServerMessage {
         #[serde(default)]
         fatal: bool,
     },
+}
+
+/// A preloaded module, as `Welcome` and `Status` describe it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModuleInfo {
+    /// Its name.
+    pub name: String,
+    /// Built into the server binary, or loaded from a shared library.
+    pub kind: ModuleKind,
+    /// How long its preload took, in milliseconds.
+    pub preload_ms: f64,
+}
+
+/// Where a module comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModuleKind {
+    /// Preloaded by a closure compiled into the server (`Server::builder()`).
+    Embedded,
+    /// A shared library loaded with `--module NAME=PATH.so`.
+    Dylib,
+    /// A kind this version does not know.
+    #[serde(other)]
+    Unknown,
+}
+
+/// The server's state, in reply to `Status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusReport {
+    /// The status request's id.
+    pub id: u64,
+    /// The server's pid.
+    pub pid: u32,
+    /// The server's package version.
+    pub server_version: String,
+    /// Milliseconds since the server started.
+    pub uptime_ms: u64,
+    /// The server's resident set size, in bytes.
+    pub rss_bytes: u64,
+    /// Preloaded modules with their preload times.
+    pub modules: Vec<ModuleInfo>,
+    /// Embedded workers offered.
+    pub workers: Vec<String>,
+    /// Live children, all connections together.
+    pub children: u32,
+    /// Open connections.
+    pub connections: u32,
 }
 
 /// How a child ended, as `waitpid` reported it.
@@ -297,6 +367,8 @@ pub enum ErrorKind {
     Threads,
     /// No live child with this id on this connection.
     NoSuchChild,
+    /// The worker, module or symbol named is not offered by this server.
+    UnknownWorker,
     /// A kind this version does not know (sent by a newer peer).
     #[serde(other)]
     Unknown,

@@ -1,24 +1,37 @@
-//! The child between `fork()` and `execve()`.
+//! The child between `fork()` and `execve()` or its worker.
 //!
 //! Everything in [`run_child`] executes in the new child process, a copy of
 //! the single-threaded server. Its rules, after Rust std's unix process code:
-//! - no allocation, no locks, no stdio, no panics: only async-signal-safe libc
-//!   calls on data prepared before the fork ([`ChildPlan`]). (Allocation would
-//!   in fact be safe here because the thread guard guarantees no other thread
-//!   held the malloc lock at fork, but nothing here needs it.)
+//! - until the worker's own code starts: no allocation, no locks, no stdio, no
+//!   panics; only async-signal-safe libc calls on data prepared before the
+//!   fork ([`ChildPlan`]). (Allocation would in fact be safe because the
+//!   thread guard guarantees no other thread held the malloc lock at fork,
+//!   but the setup needs none.)
 //! - never return and never unwind into the server's code: every path ends in
-//!   `execve` or `_exit`.
+//!   `execve` or `_exit`. A worker runs under `catch_unwind`; a panic exits
+//!   101 (the default hook has printed the message to the child's stderr).
 //! - report failure as a fixed-size record on the close-on-exec error pipe:
 //!   the errno and the step that failed. A successful exec closes the pipe, so
-//!   the server reads end-of-file; a short read would be a bug.
+//!   the server reads end-of-file; a worker closes it itself once set up,
+//!   just before its code runs. A short read would be a bug.
 //!
 //! The server blocks every signal before forking, so a signal sent to the
 //! child early (say, SIGTERM because its client went away) stays pending until
 //! the child has put every disposition back to the default.
 
 use std::ffi::{c_char, CString};
+use std::io::Write;
 use std::os::fd::RawFd;
+use std::panic::{self, AssertUnwindSafe};
 use std::ptr;
+
+use crate::dylib::EntryPoint;
+use crate::worker::{WorkerContext, WorkerFn};
+
+extern "C" {
+    /// The C library's environment, read by `getenv` (and Rust's `env::var`).
+    static mut environ: *const *const c_char;
+}
 
 /// The size of an error record on the error pipe.
 pub(crate) const ERROR_RECORD_LEN: usize = 8;
@@ -49,33 +62,68 @@ impl FailedStep {
     }
 }
 
+/// NUL-terminated strings and the null-terminated pointer array C wants.
+pub(crate) struct CStringArray {
+    strings: Vec<CString>,
+    ptrs: Vec<*const c_char>,
+}
+
+impl CStringArray {
+    pub(crate) fn new(strings: Vec<CString>) -> CStringArray {
+        let ptrs = strings
+            .iter()
+            .map(|s| s.as_ptr())
+            .chain([ptr::null()])
+            .collect();
+        CStringArray { strings, ptrs }
+    }
+
+    pub(crate) fn as_ptr(&self) -> *const *const c_char {
+        self.ptrs.as_ptr()
+    }
+
+    fn len(&self) -> usize {
+        self.strings.len()
+    }
+}
+
+/// What the child does once it is set up.
+pub(crate) enum Action<'m> {
+    /// `execve` each path in turn, as execvp does.
+    Exec { candidates: Vec<CString> },
+    /// Call an embedded worker.
+    Worker {
+        worker: &'m WorkerFn,
+        context: WorkerContext<'m>,
+    },
+    /// Call `int SYMBOL(int argc, char **argv)` of a dynamic module.
+    Dylib { entry: EntryPoint },
+}
+
 /// Everything the child needs, built before the fork so that the child only
 /// reads it.
-pub(crate) struct ChildPlan {
-    /// argv, NUL-terminated strings behind `argv_ptrs`.
-    pub(crate) _argv: Vec<CString>,
-    /// Pointers into `_argv`, ending in null.
-    pub(crate) argv_ptrs: Vec<*const c_char>,
-    /// `KEY=VALUE` strings behind `envp_ptrs`.
-    pub(crate) _envp: Vec<CString>,
-    /// Pointers into `_envp`, ending in null.
-    pub(crate) envp_ptrs: Vec<*const c_char>,
-    /// Paths to try with execve, in order (one, or one per `PATH` entry).
-    pub(crate) candidates: Vec<CString>,
+pub(crate) struct ChildPlan<'m> {
+    /// argv (for exec and dylib entry points).
+    pub(crate) argv: CStringArray,
+    /// The whole environment, `KEY=VALUE`.
+    pub(crate) envp: CStringArray,
     pub(crate) cwd: Option<CString>,
     /// `(source, target)`: install the server's fd `source` as `target`.
     /// Sorted by target; targets are distinct.
     pub(crate) fd_moves: Vec<(RawFd, RawFd)>,
     pub(crate) new_session: bool,
+    /// The process name (`comm`) a worker gets, for `ps` and `top`.
+    pub(crate) name: Option<CString>,
+    pub(crate) action: Action<'m>,
 }
 
 /// Runs in the child right after `fork()`: sets the process up as `plan`
-/// says and execs it. Never returns.
+/// says and execs it or runs its worker. Never returns.
 ///
 /// # Safety
 /// Call only in a freshly forked child of a single-threaded process, with
 /// every fd in `plan.fd_moves` and `error_pipe` open.
-pub(crate) unsafe fn run_child(plan: &ChildPlan, error_pipe: RawFd) -> ! {
+pub(crate) unsafe fn run_child(mut plan: ChildPlan<'_>, error_pipe: RawFd) -> ! {
     // 1. Signals: the server installed handlers (through signal-hook) and
     //    ignores SIGPIPE. execve resets handlers but not SIG_IGN, and a handler
     //    firing before exec would write into the server's signal pipe. Put
@@ -153,17 +201,43 @@ pub(crate) unsafe fn run_child(plan: &ChildPlan, error_pipe: RawFd) -> ! {
         }
     }
 
-    // 6. Exec, trying each candidate path as execvp does: keep going past
-    //    "not here" errors, remember that some candidate was not executable,
-    //    and stop at any other error.
+    match plan.action {
+        Action::Exec { candidates } => exec(&candidates, &plan.argv, &plan.envp, error_pipe),
+        Action::Worker {
+            worker,
+            mut context,
+        } => {
+            start_worker(plan.name.as_ref(), &plan.envp, error_pipe);
+            // From here on the worker's own code runs in a new
+            // single-threaded process; it may allocate, lock, print.
+            let code =
+                panic::catch_unwind(AssertUnwindSafe(|| worker(&mut context))).unwrap_or(101);
+            exit_flushed(code)
+        }
+        Action::Dylib { entry } => {
+            start_worker(plan.name.as_ref(), &plan.envp, error_pipe);
+            // The module may permute the argv array (getopt does); it is
+            // this process's own copy.
+            let argc = plan.argv.len() as libc::c_int;
+            let code = entry(argc, plan.argv.ptrs.as_mut_ptr().cast());
+            exit_flushed(code)
+        }
+    }
+}
+
+/// 6. Exec, trying each candidate path as execvp does: keep going past "not
+/// here" errors, remember that some candidate was not executable, and stop at
+/// any other error.
+unsafe fn exec(
+    candidates: &[CString],
+    argv: &CStringArray,
+    envp: &CStringArray,
+    error_pipe: RawFd,
+) -> ! {
     let mut saw_eacces = false;
     let mut errno = libc::ENOENT;
-    for path in &plan.candidates {
-        libc::execve(
-            path.as_ptr(),
-            plan.argv_ptrs.as_ptr(),
-            plan.envp_ptrs.as_ptr(),
-        );
+    for path in candidates {
+        libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr());
         errno = last_errno();
         match errno {
             libc::EACCES => saw_eacces = true,
@@ -175,6 +249,29 @@ pub(crate) unsafe fn run_child(plan: &ChildPlan, error_pipe: RawFd) -> ! {
         errno = libc::EACCES;
     }
     fail_with(error_pipe, FailedStep::Exec, errno)
+}
+
+/// 6. For a worker: name the process, install the environment, and close the
+/// error pipe, which tells the server the worker has started.
+unsafe fn start_worker(name: Option<&CString>, envp: &CStringArray, error_pipe: RawFd) {
+    if let Some(name) = name {
+        libc::prctl(libc::PR_SET_NAME, name.as_ptr());
+    }
+    // The array outlives the worker: this process ends in _exit without
+    // ever dropping the plan.
+    environ = envp.as_ptr();
+    libc::close(error_pipe);
+}
+
+/// Flushes Rust's and C's buffered stdout (a worker's `println!`/`printf`
+/// output), then exits without running the server's atexit handlers.
+fn exit_flushed(code: i32) -> ! {
+    let _ = std::io::stdout().flush();
+    // SAFETY: fflush(NULL) flushes every C stdio stream; _exit never returns.
+    unsafe {
+        libc::fflush(ptr::null_mut());
+        libc::_exit(code)
+    }
 }
 
 /// At most this many fds are installed in one child (0–2 plus passed ones);

@@ -101,6 +101,10 @@ impl Children {
         self.by_pid.remove(&pid)
     }
 
+    pub(crate) fn len(&self) -> usize {
+        self.by_pid.len()
+    }
+
     /// Children that must be killed when the connection goes: SIGTERM now,
     /// SIGKILL at `kill_at`. Detached ones are just disowned.
     pub(crate) fn disown(&mut self, pids: impl IntoIterator<Item = libc::pid_t>, kill_at: Instant) {

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use forkserver_protocol::{
     decode, recv_datagram, ChildStatus, ClientMessage, ErrorKind, Limits, ServerMessage, Spawn,
-    PROTOCOL_VERSION,
+    StatusReport, PROTOCOL_VERSION,
 };
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 
@@ -26,6 +26,7 @@ use crate::children::{read_exec_outcome, ChildRecord, Children, ConnId, ExecOutc
 use crate::connection::{Connection, Sent};
 use crate::listener::Listener;
 use crate::log::{log, Level};
+use crate::modules::Modules;
 use crate::signals::SignalPipe;
 use crate::spawner::{self, ClientEnds, SpawnError, Spawner};
 use crate::{sys, ServeError, ServeOptions};
@@ -64,12 +65,14 @@ pub(crate) struct EventLoop {
     children: Children,
     /// Set while the listener is out of the epoll set after EMFILE/ENFILE.
     accept_paused_until: Option<Instant>,
+    started: Instant,
 }
 
 impl EventLoop {
     pub(crate) fn new(
         listener: Listener,
         signals: SignalPipe,
+        modules: Modules,
         options: &ServeOptions,
     ) -> Result<EventLoop, ServeError> {
         let setup = |doing: &'static str| move |e: nix::Error| ServeError::Setup(doing, e.into());
@@ -80,7 +83,7 @@ impl EventLoop {
         epoll
             .add(&signals, EpollEvent::new(EpollFlags::EPOLLIN, SIGNALS))
             .map_err(setup("watching the signal pipe"))?;
-        let spawner = Spawner::new(!options.allow_threads)
+        let spawner = Spawner::new(modules, !options.allow_threads)
             .map_err(|e| ServeError::Setup("opening /dev/null", e))?;
         Ok(EventLoop {
             epoll,
@@ -93,6 +96,7 @@ impl EventLoop {
             next_conn: 1,
             children: Children::default(),
             accept_paused_until: None,
+            started: Instant::now(),
         })
     }
 
@@ -350,6 +354,10 @@ impl EventLoop {
             ),
             ClientMessage::Spawn(request) => self.spawn(id, request, fds),
             ClientMessage::Signal { id: child, signal } => self.signal(id, child, signal),
+            ClientMessage::Status { id: request } => {
+                let report = self.status(request);
+                self.reply(id, ServerMessage::Status(report), Vec::new());
+            }
         }
     }
 
@@ -379,7 +387,8 @@ impl EventLoop {
                 protocol: PROTOCOL_VERSION,
                 server_version: env!("CARGO_PKG_VERSION").into(),
                 pid: std::process::id(),
-                modules: Vec::new(),
+                modules: self.spawner.modules.infos.clone(),
+                workers: self.spawner.modules.worker_names(),
                 limits: self.limits,
             }
         };
@@ -471,6 +480,21 @@ impl EventLoop {
                 early_exit: None,
             },
         );
+    }
+
+    fn status(&self, id: u64) -> StatusReport {
+        let modules = &self.spawner.modules;
+        StatusReport {
+            id,
+            pid: std::process::id(),
+            server_version: env!("CARGO_PKG_VERSION").into(),
+            uptime_ms: self.started.elapsed().as_millis() as u64,
+            rss_bytes: sys::resident_bytes().unwrap_or(0),
+            modules: modules.infos.clone(),
+            workers: modules.worker_names(),
+            children: self.children.len() as u32,
+            connections: self.connections.len() as u32,
+        }
     }
 
     fn signal(&mut self, conn_id: ConnId, child_id: u64, signal: i32) {

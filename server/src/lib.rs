@@ -1,5 +1,25 @@
-//! The forkserver server: a single-threaded process that listens on a Unix
-//! socket and forks children for its clients.
+//! The forkserver server: a single-threaded process that preloads modules,
+//! listens on a Unix socket and forks children for its clients.
+//!
+//! [`Server::builder`] builds a zygote: preloads that run once, before any
+//! thread exists, and workers that run in forked children and see what the
+//! preloads built, shared copy-on-write:
+//!
+//! ```no_run
+//! use forkserver_server::Server;
+//!
+//! fn main() -> std::process::ExitCode {
+//!     Server::builder()
+//!         .preload("squares", || (0..1_000_000u64).map(|i| i * i).collect::<Vec<u64>>())
+//!         .worker("square", |ctx| {
+//!             let squares: &Vec<u64> = ctx.preloaded("squares");
+//!             let n: usize = ctx.args()[0].parse().unwrap();
+//!             println!("{}", squares[n]);
+//!             0
+//!         })
+//!         .run() // parses the same flags as `forkserver serve`
+//! }
+//! ```
 //!
 //! [`serve`] binds the socket, checks the process is single-threaded (the
 //! thread guard, see [`ensure_single_threaded`]), and runs an epoll loop until
@@ -14,6 +34,9 @@
 //! multithreaded program such as a test harness: run it as its own process
 //! (`forkserver serve`).
 //!
+//! Without modules, [`serve`] is the stock server (what `forkserver serve`
+//! runs):
+//!
 //! ```no_run
 //! use forkserver_server::{serve, ServeOptions};
 //!
@@ -22,27 +45,33 @@
 //! ```
 #![deny(missing_docs)]
 
+mod args;
+mod builder;
 mod child;
 mod children;
 mod connection;
+mod dylib;
 mod event_loop;
 mod listener;
 mod log;
+mod modules;
 mod signals;
 mod spawner;
 mod sys;
 mod threads;
+mod worker;
 
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use args::ServeArgs;
+pub use builder::{Server, ServerBuilder};
 pub use forkserver_protocol::Limits;
 pub use log::{set_level, Level};
 pub use threads::{ensure_single_threaded, MultiThreaded, ThreadInfo};
-
-use crate::log::log;
+pub use worker::{PayloadError, WorkerContext};
 
 /// How to run a server.
 #[derive(Debug, Clone)]
@@ -58,6 +87,8 @@ pub struct ServeOptions {
     /// Fork even if the process has other threads. Unsafe for the children
     /// (they may deadlock); off by default.
     pub allow_threads: bool,
+    /// Dynamic modules to load at start: `(name, path to a shared library)`.
+    pub dylibs: Vec<(String, PathBuf)>,
 }
 
 impl ServeOptions {
@@ -68,6 +99,7 @@ impl ServeOptions {
             limits: Limits::default(),
             kill_grace: Duration::from_secs(5),
             allow_threads: false,
+            dylibs: Vec::new(),
         }
     }
 }
@@ -80,6 +112,20 @@ pub enum ServeError {
     AlreadyRunning(PathBuf),
     /// The process has threads, and forking would be unsafe.
     MultiThreaded(MultiThreaded),
+    /// A module's preload (or a dynamic module's load or init) failed.
+    Preload {
+        /// The module.
+        module: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// A module's preload left threads running.
+    PreloadStartedThreads {
+        /// The module.
+        module: String,
+        /// Every thread of the process after that preload.
+        threads: MultiThreaded,
+    },
     /// The configuration or the filesystem is not as required.
     Config(String),
     /// A file system operation on a path failed.
@@ -117,6 +163,14 @@ impl fmt::Display for ServeError {
                 f,
                 "refusing to serve: {e}. Stop whatever started the threads before serving, or pass --allow-threads to fork anyway"
             ),
+            ServeError::Preload { module, message } => {
+                write!(f, "preloading module '{module}' failed: {message}")
+            }
+            ServeError::PreloadStartedThreads { module, threads } => write!(
+                f,
+                "refusing to serve: preloading module '{module}' started threads: {threads}.{} Or pass --allow-threads to fork anyway",
+                modules::remedies(threads)
+            ),
             ServeError::Config(message) => f.write_str(message),
             ServeError::Io {
                 doing,
@@ -131,42 +185,19 @@ impl fmt::Display for ServeError {
 impl std::error::Error for ServeError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            ServeError::MultiThreaded(e) => Some(e),
+            ServeError::MultiThreaded(e) | ServeError::PreloadStartedThreads { threads: e, .. } => {
+                Some(e)
+            }
             ServeError::Io { source, .. } | ServeError::Setup(_, source) => Some(source),
             _ => None,
         }
     }
 }
 
-/// Binds `options.socket`, logs one line when ready, and serves until SIGTERM
-/// or SIGINT. Returns `Ok(())` after a clean shutdown; the socket file is
-/// removed.
+/// The stock server: no embedded modules (dynamic ones from
+/// `options.dylibs`). Binds `options.socket`, logs one line when ready, and
+/// serves until SIGTERM or SIGINT. Returns `Ok(())` after a clean shutdown;
+/// the socket file is removed.
 pub fn serve(options: &ServeOptions) -> Result<(), ServeError> {
-    log::init_from_env();
-    if options.limits.max_fds_per_message as usize + 3 > child::MAX_MOVES {
-        return Err(ServeError::Config(format!(
-            "max_fds_per_message must be at most {}",
-            child::MAX_MOVES - 3
-        )));
-    }
-    if let Err(e) = ensure_single_threaded() {
-        if !options.allow_threads {
-            return Err(ServeError::MultiThreaded(e));
-        }
-        log!(Level::Warn, "--allow-threads: serving anyway although {e}");
-    }
-    let signals = signals::SignalPipe::install()
-        .map_err(|e| ServeError::Setup("installing signal handlers", e))?;
-    let listener = listener::Listener::bind(&options.socket)?;
-    let mut event_loop = event_loop::EventLoop::new(listener, signals, options)?;
-    log!(
-        Level::Info,
-        "listening on {} (protocol {}, version {})",
-        options.socket.display(),
-        forkserver_protocol::PROTOCOL_VERSION,
-        env!("CARGO_PKG_VERSION")
-    );
-    event_loop.run()?;
-    log!(Level::Info, "stopped");
-    Ok(())
+    Server::builder().serve(options)
 }

@@ -11,7 +11,9 @@ use std::ptr;
 
 use forkserver_protocol::{ErrorKind, Limits, Spawn, StdioSpec, Target, WireStr};
 
-use crate::child::{self, ChildPlan};
+use crate::child::{self, Action, CStringArray, ChildPlan};
+use crate::modules::{Modules, WorkerRef};
+use crate::worker::WorkerContext;
 use crate::{sys, threads};
 
 /// The highest fd number a client may ask for in the child.
@@ -64,6 +66,7 @@ pub(crate) struct Started {
 }
 
 pub(crate) struct Spawner {
+    pub(crate) modules: Modules,
     dev_null: OwnedFd,
     /// The server's environment, read once at start.
     base_env: BTreeMap<Vec<u8>, Vec<u8>>,
@@ -72,8 +75,9 @@ pub(crate) struct Spawner {
 }
 
 impl Spawner {
-    pub(crate) fn new(guard_threads: bool) -> io::Result<Spawner> {
+    pub(crate) fn new(modules: Modules, guard_threads: bool) -> io::Result<Spawner> {
         Ok(Spawner {
+            modules,
             dev_null: sys::open_rdwr(c"/dev/null")?,
             base_env: std::env::vars_os()
                 .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
@@ -108,7 +112,7 @@ impl Spawner {
         if pid == 0 {
             // SAFETY: we are the freshly forked child; every fd in the plan is
             // open (owned by `fds`, `pipes` or the spawner).
-            unsafe { child::run_child(&plan, error_write.as_raw_fd()) }
+            unsafe { child::run_child(plan, error_write.as_raw_fd()) }
         }
         let fork_error = io::Error::last_os_error();
         sys::restore_signal_mask(&old_mask);
@@ -152,24 +156,109 @@ impl Spawner {
         limits: &Limits,
         pipes: &mut Vec<OwnedFd>,
         client_ends: &mut ClientEnds,
-    ) -> Result<ChildPlan, SpawnError> {
-        let Target::Exec {
-            program,
-            args,
-            arg0,
-        } = &request.target;
-        if program.as_bytes().is_empty() {
-            return Err(invalid("target.program is empty".into()));
-        }
-        check_count("target.args", args.len(), limits.max_args, "max_args")?;
+    ) -> Result<ChildPlan<'_>, SpawnError> {
         check_count("env", request.env.len(), limits.max_env, "max_env")?;
+        let env = self.environment(request)?;
+        let (argv, name, action) = match &request.target {
+            Target::Exec {
+                program,
+                args,
+                arg0,
+            } => {
+                if program.as_bytes().is_empty() {
+                    return Err(invalid("target.program is empty".into()));
+                }
+                check_count("target.args", args.len(), limits.max_args, "max_args")?;
+                let mut argv = Vec::with_capacity(args.len() + 1);
+                argv.push(c_string(arg0.as_ref().unwrap_or(program), "target.arg0")?);
+                for (i, arg) in args.iter().enumerate() {
+                    argv.push(c_string(arg, &format!("target.args[{i}]"))?);
+                }
+                let candidates = exec_candidates(program.as_bytes(), env.get(&b"PATH"[..]))?;
+                (argv, None, Action::Exec { candidates })
+            }
+            Target::Worker {
+                name,
+                args,
+                payload,
+            } => {
+                check_count("target.args", args.len(), limits.max_args, "max_args")?;
+                let worker = self
+                    .modules
+                    .find(name)
+                    .map_err(|message| SpawnError::new(ErrorKind::UnknownWorker, message))?;
+                let args = utf8_args(args)?;
+                let fd_targets = request.fds.iter().map(|m| m.target).collect();
+                let mut argv = vec![c_string(&name.as_str().into(), "target.name")?];
+                let action = match worker {
+                    WorkerRef::Embedded(worker) => {
+                        let payload = match payload {
+                            None => None,
+                            Some(value) => {
+                                let mut bytes = Vec::new();
+                                rmpv::encode::write_value(&mut bytes, value)
+                                    .expect("writing to a Vec cannot fail");
+                                Some(bytes)
+                            }
+                        };
+                        let context = WorkerContext {
+                            args,
+                            payload,
+                            fd_targets,
+                            preloaded: &self.modules.preloaded,
+                        };
+                        Action::Worker { worker, context }
+                    }
+                    WorkerRef::Dylib(entry) => {
+                        if payload.is_some() {
+                            return Err(invalid(format!(
+                                "target.payload: '{name}' is a dynamic module symbol, which takes only args"
+                            )));
+                        }
+                        for (i, arg) in args.iter().enumerate() {
+                            argv.push(c_string(
+                                &arg.as_str().into(),
+                                &format!("target.args[{i}]"),
+                            )?);
+                        }
+                        Action::Dylib { entry }
+                    }
+                };
+                // The kernel keeps 15 bytes of a process name.
+                let comm: Vec<u8> = name.bytes().filter(|&b| b != 0).take(15).collect();
+                let comm = CString::new(comm).expect("NUL bytes were filtered out");
+                (argv, Some(comm), action)
+            }
+        };
+        let envp = env
+            .into_iter()
+            .map(|(mut k, v)| {
+                k.push(b'=');
+                k.extend_from_slice(&v);
+                // Keys and values were checked for NUL in environment() (the
+                // server's own environment cannot contain one).
+                CString::new(k).expect("environment entries have no NUL")
+            })
+            .collect();
+        let cwd = match &request.cwd {
+            Some(dir) => Some(c_string(dir, "cwd")?),
+            None => None,
+        };
+        let fd_moves = self.fd_moves(request, fds, pipes, client_ends)?;
+        Ok(ChildPlan {
+            argv: CStringArray::new(argv),
+            envp: CStringArray::new(envp),
+            cwd,
+            fd_moves,
+            new_session: request.new_session,
+            name,
+            action,
+        })
+    }
 
-        let mut argv = Vec::with_capacity(args.len() + 1);
-        argv.push(c_string(arg0.as_ref().unwrap_or(program), "target.arg0")?);
-        for (i, arg) in args.iter().enumerate() {
-            argv.push(c_string(arg, &format!("target.args[{i}]"))?);
-        }
-
+    /// The child's environment: the server's (unless cleared) with the
+    /// request's changes.
+    fn environment(&self, request: &Spawn) -> Result<BTreeMap<Vec<u8>, Vec<u8>>, SpawnError> {
         let mut env = if request.env_clear {
             BTreeMap::new()
         } else {
@@ -190,35 +279,7 @@ impl Spawner {
                 None => env.remove(k),
             };
         }
-        let candidates = exec_candidates(program.as_bytes(), env.get(&b"PATH"[..]))?;
-        let envp: Vec<CString> = env
-            .into_iter()
-            .map(|(mut k, v)| {
-                k.push(b'=');
-                k.extend_from_slice(&v);
-                // Keys and values were checked for NUL above (the server's
-                // own environment cannot contain one).
-                CString::new(k).expect("environment entries have no NUL")
-            })
-            .collect();
-
-        let cwd = match &request.cwd {
-            Some(dir) => Some(c_string(dir, "cwd")?),
-            None => None,
-        };
-
-        let fd_moves = self.fd_moves(request, fds, pipes, client_ends)?;
-
-        Ok(ChildPlan {
-            argv_ptrs: null_terminated(&argv),
-            _argv: argv,
-            envp_ptrs: null_terminated(&envp),
-            _envp: envp,
-            candidates,
-            cwd,
-            fd_moves,
-            new_session: request.new_session,
-        })
+        Ok(env)
     }
 
     /// Where each of the child's fds comes from, sorted by target.
@@ -308,16 +369,19 @@ fn check_count(field: &str, count: usize, limit: u32, name: &str) -> Result<(), 
     Ok(())
 }
 
-fn c_string(s: &WireStr, field: &str) -> Result<CString, SpawnError> {
-    CString::new(s.as_bytes()).map_err(|_| invalid(format!("{field} contains a NUL byte")))
+/// Worker arguments must be UTF-8 (a worker sees `&[String]`).
+fn utf8_args(args: &[WireStr]) -> Result<Vec<String>, SpawnError> {
+    args.iter()
+        .enumerate()
+        .map(|(i, arg)| {
+            String::from_utf8(arg.as_bytes().to_vec())
+                .map_err(|_| invalid(format!("target.args[{i}] is not valid UTF-8")))
+        })
+        .collect()
 }
 
-fn null_terminated(strings: &[CString]) -> Vec<*const libc::c_char> {
-    strings
-        .iter()
-        .map(|s| s.as_ptr())
-        .chain([ptr::null()])
-        .collect()
+fn c_string(s: &WireStr, field: &str) -> Result<CString, SpawnError> {
+    CString::new(s.as_bytes()).map_err(|_| invalid(format!("{field} contains a NUL byte")))
 }
 
 /// The paths execve should try for `program`: itself if it contains a `/`,
@@ -343,10 +407,12 @@ fn exec_candidates(program: &[u8], path: Option<&Vec<u8>>) -> Result<Vec<CString
         .collect()
 }
 
-/// For log lines: the program a request runs.
+/// For log lines: the program or worker a request runs.
 pub(crate) fn describe(request: &Spawn) -> &OsStr {
-    let Target::Exec { program, .. } = &request.target;
-    program.as_os_str()
+    match &request.target {
+        Target::Exec { program, .. } => program.as_os_str(),
+        Target::Worker { name, .. } => OsStr::new(name.as_str()),
+    }
 }
 
 #[cfg(test)]
@@ -364,7 +430,7 @@ mod tests {
 
     #[test]
     fn bad_requests_are_refused_before_any_fork() {
-        let spawner = Spawner::new(false).unwrap();
+        let spawner = Spawner::new(Modules::default(), false).unwrap();
         let limits = Limits::default();
         let mut request = Spawn::exec(1, "true", vec!["a\0b".into()]);
         let err = spawner.spawn(&request, Vec::new(), &limits).err().unwrap();

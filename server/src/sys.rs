@@ -130,3 +130,12 @@ pub(crate) fn umask(mask: libc::mode_t) -> libc::mode_t {
     // thread creates files while the mask is changed.
     unsafe { libc::umask(mask) }
 }
+
+/// This process's resident set size, from /proc/self/statm.
+pub(crate) fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * page_size.max(0) as u64)
+}

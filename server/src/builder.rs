@@ -1,0 +1,164 @@
+//! [`Server::builder`]: a zygote with embedded preloads and workers.
+
+use std::any::Any;
+use std::ffi::OsString;
+use std::fmt::Display;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::event_loop::EventLoop;
+use crate::log::{self, log, Level};
+use crate::modules::{ModuleSpecs, Modules};
+use crate::worker::WorkerContext;
+use crate::{child, listener, signals, threads, ServeArgs, ServeError, ServeOptions};
+
+/// The entry point for building a server; see [`Server::builder`].
+#[derive(Debug)]
+pub struct Server;
+
+impl Server {
+    /// A server with no modules yet. Add preloads and workers, then
+    /// [`run`](ServerBuilder::run) or [`serve`](ServerBuilder::serve).
+    pub fn builder() -> ServerBuilder {
+        ServerBuilder {
+            specs: ModuleSpecs::default(),
+        }
+    }
+}
+
+/// Collects preloads and workers; nothing runs until `run` or `serve`.
+#[must_use = "a builder does nothing until .run() or .serve()"]
+pub struct ServerBuilder {
+    specs: ModuleSpecs,
+}
+
+impl std::fmt::Debug for ServerBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let preloads: Vec<&String> = self.specs.preloads.iter().map(|(n, _)| n).collect();
+        let workers: Vec<&String> = self.specs.workers.iter().map(|(n, _)| n).collect();
+        f.debug_struct("ServerBuilder")
+            .field("preloads", &preloads)
+            .field("workers", &workers)
+            .field("dylibs", &self.specs.dylibs)
+            .finish()
+    }
+}
+
+/// The command line of a zygote built with [`ServerBuilder::run`]: the same
+/// flags as `forkserver serve`.
+#[derive(Parser)]
+#[command(
+    about = "A forkserver zygote: preloads its modules, then serves workers on a Unix socket"
+)]
+struct ZygoteCommand {
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+impl ServerBuilder {
+    /// Adds a module whose value `build` computes once, at start, before any
+    /// thread exists. Workers reach it with
+    /// [`WorkerContext::preloaded`]. A panic in `build` fails the start,
+    /// naming the module.
+    pub fn preload<T: Any>(self, name: &str, build: impl FnOnce() -> T + 'static) -> Self {
+        self.try_preload(name, move || Ok::<T, std::convert::Infallible>(build()))
+    }
+
+    /// Like [`preload`](Self::preload), for a build that can fail: an `Err`
+    /// fails the start with the module's name and the error.
+    pub fn try_preload<T: Any, E: Display>(
+        mut self,
+        name: &str,
+        build: impl FnOnce() -> Result<T, E> + 'static,
+    ) -> Self {
+        self.specs.preloads.push((
+            name.to_owned(),
+            Box::new(move || {
+                build()
+                    .map(|value| Box::new(value) as Box<dyn Any>)
+                    .map_err(|e| e.to_string())
+            }),
+        ));
+        self
+    }
+
+    /// Adds a worker clients start by `name`. It runs in a forked child with
+    /// its stdio, environment and directory in place; its return value is
+    /// the exit code, and a panic exits 101.
+    pub fn worker(
+        mut self,
+        name: &str,
+        run: impl Fn(&mut WorkerContext<'_>) -> i32 + 'static,
+    ) -> Self {
+        self.specs.workers.push((name.to_owned(), Box::new(run)));
+        self
+    }
+
+    /// Adds a dynamic module: the shared library at `path`, loaded at start
+    /// (as `--module NAME=PATH` does).
+    pub fn dylib(mut self, name: &str, path: impl Into<PathBuf>) -> Self {
+        self.specs.dylibs.push((name.to_owned(), path.into()));
+        self
+    }
+
+    /// Parses this process's command line as `[serve] [FLAGS]` with the
+    /// flags of `forkserver serve`, serves, and returns the exit status to
+    /// end `main` with. Errors are printed to stderr.
+    pub fn run(self) -> ExitCode {
+        let mut args: Vec<OsString> = std::env::args_os().collect();
+        if args.get(1).is_some_and(|a| a == "serve") {
+            args.remove(1);
+        }
+        let command = ZygoteCommand::parse_from(args);
+        let result = command
+            .serve
+            .options()
+            .map_err(ServeError::Config)
+            .and_then(|options| self.serve(&options));
+        match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("forkserver: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    }
+
+    /// Preloads every module (checking after each that no thread was
+    /// started), binds `options.socket`, logs one line when ready, and serves
+    /// until SIGTERM or SIGINT. Returns `Ok(())` after a clean shutdown; the
+    /// socket file is removed.
+    pub fn serve(mut self, options: &ServeOptions) -> Result<(), ServeError> {
+        log::init_from_env();
+        if options.limits.max_fds_per_message as usize + 3 > child::MAX_MOVES {
+            return Err(ServeError::Config(format!(
+                "max_fds_per_message must be at most {}",
+                child::MAX_MOVES - 3
+            )));
+        }
+        if let Err(e) = threads::ensure_single_threaded() {
+            if !options.allow_threads {
+                return Err(ServeError::MultiThreaded(e));
+            }
+            log!(Level::Warn, "--allow-threads: serving anyway although {e}");
+        }
+        self.specs.dylibs.extend(options.dylibs.iter().cloned());
+        let modules = Modules::load(self.specs, options.allow_threads)?;
+        let signals = signals::SignalPipe::install()
+            .map_err(|e| ServeError::Setup("installing signal handlers", e))?;
+        let listener = listener::Listener::bind(&options.socket)?;
+        let mut event_loop = EventLoop::new(listener, signals, modules, options)?;
+        log!(
+            Level::Info,
+            "listening on {} (protocol {}, version {})",
+            options.socket.display(),
+            forkserver_protocol::PROTOCOL_VERSION,
+            env!("CARGO_PKG_VERSION")
+        );
+        event_loop.run()?;
+        log!(Level::Info, "stopped");
+        Ok(())
+    }
+}

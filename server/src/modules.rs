@@ -1,0 +1,193 @@
+//! The modules a server preloads before serving, and the workers it offers.
+//!
+//! Preloads run one at a time, before the socket is bound and before any
+//! thread should exist. After each one the thread guard checks the process is
+//! still single-threaded, so a module that started threads is named.
+
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::panic::{self, AssertUnwindSafe};
+use std::path::PathBuf;
+use std::time::Instant;
+
+use forkserver_protocol::{ModuleInfo, ModuleKind};
+
+use crate::dylib::{Dylib, EntryPoint};
+use crate::log::{log, Level};
+use crate::threads::{ensure_single_threaded, MultiThreaded};
+use crate::worker::{Preloaded, WorkerFn};
+use crate::ServeError;
+
+/// Builds a module's value; `Err` fails the start with the module's name.
+pub(crate) type PreloadFn = Box<dyn FnOnce() -> Result<Box<dyn std::any::Any>, String>>;
+
+/// What a builder collected, not yet run.
+#[derive(Default)]
+pub(crate) struct ModuleSpecs {
+    pub(crate) preloads: Vec<(String, PreloadFn)>,
+    pub(crate) workers: Vec<(String, WorkerFn)>,
+    pub(crate) dylibs: Vec<(String, PathBuf)>,
+}
+
+/// Everything preloaded, ready to serve.
+#[derive(Default)]
+pub(crate) struct Modules {
+    pub(crate) preloaded: Preloaded,
+    pub(crate) workers: HashMap<String, WorkerFn>,
+    dylibs: HashMap<String, Dylib>,
+    pub(crate) infos: Vec<ModuleInfo>,
+}
+
+/// What a worker target names, found before the fork.
+pub(crate) enum WorkerRef<'m> {
+    Embedded(&'m WorkerFn),
+    Dylib(EntryPoint),
+}
+
+impl Modules {
+    /// Runs every preload and loads every dylib, in the order given, checking
+    /// the thread guard after each.
+    pub(crate) fn load(specs: ModuleSpecs, allow_threads: bool) -> Result<Modules, ServeError> {
+        let mut modules = Modules::default();
+        for (name, preload) in specs.preloads {
+            let started = Instant::now();
+            let outcome = panic::catch_unwind(AssertUnwindSafe(preload))
+                .unwrap_or_else(|panic| Err(format!("panicked: {}", panic_message(&*panic))));
+            let value = outcome.map_err(|message| ServeError::Preload {
+                module: name.clone(),
+                message,
+            })?;
+            modules.preloaded.insert(name.clone(), value);
+            modules.finish(name, ModuleKind::Embedded, started, allow_threads)?;
+        }
+        for (name, path) in specs.dylibs {
+            let started = Instant::now();
+            let failed = |message: String| ServeError::Preload {
+                module: name.clone(),
+                message,
+            };
+            let dylib = Dylib::open(&path).map_err(&failed)?;
+            if let Some(status) = dylib.init() {
+                if status != 0 {
+                    return Err(failed(format!(
+                        "forkserver_module_init() in {} returned {status}",
+                        path.display()
+                    )));
+                }
+            }
+            modules.dylibs.insert(name.clone(), dylib);
+            modules.finish(name, ModuleKind::Dylib, started, allow_threads)?;
+        }
+        modules.workers = specs.workers.into_iter().collect();
+        Ok(modules)
+    }
+
+    /// Records a module's preload time and applies the thread guard.
+    fn finish(
+        &mut self,
+        name: String,
+        kind: ModuleKind,
+        started: Instant,
+        allow_threads: bool,
+    ) -> Result<(), ServeError> {
+        let preload_ms = started.elapsed().as_secs_f64() * 1000.0;
+        log!(
+            Level::Info,
+            "preloaded module '{name}' in {preload_ms:.1} ms"
+        );
+        if let Err(threads) = ensure_single_threaded() {
+            if !allow_threads {
+                return Err(ServeError::PreloadStartedThreads {
+                    module: name,
+                    threads,
+                });
+            }
+            log!(
+                Level::Warn,
+                "--allow-threads: after preloading '{name}', {threads}. Serving anyway; children may deadlock.{}",
+                remedies(&threads)
+            );
+        }
+        self.infos.push(ModuleInfo {
+            name,
+            kind,
+            preload_ms,
+        });
+        Ok(())
+    }
+
+    /// Resolves a worker target's name: an embedded worker, or
+    /// `MODULE:SYMBOL` in a dylib. The message names what is missing.
+    pub(crate) fn find(&self, name: &str) -> Result<WorkerRef<'_>, String> {
+        if let Some(worker) = self.workers.get(name) {
+            return Ok(WorkerRef::Embedded(worker));
+        }
+        let Some((module, symbol)) = name.split_once(':') else {
+            return Err(format!(
+                "no worker named '{name}' (this server offers: {})",
+                self.offered()
+            ));
+        };
+        let dylib = self.dylibs.get(module).ok_or_else(|| {
+            format!(
+                "no dynamic module named '{module}' (this server offers: {})",
+                self.offered()
+            )
+        })?;
+        let c_symbol =
+            CString::new(symbol).map_err(|_| "the symbol contains a NUL byte".to_owned())?;
+        dylib
+            .entry_point(&c_symbol)
+            .map(WorkerRef::Dylib)
+            .ok_or_else(|| format!("dynamic module '{module}' has no symbol '{symbol}'"))
+    }
+
+    /// Embedded worker names, sorted.
+    pub(crate) fn worker_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.workers.keys().cloned().collect();
+        names.sort();
+        names
+    }
+
+    fn offered(&self) -> String {
+        let mut offered = self.worker_names();
+        offered.extend(self.dylibs.keys().map(|m| format!("{m}:SYMBOL")));
+        if offered.is_empty() {
+            "nothing".into()
+        } else {
+            offered.join(", ")
+        }
+    }
+}
+
+/// What a panic carried, as text.
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a non-string panic payload".into())
+}
+
+/// Known ways to stop threads that libraries start on their own.
+pub(crate) fn remedies(threads: &MultiThreaded) -> String {
+    let mut advice = String::new();
+    for thread in &threads.threads {
+        let hint = match thread.name.as_str() {
+            "jemalloc_bg_thd" => {
+                " jemalloc's background threads: set _RJEM_MALLOC_CONF=background_thread:false (MALLOC_CONF for a system jemalloc)."
+            }
+            name if name.starts_with("tokio-rt") => {
+                " a tokio runtime: build it in the worker, not in the preload."
+            }
+            name if name.starts_with("polars") => {
+                " Polars' thread pool: preload without running a query; the pool starts on first use."
+            }
+            _ => continue,
+        };
+        if !advice.contains(hint) {
+            advice.push_str(hint);
+        }
+    }
+    advice
+}
