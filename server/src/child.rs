@@ -225,7 +225,7 @@ pub(crate) unsafe fn run_child(mut plan: ChildPlan<'_>, error_pipe: RawFd) -> ! 
     }
 }
 
-/// 6. Exec, trying each candidate path as execvp does: keep going past "not
+/// Step 6 for programs: exec, trying each candidate path as execvp does: keep going past "not
 /// here" errors, remember that some candidate was not executable, and stop at
 /// any other error.
 unsafe fn exec(
@@ -251,7 +251,7 @@ unsafe fn exec(
     fail_with(error_pipe, FailedStep::Exec, errno)
 }
 
-/// 6. For a worker: name the process, install the environment, and close the
+/// Step 6 for workers: name the process, install the environment, and close the
 /// error pipe, which tells the server the worker has started.
 unsafe fn start_worker(name: Option<&CString>, envp: &CStringArray, error_pipe: RawFd) {
     if let Some(name) = name {
