@@ -147,9 +147,14 @@ fn run_spawn(args: SpawnArgs) -> ExitCode {
 }
 
 /// The shell's statuses for a program that could not run: 127 when it was
-/// not found, 126 when it was found but could not be executed.
+/// not found (a missing worker too), 126 when it was found but could not be
+/// executed.
 fn spawn_failure_status(error: &ClientError) -> u8 {
     match error {
+        ClientError::SpawnFailed {
+            kind: ErrorKind::UnknownWorker,
+            ..
+        } => 127,
         ClientError::SpawnFailed {
             kind: ErrorKind::Exec,
             errno,

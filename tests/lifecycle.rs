@@ -2,6 +2,7 @@
 //! mode, SIGTERM, a second server, a stale socket, the default path.
 
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::Path;
 use std::process::Stdio;
 
 use crate::util::{serve_command, wait_until, Server, FORKSERVER};
@@ -67,7 +68,9 @@ fn a_stale_socket_is_replaced() {
         .file_type()
         .is_socket());
 
-    let mut second = serve_command(&socket, first.dir.path()).spawn().unwrap();
+    let mut second = serve_command(Path::new(FORKSERVER), &socket, first.dir.path())
+        .spawn()
+        .unwrap();
     wait_until("the new server answers", || {
         forkserver::protocol::connect_seqpacket(&socket).is_ok()
     });

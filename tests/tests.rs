@@ -4,8 +4,10 @@
 mod util;
 
 mod cli;
+mod dylib;
 mod hygiene;
 mod lifecycle;
 mod protocol;
 mod python;
 mod spawn;
+mod zygote;

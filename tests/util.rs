@@ -37,15 +37,24 @@ impl Server {
     /// until it accepts connections.
     #[track_caller]
     pub fn start_with(extra_args: &[&str]) -> Server {
+        Server::launch(Path::new(FORKSERVER), extra_args, &[])
+    }
+
+    /// Starts `PROGRAM serve --socket DIR/fs.sock EXTRA_ARGS…` (the stock
+    /// server or a zygote) with `env` added, and waits until it accepts
+    /// connections.
+    #[track_caller]
+    pub fn launch(program: &Path, extra_args: &[&str], env: &[(&str, &str)]) -> Server {
         let dir = tempfile::Builder::new()
             .prefix("fs-test")
             .tempdir()
             .unwrap();
         let socket = dir.path().join("fs.sock");
-        let process = serve_command(&socket, dir.path())
+        let process = serve_command(program, &socket, dir.path())
             .args(extra_args)
+            .envs(env.iter().copied())
             .spawn()
-            .expect("start forkserver serve");
+            .expect("start the server");
         let mut server = Server {
             process,
             dir,
@@ -126,10 +135,10 @@ impl Drop for Server {
     }
 }
 
-/// `forkserver serve --socket SOCKET` with stderr going to DIR/server.log.
-pub fn serve_command(socket: &Path, dir: &Path) -> Command {
+/// `PROGRAM serve --socket SOCKET` with stderr going to DIR/server.log.
+pub fn serve_command(program: &Path, socket: &Path, dir: &Path) -> Command {
     let log = fs::File::create(dir.join("server.log")).unwrap();
-    let mut command = Command::new(FORKSERVER);
+    let mut command = Command::new(program);
     command
         .arg("serve")
         .arg("--socket")
@@ -139,6 +148,58 @@ pub fn serve_command(socket: &Path, dir: &Path) -> Command {
         .stdout(Stdio::null())
         .stderr(log);
     command
+}
+
+/// Runs `PROGRAM serve --socket TMP/fs.sock ARGS…` with `env` added, for a
+/// start that is expected to fail: returns its exit status and stderr.
+pub fn failed_start(program: &Path, args: &[&str], env: &[(&str, &str)]) -> (ExitStatus, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let output = Command::new(program)
+        .arg("serve")
+        .arg("--socket")
+        .arg(dir.path().join("fs.sock"))
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!output.status.success(), "the server started: {output:?}");
+    (
+        output.status,
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// An example program built by `cargo test` (target/…/examples/NAME).
+pub fn example(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let path = exe
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples")
+        .join(name);
+    assert!(
+        path.exists(),
+        "{} was not built; run the tests with cargo test",
+        path.display()
+    );
+    path
+}
+
+/// Smaps totals of a process in kB: (Rss, Pss), from /proc/PID/smaps_rollup.
+pub fn rss_and_pss_kb(pid: u32) -> (u64, u64) {
+    let rollup = fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap();
+    let field = |name: &str| -> u64 {
+        rollup
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|kb| kb.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in smaps_rollup"))
+    };
+    (field("Rss:"), field("Pss:"))
 }
 
 /// Polls `done` until it returns true, failing the test after TIMEOUT.
