@@ -2,7 +2,7 @@
 //! requests, the server's Signal request. Every error names the problem and
 //! the server keeps serving.
 
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 
 use forkserver::protocol::{
     ChildStatus, ClientMessage, ErrorKind, FdMapping, ServerMessage, Spawn, StdioSpec,
@@ -12,7 +12,7 @@ use crate::util::{assert_no_new_fds, fd_table, wait_until, RawConnection, Server
 
 #[track_caller]
 fn expect_error(
-    reply: Option<(ServerMessage, Vec<std::os::fd::OwnedFd>)>,
+    reply: Option<(ServerMessage, Vec<OwnedFd>)>,
     kind: ErrorKind,
     fatal: bool,
 ) -> String {
@@ -30,6 +30,30 @@ fn expect_error(
             message
         }
         other => panic!("expected an error, got {other:?}"),
+    }
+}
+
+/// The message of a `spawn_failed` for request `id` of this `kind`.
+#[track_caller]
+fn expect_spawn_failed(
+    reply: Option<(ServerMessage, Vec<OwnedFd>)>,
+    id: u64,
+    kind: ErrorKind,
+) -> String {
+    match reply {
+        Some((
+            ServerMessage::SpawnFailed {
+                id: got_id,
+                kind: got_kind,
+                message,
+                ..
+            },
+            _,
+        )) => {
+            assert_eq!((got_id, got_kind), (id, kind), "{message}");
+            message
+        }
+        other => panic!("expected spawn_failed for {id}, got {other:?}"),
     }
 }
 
@@ -125,23 +149,11 @@ fn bad_fd_requests_name_the_field_and_leak_nothing() {
     let mut out_of_range = Spawn::exec(2, "true", vec![]);
     out_of_range.stdout = StdioSpec::Fd { index: 3 };
     conn.send(&ClientMessage::Spawn(out_of_range), &[write_end.as_fd()]);
-    match conn.recv() {
-        Some((
-            ServerMessage::SpawnFailed {
-                id: 2,
-                kind: ErrorKind::Invalid,
-                message,
-                ..
-            },
-            _,
-        )) => {
-            assert!(
-                message.contains("stdout: fd index 3 is out of range"),
-                "{message}"
-            )
-        }
-        other => panic!("{other:?}"),
-    }
+    let message = expect_spawn_failed(conn.recv(), 2, ErrorKind::Invalid);
+    assert!(
+        message.contains("stdout: fd index 3 is out of range"),
+        "{message}"
+    );
 
     let mut colliding = Spawn::exec(3, "true", vec![]);
     colliding.fds = vec![
@@ -158,23 +170,11 @@ fn bad_fd_requests_name_the_field_and_leak_nothing() {
         &ClientMessage::Spawn(colliding),
         &[write_end.as_fd(), read_end.as_fd()],
     );
-    match conn.recv() {
-        Some((
-            ServerMessage::SpawnFailed {
-                id: 3,
-                kind: ErrorKind::Invalid,
-                message,
-                ..
-            },
-            _,
-        )) => {
-            assert!(
-                message.contains("fds[1].target 5 is also fds[0].target"),
-                "{message}"
-            )
-        }
-        other => panic!("{other:?}"),
-    }
+    let message = expect_spawn_failed(conn.recv(), 3, ErrorKind::Invalid);
+    assert!(
+        message.contains("fds[1].target 5 is also fds[0].target"),
+        "{message}"
+    );
 
     let mut low_target = Spawn::exec(4, "true", vec![]);
     low_target.fds = vec![FdMapping {
@@ -182,17 +182,8 @@ fn bad_fd_requests_name_the_field_and_leak_nothing() {
         target: 1,
     }];
     conn.send(&ClientMessage::Spawn(low_target), &[write_end.as_fd()]);
-    assert!(matches!(
-        conn.recv(),
-        Some((
-            ServerMessage::SpawnFailed {
-                id: 4,
-                kind: ErrorKind::Invalid,
-                ..
-            },
-            _
-        ))
-    ));
+    let message = expect_spawn_failed(conn.recv(), 4, ErrorKind::Invalid);
+    assert!(message.contains("fds[0].target is 1"), "{message}");
 
     // Every fd that came with the refused requests was closed.
     assert_no_new_fds(server.pid(), &baseline);
@@ -211,17 +202,8 @@ fn a_reused_live_id_is_refused() {
         other => panic!("{other:?}"),
     };
     conn.send(&ClientMessage::Spawn(Spawn::exec(9, "true", vec![])), &[]);
-    assert!(matches!(
-        conn.recv(),
-        Some((
-            ServerMessage::SpawnFailed {
-                id: 9,
-                kind: ErrorKind::Invalid,
-                ..
-            },
-            _
-        ))
-    ));
+    let message = expect_spawn_failed(conn.recv(), 9, ErrorKind::Invalid);
+    assert!(message.contains("id 9 is already used"), "{message}");
     drop(conn);
     wait_until("the sleeper is killed on disconnect", || {
         !crate::util::is_running(pid)
