@@ -9,7 +9,7 @@ use std::process::{ExitStatus, Output};
 use std::sync::Arc;
 
 use forkserver_protocol::{
-    ClientMessage, FdMapping, OnDisconnect, ServerMessage, Spawn, StdioSpec, Target, WireStr,
+    ClientMessage, FdMapping, OnDisconnect, RunAs, ServerMessage, Spawn, StdioSpec, Target, WireStr,
 };
 
 use crate::child::Child;
@@ -95,6 +95,9 @@ pub struct Command {
     fds: Vec<(i32, OwnedFd)>,
     new_session: bool,
     on_disconnect: OnDisconnect,
+    die_with_server: bool,
+    no_new_privs: bool,
+    user: Option<RunAs>,
 }
 
 /// What a command runs.
@@ -145,6 +148,9 @@ impl Command {
             fds: Vec::new(),
             new_session: true,
             on_disconnect: OnDisconnect::Kill,
+            die_with_server: false,
+            no_new_privs: false,
+            user: None,
         }
     }
 
@@ -275,6 +281,32 @@ impl Command {
         self
     }
 
+    /// Whether the child is SIGKILLed if the server dies
+    /// (`PR_SET_PDEATHSIG`); off by default.
+    pub fn die_with_server(&mut self, on: bool) -> &mut Command {
+        self.die_with_server = on;
+        self
+    }
+
+    /// Whether the child runs with `PR_SET_NO_NEW_PRIVS`: no exec can grant
+    /// it privileges (setuid bits, file capabilities). Off by default.
+    pub fn no_new_privs(&mut self, on: bool) -> &mut Command {
+        self.no_new_privs = on;
+        self
+    }
+
+    /// Runs the child as another user. The server refuses unless this
+    /// client is root (a root server runs everyone else's children as
+    /// themselves).
+    pub fn user(&mut self, uid: u32, gid: u32, groups: &[u32]) -> &mut Command {
+        self.user = Some(RunAs {
+            uid,
+            gid,
+            groups: groups.to_vec(),
+        });
+        self
+    }
+
     /// Starts the child and returns once it runs (for a program: once
     /// `execve` succeeded). Stdio not set is inherited.
     pub fn spawn(&mut self) -> Result<Child, Error> {
@@ -395,6 +427,9 @@ impl Command {
             fds: mappings,
             new_session: self.new_session,
             on_disconnect: self.on_disconnect,
+            die_with_server: self.die_with_server,
+            no_new_privs: self.no_new_privs,
+            user: self.user.clone(),
         };
         (request, fds)
     }

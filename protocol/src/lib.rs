@@ -19,7 +19,7 @@
 //! assert_eq!(decode::<ClientMessage>(&bytes).unwrap(), hello);
 //!
 //! let spawn = ClientMessage::Spawn(Spawn::exec(7, "echo", vec!["hi".into()]));
-//! assert!(encode(&spawn).unwrap().len() < 200);
+//! assert!(encode(&spawn).unwrap().len() < 256);
 //! ```
 #![deny(missing_docs)]
 
@@ -33,7 +33,7 @@ use std::fmt;
 pub use fdpass::{recv_datagram, send_datagram, Datagram};
 pub use message::{
     ChildStatus, ClientMessage, ErrorKind, FdMapping, Limits, ModuleInfo, ModuleKind, OnDisconnect,
-    ServerMessage, Spawn, StatusReport, StdioSpec, Target,
+    RunAs, ServerMessage, Spawn, StatusReport, StdioSpec, Target,
 };
 pub use rmpv;
 pub use socket::{connect_seqpacket, default_socket_path, listen_seqpacket, per_user_socket_dir};

@@ -12,6 +12,9 @@ use serde::{Deserialize, Serialize};
 use crate::WireStr;
 
 /// A message from a client to the server.
+// A message lives briefly and is moved once or twice; boxing `Spawn` would
+// cost an allocation per request to save stack space nobody lacks.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ClientMessage {
@@ -80,6 +83,29 @@ pub struct Spawn {
     /// What happens to the child when this connection closes.
     #[serde(default)]
     pub on_disconnect: OnDisconnect,
+    /// Kill the child (SIGKILL) if the server dies (`PR_SET_PDEATHSIG`).
+    #[serde(default)]
+    pub die_with_server: bool,
+    /// Set `PR_SET_NO_NEW_PRIVS`: exec can never grant the child more
+    /// privileges (setuid bits and file capabilities are ignored).
+    #[serde(default)]
+    pub no_new_privs: bool,
+    /// Run the child as this user. Only a root peer may ask; a root server
+    /// otherwise runs children as the peer's own user.
+    #[serde(default)]
+    pub user: Option<RunAs>,
+}
+
+/// Credentials for a child: uid, gid and supplementary groups.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunAs {
+    /// The user id.
+    pub uid: u32,
+    /// The group id.
+    pub gid: u32,
+    /// The supplementary groups.
+    #[serde(default)]
+    pub groups: Vec<u32>,
 }
 
 fn default_true() -> bool {
@@ -106,6 +132,9 @@ impl Spawn {
             fds: Vec::new(),
             new_session: true,
             on_disconnect: OnDisconnect::Kill,
+            die_with_server: false,
+            no_new_privs: false,
+            user: None,
         }
     }
 }
@@ -369,13 +398,18 @@ pub enum ErrorKind {
     NoSuchChild,
     /// The worker, module or symbol named is not offered by this server.
     UnknownWorker,
+    /// The peer is not allowed to connect, or to ask for this.
+    Denied,
     /// A kind this version does not know (sent by a newer peer).
     #[serde(other)]
     Unknown,
 }
 
-/// The limits a server enforces, sent in `Welcome`.
+/// The limits a server enforces, sent in `Welcome`. Each is enforced with an
+/// error naming it (`limit` kind); `forkserver serve --limit NAME=VALUE` sets
+/// them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Limits {
     /// Largest message, in bytes, either direction.
     pub max_message_bytes: u32,
@@ -383,12 +417,23 @@ pub struct Limits {
     pub max_fds_per_message: u32,
     /// Most arguments in one spawn (argv\[0\] not counted).
     pub max_args: u32,
+    /// Most bytes in one spawn's arguments, all together.
+    pub max_args_bytes: u32,
     /// Most entries in one spawn's `env`.
     pub max_env: u32,
+    /// Most bytes in one spawn's `env` keys and values, all together.
+    pub max_env_bytes: u32,
     /// Most live children one connection may have.
     pub max_children_per_connection: u32,
+    /// Most spawns of one connection whose start is not yet reported.
+    pub max_pending_per_connection: u32,
+    /// Most replies queued for a connection that is not reading; past this
+    /// the connection is closed.
+    pub max_queued_replies: u32,
     /// Most connections the server holds open at once.
     pub max_connections: u32,
+    /// Most connections from one uid at once.
+    pub max_connections_per_uid: u32,
 }
 
 impl Default for Limits {
@@ -397,9 +442,56 @@ impl Default for Limits {
             max_message_bytes: 64 * 1024,
             max_fds_per_message: 64,
             max_args: 4096,
+            max_args_bytes: 32 * 1024,
             max_env: 4096,
+            max_env_bytes: 32 * 1024,
             max_children_per_connection: 1024,
+            max_pending_per_connection: 64,
+            max_queued_replies: 4096,
             max_connections: 256,
+            max_connections_per_uid: 64,
         }
+    }
+}
+
+impl Limits {
+    /// The limits' names, as in `Welcome` and `--limit NAME=VALUE`.
+    pub const NAMES: [&'static str; 11] = [
+        "max_message_bytes",
+        "max_fds_per_message",
+        "max_args",
+        "max_args_bytes",
+        "max_env",
+        "max_env_bytes",
+        "max_children_per_connection",
+        "max_pending_per_connection",
+        "max_queued_replies",
+        "max_connections",
+        "max_connections_per_uid",
+    ];
+
+    /// Sets the limit called `name`; the error names the known limits.
+    pub fn set(&mut self, name: &str, value: u32) -> Result<(), String> {
+        let field = match name {
+            "max_message_bytes" => &mut self.max_message_bytes,
+            "max_fds_per_message" => &mut self.max_fds_per_message,
+            "max_args" => &mut self.max_args,
+            "max_args_bytes" => &mut self.max_args_bytes,
+            "max_env" => &mut self.max_env,
+            "max_env_bytes" => &mut self.max_env_bytes,
+            "max_children_per_connection" => &mut self.max_children_per_connection,
+            "max_pending_per_connection" => &mut self.max_pending_per_connection,
+            "max_queued_replies" => &mut self.max_queued_replies,
+            "max_connections" => &mut self.max_connections,
+            "max_connections_per_uid" => &mut self.max_connections_per_uid,
+            _ => {
+                return Err(format!(
+                    "unknown limit '{name}'; the limits are {}",
+                    Limits::NAMES.join(", ")
+                ))
+            }
+        };
+        *field = value;
+        Ok(())
     }
 }

@@ -28,6 +28,56 @@ pub struct ServeArgs {
     /// run its `int SYMBOL(int argc, char **argv)` as worker NAME:SYMBOL.
     #[arg(long = "module", value_name = "NAME=PATH.so", value_parser = parse_module)]
     pub modules: Vec<(String, PathBuf)>,
+    /// Also let this user connect (name or uid; repeatable). By default only
+    /// the server's own uid and root may. The socket's mode must let them
+    /// open it too: see --group.
+    #[arg(long = "allow-uid", value_name = "USER", value_parser = parse_uid)]
+    pub allow_uids: Vec<u32>,
+    /// Also let members of this group connect (name or gid; repeatable).
+    #[arg(long = "allow-gid", value_name = "GROUP", value_parser = parse_gid)]
+    pub allow_gids: Vec<u32>,
+    /// Give the socket to this group with mode 0660 (instead of 0600), so
+    /// its members can open it.
+    #[arg(long, value_name = "GROUP", value_parser = parse_gid)]
+    pub group: Option<u32>,
+    /// Set a limit (repeatable), e.g. --limit max_children_per_connection=64.
+    /// The limits and their defaults are listed in protocol/README.md.
+    #[arg(long = "limit", value_name = "NAME=VALUE", value_parser = parse_limit)]
+    pub limits: Vec<(String, u32)>,
+}
+
+fn parse_uid(s: &str) -> Result<u32, String> {
+    if let Ok(uid) = s.parse() {
+        return Ok(uid);
+    }
+    match nix::unistd::User::from_name(s) {
+        Ok(Some(user)) => Ok(user.uid.as_raw()),
+        Ok(None) => Err(format!("no user named '{s}'")),
+        Err(e) => Err(format!("looking up user '{s}': {e}")),
+    }
+}
+
+fn parse_gid(s: &str) -> Result<u32, String> {
+    if let Ok(gid) = s.parse() {
+        return Ok(gid);
+    }
+    match nix::unistd::Group::from_name(s) {
+        Ok(Some(group)) => Ok(group.gid.as_raw()),
+        Ok(None) => Err(format!("no group named '{s}'")),
+        Err(e) => Err(format!("looking up group '{s}': {e}")),
+    }
+}
+
+fn parse_limit(s: &str) -> Result<(String, u32), String> {
+    let (name, value) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected NAME=VALUE, got '{s}'"))?;
+    let value = value
+        .parse()
+        .map_err(|_| format!("the value of {name} must be a whole number, got '{value}'"))?;
+    // Check the name now, so a typo fails at the command line.
+    forkserver_protocol::Limits::default().set(name, value)?;
+    Ok((name.to_owned(), value))
 }
 
 fn parse_module(s: &str) -> Result<(String, PathBuf), String> {
@@ -55,6 +105,12 @@ impl ServeArgs {
         options.kill_grace = Duration::from_secs_f64(self.kill_grace);
         options.allow_threads = self.allow_threads;
         options.dylibs = self.modules.clone();
+        options.policy.allow_uids = self.allow_uids.clone();
+        options.policy.allow_gids = self.allow_gids.clone();
+        options.group = self.group;
+        for (name, value) in &self.limits {
+            options.limits.set(name, *value)?;
+        }
         Ok(options)
     }
 }

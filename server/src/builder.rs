@@ -148,7 +148,7 @@ impl ServerBuilder {
         let modules = Modules::load(self.specs, options.allow_threads)?;
         let signals = signals::SignalPipe::install()
             .map_err(|e| ServeError::Setup("installing signal handlers", e))?;
-        let listener = listener::Listener::bind(&options.socket)?;
+        let listener = listener::Listener::bind(&options.socket, options.group)?;
         let mut event_loop = EventLoop::new(listener, signals, modules, options)?;
         log!(
             Level::Info,

@@ -25,6 +25,8 @@ use std::os::fd::RawFd;
 use std::panic::{self, AssertUnwindSafe};
 use std::ptr;
 
+use forkserver_protocol::RunAs;
+
 use crate::dylib::EntryPoint;
 use crate::worker::{WorkerContext, WorkerFn};
 
@@ -112,6 +114,11 @@ pub(crate) struct ChildPlan<'m> {
     /// Sorted by target; targets are distinct.
     pub(crate) fd_moves: Vec<(RawFd, RawFd)>,
     pub(crate) new_session: bool,
+    /// Who the child runs as, if not the server's own credentials.
+    pub(crate) credentials: Option<RunAs>,
+    pub(crate) no_new_privs: bool,
+    /// The server's pid, when the child must die with it.
+    pub(crate) die_with_server: Option<libc::pid_t>,
     /// The process name (`comm`) a worker gets, for `ps` and `top`.
     pub(crate) name: Option<CString>,
     pub(crate) action: Action<'m>,
@@ -194,7 +201,40 @@ pub(crate) unsafe fn run_child(mut plan: ChildPlan<'_>, error_pipe: RawFd) -> ! 
     }
     close_range(error_pipe + 1, RawFd::MAX);
 
-    // 5. Working directory.
+    // 5. Credentials, in the only order that works: supplementary groups and
+    //    gid while we still may, uid last; then check the change took.
+    if let Some(user) = &plan.credentials {
+        if libc::setgroups(user.groups.len(), user.groups.as_ptr()) == -1
+            || libc::setgid(user.gid) == -1
+            || libc::setuid(user.uid) == -1
+        {
+            fail(error_pipe, FailedStep::Setup);
+        }
+        if libc::getuid() != user.uid
+            || libc::geteuid() != user.uid
+            || libc::getgid() != user.gid
+            || libc::getegid() != user.gid
+        {
+            fail_with(error_pipe, FailedStep::Setup, libc::EPERM);
+        }
+    }
+    if plan.no_new_privs && libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == -1 {
+        fail(error_pipe, FailedStep::Setup);
+    }
+    // The parent-death signal is cleared by credential changes, so it is set
+    // after them. If the server died before this point, the signal will
+    // never come: getppid() tells.
+    if let Some(server) = plan.die_with_server {
+        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) == -1 {
+            fail(error_pipe, FailedStep::Setup);
+        }
+        if libc::getppid() != server {
+            libc::_exit(127);
+        }
+    }
+
+    // 6. Working directory (after the credential change, so the user's own
+    //    permissions apply).
     if let Some(cwd) = &plan.cwd {
         if libc::chdir(cwd.as_ptr()) == -1 {
             fail(error_pipe, FailedStep::Chdir);
@@ -225,7 +265,7 @@ pub(crate) unsafe fn run_child(mut plan: ChildPlan<'_>, error_pipe: RawFd) -> ! 
     }
 }
 
-/// Step 6 for programs: exec, trying each candidate path as execvp does: keep going past "not
+/// Step 7 for programs: exec, trying each candidate path as execvp does: keep going past "not
 /// here" errors, remember that some candidate was not executable, and stop at
 /// any other error.
 unsafe fn exec(
@@ -251,7 +291,7 @@ unsafe fn exec(
     fail_with(error_pipe, FailedStep::Exec, errno)
 }
 
-/// Step 6 for workers: name the process, install the environment, and close the
+/// Step 7 for workers: name the process, install the environment, and close the
 /// error pipe, which tells the server the worker has started.
 unsafe fn start_worker(name: Option<&CString>, envp: &CStringArray, error_pipe: RawFd) {
     if let Some(name) = name {

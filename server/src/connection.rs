@@ -8,20 +8,24 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use forkserver_protocol::{encode, send_datagram, ServerMessage};
 
 use crate::log::{log, Level};
-
-/// Replies queued beyond this mean the client is not reading; it is dropped
-/// rather than buffered for without bound.
-const MAX_QUEUED_REPLIES: usize = 4096;
+use crate::peer::Peer;
 
 pub(crate) struct Connection {
     socket: OwnedFd,
+    /// Who is connected, as the kernel says.
+    pub(crate) peer: Peer,
     /// Set once a matching `Hello` was answered.
     pub(crate) greeted: bool,
     /// The client's name from `Hello`, for logs.
     pub(crate) client: String,
     /// Live children: spawn id -> pid.
     pub(crate) children: HashMap<u64, libc::pid_t>,
+    /// Spawns whose start (exec or worker setup) is not yet reported.
+    pub(crate) pending: u32,
     outbox: VecDeque<(Vec<u8>, Vec<OwnedFd>)>,
+    /// Replies queued beyond this mean the client is not reading; it is
+    /// dropped rather than buffered for without bound.
+    max_queued: usize,
     /// The connection is to be closed (peer gone, fatal error, or flooding).
     pub(crate) dead: bool,
 }
@@ -38,13 +42,16 @@ pub(crate) enum Sent {
 }
 
 impl Connection {
-    pub(crate) fn new(socket: OwnedFd) -> Connection {
+    pub(crate) fn new(socket: OwnedFd, peer: Peer, max_queued: u32) -> Connection {
         Connection {
             socket,
+            peer,
             greeted: false,
             client: String::new(),
             children: HashMap::new(),
+            pending: 0,
             outbox: VecDeque::new(),
+            max_queued: max_queued as usize,
             dead: false,
         }
     }
@@ -69,11 +76,13 @@ impl Connection {
                 Err(()) => return Sent::Dropped,
             }
         }
-        if self.outbox.len() >= MAX_QUEUED_REPLIES {
+        if self.outbox.len() >= self.max_queued {
             log!(
                 Level::Warn,
-                "client '{}' has not read {MAX_QUEUED_REPLIES} replies; closing its connection",
-                self.client
+                "client '{}' ({}) has not read {} replies (the limit max_queued_replies); closing its connection",
+                self.client,
+                self.peer,
+                self.max_queued
             );
             self.dead = true;
             return Sent::Dropped;

@@ -27,6 +27,7 @@ use crate::connection::{Connection, Sent};
 use crate::listener::Listener;
 use crate::log::{log, Level};
 use crate::modules::Modules;
+use crate::peer::{child_credentials, Peer, PeerPolicy};
 use crate::signals::SignalPipe;
 use crate::spawner::{self, ClientEnds, SpawnError, Spawner};
 use crate::{sys, ServeError, ServeOptions};
@@ -65,6 +66,9 @@ pub(crate) struct EventLoop {
     children: Children,
     /// Set while the listener is out of the epoll set after EMFILE/ENFILE.
     accept_paused_until: Option<Instant>,
+    policy: PeerPolicy,
+    /// Our own uid and whether we are root (children then run as their peer).
+    server_uid: u32,
     started: Instant,
 }
 
@@ -96,6 +100,8 @@ impl EventLoop {
             next_conn: 1,
             children: Children::default(),
             accept_paused_until: None,
+            policy: options.policy.clone(),
+            server_uid: sys::getuid(),
             started: Instant::now(),
         })
     }
@@ -232,14 +238,46 @@ impl EventLoop {
             }
             // SAFETY: accept4 succeeded, so fd is new and ours alone.
             let socket = unsafe { OwnedFd::from_raw_fd(fd) };
-            let mut conn = Connection::new(socket);
-            if self.connections.len() >= self.limits.max_connections as usize {
-                let message = format!(
-                    "the server already holds {} connections (the limit max_connections)",
-                    self.limits.max_connections
-                );
-                log!(Level::Warn, "refused a connection: {message}");
-                conn.send(&fatal(ErrorKind::Limit, message), Vec::new());
+            let peer = match Peer::of(socket.as_fd()) {
+                Ok(peer) => peer,
+                Err(e) => {
+                    log!(
+                        Level::Warn,
+                        "refused a connection: cannot read its credentials: {e}"
+                    );
+                    continue;
+                }
+            };
+            let same_uid = self
+                .connections
+                .values()
+                .filter(|c| c.peer.uid == peer.uid)
+                .count();
+            let refusal = if let Err(why) = self.policy.check(&peer, self.server_uid) {
+                Some((ErrorKind::Denied, why))
+            } else if self.connections.len() >= self.limits.max_connections as usize {
+                Some((
+                    ErrorKind::Limit,
+                    format!(
+                        "the server already holds {} connections (the limit max_connections)",
+                        self.limits.max_connections
+                    ),
+                ))
+            } else if same_uid >= self.limits.max_connections_per_uid as usize {
+                Some((
+                    ErrorKind::Limit,
+                    format!(
+                        "uid {} already has {same_uid} connections (the limit max_connections_per_uid)",
+                        peer.uid
+                    ),
+                ))
+            } else {
+                None
+            };
+            let mut conn = Connection::new(socket, peer, self.limits.max_queued_replies);
+            if let Some((kind, message)) = refusal {
+                log!(Level::Warn, "refused {}: {message}", conn.peer);
+                conn.send(&fatal(kind, message), Vec::new());
                 continue;
             }
             let id = self.next_conn;
@@ -415,22 +453,33 @@ impl EventLoop {
                     conn.children.len()
                 ),
             ))
+        } else if conn.pending >= self.limits.max_pending_per_connection {
+            Some(SpawnError::new(
+                ErrorKind::Limit,
+                format!(
+                    "this connection already has {} spawns waiting to start (the limit max_pending_per_connection)",
+                    conn.pending
+                ),
+            ))
         } else {
             None
         };
-        let result = match refusal {
-            Some(error) => Err(error),
-            None => self.spawner.spawn(&request, fds, &self.limits),
+        let credentials = child_credentials(&conn.peer, request.user.as_ref(), self.server_uid)
+            .map_err(|message| SpawnError::new(ErrorKind::Denied, message));
+        let result = match (refusal, credentials) {
+            (Some(error), _) | (None, Err(error)) => Err(error),
+            (None, Ok(run_as)) => self.spawner.spawn(&request, fds, &self.limits, run_as),
         };
         let started = match result {
             Ok(started) => started,
             Err(error) => {
                 log!(
                     Level::Warn,
-                    "spawn {} of {:?} for client '{}' refused: {}",
+                    "spawn {} of {:?} for client '{}' ({}) refused: {}",
                     request.id,
                     spawner::describe(&request),
                     conn.client,
+                    conn.peer,
                     error.message
                 );
                 let reply = ServerMessage::SpawnFailed {
@@ -464,6 +513,7 @@ impl EventLoop {
         }
         if let Some(conn) = self.connections.get_mut(&conn_id) {
             conn.children.insert(request.id, started.pid);
+            conn.pending += 1;
         }
         self.children.insert(
             started.pid,
@@ -594,8 +644,9 @@ impl EventLoop {
             ExecOutcome::Pending => None,
         };
         if let (Some(conn), Some((message, fds))) = (owner, reply) {
-            if !succeeded {
-                if let Some(c) = self.connections.get_mut(&conn) {
+            if let Some(c) = self.connections.get_mut(&conn) {
+                c.pending = c.pending.saturating_sub(1);
+                if !succeeded {
                     c.children.remove(&id);
                 }
             }

@@ -55,6 +55,7 @@ mod event_loop;
 mod listener;
 mod log;
 mod modules;
+mod peer;
 mod signals;
 mod spawner;
 mod sys;
@@ -70,6 +71,7 @@ pub use args::ServeArgs;
 pub use builder::{Server, ServerBuilder};
 pub use forkserver_protocol::Limits;
 pub use log::{set_level, Level};
+pub use peer::PeerPolicy;
 pub use threads::{ensure_single_threaded, MultiThreaded, ThreadInfo};
 pub use worker::{PayloadError, WorkerContext};
 
@@ -89,6 +91,10 @@ pub struct ServeOptions {
     pub allow_threads: bool,
     /// Dynamic modules to load at start: `(name, path to a shared library)`.
     pub dylibs: Vec<(String, PathBuf)>,
+    /// Who may connect besides the server's uid and root.
+    pub policy: PeerPolicy,
+    /// Give the socket to this group, mode 0660 (else mode 0600).
+    pub group: Option<u32>,
 }
 
 impl ServeOptions {
@@ -100,6 +106,8 @@ impl ServeOptions {
             kill_grace: Duration::from_secs(5),
             allow_threads: false,
             dylibs: Vec::new(),
+            policy: PeerPolicy::default(),
+            group: None,
         }
     }
 }

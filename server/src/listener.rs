@@ -2,7 +2,10 @@
 //! removed.
 //!
 //! - The socket file is created mode 0600 (umask 0177 around `bind`), so there
-//!   is no moment at which others could connect.
+//!   is no moment at which others could connect; with a group it is then
+//!   given to that group and widened to 0660.
+//! - Its directory must not let others replace it: owned by us or root, and
+//!   not writable by everyone unless sticky (like /tmp).
 //! - An existing path is probed by connecting to it: if a server answers, we
 //!   refuse to start; if nothing listens (a server that was SIGKILLed), the
 //!   stale file is removed. A path that is not a socket is never removed.
@@ -26,13 +29,22 @@ pub(crate) struct Listener {
 }
 
 impl Listener {
-    pub(crate) fn bind(path: &Path) -> Result<Listener, ServeError> {
+    pub(crate) fn bind(path: &Path, group: Option<u32>) -> Result<Listener, ServeError> {
         prepare_parent(path)?;
+        check_parent(path)?;
         remove_if_stale(path)?;
         let old_mask = sys::umask(0o177);
         let bound = listen_seqpacket(path, 128);
         sys::umask(old_mask);
         let socket = bound.map_err(|source| ServeError::io("binding the socket", path, source))?;
+        if let Some(gid) = group {
+            std::os::unix::fs::lchown(path, None, Some(gid))
+                .and_then(|()| fs::set_permissions(path, fs::Permissions::from_mode(0o660)))
+                .map_err(|source| {
+                    let _ = fs::remove_file(path);
+                    ServeError::io("giving the socket to its group", path, source)
+                })?;
+        }
         let meta = fs::symlink_metadata(path)
             .map_err(|source| ServeError::io("reading the new socket's metadata", path, source))?;
         Ok(Listener {
@@ -93,6 +105,31 @@ fn prepare_parent(path: &Path) -> Result<(), ServeError> {
             source,
         )),
     }
+}
+
+/// Refuses a directory in which someone else could replace our socket.
+fn check_parent(path: &Path) -> Result<(), ServeError> {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let meta = fs::metadata(parent)
+        .map_err(|source| ServeError::io("checking the socket's directory", parent, source))?;
+    let mode = meta.permissions().mode();
+    let owner_ok = meta.uid() == sys::getuid() || meta.uid() == 0;
+    let world_writable_unsticky = mode & 0o002 != 0 && mode & 0o1000 == 0;
+    if !owner_ok || world_writable_unsticky {
+        return Err(ServeError::Config(format!(
+            "{} is {}; anyone who can write there could replace the socket. Put it in a directory owned by you or root that others cannot write to",
+            parent.display(),
+            if owner_ok {
+                format!("writable by everyone without the sticky bit (mode {:o})", mode & 0o7777)
+            } else {
+                format!("owned by uid {}", meta.uid())
+            }
+        )));
+    }
+    Ok(())
 }
 
 fn remove_if_stale(path: &Path) -> Result<(), ServeError> {

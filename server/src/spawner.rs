@@ -9,7 +9,7 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::ptr;
 
-use forkserver_protocol::{ErrorKind, Limits, Spawn, StdioSpec, Target, WireStr};
+use forkserver_protocol::{ErrorKind, Limits, RunAs, Spawn, StdioSpec, Target, WireStr};
 
 use crate::child::{self, Action, CStringArray, ChildPlan};
 use crate::modules::{Modules, WorkerRef};
@@ -94,10 +94,12 @@ impl Spawner {
         request: &Spawn,
         fds: Vec<OwnedFd>,
         limits: &Limits,
+        run_as: Option<RunAs>,
     ) -> Result<Started, SpawnError> {
         let mut pipes = Vec::new();
         let mut client_ends = ClientEnds::default();
-        let plan = self.plan(request, &fds, limits, &mut pipes, &mut client_ends)?;
+        let mut plan = self.plan(request, &fds, limits, &mut pipes, &mut client_ends)?;
+        plan.credentials = run_as;
         if self.guard_threads {
             threads::ensure_single_threaded()
                 .map_err(|e| SpawnError::new(ErrorKind::Threads, e.to_string()))?;
@@ -158,6 +160,12 @@ impl Spawner {
         client_ends: &mut ClientEnds,
     ) -> Result<ChildPlan<'_>, SpawnError> {
         check_count("env", request.env.len(), limits.max_env, "max_env")?;
+        let env_bytes: usize = request
+            .env
+            .iter()
+            .map(|(k, v)| k.as_bytes().len() + v.as_ref().map_or(0, |v| v.as_bytes().len()))
+            .sum();
+        check_bytes("env", env_bytes, limits.max_env_bytes, "max_env_bytes")?;
         let env = self.environment(request)?;
         let (argv, name, action) = match &request.target {
             Target::Exec {
@@ -168,7 +176,7 @@ impl Spawner {
                 if program.as_bytes().is_empty() {
                     return Err(invalid("target.program is empty".into()));
                 }
-                check_count("target.args", args.len(), limits.max_args, "max_args")?;
+                check_args(args, limits)?;
                 let mut argv = Vec::with_capacity(args.len() + 1);
                 argv.push(c_string(arg0.as_ref().unwrap_or(program), "target.arg0")?);
                 for (i, arg) in args.iter().enumerate() {
@@ -182,7 +190,7 @@ impl Spawner {
                 args,
                 payload,
             } => {
-                check_count("target.args", args.len(), limits.max_args, "max_args")?;
+                check_args(args, limits)?;
                 let worker = self
                     .modules
                     .find(name)
@@ -251,6 +259,12 @@ impl Spawner {
             cwd,
             fd_moves,
             new_session: request.new_session,
+            credentials: None,
+            no_new_privs: request.no_new_privs,
+            die_with_server: request
+                .die_with_server
+                // SAFETY: getpid cannot fail.
+                .then(|| unsafe { libc::getpid() }),
             name,
             action,
         })
@@ -359,6 +373,27 @@ fn invalid(message: String) -> SpawnError {
     SpawnError::new(ErrorKind::Invalid, message)
 }
 
+fn check_args(args: &[WireStr], limits: &Limits) -> Result<(), SpawnError> {
+    check_count("target.args", args.len(), limits.max_args, "max_args")?;
+    let bytes = args.iter().map(|a| a.as_bytes().len()).sum();
+    check_bytes(
+        "target.args",
+        bytes,
+        limits.max_args_bytes,
+        "max_args_bytes",
+    )
+}
+
+fn check_bytes(field: &str, bytes: usize, limit: u32, name: &str) -> Result<(), SpawnError> {
+    if bytes > limit as usize {
+        return Err(SpawnError::new(
+            ErrorKind::Limit,
+            format!("{field} holds {bytes} bytes; the limit {name} is {limit}"),
+        ));
+    }
+    Ok(())
+}
+
 fn check_count(field: &str, count: usize, limit: u32, name: &str) -> Result<(), SpawnError> {
     if count > limit as usize {
         return Err(SpawnError::new(
@@ -433,13 +468,19 @@ mod tests {
         let spawner = Spawner::new(Modules::default(), false).unwrap();
         let limits = Limits::default();
         let mut request = Spawn::exec(1, "true", vec!["a\0b".into()]);
-        let err = spawner.spawn(&request, Vec::new(), &limits).err().unwrap();
+        let err = spawner
+            .spawn(&request, Vec::new(), &limits, None)
+            .err()
+            .unwrap();
         assert_eq!(err.kind, ErrorKind::Invalid);
         assert!(err.message.contains("target.args[0]"), "{}", err.message);
 
         request = Spawn::exec(1, "true", Vec::new());
         request.stdin = StdioSpec::Fd { index: 2 };
-        let err = spawner.spawn(&request, Vec::new(), &limits).err().unwrap();
+        let err = spawner
+            .spawn(&request, Vec::new(), &limits, None)
+            .err()
+            .unwrap();
         assert!(err.message.contains("stdin: fd index 2"), "{}", err.message);
 
         request = Spawn::exec(1, "true", vec!["x".into(); 5]);
@@ -447,7 +488,10 @@ mod tests {
             max_args: 4,
             ..Limits::default()
         };
-        let err = spawner.spawn(&request, Vec::new(), &small).err().unwrap();
+        let err = spawner
+            .spawn(&request, Vec::new(), &small, None)
+            .err()
+            .unwrap();
         assert_eq!(err.kind, ErrorKind::Limit);
         assert!(err.message.contains("max_args is 4"), "{}", err.message);
     }
