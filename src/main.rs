@@ -70,6 +70,17 @@ struct SpawnArgs {
     /// arguments.
     #[arg(long, value_name = "NAME")]
     worker: Option<String>,
+    /// Run the child as this user (name or uid), with its primary group and
+    /// supplementary groups. Only root may ask.
+    #[arg(long, value_name = "USER", value_parser = parse_user)]
+    user: Option<UserIds>,
+    /// SIGKILL the child if the server dies.
+    #[arg(long)]
+    die_with_server: bool,
+    /// Run the child with no_new_privs: setuid bits and file capabilities
+    /// give it nothing.
+    #[arg(long)]
+    no_new_privs: bool,
     /// The program and its arguments (with --worker: the worker's arguments).
     #[arg(
         last = true,
@@ -77,6 +88,32 @@ struct SpawnArgs {
         value_name = "PROGRAM ARGS"
     )]
     command: Vec<OsString>,
+}
+
+/// A user's uid, primary gid and supplementary groups.
+#[derive(Clone, Debug)]
+struct UserIds {
+    uid: u32,
+    gid: u32,
+    groups: Vec<u32>,
+}
+
+fn parse_user(s: &str) -> Result<UserIds, String> {
+    use nix::unistd::{getgrouplist, Uid, User};
+    let user = match s.parse::<u32>() {
+        Ok(uid) => User::from_uid(Uid::from_raw(uid)),
+        Err(_) => User::from_name(s),
+    }
+    .map_err(|e| format!("looking up user '{s}': {e}"))?
+    .ok_or_else(|| format!("no user '{s}'"))?;
+    let name = std::ffi::CString::new(user.name.as_str()).map_err(|e| e.to_string())?;
+    let groups =
+        getgrouplist(&name, user.gid).map_err(|e| format!("listing the groups of '{s}': {e}"))?;
+    Ok(UserIds {
+        uid: user.uid.as_raw(),
+        gid: user.gid.as_raw(),
+        groups: groups.iter().map(|g| g.as_raw()).collect(),
+    })
 }
 
 fn parse_env(s: &str) -> Result<(OsString, OsString), String> {
@@ -131,6 +168,12 @@ fn run_spawn(args: SpawnArgs) -> ExitCode {
         if let Some(cwd) = &args.cwd {
             command.current_dir(cwd);
         }
+        if let Some(user) = &args.user {
+            command.user(user.uid, user.gid, &user.groups);
+        }
+        command
+            .die_with_server(args.die_with_server)
+            .no_new_privs(args.no_new_privs);
         command.status()
     });
     match result {

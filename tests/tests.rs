@@ -9,5 +9,6 @@ mod hygiene;
 mod lifecycle;
 mod protocol;
 mod python;
+mod security;
 mod spawn;
 mod zygote;

@@ -70,7 +70,13 @@ impl Connection {
             protocol: PROTOCOL_VERSION,
             client: client_name.to_owned(),
         };
-        send(socket.as_fd(), &hello, &[])?;
+        // A server that refuses us (say, our uid) sends its reason and closes
+        // at once, so our hello may meet a closed socket: read the reason
+        // before reporting the failed send.
+        match send(socket.as_fd(), &hello, &[]) {
+            Ok(()) | Err(Error::Disconnected(_)) => {}
+            Err(e) => return Err(e),
+        }
         // The server's limits are not known yet; a Welcome is small.
         let welcome = receive(socket.as_fd(), &Limits::default(), 0)?
             .ok_or_else(|| Error::Disconnected("closed before answering hello".into()))?;
