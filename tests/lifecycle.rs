@@ -68,7 +68,7 @@ fn a_stale_socket_is_replaced() {
         .file_type()
         .is_socket());
 
-    let mut second = serve_command(Path::new(FORKSERVER), &socket, first.dir.path())
+    let mut second = serve_command(&[], Path::new(FORKSERVER), &socket, first.dir.path())
         .spawn()
         .unwrap();
     wait_until("the new server answers", || {

@@ -9,6 +9,7 @@ mod hygiene;
 mod lifecycle;
 mod protocol;
 mod python;
+mod robustness;
 mod security;
 mod spawn;
 mod zygote;

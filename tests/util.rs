@@ -45,12 +45,22 @@ impl Server {
     /// connections.
     #[track_caller]
     pub fn launch(program: &Path, extra_args: &[&str], env: &[(&str, &str)]) -> Server {
-        let dir = tempfile::Builder::new()
-            .prefix("fs-test")
-            .tempdir()
-            .unwrap();
+        Server::launch_in(new_dir(), &[], program, extra_args, env)
+    }
+
+    /// Like [`launch`](Self::launch), in a given directory and under a
+    /// wrapper command (`WRAPPER… PROGRAM serve …`, e.g. prlimit or setpriv).
+    #[track_caller]
+    pub fn launch_in(
+        dir: TempDir,
+        wrapper: &[&str],
+        program: &Path,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Server {
         let socket = dir.path().join("fs.sock");
-        let process = serve_command(program, &socket, dir.path())
+        let mut command = serve_command(wrapper, program, &socket, dir.path());
+        let process = command
             .args(extra_args)
             .envs(env.iter().copied())
             .spawn()
@@ -135,10 +145,26 @@ impl Drop for Server {
     }
 }
 
-/// `PROGRAM serve --socket SOCKET` with stderr going to DIR/server.log.
-pub fn serve_command(program: &Path, socket: &Path, dir: &Path) -> Command {
+/// A fresh temp dir for a test's server.
+pub fn new_dir() -> TempDir {
+    tempfile::Builder::new()
+        .prefix("fs-test")
+        .tempdir()
+        .unwrap()
+}
+
+/// `[WRAPPER…] PROGRAM serve --socket SOCKET` with stderr going to
+/// DIR/server.log.
+pub fn serve_command(wrapper: &[&str], program: &Path, socket: &Path, dir: &Path) -> Command {
     let log = fs::File::create(dir.join("server.log")).unwrap();
-    let mut command = Command::new(program);
+    let mut command = match wrapper.split_first() {
+        None => Command::new(program),
+        Some((first, rest)) => {
+            let mut command = Command::new(first);
+            command.args(rest).arg(program);
+            command
+        }
+    };
     command
         .arg("serve")
         .arg("--socket")
