@@ -47,9 +47,16 @@ pub fn encode<T: serde::Serialize>(message: &T) -> Result<Vec<u8>, CodecError> {
     rmp_serde::to_vec_named(message).map_err(|e| CodecError(e.to_string()))
 }
 
+/// How deeply MessagePack values may nest in a message (payloads included).
+/// Messages themselves nest four levels; the bound keeps a hostile message of
+/// nested arrays from overflowing the decoder's stack.
+pub const MAX_NESTING: usize = 64;
+
 /// Decodes one message from a datagram's bytes.
 pub fn decode<'a, T: serde::Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, CodecError> {
-    rmp_serde::from_slice(bytes).map_err(|e| CodecError(e.to_string()))
+    let mut decoder = rmp_serde::Deserializer::from_read_ref(bytes);
+    decoder.set_max_depth(MAX_NESTING);
+    T::deserialize(&mut decoder).map_err(|e| CodecError(e.to_string()))
 }
 
 /// A message that could not be encoded or decoded; the text says why.
