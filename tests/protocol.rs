@@ -97,11 +97,12 @@ fn garbage_gets_an_error_and_the_server_keeps_serving() {
     conn.send_bytes(&forkserver::protocol::encode(&[1, 2, 3]).unwrap(), &[]);
     expect_error(conn.recv(), ErrorKind::Protocol, false);
     // Nesting deep enough to overflow a recursive decoder's stack.
-    let mut nested = vec![0x91u8; 60_000];
-    nested.push(0xc0);
-    conn.send_bytes(&nested, &[]);
-    let message = expect_error(conn.recv(), ErrorKind::Protocol, false);
-    assert!(message.contains("depth"), "{message}");
+    for byte in [0x91u8, 0x81] {
+        let mut nested = vec![byte; 60_000];
+        nested.push(0xc0);
+        conn.send_bytes(&nested, &[]);
+        expect_error(conn.recv(), ErrorKind::Protocol, false);
+    }
     // The same connection still spawns.
     conn.send(&ClientMessage::Spawn(Spawn::exec(5, "true", vec![])), &[]);
     assert!(matches!(
