@@ -11,5 +11,6 @@ mod protocol;
 mod python;
 mod robustness;
 mod security;
+mod soak;
 mod spawn;
 mod zygote;
