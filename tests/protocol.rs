@@ -192,7 +192,23 @@ fn bad_fd_requests_name_the_field_and_leak_nothing() {
     let message = expect_spawn_failed(conn.recv(), 4, ErrorKind::Invalid);
     assert!(message.contains("fds[0].target is 1"), "{message}");
 
-    // Every fd that came with the refused requests was closed.
+    // A valid request with an fd it never references: the fd is closed too.
+    let mut unreferenced = Spawn::exec(5, "true", vec![]);
+    unreferenced.stdout = StdioSpec::Fd { index: 0 };
+    conn.send(
+        &ClientMessage::Spawn(unreferenced),
+        &[write_end.as_fd(), read_end.as_fd()],
+    );
+    assert!(matches!(
+        conn.recv(),
+        Some((ServerMessage::Spawned { id: 5, .. }, _))
+    ));
+    assert!(matches!(
+        conn.recv(),
+        Some((ServerMessage::Exited { id: 5, .. }, _))
+    ));
+
+    // Every fd that came with the requests was closed.
     assert_no_new_fds(server.pid(), &baseline);
 }
 
