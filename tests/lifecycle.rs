@@ -5,7 +5,7 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::Path;
 use std::process::Stdio;
 
-use crate::util::{serve_command, wait_until, Server, FORKSERVER};
+use crate::util::{serve_command, wait_until, KillOnDrop, Server, FORKSERVER};
 
 #[test]
 fn logs_when_ready_and_stops_cleanly_on_sigterm() {
@@ -68,16 +68,16 @@ fn a_stale_socket_is_replaced() {
         .file_type()
         .is_socket());
 
-    let mut second = serve_command(&[], Path::new(FORKSERVER), &socket, first.dir.path())
-        .spawn()
-        .unwrap();
+    let second = KillOnDrop(
+        serve_command(&[], Path::new(FORKSERVER), &socket, first.dir.path())
+            .spawn()
+            .unwrap(),
+    );
     wait_until("the new server answers", || {
         forkserver::protocol::connect_seqpacket(&socket).is_ok()
     });
     let client = forkserver::client::Client::connect(&socket).unwrap();
-    assert_eq!(client.server().pid, second.id());
-    second.kill().unwrap();
-    second.wait().unwrap();
+    assert_eq!(client.server().pid, second.0.id());
 }
 
 #[test]
@@ -99,12 +99,14 @@ fn a_path_that_is_not_a_socket_is_left_alone() {
 #[test]
 fn the_default_socket_is_under_xdg_runtime_dir() {
     let dir = tempfile::tempdir().unwrap();
-    let mut server = std::process::Command::new(FORKSERVER)
-        .arg("serve")
-        .env_remove("FORKSERVER_SOCKET")
-        .env("XDG_RUNTIME_DIR", dir.path())
-        .spawn()
-        .unwrap();
+    let mut server = KillOnDrop(
+        std::process::Command::new(FORKSERVER)
+            .arg("serve")
+            .env_remove("FORKSERVER_SOCKET")
+            .env("XDG_RUNTIME_DIR", dir.path())
+            .spawn()
+            .unwrap(),
+    );
     let socket = dir.path().join("forkserver.sock");
     wait_until(
         "the server listens on $XDG_RUNTIME_DIR/forkserver.sock",
@@ -119,10 +121,10 @@ fn the_default_socket_is_under_xdg_runtime_dir() {
         .unwrap();
     assert!(status.success());
     // SAFETY: kill on our own unreaped child's pid.
-    unsafe { libc::kill(server.id() as i32, libc::SIGTERM) };
+    unsafe { libc::kill(server.0.id() as i32, libc::SIGTERM) };
     let mut status = None;
     wait_until("the server exits", || {
-        status = server.try_wait().unwrap();
+        status = server.0.try_wait().unwrap();
         status.is_some()
     });
     assert!(status.unwrap().success());

@@ -159,17 +159,17 @@ fn a_world_writable_directory_without_sticky_bit_is_refused() {
 
     // With the sticky bit (like /tmp) it is fine.
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o1777)).unwrap();
-    let mut server = Command::new(FORKSERVER)
-        .arg("serve")
-        .arg("--socket")
-        .arg(&socket)
-        .spawn()
-        .unwrap();
+    let _server = crate::util::KillOnDrop(
+        Command::new(FORKSERVER)
+            .arg("serve")
+            .arg("--socket")
+            .arg(&socket)
+            .spawn()
+            .unwrap(),
+    );
     crate::util::wait_until("the server listens", || {
         forkserver::protocol::connect_seqpacket(&socket).is_ok()
     });
-    server.kill().unwrap();
-    server.wait().unwrap();
 }
 
 #[test]

@@ -3,6 +3,7 @@
 
 mod util;
 
+mod boot;
 mod cli;
 mod dylib;
 mod hygiene;

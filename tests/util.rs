@@ -145,6 +145,17 @@ impl Drop for Server {
     }
 }
 
+/// A child process that is killed and reaped when the test ends, even by a
+/// failed assertion (a stray server would hold the test runner's pipes open).
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A fresh temp dir for a test's server.
 pub fn new_dir() -> TempDir {
     tempfile::Builder::new()

@@ -40,6 +40,11 @@ pub struct ServeArgs {
     /// its members can open it.
     #[arg(long, value_name = "GROUP", value_parser = parse_gid)]
     pub group: Option<u32>,
+    /// Once every module is preloaded and the socket listens, write a line
+    /// ("ready ...") to this fd and close it, for supervisors and scripts.
+    /// (Under systemd, NOTIFY_SOCKET is used instead, for Type=notify.)
+    #[arg(long, value_name = "FD")]
+    pub ready_fd: Option<i32>,
     /// Set a limit (repeatable), e.g. --limit max_children_per_connection=64.
     /// The limits and their defaults are listed in protocol/README.md.
     #[arg(long = "limit", value_name = "NAME=VALUE", value_parser = parse_limit)]
@@ -108,6 +113,7 @@ impl ServeArgs {
         options.policy.allow_uids = self.allow_uids.clone();
         options.policy.allow_gids = self.allow_gids.clone();
         options.group = self.group;
+        options.ready_fd = self.ready_fd;
         for (name, value) in &self.limits {
             options.limits.set(name, *value)?;
         }

@@ -11,6 +11,7 @@ use clap::Parser;
 use crate::event_loop::EventLoop;
 use crate::log::{self, log, Level};
 use crate::modules::{ModuleSpecs, Modules};
+use crate::readiness::Readiness;
 use crate::worker::WorkerContext;
 use crate::{child, listener, signals, threads, ServeArgs, ServeError, ServeOptions};
 
@@ -148,16 +149,22 @@ impl ServerBuilder {
         let modules = Modules::load(self.specs, options.allow_threads)?;
         let signals = signals::SignalPipe::install()
             .map_err(|e| ServeError::Setup("installing signal handlers", e))?;
-        let listener = listener::Listener::bind(&options.socket, options.group)?;
-        let mut event_loop = EventLoop::new(listener, signals, modules, options)?;
-        log!(
-            Level::Info,
-            "listening on {} (protocol {}, version {})",
-            options.socket.display(),
+        let mut readiness = Readiness::from_env(options.ready_fd);
+        let listener = match listener::Listener::from_systemd()? {
+            Some(inherited) => inherited,
+            None => listener::Listener::bind(&options.socket, options.group)?,
+        };
+        let summary = format!(
+            "listening on {} (protocol {}, version {}, {} module(s))",
+            listener.path().display(),
             forkserver_protocol::PROTOCOL_VERSION,
-            env!("CARGO_PKG_VERSION")
+            env!("CARGO_PKG_VERSION"),
+            modules.infos.len()
         );
-        event_loop.run()?;
+        let mut event_loop = EventLoop::new(listener, signals, modules, options)?;
+        log!(Level::Info, "{summary}");
+        readiness.ready(&summary);
+        event_loop.run(&readiness)?;
         log!(Level::Info, "stopped");
         Ok(())
     }

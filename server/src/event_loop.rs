@@ -28,6 +28,7 @@ use crate::listener::Listener;
 use crate::log::{log, Level};
 use crate::modules::Modules;
 use crate::peer::{child_credentials, Peer, PeerPolicy};
+use crate::readiness::Readiness;
 use crate::signals::SignalPipe;
 use crate::spawner::{self, ClientEnds, SpawnError, Spawner};
 use crate::{sys, ServeError, ServeOptions};
@@ -67,6 +68,8 @@ pub(crate) struct EventLoop {
     /// Set while the listener is out of the epoll set after EMFILE/ENFILE.
     accept_paused_until: Option<Instant>,
     policy: PeerPolicy,
+    /// SIGTERM or SIGINT arrived; shut down after this round of events.
+    stop_requested: bool,
     /// Our own uid and whether we are root (children then run as their peer).
     server_uid: u32,
     started: Instant,
@@ -101,6 +104,7 @@ impl EventLoop {
             children: Children::default(),
             accept_paused_until: None,
             policy: options.policy.clone(),
+            stop_requested: false,
             server_uid: sys::getuid(),
             started: Instant::now(),
         })
@@ -109,7 +113,7 @@ impl EventLoop {
     /// Serves until SIGTERM or SIGINT, then drains: stops listening, closes
     /// every connection (killing their non-detached children), and returns
     /// once those children are gone.
-    pub(crate) fn run(&mut self) -> Result<(), ServeError> {
+    pub(crate) fn run(&mut self, readiness: &Readiness) -> Result<(), ServeError> {
         let mut events = vec![EpollEvent::empty(); 64];
         loop {
             if self.listener.is_none() && self.children.being_killed() == 0 {
@@ -133,6 +137,11 @@ impl EventLoop {
             };
             for event in &events[..n] {
                 self.dispatch(event.data(), event.events());
+            }
+            if self.stop_requested {
+                self.stop_requested = false;
+                readiness.stopping();
+                self.begin_shutdown();
             }
             let now = Instant::now();
             self.children.kill_overdue(now);
@@ -182,7 +191,7 @@ impl EventLoop {
             log!(Level::Info, "SIGHUP: nothing to reload; still serving");
         }
         if arrived.terminate && self.listener.is_some() {
-            self.begin_shutdown();
+            self.stop_requested = true;
         }
     }
 

@@ -56,6 +56,7 @@ mod listener;
 mod log;
 mod modules;
 mod peer;
+mod readiness;
 mod signals;
 mod spawner;
 mod sys;
@@ -95,6 +96,8 @@ pub struct ServeOptions {
     pub policy: PeerPolicy,
     /// Give the socket to this group, mode 0660 (else mode 0600).
     pub group: Option<u32>,
+    /// Write a line to this fd (then close it) once ready.
+    pub ready_fd: Option<i32>,
 }
 
 impl ServeOptions {
@@ -108,6 +111,7 @@ impl ServeOptions {
             dylibs: Vec::new(),
             policy: PeerPolicy::default(),
             group: None,
+            ready_fd: None,
         }
     }
 }

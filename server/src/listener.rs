@@ -14,7 +14,7 @@
 
 use std::fs;
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -25,7 +25,9 @@ use crate::{sys, ServeError};
 pub(crate) struct Listener {
     socket: OwnedFd,
     path: PathBuf,
-    identity: (u64, u64),
+    /// Device and inode of the socket file we bound; None for a socket
+    /// inherited from systemd, whose file is systemd's to remove.
+    identity: Option<(u64, u64)>,
 }
 
 impl Listener {
@@ -50,8 +52,63 @@ impl Listener {
         Ok(Listener {
             socket,
             path: path.to_owned(),
-            identity: (meta.dev(), meta.ino()),
+            identity: Some((meta.dev(), meta.ino())),
         })
+    }
+
+    /// The listening socket systemd passed (socket activation,
+    /// sd_listen_fds(3)), if `LISTEN_PID` is us and `LISTEN_FDS` is 1: fd 3,
+    /// which must be a listening `AF_UNIX` `SOCK_SEQPACKET` socket. Consumes
+    /// the variables so children do not inherit them.
+    pub(crate) fn from_systemd() -> Result<Option<Listener>, ServeError> {
+        let pid = std::env::var("LISTEN_PID").ok();
+        let fds = std::env::var("LISTEN_FDS").ok();
+        for name in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
+            // SAFETY: the server is single-threaded; nothing reads the
+            // environment concurrently.
+            unsafe { std::env::remove_var(name) };
+        }
+        let (Some(pid), Some(fds)) = (pid, fds) else {
+            return Ok(None);
+        };
+        if pid.parse::<u32>().ok() != Some(std::process::id()) {
+            return Ok(None);
+        }
+        if fds != "1" {
+            return Err(ServeError::Config(format!(
+                "systemd passed LISTEN_FDS={fds}; forkserver serves exactly one socket (one ListenSequentialPacket= in the .socket unit)"
+            )));
+        }
+        const SD_LISTEN_FDS_START: RawFd = 3;
+        let fd = SD_LISTEN_FDS_START;
+        let (domain, kind, listening) = sys::socket_kind(fd)
+            .map_err(|e| ServeError::Setup("inspecting the socket systemd passed (fd 3)", e))?;
+        if domain != libc::AF_UNIX || kind != libc::SOCK_SEQPACKET || !listening {
+            let kind_name = match kind {
+                libc::SOCK_STREAM => "SOCK_STREAM",
+                libc::SOCK_DGRAM => "SOCK_DGRAM",
+                libc::SOCK_SEQPACKET => "SOCK_SEQPACKET",
+                _ => "an unknown type of",
+            };
+            return Err(ServeError::Config(format!(
+                "systemd passed {kind_name} socket (domain {domain}{}) on fd 3; forkserver needs a listening AF_UNIX SOCK_SEQPACKET socket: use ListenSequentialPacket= in the .socket unit (or systemd-socket-activate --seqpacket)",
+                if listening { "" } else { ", not listening" }
+            )));
+        }
+        // SAFETY: fd 3 was handed to us by systemd and nothing else owns it.
+        let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+        sys::set_cloexec_nonblocking(fd)
+            .map_err(|e| ServeError::Setup("preparing the socket systemd passed", e))?;
+        let path = sys::socket_path(fd).unwrap_or_else(|| PathBuf::from("(socket from systemd)"));
+        Ok(Some(Listener {
+            socket,
+            path,
+            identity: None,
+        }))
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
     }
 }
 
@@ -63,8 +120,8 @@ impl AsFd for Listener {
 
 impl Drop for Listener {
     fn drop(&mut self) {
-        if let Ok(meta) = fs::symlink_metadata(&self.path) {
-            if (meta.dev(), meta.ino()) == self.identity {
+        if let (Some(identity), Ok(meta)) = (self.identity, fs::symlink_metadata(&self.path)) {
+            if (meta.dev(), meta.ino()) == identity {
                 let _ = fs::remove_file(&self.path);
             }
         }

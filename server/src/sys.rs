@@ -139,3 +139,52 @@ pub(crate) fn resident_bytes() -> Option<u64> {
     let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     Some(pages * page_size.max(0) as u64)
 }
+
+/// A socket's domain, type, and whether it is listening.
+pub(crate) fn socket_kind(fd: RawFd) -> io::Result<(i32, i32, bool)> {
+    let option = |name| -> io::Result<i32> {
+        let mut value: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: the buffer and its length describe `value`.
+        cvt(unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                name,
+                (&mut value as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        })?;
+        Ok(value)
+    };
+    Ok((
+        option(libc::SO_DOMAIN)?,
+        option(libc::SO_TYPE)?,
+        option(libc::SO_ACCEPTCONN)? != 0,
+    ))
+}
+
+/// Sets close-on-exec and non-blocking on an inherited fd.
+pub(crate) fn set_cloexec_nonblocking(fd: RawFd) -> io::Result<()> {
+    // SAFETY: F_SETFD on an fd we own only changes its fd flags.
+    cvt(unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) })?;
+    set_nonblocking(fd)
+}
+
+/// The filesystem path a Unix socket is bound to, if any.
+pub(crate) fn socket_path(fd: RawFd) -> Option<std::path::PathBuf> {
+    use std::os::unix::ffi::OsStrExt;
+    // SAFETY: sockaddr_un is plain data; getsockname fills at most `len`.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+    // SAFETY: the buffer and its length describe `addr`.
+    cvt(unsafe { libc::getsockname(fd, (&mut addr as *mut libc::sockaddr_un).cast(), &mut len) })
+        .ok()?;
+    let bytes: Vec<u8> = addr
+        .sun_path
+        .iter()
+        .take_while(|&&c| c != 0)
+        .map(|&c| c as u8)
+        .collect();
+    (!bytes.is_empty()).then(|| std::ffi::OsStr::from_bytes(&bytes).into())
+}

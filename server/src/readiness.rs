@@ -1,0 +1,75 @@
+//! Telling a supervisor the server is ready: systemd's notify protocol
+//! (sd_notify(3): `READY=1`, `STATUS=…`, `STOPPING=1` datagrams to
+//! `$NOTIFY_SOCKET`) and, for everyone else, a line on a file descriptor
+//! (`--ready-fd N`).
+
+use std::io::Write;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{SocketAddr, UnixDatagram};
+
+use crate::log::{log, Level};
+
+pub(crate) struct Readiness {
+    notify: Option<(UnixDatagram, SocketAddr)>,
+    ready_fd: Option<OwnedFd>,
+}
+
+impl Readiness {
+    /// Reads (and removes, so children do not inherit it) `NOTIFY_SOCKET`;
+    /// takes ownership of `ready_fd`.
+    pub(crate) fn from_env(ready_fd: Option<RawFd>) -> Readiness {
+        let path = std::env::var_os("NOTIFY_SOCKET");
+        // SAFETY: the server is single-threaded; nothing reads the
+        // environment concurrently.
+        unsafe { std::env::remove_var("NOTIFY_SOCKET") };
+        let notify = path.and_then(|path| {
+            let bytes = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str());
+            // "@name" is an abstract socket (systemd uses those too).
+            let addr = match bytes.strip_prefix(b"@") {
+                Some(name) => SocketAddr::from_abstract_name(name),
+                None => SocketAddr::from_pathname(&path),
+            };
+            match (UnixDatagram::unbound(), addr) {
+                (Ok(socket), Ok(addr)) => Some((socket, addr)),
+                (Err(e), _) | (_, Err(e)) => {
+                    log!(Level::Warn, "cannot notify {path:?}: {e}");
+                    None
+                }
+            }
+        });
+        Readiness {
+            notify,
+            // SAFETY: the operator passed this fd to us for this purpose
+            // (--ready-fd); we are its only user.
+            ready_fd: ready_fd.map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+        }
+    }
+
+    /// Everything is preloaded and the socket is listening.
+    pub(crate) fn ready(&mut self, status: &str) {
+        self.notify(&format!(
+            "READY=1\nSTATUS={status}\nMAINPID={}",
+            std::process::id()
+        ));
+        if let Some(fd) = self.ready_fd.take() {
+            let mut file = std::fs::File::from(fd);
+            if let Err(e) = writeln!(file, "ready {status}") {
+                log!(Level::Warn, "cannot write to --ready-fd: {e}");
+            }
+        }
+    }
+
+    /// The server has begun to shut down.
+    pub(crate) fn stopping(&self) {
+        self.notify("STOPPING=1\nSTATUS=stopping");
+    }
+
+    fn notify(&self, message: &str) {
+        if let Some((socket, addr)) = &self.notify {
+            if let Err(e) = socket.send_to_addr(message.as_bytes(), addr) {
+                log!(Level::Warn, "cannot notify systemd: {e}");
+            }
+        }
+    }
+}
