@@ -102,3 +102,136 @@ fn no_server_says_how_to_start_one() {
         "{stderr}"
     );
 }
+
+#[test]
+fn signals_sent_to_the_cli_reach_the_child() {
+    let server = Server::start();
+    let mut cli = server
+        .cli_spawn(&[
+            "--",
+            "sh",
+            "-c",
+            "trap 'exit 42' INT; echo ready; while :; do sleep 0.05; done",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut ready = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(cli.stdout.take().unwrap()),
+        &mut ready,
+    )
+    .unwrap();
+    assert_eq!(ready, "ready\n");
+    // SAFETY: kill on our own unreaped child's pid.
+    unsafe { libc::kill(cli.id() as i32, libc::SIGINT) };
+    assert_eq!(cli.wait().unwrap().code(), Some(42));
+}
+
+#[test]
+fn a_terminal_reaches_the_child_as_a_terminal() {
+    let server = Server::start();
+    let inner = format!(
+        "{} spawn --socket {} -- sh -c 'test -t 0 && test -t 1 && echo tty'",
+        crate::util::FORKSERVER,
+        server.socket.display()
+    );
+    // script(1) runs the CLI on a new pseudo-terminal.
+    let output = std::process::Command::new("script")
+        .args(["-qec", &inner, "/dev/null"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("script (util-linux) must be installed");
+    assert!(
+        String::from_utf8_lossy(&output.stdout).contains("tty"),
+        "{output:?}"
+    );
+    assert!(output.status.success());
+}
+
+#[test]
+fn detach_prints_the_pid_and_returns_at_once() {
+    let server = Server::start();
+    // The child lets go of the CLI's pipes, or reading them to the end would
+    // wait for it.
+    let output = run(
+        server.cli_spawn(&[
+            "--detach",
+            "--",
+            "sh",
+            "-c",
+            "exec sleep 1000 >/dev/null 2>&1",
+        ]),
+        b"",
+    );
+    assert!(output.status.success());
+    let pid: u32 = String::from_utf8_lossy(&output.stdout)
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        crate::util::is_running(pid),
+        "the detached child outlives the CLI"
+    );
+    let kill = std::process::Command::new(crate::util::FORKSERVER)
+        .args(["kill", "--socket"])
+        .arg(&server.socket)
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    crate::util::wait_until("the detached child is killed", || {
+        !crate::util::is_running(pid)
+    });
+}
+
+#[test]
+fn timeout_kills_the_child_and_exits_124() {
+    let server = Server::start();
+    let started = std::time::Instant::now();
+    let output = run(
+        server.cli_spawn(&["--timeout", "0.3", "--", "sleep", "1000"]),
+        b"",
+    );
+    assert_eq!(output.status.code(), Some(124));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("timed out after"));
+    assert!(started.elapsed() < crate::util::TIMEOUT);
+    assert_eq!(server.client().status().unwrap().children, 0);
+}
+
+#[test]
+fn status_and_ps_speak_json() {
+    let server = Server::start();
+    let client = server.client();
+    let child = client.command("sleep").arg("1000").spawn().unwrap();
+    let json = |command: &str| -> serde_json::Value {
+        let output = std::process::Command::new(crate::util::FORKSERVER)
+            .args([command, "--json", "--socket"])
+            .arg(&server.socket)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{output:?}");
+        serde_json::from_slice(&output.stdout).unwrap()
+    };
+    let status = json("status");
+    assert_eq!(status["pid"], server.pid());
+    assert_eq!(status["children"], 1);
+    assert_eq!(status["spawns"], 1);
+    assert_eq!(status["socket"], server.socket.display().to_string());
+    assert!(status["rss_bytes"].as_u64().unwrap() > 0);
+    let ps = json("ps");
+    assert_eq!(ps[0]["pid"], child.id());
+    assert_eq!(ps[0]["target"], "sleep");
+    assert_eq!(ps[0]["owner_pid"], std::process::id());
+    assert_eq!(ps[0]["detached"], false);
+    let text = std::process::Command::new(crate::util::FORKSERVER)
+        .args(["status", "--socket"])
+        .arg(&server.socket)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains(&format!("(pid {})", server.pid())) && text.contains("1 live"),
+        "{text}"
+    );
+}

@@ -197,3 +197,39 @@ fn a_symlink_at_the_socket_path_is_not_followed() {
         .file_type()
         .is_symlink());
 }
+
+#[test]
+fn a_user_cannot_see_or_kill_another_user_s_children() {
+    let (server, cli) = server_for_nobody(&["--allow-uid", "nobody"]);
+    let roots = server
+        .client()
+        .command("sleep")
+        .arg("1000")
+        .spawn()
+        .unwrap();
+    let as_nobody = |args: &[&str]| {
+        Command::new("setpriv")
+            .args(["--reuid=nobody", "--regid=nogroup", "--init-groups", "--"])
+            .arg(&cli)
+            .args(args)
+            .arg("--socket")
+            .arg(&server.socket)
+            .current_dir("/")
+            .output()
+            .unwrap()
+    };
+    let pid = roots.id().to_string();
+    let output = as_nobody(&["kill", &pid]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        text(&output.stderr).contains("may signal only its own children"),
+        "{}",
+        text(&output.stderr)
+    );
+    assert!(crate::util::is_running(roots.id()));
+    let ps = as_nobody(&["ps", "--json"]);
+    assert_eq!(text(&ps.stdout).trim(), "[]", "nobody sees root's children");
+    // --all touches only what nobody may: nothing here.
+    assert!(as_nobody(&["kill", "--all"]).status.success());
+    assert!(crate::util::is_running(roots.id()));
+}

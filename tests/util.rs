@@ -139,7 +139,19 @@ impl Server {
 }
 
 impl Drop for Server {
+    /// SIGTERM first, so the server kills the children a test left running
+    /// (an orphan would hold the test runner's output pipes open); SIGKILL if
+    /// it does not stop in time.
     fn drop(&mut self) {
+        // SAFETY: kill on our own unreaped child's pid.
+        unsafe { libc::kill(self.pid() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + TIMEOUT;
+        while Instant::now() < deadline {
+            if !matches!(self.process.try_wait(), Ok(None)) {
+                return;
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
         let _ = self.process.kill();
         let _ = self.process.wait();
     }

@@ -195,6 +195,7 @@ fn route(state: &mut State, incoming: Incoming) {
         | ServerMessage::Signaled { id, .. }
         | ServerMessage::Error { id: Some(id), .. } => *id,
         ServerMessage::Status(report) => report.id,
+        ServerMessage::Children { id, .. } | ServerMessage::Killed { id, .. } => *id,
         ServerMessage::Error {
             message,
             fatal: true,

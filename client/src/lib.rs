@@ -41,10 +41,11 @@ pub use command::{Command, Stdio};
 pub use connection::ServerInfo;
 pub use error::Error;
 pub use forkserver_protocol::{
-    default_socket_path, ErrorKind, ModuleInfo, ModuleKind, StatusReport,
+    default_socket_path, ChildInfo, ErrorKind, ModuleInfo, ModuleKind, StatusReport,
 };
 
 use connection::Connection;
+use forkserver_protocol::{ClientMessage, ServerMessage};
 
 /// A connection to a forkserver. Cheap to clone; clones share the connection.
 #[derive(Debug, Clone)]
@@ -86,22 +87,51 @@ impl Client {
         Command::new_worker(self.connection.clone(), name)
     }
 
-    /// The server's pid, version, uptime, RSS, modules with their preload
-    /// times, and counts of children and connections.
+    /// The server's pid, version, uptime, socket, RSS, modules with their
+    /// preload times, counts of children, connections, spawns and failures.
     pub fn status(&self) -> Result<StatusReport, Error> {
+        match self.call(|id| ClientMessage::Status { id })? {
+            ServerMessage::Status(report) => Ok(report),
+            other => Err(unexpected("status", other)),
+        }
+    }
+
+    /// The server's live children this client may see: all of them for root
+    /// and the server's own uid, else those its uid started.
+    pub fn list(&self) -> Result<Vec<ChildInfo>, Error> {
+        match self.call(|id| ClientMessage::List { id })? {
+            ServerMessage::Children { children, .. } => Ok(children),
+            other => Err(unexpected("children", other)),
+        }
+    }
+
+    /// Sends `signal` to the child with `pid`, or to every child this client
+    /// may touch (`None`), whoever spawned it; returns the pids signalled.
+    /// A child started by another uid is refused (`denied`) unless this
+    /// client is root or the server's own uid.
+    pub fn kill(&self, pid: Option<u32>, signal: i32) -> Result<Vec<u32>, Error> {
+        match self.call(|id| ClientMessage::Kill { id, pid, signal })? {
+            ServerMessage::Killed { pids, .. } => Ok(pids),
+            other => Err(unexpected("killed", other)),
+        }
+    }
+
+    /// Sends a request made with a fresh id and waits for its reply; an
+    /// error reply becomes `Error::Refused`.
+    fn call(&self, request: impl FnOnce(u64) -> ClientMessage) -> Result<ServerMessage, Error> {
         let id = self.connection.next_id();
-        self.connection
-            .send(&forkserver_protocol::ClientMessage::Status { id }, &[])?;
+        self.connection.send(&request(id), &[])?;
         let reply = self
             .connection
             .take(id, true, |_| true)?
             .expect("a blocking take returns a message or an error");
         match reply.message {
-            forkserver_protocol::ServerMessage::Status(report) => Ok(report),
-            forkserver_protocol::ServerMessage::Error { kind, message, .. } => {
-                Err(Error::Refused { kind, message })
-            }
-            other => Err(Error::Protocol(format!("expected status, got {other:?}"))),
+            ServerMessage::Error { kind, message, .. } => Err(Error::Refused { kind, message }),
+            other => Ok(other),
         }
     }
+}
+
+fn unexpected(wanted: &str, got: ServerMessage) -> Error {
+    Error::Protocol(format!("expected {wanted}, got {got:?}"))
 }

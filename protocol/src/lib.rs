@@ -32,8 +32,8 @@ use std::fmt;
 
 pub use fdpass::{recv_datagram, send_datagram, Datagram};
 pub use message::{
-    ChildStatus, ClientMessage, ErrorKind, FdMapping, Limits, ModuleInfo, ModuleKind, OnDisconnect,
-    RunAs, ServerMessage, Spawn, StatusReport, StdioSpec, Target,
+    ChildInfo, ChildStatus, ClientMessage, ErrorKind, FdMapping, Limits, ModuleInfo, ModuleKind,
+    OnDisconnect, RunAs, ServerMessage, Spawn, StatusReport, StdioSpec, Target,
 };
 pub use rmpv;
 pub use socket::{connect_seqpacket, default_socket_path, listen_seqpacket, per_user_socket_dir};

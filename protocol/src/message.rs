@@ -42,6 +42,25 @@ pub enum ClientMessage {
         /// Echoed in the reply.
         id: u64,
     },
+    /// List live children (all of them for root and the server's uid, the
+    /// peer's own uid's otherwise); answered by [`ServerMessage::Children`].
+    List {
+        /// Echoed in the reply.
+        id: u64,
+    },
+    /// Signal live children by pid, or all the peer may touch; answered by
+    /// [`ServerMessage::Killed`] or a `denied`/`no_such_child` error. A peer
+    /// may signal children started by its own uid; root and the server's
+    /// uid may signal any.
+    Kill {
+        /// Echoed in the reply.
+        id: u64,
+        /// The child's pid; absent or nil for every child the peer may touch.
+        #[serde(default)]
+        pid: Option<u32>,
+        /// The signal number.
+        signal: i32,
+    },
 }
 
 /// A request to start a child. File descriptors ride on the same datagram
@@ -278,6 +297,20 @@ pub enum ServerMessage {
     },
     /// The answer to `Status`.
     Status(StatusReport),
+    /// The answer to `List`.
+    Children {
+        /// The list request's id.
+        id: u64,
+        /// The live children the peer may see.
+        children: Vec<ChildInfo>,
+    },
+    /// The answer to `Kill`: the pids signalled.
+    Killed {
+        /// The kill request's id.
+        id: u64,
+        /// Pids that were sent the signal.
+        pids: Vec<u32>,
+    },
     /// A request, or the connection, failed.
     Error {
         /// The request's id, when the error is about one request.
@@ -338,6 +371,34 @@ pub struct StatusReport {
     pub children: u32,
     /// Open connections.
     pub connections: u32,
+    /// The socket it listens on.
+    #[serde(default)]
+    pub socket: String,
+    /// Children started since the server started.
+    #[serde(default)]
+    pub spawns: u64,
+    /// Spawn requests that failed since the server started.
+    #[serde(default)]
+    pub failures: u64,
+}
+
+/// A live child, as `List` reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChildInfo {
+    /// Its pid.
+    pub pid: u32,
+    /// The program or worker it runs.
+    pub target: String,
+    /// The pid of the client that spawned it.
+    pub owner_pid: i32,
+    /// The uid of the client that spawned it.
+    pub owner_uid: u32,
+    /// Whether that client is still connected.
+    pub owner_connected: bool,
+    /// Milliseconds since it was spawned.
+    pub age_ms: u64,
+    /// Whether it outlives its connection (`on_disconnect: detach`).
+    pub detached: bool,
 }
 
 /// How a child ended, as `waitpid` reported it.

@@ -132,7 +132,10 @@ impl ServerBuilder {
     /// until SIGTERM or SIGINT. Returns `Ok(())` after a clean shutdown; the
     /// socket file is removed.
     pub fn serve(mut self, options: &ServeOptions) -> Result<(), ServeError> {
-        log::init_from_env();
+        match options.log_level {
+            Some(level) => log::set_level(level),
+            None => log::init_from_env(),
+        }
         if options.limits.max_fds_per_message as usize + 3 > child::MAX_MOVES {
             return Err(ServeError::Config(format!(
                 "max_fds_per_message must be at most {}",

@@ -39,6 +39,12 @@ pub(crate) struct ChildRecord {
     pub(crate) kill_at: Option<Instant>,
     /// Its exit status, if reaped while still `Starting`.
     pub(crate) early_exit: Option<ChildStatus>,
+    /// The program or worker, for `List`.
+    pub(crate) target: String,
+    /// The peer that spawned it (pid and uid at connect time).
+    pub(crate) owner_pid: i32,
+    pub(crate) owner_uid: u32,
+    pub(crate) started: Instant,
 }
 
 /// What the exec error pipe said.
@@ -103,6 +109,11 @@ impl Children {
 
     pub(crate) fn len(&self) -> usize {
         self.by_pid.len()
+    }
+
+    /// Every child, by pid.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (libc::pid_t, &ChildRecord)> {
+        self.by_pid.iter().map(|(&pid, record)| (pid, record))
     }
 
     /// Children that must be killed when the connection goes: SIGTERM now,

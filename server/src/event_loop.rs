@@ -16,8 +16,8 @@ use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use forkserver_protocol::{
-    decode, recv_datagram, ChildStatus, ClientMessage, ErrorKind, Limits, ServerMessage, Spawn,
-    StatusReport, PROTOCOL_VERSION,
+    decode, recv_datagram, ChildInfo, ChildStatus, ClientMessage, ErrorKind, Limits, OnDisconnect,
+    ServerMessage, Spawn, StatusReport, PROTOCOL_VERSION,
 };
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 
@@ -70,6 +70,9 @@ pub(crate) struct EventLoop {
     policy: PeerPolicy,
     /// SIGTERM or SIGINT arrived; shut down after this round of events.
     stop_requested: bool,
+    /// Children started and spawn requests failed, for `Status`.
+    spawns: u64,
+    failures: u64,
     /// Our own uid and whether we are root (children then run as their peer).
     server_uid: u32,
     started: Instant,
@@ -105,6 +108,8 @@ impl EventLoop {
             accept_paused_until: None,
             policy: options.policy.clone(),
             stop_requested: false,
+            spawns: 0,
+            failures: 0,
             server_uid: sys::getuid(),
             started: Instant::now(),
         })
@@ -405,6 +410,18 @@ impl EventLoop {
                 let report = self.status(request);
                 self.reply(id, ServerMessage::Status(report), Vec::new());
             }
+            ClientMessage::List { id: request } => {
+                let reply = self.list(id, request);
+                self.reply(id, reply, Vec::new());
+            }
+            ClientMessage::Kill {
+                id: request,
+                pid,
+                signal,
+            } => {
+                let reply = self.kill(id, request, pid, signal);
+                self.reply(id, reply, Vec::new());
+            }
         }
     }
 
@@ -497,6 +514,7 @@ impl EventLoop {
                     errno: error.errno,
                     message: error.message,
                 };
+                self.failures += 1;
                 self.reply(conn_id, reply, Vec::new());
                 return;
             }
@@ -520,10 +538,13 @@ impl EventLoop {
                 started.pid
             );
         }
-        if let Some(conn) = self.connections.get_mut(&conn_id) {
-            conn.children.insert(request.id, started.pid);
-            conn.pending += 1;
-        }
+        let conn = self
+            .connections
+            .get_mut(&conn_id)
+            .expect("a connection stays open while its request is handled");
+        conn.children.insert(request.id, started.pid);
+        conn.pending += 1;
+        self.spawns += 1;
         self.children.insert(
             started.pid,
             ChildRecord {
@@ -537,6 +558,10 @@ impl EventLoop {
                 on_disconnect: request.on_disconnect,
                 kill_at: None,
                 early_exit: None,
+                target: spawner::describe(&request).to_string_lossy().into_owned(),
+                owner_pid: conn.peer.pid,
+                owner_uid: conn.peer.uid,
+                started: Instant::now(),
             },
         );
     }
@@ -553,7 +578,86 @@ impl EventLoop {
             workers: modules.worker_names(),
             children: self.children.len() as u32,
             connections: self.connections.len() as u32,
+            socket: self
+                .listener
+                .as_ref()
+                .map(|l| l.path().display().to_string())
+                .unwrap_or_default(),
+            spawns: self.spawns,
+            failures: self.failures,
         }
+    }
+
+    /// Whether a peer may see and signal a child: its own uid's children,
+    /// or all of them for root and the server's own uid.
+    fn may_touch(&self, peer: &Peer, record: &ChildRecord) -> bool {
+        peer.uid == 0 || peer.uid == self.server_uid || peer.uid == record.owner_uid
+    }
+
+    fn list(&self, conn_id: ConnId, id: u64) -> ServerMessage {
+        let Some(peer) = self.connections.get(&conn_id).map(|c| &c.peer) else {
+            return request_error(Some(id), ErrorKind::Protocol, "no connection".into());
+        };
+        let mut children: Vec<ChildInfo> = self
+            .children
+            .iter()
+            .filter(|(_, record)| self.may_touch(peer, record))
+            .map(|(pid, record)| ChildInfo {
+                pid: pid as u32,
+                target: record.target.clone(),
+                owner_pid: record.owner_pid,
+                owner_uid: record.owner_uid,
+                owner_connected: record.owner.is_some(),
+                age_ms: record.started.elapsed().as_millis() as u64,
+                detached: record.on_disconnect == OnDisconnect::Detach,
+            })
+            .collect();
+        children.sort_by_key(|c| c.pid);
+        ServerMessage::Children { id, children }
+    }
+
+    fn kill(&self, conn_id: ConnId, id: u64, pid: Option<u32>, signal: i32) -> ServerMessage {
+        let Some(peer) = self.connections.get(&conn_id).map(|c| &c.peer) else {
+            return request_error(Some(id), ErrorKind::Protocol, "no connection".into());
+        };
+        if !(1..=libc::SIGRTMAX()).contains(&signal) {
+            return request_error(
+                Some(id),
+                ErrorKind::Invalid,
+                format!("signal {signal} is out of range 1..={}", libc::SIGRTMAX()),
+            );
+        }
+        let targets: Vec<(libc::pid_t, &ChildRecord)> = match pid {
+            Some(pid) => match self.children.get(pid as libc::pid_t) {
+                None => {
+                    return request_error(
+                        Some(id),
+                        ErrorKind::NoSuchChild,
+                        format!("pid {pid} is not a live child of this server"),
+                    )
+                }
+                Some(record) if !self.may_touch(peer, record) => return request_error(
+                    Some(id),
+                    ErrorKind::Denied,
+                    format!(
+                        "pid {pid} was started by uid {}; uid {} may signal only its own children",
+                        record.owner_uid, peer.uid
+                    ),
+                ),
+                Some(record) => vec![(pid as libc::pid_t, record)],
+            },
+            None => self
+                .children
+                .iter()
+                .filter(|(_, record)| self.may_touch(peer, record))
+                .collect(),
+        };
+        let pids = targets
+            .into_iter()
+            .filter(|(_, record)| sys::pidfd_send_signal(record.pidfd.as_fd(), signal).is_ok())
+            .map(|(pid, _)| pid as u32)
+            .collect();
+        ServerMessage::Killed { id, pids }
     }
 
     fn signal(&mut self, conn_id: ConnId, child_id: u64, signal: i32) {
@@ -634,6 +738,7 @@ impl EventLoop {
                 Some((message, fds))
             }
             ExecOutcome::Failed(step, errno) => {
+                self.failures += 1;
                 let (kind, doing) = match step {
                     FailedStep::Exec => (ErrorKind::Exec, "cannot run the program"),
                     FailedStep::Chdir => (ErrorKind::Chdir, "cannot change to the directory"),

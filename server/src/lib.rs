@@ -98,6 +98,8 @@ pub struct ServeOptions {
     pub group: Option<u32>,
     /// Write a line to this fd (then close it) once ready.
     pub ready_fd: Option<i32>,
+    /// How much to log; `FORKSERVER_LOG` (default info) if None.
+    pub log_level: Option<Level>,
 }
 
 impl ServeOptions {
@@ -112,6 +114,7 @@ impl ServeOptions {
             policy: PeerPolicy::default(),
             group: None,
             ready_fd: None,
+            log_level: None,
         }
     }
 }

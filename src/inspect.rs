@@ -1,0 +1,176 @@
+//! `forkserver status`, `ps` and `kill`: looking at and steering a running
+//! server.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Args;
+use forkserver::client::{ChildInfo, Client, Error, StatusReport};
+
+use crate::{failed, SocketArg};
+
+#[derive(Args)]
+pub(crate) struct StatusArgs {
+    #[command(flatten)]
+    socket: SocketArg,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub(crate) struct PsArgs {
+    #[command(flatten)]
+    socket: SocketArg,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub(crate) struct KillArgs {
+    #[command(flatten)]
+    socket: SocketArg,
+    /// The signal, by name (TERM, SIGKILL…) or number.
+    #[arg(short, long, default_value = "TERM", value_parser = parse_signal)]
+    signal: i32,
+    /// Every child you may touch.
+    #[arg(long, conflicts_with = "pid")]
+    all: bool,
+    /// The child's pid.
+    #[arg(required_unless_present = "all")]
+    pid: Option<u32>,
+}
+
+fn parse_signal(s: &str) -> Result<i32, String> {
+    if let Ok(number) = s.parse() {
+        return Ok(number);
+    }
+    let name = s.to_ascii_uppercase();
+    let name = name.strip_prefix("SIG").unwrap_or(&name);
+    let signal = match name {
+        "HUP" => libc::SIGHUP,
+        "INT" => libc::SIGINT,
+        "QUIT" => libc::SIGQUIT,
+        "KILL" => libc::SIGKILL,
+        "USR1" => libc::SIGUSR1,
+        "USR2" => libc::SIGUSR2,
+        "TERM" => libc::SIGTERM,
+        "CONT" => libc::SIGCONT,
+        "STOP" => libc::SIGSTOP,
+        "WINCH" => libc::SIGWINCH,
+        _ => {
+            return Err(format!(
+                "unknown signal '{s}'; use a name like TERM or a number"
+            ))
+        }
+    };
+    Ok(signal)
+}
+
+pub(crate) fn status(args: StatusArgs) -> ExitCode {
+    let path = args.socket.path();
+    let report = match Client::connect(&path).and_then(|c| c.status()) {
+        Ok(report) => report,
+        Err(e) => return failed(&e),
+    };
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("a report serializes")
+        );
+    } else {
+        print!("{}", status_text(&report));
+    }
+    ExitCode::SUCCESS
+}
+
+fn status_text(r: &StatusReport) -> String {
+    let mut text = format!(
+        "forkserver {} (pid {}) on {}\n  up {}, RSS {:.1} MiB\n  children {} live, {} started, {} failed; connections {}\n",
+        r.server_version,
+        r.pid,
+        r.socket,
+        human_duration(Duration::from_millis(r.uptime_ms)),
+        r.rss_bytes as f64 / (1 << 20) as f64,
+        r.children,
+        r.spawns,
+        r.failures,
+        r.connections,
+    );
+    for module in &r.modules {
+        text += &format!(
+            "  module {} ({:?}) preloaded in {:.1} ms\n",
+            module.name, module.kind, module.preload_ms
+        );
+    }
+    if !r.workers.is_empty() {
+        text += &format!("  workers: {}\n", r.workers.join(", "));
+    }
+    text
+}
+
+pub(crate) fn ps(args: PsArgs) -> ExitCode {
+    let children = match Client::connect(args.socket.path()).and_then(|c| c.list()) {
+        Ok(children) => children,
+        Err(e) => return failed(&e),
+    };
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&children).expect("a list serializes")
+        );
+    } else {
+        print!("{}", ps_table(&children));
+    }
+    ExitCode::SUCCESS
+}
+
+fn ps_table(children: &[ChildInfo]) -> String {
+    let mut table = format!(
+        "{:>8} {:>10} {:>8} {:>6} {:>9}  TARGET\n",
+        "PID", "AGE", "OWNER", "UID", "DETACHED"
+    );
+    for c in children {
+        let owner = if c.owner_connected {
+            c.owner_pid.to_string()
+        } else {
+            format!("({})", c.owner_pid)
+        };
+        table += &format!(
+            "{:>8} {:>10} {:>8} {:>6} {:>9}  {}\n",
+            c.pid,
+            human_duration(Duration::from_millis(c.age_ms)),
+            owner,
+            c.owner_uid,
+            if c.detached { "yes" } else { "no" },
+            c.target
+        );
+    }
+    table
+}
+
+pub(crate) fn kill(args: KillArgs) -> ExitCode {
+    let result = Client::connect(args.socket.path()).and_then(|c| c.kill(args.pid, args.signal));
+    match result {
+        Ok(pids) if pids.is_empty() && args.pid.is_none() => {
+            eprintln!("forkserver: no children to signal");
+            ExitCode::SUCCESS
+        }
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e @ Error::Refused { .. }) => {
+            eprintln!("forkserver: {e}");
+            ExitCode::from(1)
+        }
+        Err(e) => failed(&e),
+    }
+}
+
+fn human_duration(d: Duration) -> String {
+    let secs = d.as_secs();
+    match secs {
+        0..=59 => format!("{:.1}s", d.as_secs_f64()),
+        60..=3599 => format!("{}m{:02}s", secs / 60, secs % 60),
+        _ => format!("{}h{:02}m", secs / 3600, secs % 3600 / 60),
+    }
+}

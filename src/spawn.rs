@@ -1,0 +1,253 @@
+//! `forkserver spawn`: run a program or worker through the server as if it
+//! were run directly: the terminal's stdio, forwarded signals, the child's
+//! exit status.
+
+use std::ffi::OsString;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::process::{ExitCode, ExitStatus};
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use forkserver::client::{Child, Client, Error as ClientError, ErrorKind};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2, SIGWINCH};
+
+use crate::{SocketArg, FAILURE};
+
+/// Signals the CLI passes on to its child, as a shell's job would get them.
+const FORWARDED: [i32; 7] = [SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGWINCH];
+
+/// GNU timeout's status for a command it had to kill.
+const TIMED_OUT: u8 = 124;
+
+#[derive(Args)]
+pub(crate) struct SpawnArgs {
+    #[command(flatten)]
+    socket: SocketArg,
+    /// Set an environment variable in the child (repeatable).
+    #[arg(long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
+    env: Vec<(OsString, OsString)>,
+    /// The child's working directory (relative paths are relative to the
+    /// server's working directory).
+    #[arg(long, value_name = "DIR")]
+    cwd: Option<PathBuf>,
+    /// Run this preloaded worker instead of a program: an embedded worker's
+    /// name or MODULE:SYMBOL of a dynamic module. What follows `--` are its
+    /// arguments.
+    #[arg(long, value_name = "NAME")]
+    worker: Option<String>,
+    /// Run the child as this user (name or uid), with its primary group and
+    /// supplementary groups. Only root may ask.
+    #[arg(long, value_name = "USER", value_parser = parse_user)]
+    user: Option<UserIds>,
+    /// SIGKILL the child if the server dies.
+    #[arg(long)]
+    die_with_server: bool,
+    /// Run the child with no_new_privs: setuid bits and file capabilities
+    /// give it nothing.
+    #[arg(long)]
+    no_new_privs: bool,
+    /// Print the child's pid and return at once, leaving it running (it
+    /// outlives this command and its connection).
+    #[arg(long, conflicts_with = "timeout")]
+    detach: bool,
+    /// Kill the child (SIGKILL) if it runs longer than SECS; exit 124.
+    #[arg(long, value_name = "SECS", value_parser = parse_seconds)]
+    timeout: Option<Duration>,
+    /// The program and its arguments (with --worker: the worker's arguments).
+    #[arg(
+        last = true,
+        required_unless_present = "worker",
+        value_name = "PROGRAM ARGS"
+    )]
+    command: Vec<OsString>,
+}
+
+/// A user's uid, primary gid and supplementary groups.
+#[derive(Clone, Debug)]
+struct UserIds {
+    uid: u32,
+    gid: u32,
+    groups: Vec<u32>,
+}
+
+fn parse_user(s: &str) -> Result<UserIds, String> {
+    use nix::unistd::{getgrouplist, Uid, User};
+    let user = match s.parse::<u32>() {
+        Ok(uid) => User::from_uid(Uid::from_raw(uid)),
+        Err(_) => User::from_name(s),
+    }
+    .map_err(|e| format!("looking up user '{s}': {e}"))?
+    .ok_or_else(|| format!("no user '{s}'"))?;
+    let name = std::ffi::CString::new(user.name.as_str()).map_err(|e| e.to_string())?;
+    let groups =
+        getgrouplist(&name, user.gid).map_err(|e| format!("listing the groups of '{s}': {e}"))?;
+    Ok(UserIds {
+        uid: user.uid.as_raw(),
+        gid: user.gid.as_raw(),
+        groups: groups.iter().map(|g| g.as_raw()).collect(),
+    })
+}
+
+fn parse_env(s: &str) -> Result<(OsString, OsString), String> {
+    match s.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.into(), value.into())),
+        _ => Err(format!("expected KEY=VALUE, got '{s}'")),
+    }
+}
+
+fn parse_seconds(s: &str) -> Result<Duration, String> {
+    s.parse::<f64>()
+        .ok()
+        .filter(|secs| secs.is_finite() && *secs >= 0.0)
+        .map(Duration::from_secs_f64)
+        .ok_or_else(|| format!("expected a number of seconds, got '{s}'"))
+}
+
+pub(crate) fn run(args: SpawnArgs) -> ExitCode {
+    let outcome = Client::connect(args.socket.path()).and_then(|client| {
+        let child = start(&client, &args)?;
+        if args.detach {
+            println!("{}", child.id());
+            // Dropping the handle leaves a detached child running.
+            return Ok(Outcome::Detached);
+        }
+        supervise(child, args.timeout)
+    });
+    match outcome {
+        Ok(Outcome::Detached) => ExitCode::SUCCESS,
+        Ok(Outcome::TimedOut) => ExitCode::from(TIMED_OUT),
+        Ok(Outcome::Exited(status)) => match (status.code(), status.signal()) {
+            (Some(code), _) => ExitCode::from(code as u8),
+            (None, Some(signal)) => ExitCode::from(128u8.wrapping_add(signal as u8)),
+            (None, None) => ExitCode::from(FAILURE),
+        },
+        Err(e) => {
+            eprintln!("forkserver: {e}");
+            ExitCode::from(spawn_failure_status(&e))
+        }
+    }
+}
+
+enum Outcome {
+    Exited(ExitStatus),
+    TimedOut,
+    Detached,
+}
+
+fn start(client: &Client, args: &SpawnArgs) -> Result<Child, ClientError> {
+    let mut command = match &args.worker {
+        Some(name) => {
+            let mut command = client.worker(name);
+            command.args(&args.command);
+            command
+        }
+        None => {
+            let (program, rest) = args.command.split_first().expect("clap requires PROGRAM");
+            let mut command = client.command(program);
+            command.args(rest);
+            command
+        }
+    };
+    command.envs(args.env.iter().map(|(k, v)| (k, v)));
+    if let Some(cwd) = &args.cwd {
+        command.current_dir(cwd);
+    }
+    if let Some(user) = &args.user {
+        command.user(user.uid, user.gid, &user.groups);
+    }
+    command
+        .die_with_server(args.die_with_server)
+        .no_new_privs(args.no_new_privs)
+        .detach(args.detach);
+    command.spawn()
+}
+
+/// Waits for the child, forwarding signals to it through its pidfd and
+/// killing it at the deadline.
+fn supervise(mut child: Child, timeout: Option<Duration>) -> Result<Outcome, ClientError> {
+    let (signal_read, signal_write) = std::os::unix::net::UnixStream::pair()?;
+    signal_read.set_nonblocking(true)?;
+    signal_write.set_nonblocking(true)?;
+    let flags: Vec<_> = FORWARDED
+        .iter()
+        .map(|&signal| {
+            let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            signal_hook::flag::register(signal, flag.clone())?;
+            signal_hook::low_level::pipe::register_raw(signal, signal_write.try_clone()?.into())?;
+            Ok((signal, flag))
+        })
+        .collect::<io::Result<_>>()?;
+    let deadline = timeout.map(|t| Instant::now() + t);
+    loop {
+        let wait = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        if wait == Some(Duration::ZERO) {
+            child.kill()?;
+            child.wait()?;
+            eprintln!(
+                "forkserver: timed out after {:?}; killed pid {}",
+                timeout.unwrap_or_default(),
+                child.id()
+            );
+            return Ok(Outcome::TimedOut);
+        }
+        if poll_readable(&[child.pidfd(), signal_read.as_fd()], wait)?[0] {
+            // The child ended; its status is on the way from the server.
+            return Ok(Outcome::Exited(child.wait()?));
+        }
+        let mut drain = [0u8; 64];
+        while io::Read::read(&mut &signal_read, &mut drain).is_ok_and(|n| n > 0) {}
+        for (signal, flag) in &flags {
+            if flag.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                child.signal(*signal)?;
+            }
+        }
+    }
+}
+
+/// poll(2) for readability, retrying on EINTR; which fds are readable.
+fn poll_readable(fds: &[BorrowedFd<'_>], timeout: Option<Duration>) -> io::Result<Vec<bool>> {
+    let mut pollfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|fd| libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    let ms = timeout.map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as i32);
+    loop {
+        // SAFETY: pollfds is a valid array of the length given.
+        let rc = unsafe { libc::poll(pollfds.as_mut_ptr(), pollfds.len() as _, ms) };
+        if rc >= 0 {
+            return Ok(pollfds.iter().map(|p| p.revents != 0).collect());
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+}
+
+/// The shell's statuses for a program that could not run: 127 when it was
+/// not found (a missing worker too), 126 when it was found but could not be
+/// executed.
+fn spawn_failure_status(error: &ClientError) -> u8 {
+    match error {
+        ClientError::SpawnFailed {
+            kind: ErrorKind::UnknownWorker,
+            ..
+        } => 127,
+        ClientError::SpawnFailed {
+            kind: ErrorKind::Exec,
+            errno,
+            ..
+        } => match *errno {
+            Some(libc::ENOENT) | Some(libc::ENOTDIR) => 127,
+            _ => 126,
+        },
+        _ => FAILURE,
+    }
+}
