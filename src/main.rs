@@ -9,7 +9,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use forkserver::protocol::default_socket_path;
-use forkserver::server::{serve, Level, ServeArgs};
+use forkserver::server::{serve, ServeArgs};
 
 /// Exit status when forkserver itself fails (not the program it runs), as
 /// `env` and `nice` use 125.
@@ -31,16 +31,7 @@ struct Cli {
 enum Command {
     /// Preload modules, listen on a Unix socket and spawn processes for
     /// clients until SIGTERM/SIGINT.
-    Serve {
-        #[command(flatten)]
-        args: ServeArgs,
-        /// Log more: -v logs every spawn and exit (FORKSERVER_LOG=debug).
-        #[arg(short, long, action = clap::ArgAction::Count, conflicts_with = "quiet")]
-        verbose: u8,
-        /// Log less: -q only warnings and errors, -qq only errors.
-        #[arg(short, long, action = clap::ArgAction::Count)]
-        quiet: u8,
-    },
+    Serve(ServeArgs),
     /// Run a program as a child of the server, with this terminal's stdin,
     /// stdout and stderr, and exit with its status.
     #[command(
@@ -83,11 +74,7 @@ impl SocketArg {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve {
-            args,
-            verbose,
-            quiet,
-        } => run_serve(args, verbose, quiet),
+        Command::Serve(args) => run_serve(args),
         Command::Spawn(args) => spawn::run(args),
         Command::Status(args) => inspect::status(args),
         Command::Ps(args) => inspect::ps(args),
@@ -95,7 +82,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run_serve(args: ServeArgs, verbose: u8, quiet: u8) -> ExitCode {
+fn run_serve(args: ServeArgs) -> ExitCode {
     let options = match args.options() {
         Ok(options) => options,
         Err(message) => {
@@ -103,15 +90,6 @@ fn run_serve(args: ServeArgs, verbose: u8, quiet: u8) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    // Flags win over FORKSERVER_LOG, which the server reads otherwise.
-    let level = match (verbose, quiet) {
-        (0, 0) => None,
-        (_, 0) => Some(Level::Debug),
-        (_, 1) => Some(Level::Warn),
-        (_, _) => Some(Level::Error),
-    };
-    let mut options = options;
-    options.log_level = level;
     match serve(&options) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

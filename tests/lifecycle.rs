@@ -130,3 +130,30 @@ fn the_default_socket_is_under_xdg_runtime_dir() {
     assert!(status.unwrap().success());
     assert!(!socket.exists());
 }
+
+#[test]
+fn log_levels_follow_the_flags() {
+    // The test servers run with FORKSERVER_LOG=debug; the flags win.
+    let quiet = Server::start_with(&["-q"]);
+    let client = quiet.client();
+    client.command("true").status().unwrap();
+    let refused = client.command("true").arg("x".repeat(40_000)).spawn();
+    assert!(refused.is_err());
+    let log = quiet.log();
+    assert!(
+        !log.contains("listening on") && !log.contains(" debug "),
+        "{log}"
+    );
+    // Refusals are warnings, naming the peer.
+    assert!(
+        log.contains(" warn spawn ") && log.contains(&format!("pid {}", std::process::id())),
+        "{log}"
+    );
+
+    let verbose = Server::start_with(&["-v"]);
+    verbose.client().command("true").status().unwrap();
+    wait_until("spawns and exits are logged", || {
+        let log = verbose.log();
+        log.contains(" debug spawn ") && log.contains(" ended: ")
+    });
+}

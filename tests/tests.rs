@@ -14,4 +14,5 @@ mod robustness;
 mod security;
 mod soak;
 mod spawn;
+mod units;
 mod zygote;

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::ServeOptions;
+use crate::{Level, ServeOptions};
 
 /// The flags of `forkserver serve`.
 #[derive(Debug, Clone, clap::Args)]
@@ -45,6 +45,12 @@ pub struct ServeArgs {
     /// (Under systemd, NOTIFY_SOCKET is used instead, for Type=notify.)
     #[arg(long, value_name = "FD")]
     pub ready_fd: Option<i32>,
+    /// Log more: -v logs every spawn and exit (as FORKSERVER_LOG=debug).
+    #[arg(short, long, action = clap::ArgAction::Count, conflicts_with = "quiet")]
+    pub verbose: u8,
+    /// Log less: -q only warnings and errors, -qq only errors.
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    pub quiet: u8,
     /// Set a limit (repeatable), e.g. --limit max_children_per_connection=64.
     /// The limits and their defaults are listed in protocol/README.md.
     #[arg(long = "limit", value_name = "NAME=VALUE", value_parser = parse_limit)]
@@ -114,6 +120,13 @@ impl ServeArgs {
         options.policy.allow_gids = self.allow_gids.clone();
         options.group = self.group;
         options.ready_fd = self.ready_fd;
+        // The flags win over FORKSERVER_LOG, which is read otherwise.
+        options.log_level = match (self.verbose, self.quiet) {
+            (0, 0) => None,
+            (_, 0) => Some(Level::Debug),
+            (_, 1) => Some(Level::Warn),
+            (_, _) => Some(Level::Error),
+        };
         for (name, value) in &self.limits {
             options.limits.set(name, *value)?;
         }
