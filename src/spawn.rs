@@ -5,9 +5,12 @@
 use std::ffi::OsString;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::unix::net::UnixStream;
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::{ExitCode, ExitStatus};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Args;
@@ -108,13 +111,18 @@ fn parse_seconds(s: &str) -> Result<Duration, String> {
 
 pub(crate) fn run(args: SpawnArgs) -> ExitCode {
     let outcome = Client::connect(args.socket.path()).and_then(|client| {
+        // Catch the signals to forward before the child exists, so none
+        // sent once it runs can kill this command instead.
+        let forwarder = (!args.detach).then(SignalForwarder::install).transpose()?;
         let child = start(&client, &args)?;
-        if args.detach {
-            println!("{}", child.id());
-            // Dropping the handle leaves a detached child running.
-            return Ok(Outcome::Detached);
+        match forwarder {
+            None => {
+                println!("{}", child.id());
+                // Dropping the handle leaves a detached child running.
+                Ok(Outcome::Detached)
+            }
+            Some(forwarder) => supervise(child, &forwarder, args.timeout),
         }
-        supervise(child, args.timeout)
     });
     match outcome {
         Ok(Outcome::Detached) => ExitCode::SUCCESS,
@@ -128,6 +136,41 @@ pub(crate) fn run(args: SpawnArgs) -> ExitCode {
             eprintln!("forkserver: {e}");
             ExitCode::from(spawn_failure_status(&e))
         }
+    }
+}
+
+/// Signal handlers (flags and a self-pipe) for the signals we forward.
+struct SignalForwarder {
+    pipe: UnixStream,
+    flags: Vec<(i32, Arc<AtomicBool>)>,
+}
+
+impl SignalForwarder {
+    fn install() -> io::Result<SignalForwarder> {
+        let (pipe, write_end) = UnixStream::pair()?;
+        pipe.set_nonblocking(true)?;
+        write_end.set_nonblocking(true)?;
+        let flags = FORWARDED
+            .iter()
+            .map(|&signal| {
+                let flag = Arc::new(AtomicBool::new(false));
+                signal_hook::flag::register(signal, flag.clone())?;
+                signal_hook::low_level::pipe::register_raw(signal, write_end.try_clone()?.into())?;
+                Ok((signal, flag))
+            })
+            .collect::<io::Result<_>>()?;
+        Ok(SignalForwarder { pipe, flags })
+    }
+
+    /// Drains the pipe; the signals that arrived since the last call.
+    fn take(&self) -> Vec<i32> {
+        let mut drain = [0u8; 64];
+        while io::Read::read(&mut &self.pipe, &mut drain).is_ok_and(|n| n > 0) {}
+        self.flags
+            .iter()
+            .filter(|(_, flag)| flag.swap(false, Ordering::SeqCst))
+            .map(|&(signal, _)| signal)
+            .collect()
     }
 }
 
@@ -167,21 +210,17 @@ fn start(client: &Client, args: &SpawnArgs) -> Result<Child, ClientError> {
 
 /// Waits for the child, forwarding signals to it through its pidfd and
 /// killing it at the deadline.
-fn supervise(mut child: Child, timeout: Option<Duration>) -> Result<Outcome, ClientError> {
-    let (signal_read, signal_write) = std::os::unix::net::UnixStream::pair()?;
-    signal_read.set_nonblocking(true)?;
-    signal_write.set_nonblocking(true)?;
-    let flags: Vec<_> = FORWARDED
-        .iter()
-        .map(|&signal| {
-            let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-            signal_hook::flag::register(signal, flag.clone())?;
-            signal_hook::low_level::pipe::register_raw(signal, signal_write.try_clone()?.into())?;
-            Ok((signal, flag))
-        })
-        .collect::<io::Result<_>>()?;
+fn supervise(
+    mut child: Child,
+    forwarder: &SignalForwarder,
+    timeout: Option<Duration>,
+) -> Result<Outcome, ClientError> {
     let deadline = timeout.map(|t| Instant::now() + t);
     loop {
+        // Signals that came while the child was starting are forwarded too.
+        for signal in forwarder.take() {
+            child.signal(signal)?;
+        }
         let wait = deadline.map(|d| d.saturating_duration_since(Instant::now()));
         if wait == Some(Duration::ZERO) {
             child.kill()?;
@@ -193,16 +232,9 @@ fn supervise(mut child: Child, timeout: Option<Duration>) -> Result<Outcome, Cli
             );
             return Ok(Outcome::TimedOut);
         }
-        if poll_readable(&[child.pidfd(), signal_read.as_fd()], wait)?[0] {
+        if poll_readable(&[child.pidfd(), forwarder.pipe.as_fd()], wait)?[0] {
             // The child ended; its status is on the way from the server.
             return Ok(Outcome::Exited(child.wait()?));
-        }
-        let mut drain = [0u8; 64];
-        while io::Read::read(&mut &signal_read, &mut drain).is_ok_and(|n| n > 0) {}
-        for (signal, flag) in &flags {
-            if flag.swap(false, std::sync::atomic::Ordering::SeqCst) {
-                child.signal(*signal)?;
-            }
         }
     }
 }

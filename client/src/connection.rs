@@ -78,7 +78,7 @@ impl Connection {
             Err(e) => return Err(e),
         }
         // The server's limits are not known yet; a Welcome is small.
-        let welcome = receive(socket.as_fd(), &Limits::default(), 0)?
+        let welcome = receive_after_reset(socket.as_fd(), &Limits::default())?
             .ok_or_else(|| Error::Disconnected("closed before answering hello".into()))?;
         let info = match welcome.message {
             ServerMessage::Welcome {
@@ -233,6 +233,21 @@ fn send(
         )),
         _ => Error::Io(e),
     })
+}
+
+/// Like a blocking [`receive`], but a server that closed while our request
+/// sat unread makes the kernel report ECONNRESET once, ahead of the reply it
+/// had already sent (its reason for closing): read on past the reset.
+fn receive_after_reset(socket: BorrowedFd<'_>, limits: &Limits) -> Result<Option<Incoming>, Error> {
+    match receive(socket, limits, 0) {
+        Err(Error::Io(e)) if e.raw_os_error() == Some(libc::ECONNRESET) => {
+            match receive(socket, limits, libc::MSG_DONTWAIT) {
+                Ok(Some(reply)) => Ok(Some(reply)),
+                _ => Err(Error::Io(e)),
+            }
+        }
+        other => other,
+    }
 }
 
 fn receive(socket: BorrowedFd<'_>, limits: &Limits, flags: i32) -> Result<Option<Incoming>, Error> {
