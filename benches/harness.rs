@@ -1,0 +1,568 @@
+//! The benchmark harness: every measurement side by side in one run, medians
+//! and p90s, printed as a table and written as JSON.
+//!
+//! ```sh
+//! cargo bench --bench harness            # ~2 minutes; FS_BENCH_QUICK=1 for a smoke run
+//! ```
+//!
+//! This binary plays three roles (chosen by FS_BENCH_ROLE): the harness, a
+//! zygote with a preload of FS_BENCH_MB megabytes, and the "cold" program
+//! that builds the same preload itself, as a freshly exec'd process must.
+//! The harness forks in its own process only while it is single-threaded.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Child as OsChild, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use forkserver::client::{Client, Stdio as FsStdio};
+use forkserver::server::{HugePages, Server};
+
+fn env_usize(name: &str) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The preload: `mb` megabytes, every page written, in ordinary or huge pages.
+enum Table {
+    Plain(#[allow(dead_code)] Vec<u8>),
+    Huge(#[allow(dead_code)] HugePages),
+}
+
+fn build_table(mb: usize, huge: bool) -> Table {
+    let len = mb << 20;
+    if huge {
+        let mut pages = HugePages::zeroed(len).expect("map huge pages");
+        pages.iter_mut().enumerate().for_each(|(i, b)| *b = i as u8);
+        Table::Huge(pages)
+    } else {
+        Table::Plain((0..len).map(|i| i as u8).collect())
+    }
+}
+
+fn main() {
+    match std::env::var("FS_BENCH_ROLE").as_deref() {
+        Ok("zygote") => zygote(),
+        Ok("cold") => cold(),
+        _ => harness(),
+    }
+}
+
+fn zygote() {
+    let (mb, huge) = (env_usize("FS_BENCH_MB"), env_usize("FS_BENCH_HUGE") == 1);
+    let code = Server::builder()
+        .preload("table", move || build_table(mb, huge))
+        .worker("first_byte", |_| {
+            let mut out = std::io::stdout().lock();
+            out.write_all(b"!")
+                .and_then(|()| out.flush())
+                .map_or(1, |()| 0)
+        })
+        .worker("idle", |_| {
+            let _ = std::io::stdin().read(&mut [0u8; 1]);
+            0
+        })
+        .worker("exit0", |_| 0)
+        .run();
+    std::process::exit(if code == std::process::ExitCode::SUCCESS {
+        0
+    } else {
+        1
+    });
+}
+
+fn cold() {
+    let _table = build_table(env_usize("FS_BENCH_MB"), false);
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(b"!").and_then(|()| out.flush());
+    if env_usize("FS_BENCH_IDLE") == 1 {
+        let _ = std::io::stdin().read(&mut [0u8; 1]);
+    }
+}
+
+/// One row of the report.
+#[derive(serde::Serialize)]
+struct Row {
+    group: &'static str,
+    name: String,
+    median_us: f64,
+    p90_us: f64,
+    runs: usize,
+    unit: &'static str,
+}
+
+struct Report {
+    rows: Vec<Row>,
+    quick: bool,
+}
+
+impl Report {
+    fn runs(&self, full: usize) -> usize {
+        if self.quick {
+            (full / 10).max(3)
+        } else {
+            full
+        }
+    }
+
+    /// Times `once` `runs` times after a few warm-up calls.
+    fn time(&mut self, group: &'static str, name: String, runs: usize, mut once: impl FnMut()) {
+        for _ in 0..(runs / 10).max(1) {
+            once();
+        }
+        let mut samples: Vec<f64> = (0..runs)
+            .map(|_| {
+                let start = Instant::now();
+                once();
+                start.elapsed().as_secs_f64() * 1e6
+            })
+            .collect();
+        self.add_samples(group, name, &mut samples, "µs");
+    }
+
+    fn add_samples(
+        &mut self,
+        group: &'static str,
+        name: String,
+        samples: &mut [f64],
+        unit: &'static str,
+    ) {
+        samples.sort_by(f64::total_cmp);
+        let row = Row {
+            group,
+            name,
+            median_us: samples[samples.len() / 2],
+            p90_us: samples[(samples.len() * 9 / 10).min(samples.len() - 1)],
+            runs: samples.len(),
+            unit,
+        };
+        eprintln!(
+            "  {:<58} {:>12.1} {:>12.1} {}",
+            row.name, row.median_us, row.p90_us, unit
+        );
+        self.rows.push(row);
+    }
+
+    fn median(&self, name: &str) -> f64 {
+        self.rows
+            .iter()
+            .find(|r| r.name == name)
+            .map_or(f64::NAN, |r| r.median_us)
+    }
+}
+
+/// A server process for the harness, stopped on drop.
+struct Running {
+    process: OsChild,
+    socket: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Running {
+    fn start(program: &std::path::Path, env: &[(&str, String)]) -> Running {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("bench.sock");
+        let mut process = Command::new(program)
+            .args([
+                "serve",
+                "-q",
+                "--ready-fd",
+                "1",
+                "--limit",
+                "max_connections_per_uid=256",
+                "--socket",
+            ])
+            .arg(&socket)
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start a server");
+        let mut line = String::new();
+        BufReader::new(process.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(line.starts_with("ready"), "server not ready: {line:?}");
+        Running {
+            process,
+            socket,
+            _dir: dir,
+        }
+    }
+
+    fn zygote(mb: usize, huge: bool) -> Running {
+        let me = std::env::current_exe().unwrap();
+        let env = [
+            ("FS_BENCH_ROLE", "zygote".to_string()),
+            ("FS_BENCH_MB", mb.to_string()),
+            ("FS_BENCH_HUGE", (huge as u8).to_string()),
+        ];
+        Running::start(&me, &env)
+    }
+
+    fn client(&self) -> Client {
+        Client::connect(&self.socket).unwrap()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        // SAFETY: kill on our own child's pid.
+        unsafe { libc::kill(self.process.id() as i32, libc::SIGTERM) };
+        let _ = self.process.wait();
+    }
+}
+
+/// fork + _exit + waitpid in this process: the physical floor.
+fn raw_fork() {
+    // SAFETY: the harness is single-threaded whenever it calls this; the
+    // child only calls _exit.
+    unsafe {
+        let pid = libc::fork();
+        if pid == 0 {
+            libc::_exit(0);
+        }
+        libc::waitpid(pid, std::ptr::null_mut(), 0);
+    }
+}
+
+/// fork + execve(/bin/true) + waitpid from this process.
+fn fork_exec_true() {
+    let path = c"/bin/true";
+    let argv = [path.as_ptr(), std::ptr::null()];
+    let envp = [std::ptr::null()];
+    // SAFETY: the child calls only execve and _exit (async-signal-safe), on
+    // data built before the fork, so other threads cannot deadlock it.
+    unsafe {
+        let pid = libc::fork();
+        if pid == 0 {
+            libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr());
+            libc::_exit(127);
+        }
+        libc::waitpid(pid, std::ptr::null_mut(), 0);
+    }
+}
+
+fn pss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Pss:"))?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
+}
+
+fn harness() {
+    let quick = std::env::var_os("FS_BENCH_QUICK").is_some();
+    let mut report = Report {
+        rows: Vec::new(),
+        quick,
+    };
+    let me = std::env::current_exe().unwrap();
+    eprintln!("{:<60} {:>12} {:>12}", "measurement", "median", "p90");
+
+    // 1. Worker spawn latency against raw fork and a cold start.
+    let n = report.runs(300);
+    report.time(
+        "worker",
+        "raw fork+_exit+waitpid (bench process, small)".into(),
+        n,
+        raw_fork,
+    );
+    for mb in [0usize, 64, 512] {
+        let zygote = Running::zygote(mb, false);
+        let client = zygote.client();
+        let runs = report.runs(if mb >= 512 { 60 } else { 200 });
+        let mut to_spawned = Vec::with_capacity(runs);
+        let mut to_byte = Vec::with_capacity(runs);
+        for i in 0..runs + runs / 10 {
+            let start = Instant::now();
+            let mut child = client
+                .worker("first_byte")
+                .stdout(FsStdio::piped())
+                .spawn()
+                .unwrap();
+            let spawned = start.elapsed();
+            child
+                .stdout
+                .as_mut()
+                .unwrap()
+                .read_exact(&mut [0u8; 1])
+                .unwrap();
+            let byte = start.elapsed();
+            child.wait().unwrap();
+            if i >= runs / 10 {
+                to_spawned.push(spawned.as_secs_f64() * 1e6);
+                to_byte.push(byte.as_secs_f64() * 1e6);
+            }
+        }
+        report.add_samples(
+            "worker",
+            format!("worker, {mb} MB preload: request -> Spawned"),
+            &mut to_spawned,
+            "µs",
+        );
+        report.add_samples(
+            "worker",
+            format!("worker, {mb} MB preload: request -> first byte"),
+            &mut to_byte,
+            "µs",
+        );
+        let cold_runs = report.runs(if mb >= 512 { 10 } else { 40 });
+        report.time(
+            "worker",
+            format!("Command of a cold start, {mb} MB preload -> first byte"),
+            cold_runs,
+            || {
+                let mut child = Command::new(&me)
+                    .env("FS_BENCH_ROLE", "cold")
+                    .env("FS_BENCH_MB", mb.to_string())
+                    .stdout(Stdio::piped())
+                    .spawn()
+                    .unwrap();
+                child
+                    .stdout
+                    .as_mut()
+                    .unwrap()
+                    .read_exact(&mut [0u8; 1])
+                    .unwrap();
+                child.wait().unwrap();
+            },
+        );
+    }
+
+    // Part C: fork cost at 512 MB, ordinary vs huge pages.
+    for huge in [false, true] {
+        let table = build_table(512, huge);
+        let kind = if huge { "huge pages" } else { "4 KiB pages" };
+        report.time(
+            "fork",
+            format!("raw fork, 512 MB touched in {kind}"),
+            report.runs(40),
+            raw_fork,
+        );
+        drop(table);
+        let zygote = Running::zygote(512, huge);
+        let client = zygote.client();
+        report.time(
+            "fork",
+            format!("worker from a 512 MB zygote in {kind}: -> exit"),
+            report.runs(60),
+            || {
+                client.worker("exit0").status().unwrap();
+            },
+        );
+    }
+
+    // 2. Exec latency: through the server vs from this process, small and big.
+    let stock = Running::start(std::path::Path::new(env!("CARGO_BIN_EXE_forkserver")), &[]);
+    let client = stock.client();
+    let n = report.runs(300);
+    report.time(
+        "exec",
+        "/bin/true via forkserver (small client)".into(),
+        n,
+        || {
+            client.command("/bin/true").status().unwrap();
+        },
+    );
+    report.time(
+        "exec",
+        "/bin/true via std::process::Command (small client)".into(),
+        n,
+        || {
+            Command::new("/bin/true").status().unwrap();
+        },
+    );
+    report.time(
+        "exec",
+        "/bin/true via fork+exec (small client)".into(),
+        n,
+        fork_exec_true,
+    );
+    {
+        // A big client: 4 GB touched and 8 busy threads.
+        let big: Vec<u8> = (0..4usize << 30).map(|i| i as u8).collect();
+        let stop = Arc::new(AtomicBool::new(false));
+        let busy: Vec<_> = (0..8)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let mut x = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+                    }
+                    x
+                })
+            })
+            .collect();
+        let n = report.runs(100);
+        report.time(
+            "exec",
+            "/bin/true via forkserver (4 GB, 8 busy threads)".into(),
+            n,
+            || {
+                client.command("/bin/true").status().unwrap();
+            },
+        );
+        report.time(
+            "exec",
+            "/bin/true via std::process::Command (4 GB, 8 busy threads)".into(),
+            n,
+            || {
+                Command::new("/bin/true").status().unwrap();
+            },
+        );
+        report.time(
+            "exec",
+            "/bin/true via fork+exec (4 GB, 8 busy threads)".into(),
+            n,
+            fork_exec_true,
+        );
+        stop.store(true, Ordering::Relaxed);
+        busy.into_iter().for_each(|t| {
+            t.join().unwrap();
+        });
+        std::hint::black_box(&big);
+    }
+    drop(stock);
+
+    // 3. Throughput: spawn+exit cycles per second, N connections at once.
+    let zygote = Running::zygote(0, false);
+    for connections in [1usize, 2, 8, 64] {
+        let cycles = Arc::new(AtomicU64::new(0));
+        let duration = if quick {
+            Duration::from_millis(500)
+        } else {
+            Duration::from_secs(3)
+        };
+        let start = Instant::now();
+        let threads: Vec<_> = (0..connections)
+            .map(|_| {
+                let (client, cycles) = (zygote.client(), cycles.clone());
+                std::thread::spawn(move || {
+                    while start.elapsed() < duration {
+                        client.worker("exit0").status().unwrap();
+                        cycles.fetch_add(1, Ordering::Relaxed);
+                    }
+                })
+            })
+            .collect();
+        threads.into_iter().for_each(|t| t.join().unwrap());
+        let per_second = cycles.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64();
+        report.add_samples(
+            "throughput",
+            format!("worker spawn+exit, {connections} connections"),
+            &mut [per_second],
+            "cycles/s",
+        );
+    }
+    drop(zygote);
+
+    // 4. Memory: 32 idle workers over a 256 MB preload vs 32 cold copies.
+    let zygote = Running::zygote(256, false);
+    let client = zygote.client();
+    let mut workers: Vec<_> = (0..32)
+        .map(|_| {
+            client
+                .worker("idle")
+                .stdin(FsStdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let workers_pss: u64 = workers.iter().map(|w| pss_kb(w.id())).sum();
+    for w in &mut workers {
+        drop(w.stdin.take());
+        w.wait().unwrap();
+    }
+    let mut cold: Vec<_> = (0..32)
+        .map(|_| {
+            let mut child = Command::new(&me)
+                .envs([
+                    ("FS_BENCH_ROLE", "cold"),
+                    ("FS_BENCH_MB", "256"),
+                    ("FS_BENCH_IDLE", "1"),
+                ])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap();
+            child
+                .stdout
+                .as_mut()
+                .unwrap()
+                .read_exact(&mut [0u8; 1])
+                .unwrap();
+            child
+        })
+        .collect();
+    let cold_pss: u64 = cold.iter().map(|c| pss_kb(c.id())).sum();
+    for c in &mut cold {
+        drop(c.stdin.take());
+        c.wait().unwrap();
+    }
+    report.add_samples(
+        "memory",
+        "total PSS, 32 idle workers over 256 MB preload".into(),
+        &mut [workers_pss as f64 / 1024.0],
+        "MB",
+    );
+    report.add_samples(
+        "memory",
+        "total PSS, 32 processes loading 256 MB each".into(),
+        &mut [cold_pss as f64 / 1024.0],
+        "MB",
+    );
+    drop(zygote);
+
+    print_table(&report);
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-results.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&report.rows).unwrap()).unwrap();
+    println!("\nJSON: {}", path.display());
+}
+
+fn print_table(report: &Report) {
+    println!("\n| group | measurement | median | p90 | runs |\n|---|---|---|---|---|");
+    for r in &report.rows {
+        println!(
+            "| {} | {} | {:.1} {} | {:.1} {} | {} |",
+            r.group, r.name, r.median_us, r.unit, r.p90_us, r.unit, r.runs
+        );
+    }
+    let m = |name: &str| report.median(name);
+    let fork = m("raw fork+_exit+waitpid (bench process, small)");
+    println!("\nRatios (medians):");
+    for mb in [0, 64, 512] {
+        let spawned = m(&format!("worker, {mb} MB preload: request -> Spawned"));
+        let byte = m(&format!("worker, {mb} MB preload: request -> first byte"));
+        let cold = m(&format!(
+            "Command of a cold start, {mb} MB preload -> first byte"
+        ));
+        println!(
+            "- {mb} MB: worker Spawned / raw fork = {:.2}; cold start / worker first byte = {:.1}x; server overhead over raw fork = {:.0} µs",
+            spawned / fork,
+            cold / byte,
+            spawned - fork
+        );
+    }
+    let exec_small = m("/bin/true via forkserver (small client)");
+    let exec_big = m("/bin/true via forkserver (4 GB, 8 busy threads)");
+    let fork_exec_big = m("/bin/true via fork+exec (4 GB, 8 busy threads)");
+    println!(
+        "- exec via server: big client / small client = {:.2}; fork+exec from the big client / via server = {:.2}",
+        exec_big / exec_small,
+        fork_exec_big / exec_big
+    );
+    println!(
+        "- fork at 512 MB: 4 KiB pages / huge pages = {:.1}",
+        m("raw fork, 512 MB touched in 4 KiB pages") / m("raw fork, 512 MB touched in huge pages")
+    );
+}
