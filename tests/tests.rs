@@ -8,6 +8,7 @@ mod cli;
 mod dylib;
 mod hygiene;
 mod lifecycle;
+mod pool;
 mod protocol;
 mod python;
 mod robustness;

@@ -322,6 +322,17 @@ fn ppid_of(pid: u32) -> Option<u32> {
     stat[stat.rfind(')')? + 2..].split(' ').nth(1)?.parse().ok()
 }
 
+/// Every child process of `parent`, sorted.
+pub fn children_of(parent: u32) -> Vec<u32> {
+    let mut children: Vec<u32> = fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| ppid_of(pid) == Some(parent))
+        .collect();
+    children.sort_unstable();
+    children
+}
+
 /// Children of `parent` that are zombies (state Z).
 pub fn zombie_children_of(parent: u32) -> Vec<u32> {
     fs::read_dir("/proc")

@@ -33,7 +33,7 @@ use std::fmt;
 pub use fdpass::{recv_datagram, send_datagram, Datagram};
 pub use message::{
     ChildInfo, ChildStatus, ClientMessage, ErrorKind, FdMapping, Limits, ModuleInfo, ModuleKind,
-    OnDisconnect, RunAs, ServerMessage, Spawn, StatusReport, StdioSpec, Target,
+    OnDisconnect, PoolInfo, RunAs, ServerMessage, Spawn, StatusReport, StdioSpec, Target,
 };
 pub use rmpv;
 pub use socket::{connect_seqpacket, default_socket_path, listen_seqpacket, per_user_socket_dir};

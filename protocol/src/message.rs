@@ -380,6 +380,24 @@ pub struct StatusReport {
     /// Spawn requests that failed since the server started.
     #[serde(default)]
     pub failures: u64,
+    /// The prefork pools.
+    #[serde(default)]
+    pub pools: Vec<PoolInfo>,
+}
+
+/// One worker's prefork pool, as `Status` reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolInfo {
+    /// The worker its children become.
+    pub worker: String,
+    /// How many idle children it keeps.
+    pub size: u32,
+    /// How many are idle now.
+    pub idle: u32,
+    /// Requests served by an idle child.
+    pub hits: u64,
+    /// Requests for this worker that found the pool empty (served by fork).
+    pub misses: u64,
 }
 
 /// A live child, as `List` reports it.

@@ -40,6 +40,10 @@ pub struct ServeArgs {
     /// its members can open it.
     #[arg(long, value_name = "GROUP", value_parser = parse_gid)]
     pub group: Option<u32>,
+    /// Keep N idle children forked for WORKER (repeatable): a request for it
+    /// is handed to one of them instead of waiting for a fork.
+    #[arg(long = "pool", value_name = "WORKER=N", value_parser = parse_pool)]
+    pub pools: Vec<(String, u32)>,
     /// Once every module is preloaded and the socket listens, write a line
     /// ("ready ...") to this fd and close it, for supervisors and scripts.
     /// (Under systemd, NOTIFY_SOCKET is used instead, for Type=notify.)
@@ -76,6 +80,16 @@ fn parse_gid(s: &str) -> Result<u32, String> {
         Ok(Some(group)) => Ok(group.gid.as_raw()),
         Ok(None) => Err(format!("no group named '{s}'")),
         Err(e) => Err(format!("looking up group '{s}': {e}")),
+    }
+}
+
+fn parse_pool(s: &str) -> Result<(String, u32), String> {
+    match s.rsplit_once('=') {
+        Some((worker, n)) if !worker.is_empty() => n
+            .parse()
+            .map(|n| (worker.to_owned(), n))
+            .map_err(|_| format!("the pool size must be a whole number, got '{n}'")),
+        _ => Err(format!("expected WORKER=N, got '{s}'")),
     }
 }
 
@@ -120,6 +134,7 @@ impl ServeArgs {
         options.policy.allow_gids = self.allow_gids.clone();
         options.group = self.group;
         options.ready_fd = self.ready_fd;
+        options.pools = self.pools.clone();
         // The flags win over FORKSERVER_LOG, which is read otherwise.
         options.log_level = match (self.verbose, self.quiet) {
             (0, 0) => None,

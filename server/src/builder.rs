@@ -25,6 +25,7 @@ impl Server {
     pub fn builder() -> ServerBuilder {
         ServerBuilder {
             specs: ModuleSpecs::default(),
+            pools: Vec::new(),
         }
     }
 }
@@ -33,6 +34,7 @@ impl Server {
 #[must_use = "a builder does nothing until .run() or .serve()"]
 pub struct ServerBuilder {
     specs: ModuleSpecs,
+    pools: Vec<(String, u32)>,
 }
 
 impl std::fmt::Debug for ServerBuilder {
@@ -94,6 +96,13 @@ impl ServerBuilder {
         run: impl Fn(&mut WorkerContext<'_>) -> i32 + 'static,
     ) -> Self {
         self.specs.workers.push((name.to_owned(), Box::new(run)));
+        self
+    }
+
+    /// Keeps `size` idle children forked for worker `name` (as `--pool
+    /// NAME=SIZE` does); a request for it skips the fork.
+    pub fn pool(mut self, name: &str, size: u32) -> Self {
+        self.pools.push((name.to_owned(), size));
         self
     }
 
@@ -164,7 +173,9 @@ impl ServerBuilder {
             env!("CARGO_PKG_VERSION"),
             modules.infos.len()
         );
-        let mut event_loop = EventLoop::new(listener, signals, modules, options)?;
+        let mut options = options.clone();
+        options.pools.extend(self.pools);
+        let mut event_loop = EventLoop::new(listener, signals, modules, &options)?;
         log!(Level::Info, "{summary}");
         readiness.ready(&summary);
         event_loop.run(&readiness)?;

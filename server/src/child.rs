@@ -138,17 +138,7 @@ pub(crate) unsafe fn run_child(mut plan: ChildPlan<'_>, error_pipe: RawFd) -> ! 
     //    server set before forking.
     // SAFETY (whole function): only async-signal-safe calls on memory the
     // parent prepared and which no one else can touch in this process.
-    let mut default: libc::sigaction = std::mem::zeroed();
-    default.sa_sigaction = libc::SIG_DFL;
-    for signal in 1..=libc::SIGRTMAX() {
-        if signal != libc::SIGKILL && signal != libc::SIGSTOP {
-            // Fails only for numbers libc reserves (32, 33); nothing to reset.
-            libc::sigaction(signal, &default, ptr::null_mut());
-        }
-    }
-    let mut empty: libc::sigset_t = std::mem::zeroed();
-    libc::sigemptyset(&mut empty);
-    libc::pthread_sigmask(libc::SIG_SETMASK, &empty, ptr::null_mut());
+    reset_signals();
 
     // 2. A new session, so the child is never in the server's process group
     //    (and never gets the terminal's job-control signals meant for it).
@@ -265,6 +255,66 @@ pub(crate) unsafe fn run_child(mut plan: ChildPlan<'_>, error_pipe: RawFd) -> ! 
     }
 }
 
+/// Every disposition back to the default, and an empty signal mask.
+unsafe fn reset_signals() {
+    let mut default: libc::sigaction = std::mem::zeroed();
+    default.sa_sigaction = libc::SIG_DFL;
+    for signal in 1..=libc::SIGRTMAX() {
+        if signal != libc::SIGKILL && signal != libc::SIGSTOP {
+            // Fails only for numbers libc reserves (32, 33); nothing to reset.
+            libc::sigaction(signal, &default, ptr::null_mut());
+        }
+    }
+    let mut empty: libc::sigset_t = std::mem::zeroed();
+    libc::sigemptyset(&mut empty);
+    libc::pthread_sigmask(libc::SIG_SETMASK, &empty, ptr::null_mut());
+}
+
+/// A prefork pool child, right after `fork()`: drops everything of the
+/// server's it must not hold while idle (signal handlers, every fd but its
+/// control socket, error pipe and /dev/null), then waits for its one request and
+/// becomes it via `specialise`, which must end in [`run_child`] (it returns
+/// `Infallible`: it cannot return).
+///
+/// Unlike the fork-to-exec path, an idle pool child is a process of its own:
+/// a copy of the single-threaded server, so it may allocate and decode. If
+/// the server closes the control socket (a flush, or shutdown) before
+/// sending a request, the child exits 0.
+///
+/// # Safety
+/// Call only in a freshly forked child of a single-threaded process, with
+/// `control` and `error_pipe` open.
+pub(crate) unsafe fn run_pool_child(
+    control: RawFd,
+    error_pipe: RawFd,
+    dev_null: RawFd,
+    specialise: impl FnOnce(Vec<u8>, Vec<std::os::fd::OwnedFd>) -> std::convert::Infallible,
+) -> ! {
+    reset_signals();
+    // Keep 0-2 (they are replaced when the request comes), the control
+    // socket, the error pipe and /dev/null (for `null` stdio); close the rest.
+    let mut keep = [control, error_pipe, dev_null];
+    keep.sort_unstable();
+    let mut next = 3;
+    for fd in keep {
+        if fd > next {
+            close_range(next, fd - 1);
+        }
+        next = next.max(fd + 1);
+    }
+    close_range(next, RawFd::MAX);
+    // SAFETY: control is ours alone now; the borrow lasts for the call.
+    let socket = std::os::fd::BorrowedFd::borrow_raw(control);
+    match forkserver_protocol::recv_datagram(socket, 1 << 20, 512, 0) {
+        Ok(Some(datagram)) if !datagram.truncated && !datagram.fds_truncated => {
+            libc::close(control);
+            match specialise(datagram.bytes, datagram.fds) {}
+        }
+        // EOF: flushed before use. Anything else: nothing to become.
+        _ => libc::_exit(0),
+    }
+}
+
 /// Step 7 for programs: exec, trying each candidate path as execvp does: keep going past "not
 /// here" errors, remember that some candidate was not executable, and stop at
 /// any other error.
@@ -359,7 +409,7 @@ unsafe fn fail(error_pipe: RawFd, step: FailedStep) -> ! {
 }
 
 /// Writes the error record and exits 127, the shell's "cannot run" status.
-unsafe fn fail_with(error_pipe: RawFd, step: FailedStep, errno: i32) -> ! {
+pub(crate) unsafe fn fail_with(error_pipe: RawFd, step: FailedStep, errno: i32) -> ! {
     let mut record = [0u8; ERROR_RECORD_LEN];
     record[..4].copy_from_slice(&errno.to_ne_bytes());
     record[4..].copy_from_slice(&(step as u32).to_ne_bytes());

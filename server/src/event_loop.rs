@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use forkserver_protocol::{
     decode, recv_datagram, ChildInfo, ChildStatus, ClientMessage, ErrorKind, Limits, OnDisconnect,
-    ServerMessage, Spawn, StatusReport, PROTOCOL_VERSION,
+    ServerMessage, Spawn, StatusReport, Target, PROTOCOL_VERSION,
 };
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 
@@ -28,6 +28,7 @@ use crate::listener::Listener;
 use crate::log::{log, Level};
 use crate::modules::Modules;
 use crate::peer::{child_credentials, Peer, PeerPolicy};
+use crate::pool::Pools;
 use crate::readiness::Readiness;
 use crate::signals::SignalPipe;
 use crate::spawner::{self, ClientEnds, SpawnError, Spawner};
@@ -73,6 +74,10 @@ pub(crate) struct EventLoop {
     /// Children started and spawn requests failed, for `Status`.
     spawns: u64,
     failures: u64,
+    /// Prefork pools, refilled when nothing else waits.
+    pools: Pools,
+    /// After a failed refill, no refill before this.
+    refill_paused_until: Option<Instant>,
     /// Our own uid and whether we are root (children then run as their peer).
     server_uid: u32,
     started: Instant,
@@ -93,6 +98,11 @@ impl EventLoop {
         epoll
             .add(&signals, EpollEvent::new(EpollFlags::EPOLLIN, SIGNALS))
             .map_err(setup("watching the signal pipe"))?;
+        for (worker, _) in &options.pools {
+            modules
+                .find(worker)
+                .map_err(|why| ServeError::Config(format!("--pool {worker}: {why}")))?;
+        }
         let spawner = Spawner::new(modules, !options.allow_threads)
             .map_err(|e| ServeError::Setup("opening /dev/null", e))?;
         Ok(EventLoop {
@@ -110,6 +120,8 @@ impl EventLoop {
             stop_requested: false,
             spawns: 0,
             failures: 0,
+            pools: Pools::new(&options.pools),
+            refill_paused_until: None,
             server_uid: sys::getuid(),
             started: Instant::now(),
         })
@@ -128,7 +140,14 @@ impl EventLoop {
                 .into_iter()
                 .flatten()
                 .min();
+            let refill_due = self.listener.is_some()
+                && self.pools.short().is_some()
+                && self
+                    .refill_paused_until
+                    .is_none_or(|until| until <= Instant::now());
             let timeout = match next_timer {
+                // A pool to refill: look for waiting work without sleeping.
+                _ if refill_due => EpollTimeout::ZERO,
                 None => EpollTimeout::NONE,
                 Some(at) => {
                     let ms = at.saturating_duration_since(Instant::now()).as_millis() + 1;
@@ -143,6 +162,9 @@ impl EventLoop {
             for event in &events[..n] {
                 self.dispatch(event.data(), event.events());
             }
+            if n == 0 && refill_due {
+                self.refill_one();
+            }
             if self.stop_requested {
                 self.stop_requested = false;
                 readiness.stopping();
@@ -152,6 +174,33 @@ impl EventLoop {
             self.children.kill_overdue(now);
             if self.accept_paused_until.is_some_and(|until| until <= now) {
                 self.resume_accepting();
+            }
+        }
+    }
+
+    /// Forks one pool child for a pool below its size. Called only when no
+    /// event is waiting, so a refill never delays a request.
+    fn refill_one(&mut self) {
+        let Some(worker) = self.pools.short().map(str::to_owned) else {
+            return;
+        };
+        match self.spawner.prefork(&self.limits) {
+            Ok(child) => {
+                log!(
+                    Level::Debug,
+                    "pool '{worker}': forked idle child {}",
+                    child.pid
+                );
+                self.pools.add(&worker, child);
+                self.refill_paused_until = None;
+            }
+            Err(e) => {
+                log!(
+                    Level::Warn,
+                    "pool '{worker}': refill failed, retrying in 1 s: {}",
+                    e.message
+                );
+                self.refill_paused_until = Some(Instant::now() + Duration::from_secs(1));
             }
         }
     }
@@ -193,7 +242,11 @@ impl EventLoop {
             }
         }
         if arrived.hangup {
-            log!(Level::Info, "SIGHUP: nothing to reload; still serving");
+            log!(
+                Level::Info,
+                "SIGHUP: flushing the prefork pools; they refill from the current state"
+            );
+            self.pools.flush();
         }
         if arrived.terminate && self.listener.is_some() {
             self.stop_requested = true;
@@ -208,6 +261,7 @@ impl EventLoop {
             self.connections.values().map(|c| c.children.len()).sum::<usize>(),
             self.kill_grace
         );
+        self.pools.flush();
         // Dropping the listener removes the socket file.
         if let Some(listener) = self.listener.take() {
             let _ = self.epoll.delete(&listener);
@@ -492,9 +546,17 @@ impl EventLoop {
         };
         let credentials = child_credentials(&conn.peer, request.user.as_ref(), self.server_uid)
             .map_err(|message| SpawnError::new(ErrorKind::Denied, message));
-        let result = match (refusal, credentials) {
-            (Some(error), _) | (None, Err(error)) => Err(error),
-            (None, Ok(run_as)) => self.spawner.spawn(&request, fds, &self.limits, run_as),
+        let pooled = match (&refusal, &credentials, &request.target) {
+            (None, Ok(_), Target::Worker { name, .. }) => self.pools.take(name),
+            _ => None,
+        };
+        let result = match (refusal, credentials, pooled) {
+            (Some(error), _, _) | (None, Err(error), _) => Err(error),
+            (None, Ok(_), Some(child)) => {
+                self.spawner
+                    .hand_off(child, &request, fds, &self.limits, &conn.peer)
+            }
+            (None, Ok(run_as), None) => self.spawner.spawn(&request, fds, &self.limits, run_as),
         };
         let started = match result {
             Ok(started) => started,
@@ -585,6 +647,7 @@ impl EventLoop {
                 .unwrap_or_default(),
             spawns: self.spawns,
             failures: self.failures,
+            pools: self.pools.info(),
         }
     }
 
@@ -775,7 +838,14 @@ impl EventLoop {
 
     fn child_reaped(&mut self, pid: libc::pid_t, status: ChildStatus) {
         let Some(record) = self.children.get_mut(pid) else {
-            log!(Level::Debug, "reaped pid {pid} that was not ours to report");
+            if self.pools.remove(pid) {
+                log!(
+                    Level::Warn,
+                    "idle pool child {pid} died ({status:?}); refilling"
+                );
+            } else {
+                log!(Level::Debug, "reaped pid {pid} that was not ours to report");
+            }
             return;
         };
         if let Stage::Starting { error_pipe, .. } = &record.stage {

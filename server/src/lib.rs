@@ -57,6 +57,7 @@ mod listener;
 mod log;
 mod modules;
 mod peer;
+mod pool;
 mod readiness;
 mod signals;
 mod spawner;
@@ -102,6 +103,8 @@ pub struct ServeOptions {
     pub ready_fd: Option<i32>,
     /// How much to log; `FORKSERVER_LOG` (default info) if None.
     pub log_level: Option<Level>,
+    /// Prefork pools: `(worker, number of idle children to keep)`.
+    pub pools: Vec<(String, u32)>,
 }
 
 impl ServeOptions {
@@ -117,6 +120,7 @@ impl ServeOptions {
             group: None,
             ready_fd: None,
             log_level: None,
+            pools: Vec::new(),
         }
     }
 }

@@ -3,16 +3,19 @@
 //! parent's side of the new child.
 
 use std::collections::BTreeMap;
+use std::convert::Infallible;
 use std::ffi::{CString, OsStr};
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::ptr;
 
 use forkserver_protocol::{ErrorKind, Limits, RunAs, Spawn, StdioSpec, Target, WireStr};
 
-use crate::child::{self, Action, CStringArray, ChildPlan};
+use crate::child::{self, Action, CStringArray, ChildPlan, FailedStep};
 use crate::modules::{Modules, WorkerRef};
+use crate::peer::{child_credentials, Peer};
+use crate::pool::{Assignment, PoolChild};
 use crate::worker::WorkerContext;
 use crate::{sys, threads};
 
@@ -100,6 +103,143 @@ impl Spawner {
         let mut client_ends = ClientEnds::default();
         let mut plan = self.plan(request, &fds, limits, &mut pipes, &mut client_ends)?;
         plan.credentials = run_as;
+        let (pid, pidfd, error_pipe) = self.fork_with(|error_write| {
+            // SAFETY: we are the freshly forked child; every fd in the plan is
+            // open (owned by `fds`, `pipes` or the spawner).
+            unsafe { child::run_child(plan, error_write) }
+        })?;
+        Ok(Started {
+            pid,
+            pidfd,
+            error_pipe,
+            client_ends,
+        })
+    }
+
+    /// Forks a prefork pool child that waits for an [`Assignment`] on its
+    /// control socket, then becomes it.
+    pub(crate) fn prefork(&self, limits: &Limits) -> Result<PoolChild, SpawnError> {
+        let (control, child_end) = sys::seqpacket_pair().map_err(|e| {
+            SpawnError::os(ErrorKind::Resource, "creating a pool control socket", e)
+        })?;
+        let child_control = child_end.as_raw_fd();
+        let dev_null = self.dev_null.as_raw_fd();
+        let (pid, pidfd, error_pipe) = self.fork_with(|error_write| {
+            // SAFETY: we are the freshly forked child; all three fds are open.
+            unsafe {
+                child::run_pool_child(child_control, error_write, dev_null, |bytes, fds| {
+                    self.specialise(&bytes, fds, limits, error_write)
+                })
+            }
+        })?;
+        Ok(PoolChild {
+            pid,
+            pidfd,
+            control,
+            error_pipe,
+        })
+    }
+
+    /// In a pool child: decode the assignment, check it again (who may we
+    /// become?), plan it like a fresh spawn, and run it. Never returns.
+    fn specialise(
+        &self,
+        bytes: &[u8],
+        fds: Vec<OwnedFd>,
+        limits: &Limits,
+        error_pipe: RawFd,
+    ) -> Infallible {
+        let Ok(assignment) = forkserver_protocol::decode::<Assignment>(bytes) else {
+            // SAFETY: reporting on our own error pipe, then exiting.
+            unsafe { child::fail_with(error_pipe, FailedStep::Setup, libc::EPROTO) }
+        };
+        let peer = Peer {
+            pid: assignment.peer_pid,
+            uid: assignment.peer_uid,
+            gid: assignment.peer_gid,
+            groups: assignment.peer_groups,
+        };
+        let request = assignment.spawn;
+        let Ok(run_as) = child_credentials(&peer, request.user.as_ref(), assignment.server_uid)
+        else {
+            // SAFETY: as above.
+            unsafe { child::fail_with(error_pipe, FailedStep::Setup, libc::EPERM) }
+        };
+        let (mut pipes, mut ends) = (Vec::new(), ClientEnds::default());
+        match self.plan(&request, &fds, limits, &mut pipes, &mut ends) {
+            Ok(mut plan) => {
+                plan.credentials = run_as;
+                // SAFETY: a forked, single-threaded pool child with the plan's
+                // fds (in `fds`) open.
+                unsafe { child::run_child(plan, error_pipe) }
+            }
+            // SAFETY: as above.
+            Err(_) => unsafe { child::fail_with(error_pipe, FailedStep::Setup, libc::EINVAL) },
+        }
+    }
+
+    /// Hands a validated request to an idle pool child: pipes are made here
+    /// and passed as fds, so the child needs nothing from us but one message.
+    pub(crate) fn hand_off(
+        &self,
+        child: PoolChild,
+        request: &Spawn,
+        mut fds: Vec<OwnedFd>,
+        limits: &Limits,
+        peer: &Peer,
+    ) -> Result<Started, SpawnError> {
+        let (mut pipes, mut client_ends) = (Vec::new(), ClientEnds::default());
+        // Validation only: the child plans again from the message.
+        self.plan(request, &fds, limits, &mut pipes, &mut client_ends)?;
+        let mut spawn = request.clone();
+        let mut pipes = pipes.into_iter();
+        for spec in [&mut spawn.stdin, &mut spawn.stdout, &mut spawn.stderr] {
+            if *spec == StdioSpec::Pipe {
+                fds.push(pipes.next().expect("plan made one pipe per piped stream"));
+                *spec = StdioSpec::Fd {
+                    index: (fds.len() - 1) as u32,
+                };
+            }
+        }
+        let assignment = Assignment {
+            spawn,
+            peer_uid: peer.uid,
+            peer_gid: peer.gid,
+            peer_groups: peer.groups.clone(),
+            peer_pid: peer.pid,
+            server_uid: sys::getuid(),
+        };
+        let bytes = forkserver_protocol::encode(&assignment)
+            .map_err(|e| SpawnError::new(ErrorKind::Invalid, e.to_string()))?;
+        let borrowed: Vec<_> = fds.iter().map(|fd| fd.as_fd()).collect();
+        forkserver_protocol::send_datagram(
+            child.control.as_fd(),
+            &bytes,
+            &borrowed,
+            libc::MSG_DONTWAIT,
+        )
+        .map_err(|e| {
+            SpawnError::os(
+                ErrorKind::Resource,
+                "handing the request to a pool child",
+                e,
+            )
+        })?;
+        Ok(Started {
+            pid: child.pid,
+            pidfd: child.pidfd,
+            error_pipe: child.error_pipe,
+            client_ends,
+        })
+    }
+
+    /// Forks (after the thread guard, with signals blocked across the fork)
+    /// and runs `in_child` in the child with the write end of a close-on-exec
+    /// error pipe. Returns the child's pid, its pidfd and the pipe's read end.
+    fn fork_with(
+        &self,
+        in_child: impl FnOnce(RawFd) -> Infallible,
+    ) -> Result<(libc::pid_t, OwnedFd, OwnedFd), SpawnError> {
         if self.guard_threads {
             threads::ensure_single_threaded()
                 .map_err(|e| SpawnError::new(ErrorKind::Threads, e.to_string()))?;
@@ -109,12 +249,13 @@ impl Spawner {
         let old_mask = sys::block_all_signals()
             .map_err(|e| SpawnError::os(ErrorKind::Resource, "blocking signals", e))?;
         // SAFETY: the server is single-threaded (the thread guard), so the
-        // child is a consistent copy; run_child never returns.
+        // child is a consistent copy; in_child never returns.
         let pid = unsafe { libc::fork() };
         if pid == 0 {
-            // SAFETY: we are the freshly forked child; every fd in the plan is
-            // open (owned by `fds`, `pipes` or the spawner).
-            unsafe { child::run_child(plan, error_write.as_raw_fd()) }
+            // `in_child` never returns (Infallible has no values); the match
+            // says so to the type checker, which already knows.
+            #[allow(unreachable_code)]
+            match in_child(error_write.as_raw_fd()) {}
         }
         let fork_error = io::Error::last_os_error();
         sys::restore_signal_mask(&old_mask);
@@ -127,8 +268,8 @@ impl Spawner {
         }
         // Our copy of the write end must go now, or EOF would never come.
         drop(error_write);
-        let pidfd = match sys::pidfd_open(pid) {
-            Ok(pidfd) => pidfd,
+        match sys::pidfd_open(pid) {
+            Ok(pidfd) => Ok((pid, pidfd, error_read)),
             Err(e) => {
                 // Without a pidfd we cannot hand the child out safely; it has
                 // not been reaped, so its pid is still its own.
@@ -137,15 +278,9 @@ impl Spawner {
                     libc::kill(pid, libc::SIGKILL);
                     libc::waitpid(pid, ptr::null_mut(), 0);
                 }
-                return Err(SpawnError::os(ErrorKind::Resource, "pidfd_open failed", e));
+                Err(SpawnError::os(ErrorKind::Resource, "pidfd_open failed", e))
             }
-        };
-        Ok(Started {
-            pid,
-            pidfd,
-            error_pipe: error_read,
-            client_ends,
-        })
+        }
     }
 
     /// Validates the request and builds the child's plan. Pipes the request

@@ -1,0 +1,135 @@
+//! The prefork pool: children forked ahead of time for a worker, waiting to
+//! be handed a request (Android's "unspecialized app process" idea).
+//!
+//! A pool child is forked off the critical path, drops the server's signal
+//! handlers and fds, and blocks on its control socket. A request for its
+//! worker is validated by the server as usual, then sent to the child as an
+//! [`Assignment`] with its fds; the child checks it again (credentials
+//! included: it recomputes who it may become from the peer's identity),
+//! installs it exactly as a freshly forked child would, and runs. The server
+//! watches its exec error pipe as for any spawn, so `Spawned`/`SpawnFailed`
+//! and `Exited` are unchanged. Refills happen only when the event loop has
+//! nothing waiting. An assigned child is in the children table, never in the
+//! pool, so a flush (SIGHUP, shutdown) can only kill idle, unspecialised ones.
+
+use std::collections::VecDeque;
+use std::os::fd::{AsFd, OwnedFd};
+
+use forkserver_protocol::{PoolInfo, Spawn};
+use serde::{Deserialize, Serialize};
+
+use crate::sys;
+
+/// What the server sends a pool child: the request (pipes already replaced
+/// by passed fds) and who asked, for the child's own credential check.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct Assignment {
+    pub(crate) spawn: Spawn,
+    pub(crate) peer_uid: u32,
+    pub(crate) peer_gid: u32,
+    pub(crate) peer_groups: Vec<u32>,
+    pub(crate) peer_pid: i32,
+    pub(crate) server_uid: u32,
+}
+
+/// An idle pool child, as the server holds it.
+pub(crate) struct PoolChild {
+    pub(crate) pid: libc::pid_t,
+    pub(crate) pidfd: OwnedFd,
+    /// Our end of its control socket.
+    pub(crate) control: OwnedFd,
+    /// The read end of its exec error pipe.
+    pub(crate) error_pipe: OwnedFd,
+}
+
+struct Pool {
+    worker: String,
+    size: usize,
+    idle: VecDeque<PoolChild>,
+    hits: u64,
+    misses: u64,
+}
+
+/// Every worker's pool.
+#[derive(Default)]
+pub(crate) struct Pools {
+    pools: Vec<Pool>,
+}
+
+impl Pools {
+    pub(crate) fn new(sizes: &[(String, u32)]) -> Pools {
+        Pools {
+            pools: sizes
+                .iter()
+                .map(|(worker, size)| Pool {
+                    worker: worker.clone(),
+                    size: *size as usize,
+                    idle: VecDeque::new(),
+                    hits: 0,
+                    misses: 0,
+                })
+                .collect(),
+        }
+    }
+
+    /// An idle child for `worker`, counting a hit or (for a pooled worker
+    /// whose pool is empty) a miss.
+    pub(crate) fn take(&mut self, worker: &str) -> Option<PoolChild> {
+        let pool = self.pools.iter_mut().find(|p| p.worker == worker)?;
+        let child = pool.idle.pop_front();
+        if child.is_some() {
+            pool.hits += 1;
+        } else {
+            pool.misses += 1;
+        }
+        child
+    }
+
+    /// A worker whose pool is below its size, if any.
+    pub(crate) fn short(&self) -> Option<&str> {
+        self.pools
+            .iter()
+            .find(|p| p.idle.len() < p.size)
+            .map(|p| p.worker.as_str())
+    }
+
+    pub(crate) fn add(&mut self, worker: &str, child: PoolChild) {
+        if let Some(pool) = self.pools.iter_mut().find(|p| p.worker == worker) {
+            pool.idle.push_back(child);
+        }
+    }
+
+    /// Forgets an idle child that died; true if it was one of ours.
+    pub(crate) fn remove(&mut self, pid: libc::pid_t) -> bool {
+        for pool in &mut self.pools {
+            if let Some(at) = pool.idle.iter().position(|c| c.pid == pid) {
+                pool.idle.remove(at);
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Kills every idle child. They hold no request, so nothing is lost; the
+    /// reaper collects them.
+    pub(crate) fn flush(&mut self) {
+        for pool in &mut self.pools {
+            for child in pool.idle.drain(..) {
+                let _ = sys::pidfd_send_signal(child.pidfd.as_fd(), libc::SIGKILL);
+            }
+        }
+    }
+
+    pub(crate) fn info(&self) -> Vec<PoolInfo> {
+        self.pools
+            .iter()
+            .map(|p| PoolInfo {
+                worker: p.worker.clone(),
+                size: p.size as u32,
+                idle: p.idle.len() as u32,
+                hits: p.hits,
+                misses: p.misses,
+            })
+            .collect()
+    }
+}

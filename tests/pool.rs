@@ -1,0 +1,179 @@
+//! The prefork pool: idle children forked ahead, handed requests, refilled
+//! off the critical path, flushed on SIGHUP, and indistinguishable (fds,
+//! env, cwd, credentials) from freshly forked workers.
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+
+use forkserver::client::Stdio;
+
+use crate::util::{children_of, example, fds_of, wait_until, Server, FORKSERVER};
+
+fn pooled(pools: &[&str], extra: &[&str]) -> Server {
+    let mut args = Vec::new();
+    for pool in pools {
+        args.extend(["--pool", pool]);
+    }
+    args.extend_from_slice(extra);
+    Server::launch(&example("test_zygote"), &args, &[])
+}
+
+/// The idle pool children: the server's children that no client owns.
+fn idle_children(server: &Server) -> Vec<u32> {
+    let owned: Vec<u32> = server
+        .client()
+        .list()
+        .unwrap()
+        .iter()
+        .map(|c| c.pid)
+        .collect();
+    children_of(server.pid())
+        .into_iter()
+        .filter(|pid| !owned.contains(pid))
+        .collect()
+}
+
+fn wait_full(server: &Server, idle: u32) {
+    let client = server.client();
+    wait_until("the pools are full", || {
+        client
+            .status()
+            .unwrap()
+            .pools
+            .iter()
+            .all(|p| p.idle == idle)
+    });
+}
+
+#[test]
+fn a_pooled_worker_is_an_idle_child_handed_the_request_then_refilled() {
+    let server = pooled(&["answer=2"], &[]);
+    wait_full(&server, 2);
+    let idle = idle_children(&server);
+    assert_eq!(idle.len(), 2, "{idle:?}");
+    // Idle children hold nothing of the server's but stdio, their control
+    // socket, error pipe and /dev/null.
+    assert_eq!(fds_of(idle[0]).len(), 6, "{:?}", fds_of(idle[0]));
+
+    let client = server.client();
+    let mut child = client
+        .worker("answer")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(
+        idle.contains(&child.id()),
+        "pid {} was not from the pool {idle:?}",
+        child.id()
+    );
+    let mut out = String::new();
+    std::io::Read::read_to_string(child.stdout.as_mut().unwrap(), &mut out).unwrap();
+    assert_eq!(out, "42\n");
+    assert!(child.wait().unwrap().success());
+
+    let pool = &client.status().unwrap().pools[0];
+    assert_eq!(
+        (pool.worker.as_str(), pool.hits, pool.misses),
+        ("answer", 1, 0)
+    );
+    wait_full(&server, 2);
+    // A worker without a pool is still forked as usual.
+    assert_eq!(
+        client.worker("args").arg("x").output().unwrap().stdout,
+        b"x\n"
+    );
+}
+
+#[test]
+fn a_pooled_worker_gets_its_fds_env_and_cwd() {
+    let server = pooled(&["idle=1", "env=1", "fds=1"], &[]);
+    wait_full(&server, 1);
+    let client = server.client();
+    let mut idle = client.worker("idle").stdin(Stdio::piped()).spawn().unwrap();
+    assert_eq!(fds_of(idle.id()), [0, 1, 2]);
+    let comm = std::fs::read_to_string(format!("/proc/{}/comm", idle.id())).unwrap();
+    assert_eq!(comm.trim(), "idle");
+    drop(idle.stdin.take());
+    assert!(idle.wait().unwrap().success());
+
+    let output = client
+        .worker("env")
+        .arg("WHO")
+        .env("WHO", "pooled")
+        .current_dir("/tmp")
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout),
+        "WHO=pooled in /tmp\n"
+    );
+
+    let (mut reader, writer) = std::io::pipe().unwrap();
+    let output = client.worker("fds").fd(9, writer).output().unwrap();
+    assert_eq!(output.stdout, b"[9]\n");
+    let mut got = String::new();
+    std::io::Read::read_to_string(&mut reader, &mut got).unwrap();
+    assert_eq!(got, "hello on fd 9\n");
+    let hits: u64 = client.status().unwrap().pools.iter().map(|p| p.hits).sum();
+    assert_eq!(hits, 3);
+}
+
+#[test]
+fn a_pool_child_rechecks_who_it_becomes() {
+    // A root server, a pooled worker, a client that is nobody: the pool
+    // child (root while idle) must become nobody.
+    let server = pooled(&["ids=1"], &["--group", "nogroup", "--allow-uid", "nobody"]);
+    std::fs::set_permissions(server.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let cli = server.dir.path().join("forkserver-cli");
+    std::fs::copy(FORKSERVER, &cli).unwrap();
+    wait_full(&server, 1);
+    let output = Command::new("setpriv")
+        .args(["--reuid=nobody", "--regid=nogroup", "--init-groups", "--"])
+        .arg(&cli)
+        .args(["spawn", "--worker", "ids", "--socket"])
+        .arg(&server.socket)
+        .current_dir("/")
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout),
+        "65534 65534\n",
+        "{output:?}"
+    );
+    assert_eq!(server.client().status().unwrap().pools[0].hits, 1);
+}
+
+#[test]
+fn a_dead_idle_child_is_replaced_and_sighup_flushes_the_pool() {
+    let server = pooled(&["answer=2"], &[]);
+    wait_full(&server, 2);
+    let before = idle_children(&server);
+    // SAFETY: kill by pid of an idle child we just listed (it is unreaped
+    // until the server reaps it, so the pid cannot be reused meanwhile).
+    unsafe { libc::kill(before[0] as i32, libc::SIGKILL) };
+    wait_until("the dead child is replaced", || {
+        let now = idle_children(&server);
+        now.len() == 2 && !now.contains(&before[0])
+    });
+    let replaced = idle_children(&server);
+    server.signal(libc::SIGHUP);
+    wait_until("SIGHUP replaces every idle child", || {
+        let now = idle_children(&server);
+        now.len() == 2 && now.iter().all(|pid| !replaced.contains(pid))
+    });
+    assert_eq!(
+        server.client().worker("answer").output().unwrap().stdout,
+        b"42\n"
+    );
+    assert!(crate::util::zombie_children_of(server.pid()).is_empty());
+}
+
+#[test]
+fn a_pool_for_an_unknown_worker_fails_the_start() {
+    let (_, stderr) =
+        crate::util::failed_start(&example("test_zygote"), &["--pool", "nosuch=2"], &[]);
+    assert!(
+        stderr.contains("--pool nosuch: no worker named 'nosuch'"),
+        "{stderr}"
+    );
+}
