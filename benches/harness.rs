@@ -54,6 +54,7 @@ fn main() {
 fn zygote() {
     let (mb, huge) = (env_usize("FS_BENCH_MB"), env_usize("FS_BENCH_HUGE") == 1);
     let code = Server::builder()
+        .pool("first_byte", env_usize("FS_BENCH_POOL") as u32)
         .preload("table", move || build_table(mb, huge))
         .worker("first_byte", |_| {
             let mut out = std::io::stdout().lock();
@@ -193,11 +194,17 @@ impl Running {
     }
 
     fn zygote(mb: usize, huge: bool) -> Running {
+        Running::zygote_with_pool(mb, huge, 0)
+    }
+
+    /// A zygote keeping `pool` idle children for worker `first_byte`.
+    fn zygote_with_pool(mb: usize, huge: bool, pool: usize) -> Running {
         let me = std::env::current_exe().unwrap();
         let env = [
             ("FS_BENCH_ROLE", "zygote".to_string()),
             ("FS_BENCH_MB", mb.to_string()),
             ("FS_BENCH_HUGE", (huge as u8).to_string()),
+            ("FS_BENCH_POOL", pool.to_string()),
         ];
         Running::start(&me, &env)
     }
@@ -245,6 +252,49 @@ fn fork_exec_true() {
     }
 }
 
+/// A SEQPACKET request and reply carrying 3 fds each way, with a thread as
+/// the peer: what a pooled spawn cannot go below.
+fn seqpacket_round_trip(report: &mut Report) {
+    use forkserver::protocol::{recv_datagram, send_datagram};
+    use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+    let mut pair = [0; 2];
+    // SAFETY: pair has room for the two fds socketpair writes.
+    let rc = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            pair.as_mut_ptr(),
+        )
+    };
+    assert_eq!(rc, 0);
+    // SAFETY: socketpair succeeded; both fds are new and ours.
+    let (ours, theirs) = unsafe { (OwnedFd::from_raw_fd(pair[0]), OwnedFd::from_raw_fd(pair[1])) };
+    let peer = std::thread::spawn(move || {
+        while let Ok(Some(request)) = recv_datagram(theirs.as_fd(), 256, 8, 0) {
+            let fds: Vec<_> = request.fds.iter().map(|fd| fd.as_fd()).collect();
+            if send_datagram(theirs.as_fd(), &request.bytes, &fds, 0).is_err() {
+                break;
+            }
+        }
+    });
+    let (read_end, write_end) = std::io::pipe().unwrap();
+    let fds = [read_end.as_fd(), write_end.as_fd(), read_end.as_fd()];
+    let runs = report.runs(2000);
+    report.time(
+        "ipc",
+        "SEQPACKET round trip, 3 fds each way".into(),
+        runs,
+        || {
+            send_datagram(ours.as_fd(), &[0u8; 100], &fds, 0).unwrap();
+            let reply = recv_datagram(ours.as_fd(), 256, 8, 0).unwrap().unwrap();
+            assert_eq!(reply.fds.len(), 3);
+        },
+    );
+    drop(ours);
+    peer.join().unwrap();
+}
+
 fn pss_kb(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
         .ok()
@@ -277,44 +327,52 @@ fn harness() {
         raw_fork,
     );
     for mb in [0usize, 64, 512] {
-        let zygote = Running::zygote(mb, false);
-        let client = zygote.client();
-        let runs = report.runs(if mb >= 512 { 60 } else { 200 });
-        let mut to_spawned = Vec::with_capacity(runs);
-        let mut to_byte = Vec::with_capacity(runs);
-        for i in 0..runs + runs / 10 {
-            let start = Instant::now();
-            let mut child = client
-                .worker("first_byte")
-                .stdout(FsStdio::piped())
-                .spawn()
-                .unwrap();
-            let spawned = start.elapsed();
-            child
-                .stdout
-                .as_mut()
-                .unwrap()
-                .read_exact(&mut [0u8; 1])
-                .unwrap();
-            let byte = start.elapsed();
-            child.wait().unwrap();
-            if i >= runs / 10 {
-                to_spawned.push(spawned.as_secs_f64() * 1e6);
-                to_byte.push(byte.as_secs_f64() * 1e6);
+        for pool in [0usize, 4] {
+            let zygote = Running::zygote_with_pool(mb, false, pool);
+            let client = zygote.client();
+            let via = if pool > 0 { "pooled worker" } else { "worker" };
+            let runs = report.runs(if mb >= 512 { 60 } else { 200 });
+            let mut to_spawned = Vec::with_capacity(runs);
+            let mut to_byte = Vec::with_capacity(runs);
+            for i in 0..runs + runs / 10 {
+                // With a pool, measure a hit: wait until it is full again (the
+                // refill runs when the server is idle).
+                while pool > 0 && client.status().unwrap().pools[0].idle < pool as u32 {
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+                let start = Instant::now();
+                let mut child = client
+                    .worker("first_byte")
+                    .stdout(FsStdio::piped())
+                    .spawn()
+                    .unwrap();
+                let spawned = start.elapsed();
+                child
+                    .stdout
+                    .as_mut()
+                    .unwrap()
+                    .read_exact(&mut [0u8; 1])
+                    .unwrap();
+                let byte = start.elapsed();
+                child.wait().unwrap();
+                if i >= runs / 10 {
+                    to_spawned.push(spawned.as_secs_f64() * 1e6);
+                    to_byte.push(byte.as_secs_f64() * 1e6);
+                }
             }
+            report.add_samples(
+                "worker",
+                format!("{via}, {mb} MB preload: request -> Spawned"),
+                &mut to_spawned,
+                "µs",
+            );
+            report.add_samples(
+                "worker",
+                format!("{via}, {mb} MB preload: request -> first byte"),
+                &mut to_byte,
+                "µs",
+            );
         }
-        report.add_samples(
-            "worker",
-            format!("worker, {mb} MB preload: request -> Spawned"),
-            &mut to_spawned,
-            "µs",
-        );
-        report.add_samples(
-            "worker",
-            format!("worker, {mb} MB preload: request -> first byte"),
-            &mut to_byte,
-            "µs",
-        );
         let cold_runs = report.runs(if mb >= 512 { 10 } else { 40 });
         report.time(
             "worker",
@@ -523,6 +581,9 @@ fn harness() {
     );
     drop(zygote);
 
+    // The IPC floor: one request/reply with 3 fds each way.
+    seqpacket_round_trip(&mut report);
+
     print_table(&report);
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-results.json");
     std::fs::write(&path, serde_json::to_string_pretty(&report.rows).unwrap()).unwrap();
@@ -561,6 +622,17 @@ fn print_table(report: &Report) {
         exec_big / exec_small,
         fork_exec_big / exec_big
     );
+    let ipc = m("SEQPACKET round trip, 3 fds each way");
+    for mb in [0, 512] {
+        println!(
+            "- {mb} MB: pooled worker Spawned = {:.0} µs ({:.1}x a 3-fd SEQPACKET round trip) vs forked worker {:.0} µs ({:.1}x faster)",
+            m(&format!("pooled worker, {mb} MB preload: request -> Spawned")),
+            m(&format!("pooled worker, {mb} MB preload: request -> Spawned")) / ipc,
+            m(&format!("worker, {mb} MB preload: request -> Spawned")),
+            m(&format!("worker, {mb} MB preload: request -> Spawned"))
+                / m(&format!("pooled worker, {mb} MB preload: request -> Spawned"))
+        );
+    }
     println!(
         "- fork at 512 MB: 4 KiB pages / huge pages = {:.1}",
         m("raw fork, 512 MB touched in 4 KiB pages") / m("raw fork, 512 MB touched in huge pages")

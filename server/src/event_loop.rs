@@ -78,6 +78,8 @@ pub(crate) struct EventLoop {
     pools: Pools,
     /// After a failed refill, no refill before this.
     refill_paused_until: Option<Instant>,
+    /// Children whose start (exec or worker setup) is not yet reported.
+    starting: usize,
     /// Our own uid and whether we are root (children then run as their peer).
     server_uid: u32,
     started: Instant,
@@ -122,6 +124,7 @@ impl EventLoop {
             failures: 0,
             pools: Pools::new(&options.pools),
             refill_paused_until: None,
+            starting: 0,
             server_uid: sys::getuid(),
             started: Instant::now(),
         })
@@ -140,7 +143,10 @@ impl EventLoop {
                 .into_iter()
                 .flatten()
                 .min();
+            // Never while a spawn waits to be reported: a refill's fork would
+            // delay its `Spawned`.
             let refill_due = self.listener.is_some()
+                && self.starting == 0
                 && self.pools.short().is_some()
                 && self
                     .refill_paused_until
@@ -606,6 +612,7 @@ impl EventLoop {
             .expect("a connection stays open while its request is handled");
         conn.children.insert(request.id, started.pid);
         conn.pending += 1;
+        self.starting += 1;
         self.spawns += 1;
         self.children.insert(
             started.pid,
@@ -796,6 +803,7 @@ impl EventLoop {
         };
         let _ = self.epoll.delete(&error_pipe);
         drop(error_pipe);
+        self.starting -= 1;
         let (owner, id, early_exit) = (record.owner, record.id, record.early_exit);
         let reply = match outcome {
             ExecOutcome::Exec => {
