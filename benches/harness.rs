@@ -252,6 +252,33 @@ fn fork_exec_true() {
     }
 }
 
+/// `/bin/true` spawned to exit three ways from this process as it is now:
+/// through the server, with std::process::Command, and with fork+exec.
+fn exec_rows(report: &mut Report, client: &Client, client_kind: &str, runs: usize) {
+    report.time(
+        "exec",
+        format!("/bin/true via forkserver ({client_kind})"),
+        runs,
+        || {
+            client.command("/bin/true").status().unwrap();
+        },
+    );
+    report.time(
+        "exec",
+        format!("/bin/true via std::process::Command ({client_kind})"),
+        runs,
+        || {
+            Command::new("/bin/true").status().unwrap();
+        },
+    );
+    report.time(
+        "exec",
+        format!("/bin/true via fork+exec ({client_kind})"),
+        runs,
+        fork_exec_true,
+    );
+}
+
 /// A SEQPACKET request and reply carrying 3 fds each way, with a thread as
 /// the peer: what a pooled spawn cannot go below.
 fn seqpacket_round_trip(report: &mut Report) {
@@ -423,28 +450,7 @@ fn harness() {
     let stock = Running::start(std::path::Path::new(env!("CARGO_BIN_EXE_forkserver")), &[]);
     let client = stock.client();
     let n = report.runs(300);
-    report.time(
-        "exec",
-        "/bin/true via forkserver (small client)".into(),
-        n,
-        || {
-            client.command("/bin/true").status().unwrap();
-        },
-    );
-    report.time(
-        "exec",
-        "/bin/true via std::process::Command (small client)".into(),
-        n,
-        || {
-            Command::new("/bin/true").status().unwrap();
-        },
-    );
-    report.time(
-        "exec",
-        "/bin/true via fork+exec (small client)".into(),
-        n,
-        fork_exec_true,
-    );
+    exec_rows(&mut report, &client, "small client", n);
     {
         // A big client: 4 GB touched and 8 busy threads.
         let big: Vec<u8> = (0..4usize << 30).map(|i| i as u8).collect();
@@ -462,28 +468,7 @@ fn harness() {
             })
             .collect();
         let n = report.runs(100);
-        report.time(
-            "exec",
-            "/bin/true via forkserver (4 GB, 8 busy threads)".into(),
-            n,
-            || {
-                client.command("/bin/true").status().unwrap();
-            },
-        );
-        report.time(
-            "exec",
-            "/bin/true via std::process::Command (4 GB, 8 busy threads)".into(),
-            n,
-            || {
-                Command::new("/bin/true").status().unwrap();
-            },
-        );
-        report.time(
-            "exec",
-            "/bin/true via fork+exec (4 GB, 8 busy threads)".into(),
-            n,
-            fork_exec_true,
-        );
+        exec_rows(&mut report, &client, "4 GB, 8 busy threads", n);
         stop.store(true, Ordering::Relaxed);
         busy.into_iter().for_each(|t| {
             t.join().unwrap();
