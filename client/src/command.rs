@@ -1,7 +1,6 @@
 //! [`Command`]: a `std::process::Command` whose process the server starts.
 
-use std::collections::BTreeMap;
-use std::ffi::{OsStr, OsString};
+use std::ffi::OsStr;
 use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
@@ -83,31 +82,13 @@ stdio_from_child_pipe! { std::process::ChildStdin std::process::ChildStdout std:
 #[derive(Debug)]
 pub struct Command {
     connection: Arc<Connection>,
-    what: What,
-    arg0: Option<OsString>,
-    args: Vec<OsString>,
-    env_clear: bool,
-    env: BTreeMap<OsString, Option<OsString>>,
-    cwd: Option<OsString>,
+    /// The request as built so far; its id, stdio and fd mappings are
+    /// filled in at spawn time, when the fds are at hand.
+    request: Spawn,
     stdin: Option<Stdio>,
     stdout: Option<Stdio>,
     stderr: Option<Stdio>,
     fds: Vec<(i32, OwnedFd)>,
-    new_session: bool,
-    on_disconnect: OnDisconnect,
-    die_with_server: bool,
-    no_new_privs: bool,
-    user: Option<RunAs>,
-}
-
-/// What a command runs.
-#[derive(Debug)]
-enum What {
-    Program(OsString),
-    Worker {
-        name: String,
-        payload: Option<rmpv::Value>,
-    },
 }
 
 impl std::fmt::Debug for Connection {
@@ -120,43 +101,39 @@ impl std::fmt::Debug for Connection {
 
 impl Command {
     pub(crate) fn new(connection: Arc<Connection>, program: &OsStr) -> Command {
-        Command::with(connection, What::Program(program.to_owned()))
+        Command::with(connection, Spawn::exec(0, program, Vec::new()))
     }
 
     pub(crate) fn new_worker(connection: Arc<Connection>, name: &str) -> Command {
-        Command::with(
-            connection,
-            What::Worker {
-                name: name.to_owned(),
-                payload: None,
-            },
-        )
+        let mut request = Spawn::exec(0, "", Vec::new());
+        request.target = Target::Worker {
+            name: name.to_owned(),
+            args: Vec::new(),
+            payload: None,
+        };
+        Command::with(connection, request)
     }
 
-    fn with(connection: Arc<Connection>, what: What) -> Command {
+    fn with(connection: Arc<Connection>, request: Spawn) -> Command {
         Command {
             connection,
-            what,
-            arg0: None,
-            args: Vec::new(),
-            env_clear: false,
-            env: BTreeMap::new(),
-            cwd: None,
+            request,
             stdin: None,
             stdout: None,
             stderr: None,
             fds: Vec::new(),
-            new_session: true,
-            on_disconnect: OnDisconnect::Kill,
-            die_with_server: false,
-            no_new_privs: false,
-            user: None,
+        }
+    }
+
+    fn args_mut(&mut self) -> &mut Vec<WireStr> {
+        match &mut self.request.target {
+            Target::Exec { args, .. } | Target::Worker { args, .. } => args,
         }
     }
 
     /// Adds an argument.
     pub fn arg(&mut self, arg: impl AsRef<OsStr>) -> &mut Command {
-        self.args.push(arg.as_ref().to_owned());
+        self.args_mut().push(arg.as_ref().into());
         self
     }
 
@@ -166,15 +143,17 @@ impl Command {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        self.args
-            .extend(args.into_iter().map(|a| a.as_ref().to_owned()));
+        self.args_mut()
+            .extend(args.into_iter().map(|a| a.as_ref().into()));
         self
     }
 
     /// Sets argv\[0\] (the program name the child sees); the program itself by
     /// default. Ignored for workers.
-    pub fn arg0(&mut self, arg0: impl AsRef<OsStr>) -> &mut Command {
-        self.arg0 = Some(arg0.as_ref().to_owned());
+    pub fn arg0(&mut self, name: impl AsRef<OsStr>) -> &mut Command {
+        if let Target::Exec { arg0, .. } = &mut self.request.target {
+            *arg0 = Some(name.as_ref().into());
+        }
         self
     }
 
@@ -186,7 +165,7 @@ impl Command {
         &mut self,
         value: &T,
     ) -> Result<&mut Command, Error> {
-        let What::Worker { payload, .. } = &mut self.what else {
+        let Target::Worker { payload, .. } = &mut self.request.target else {
             return Err(Error::Protocol(
                 "a payload is for workers; a program gets args and env".into(),
             ));
@@ -201,8 +180,9 @@ impl Command {
 
     /// Sets an environment variable in the child.
     pub fn env(&mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> &mut Command {
-        self.env
-            .insert(key.as_ref().to_owned(), Some(value.as_ref().to_owned()));
+        self.request
+            .env
+            .insert(key.as_ref().into(), Some(value.as_ref().into()));
         self
     }
 
@@ -221,22 +201,22 @@ impl Command {
 
     /// Removes a variable from the child's environment.
     pub fn env_remove(&mut self, key: impl AsRef<OsStr>) -> &mut Command {
-        self.env.insert(key.as_ref().to_owned(), None);
+        self.request.env.insert(key.as_ref().into(), None);
         self
     }
 
     /// Starts the child with an empty environment (plus what `env` sets
     /// afterwards). Like std, this also forgets earlier `env` calls.
     pub fn env_clear(&mut self) -> &mut Command {
-        self.env_clear = true;
-        self.env.clear();
+        self.request.env_clear = true;
+        self.request.env.clear();
         self
     }
 
     /// Sets the child's working directory. A relative path is relative to
     /// the server's working directory, not this process's.
     pub fn current_dir(&mut self, dir: impl AsRef<Path>) -> &mut Command {
-        self.cwd = Some(dir.as_ref().as_os_str().to_owned());
+        self.request.cwd = Some(dir.as_ref().as_os_str().into());
         self
     }
 
@@ -266,14 +246,14 @@ impl Command {
 
     /// Whether the child starts in a new session (`setsid`); true by default.
     pub fn new_session(&mut self, on: bool) -> &mut Command {
-        self.new_session = on;
+        self.request.new_session = on;
         self
     }
 
     /// Whether the child keeps running when this connection closes (it is
     /// killed by default).
     pub fn detach(&mut self, on: bool) -> &mut Command {
-        self.on_disconnect = if on {
+        self.request.on_disconnect = if on {
             OnDisconnect::Detach
         } else {
             OnDisconnect::Kill
@@ -284,14 +264,14 @@ impl Command {
     /// Whether the child is SIGKILLed if the server dies
     /// (`PR_SET_PDEATHSIG`); off by default.
     pub fn die_with_server(&mut self, on: bool) -> &mut Command {
-        self.die_with_server = on;
+        self.request.die_with_server = on;
         self
     }
 
     /// Whether the child runs with `PR_SET_NO_NEW_PRIVS`: no exec can grant
     /// it privileges (setuid bits, file capabilities). Off by default.
     pub fn no_new_privs(&mut self, on: bool) -> &mut Command {
-        self.no_new_privs = on;
+        self.request.no_new_privs = on;
         self
     }
 
@@ -299,7 +279,7 @@ impl Command {
     /// client is root (a root server runs everyone else's children as
     /// themselves).
     pub fn user(&mut self, uid: u32, gid: u32, groups: &[u32]) -> &mut Command {
-        self.user = Some(RunAs {
+        self.request.user = Some(RunAs {
             uid,
             gid,
             groups: groups.to_vec(),
@@ -366,9 +346,9 @@ impl Command {
                 message,
                 ..
             } => Err(Error::SpawnFailed {
-                program: match &self.what {
-                    What::Program(program) => program.to_string_lossy().into_owned(),
-                    What::Worker { name, .. } => name.clone(),
+                program: match &self.request.target {
+                    Target::Exec { program, .. } => program.to_string(),
+                    Target::Worker { name, .. } => name.clone(),
                 },
                 kind,
                 errno,
@@ -397,40 +377,9 @@ impl Command {
                 target: *target,
             });
         }
-        let wire = |s: &OsString| WireStr::from(s.as_os_str());
-        let args = self.args.iter().map(wire).collect();
-        let target = match &self.what {
-            What::Program(program) => Target::Exec {
-                program: wire(program),
-                args,
-                arg0: self.arg0.as_ref().map(wire),
-            },
-            What::Worker { name, payload } => Target::Worker {
-                name: name.clone(),
-                args,
-                payload: payload.clone(),
-            },
-        };
-        let request = Spawn {
-            id: 0,
-            target,
-            env_clear: self.env_clear,
-            env: self
-                .env
-                .iter()
-                .map(|(k, v)| (wire(k), v.as_ref().map(wire)))
-                .collect(),
-            cwd: self.cwd.as_ref().map(wire),
-            stdin,
-            stdout,
-            stderr,
-            fds: mappings,
-            new_session: self.new_session,
-            on_disconnect: self.on_disconnect,
-            die_with_server: self.die_with_server,
-            no_new_privs: self.no_new_privs,
-            user: self.user.clone(),
-        };
+        let mut request = self.request.clone();
+        (request.stdin, request.stdout, request.stderr) = (stdin, stdout, stderr);
+        request.fds = mappings;
         (request, fds)
     }
 }
