@@ -252,6 +252,23 @@ fn fork_exec_true() {
     }
 }
 
+/// Starts this binary as a cold process that builds an `mb` MB preload
+/// itself, and returns once it has written its first byte. With `idle` it
+/// then waits for its stdin to close.
+fn start_cold(mb: usize, idle: bool) -> OsChild {
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .env("FS_BENCH_ROLE", "cold")
+        .env("FS_BENCH_MB", mb.to_string())
+        .env("FS_BENCH_IDLE", (idle as u8).to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.as_mut().unwrap();
+    stdout.read_exact(&mut [0u8; 1]).unwrap();
+    child
+}
+
 /// `/bin/true` spawned to exit three ways from this process as it is now:
 /// through the server, with std::process::Command, and with fork+exec.
 fn exec_rows(report: &mut Report, client: &Client, client_kind: &str, runs: usize) {
@@ -342,7 +359,6 @@ fn harness() {
         rows: Vec::new(),
         quick,
     };
-    let me = std::env::current_exe().unwrap();
     eprintln!("{:<60} {:>12} {:>12}", "measurement", "median", "p90");
 
     // 1. Worker spawn latency against raw fork and a cold start.
@@ -406,19 +422,7 @@ fn harness() {
             format!("Command of a cold start, {mb} MB preload -> first byte"),
             cold_runs,
             || {
-                let mut child = Command::new(&me)
-                    .env("FS_BENCH_ROLE", "cold")
-                    .env("FS_BENCH_MB", mb.to_string())
-                    .stdout(Stdio::piped())
-                    .spawn()
-                    .unwrap();
-                child
-                    .stdout
-                    .as_mut()
-                    .unwrap()
-                    .read_exact(&mut [0u8; 1])
-                    .unwrap();
-                child.wait().unwrap();
+                start_cold(mb, false).wait().unwrap();
             },
         );
     }
@@ -526,27 +530,7 @@ fn harness() {
         drop(w.stdin.take());
         w.wait().unwrap();
     }
-    let mut cold: Vec<_> = (0..32)
-        .map(|_| {
-            let mut child = Command::new(&me)
-                .envs([
-                    ("FS_BENCH_ROLE", "cold"),
-                    ("FS_BENCH_MB", "256"),
-                    ("FS_BENCH_IDLE", "1"),
-                ])
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .spawn()
-                .unwrap();
-            child
-                .stdout
-                .as_mut()
-                .unwrap()
-                .read_exact(&mut [0u8; 1])
-                .unwrap();
-            child
-        })
-        .collect();
+    let mut cold: Vec<_> = (0..32).map(|_| start_cold(256, true)).collect();
     let cold_pss: u64 = cold.iter().map(|c| pss_kb(c.id())).sum();
     for c in &mut cold {
         drop(c.stdin.take());
