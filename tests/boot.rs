@@ -33,9 +33,15 @@ fn serves_on_a_socket_passed_by_systemd() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("activated.sock");
     let mut activator = KillOnDrop(socket_activate(true, &socket));
-    wait_until("systemd-socket-activate listens", || socket.exists());
-    // The first connection starts the server, which inherits the socket.
-    let client = Client::connect(&socket).unwrap();
+    // The socket file appears at bind(), a moment before listen(): retry
+    // until a connection is taken. The first one starts the server, which
+    // inherits the socket.
+    let mut client = None;
+    wait_until("systemd-socket-activate listens", || {
+        client = Client::connect(&socket).ok();
+        client.is_some()
+    });
+    let client = client.unwrap();
     assert_eq!(
         client.server().pid,
         activator.0.id(),
@@ -59,8 +65,12 @@ fn a_stream_socket_from_systemd_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("stream.sock");
     let mut activator = KillOnDrop(socket_activate(false, &socket));
-    wait_until("systemd-socket-activate listens", || socket.exists());
-    let _trigger = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    // Retry until listen() has happened (the file appears at bind()).
+    let mut trigger = None;
+    wait_until("systemd-socket-activate listens", || {
+        trigger = std::os::unix::net::UnixStream::connect(&socket).ok();
+        trigger.is_some()
+    });
     let mut stderr = String::new();
     std::io::Read::read_to_string(&mut activator.0.stderr.take().unwrap(), &mut stderr).unwrap();
     let status = activator.0.wait().unwrap();
