@@ -323,3 +323,34 @@ fn the_zygote_and_client_examples_agree_with_the_cold_path() {
     );
     assert_eq!(warm.stdout, cold.stdout);
 }
+
+#[test]
+fn a_server_that_became_multithreaded_refuses_to_fork() {
+    let server = zygote(&[("FIXTURE_LATE_THREAD", "1")]);
+    let client = server.client();
+    assert_eq!(client.worker("answer").output().unwrap().stdout, b"42\n");
+    server.signal(libc::SIGUSR2);
+    wait_until("the late thread exists", || threads_of(server.pid()) == 2);
+    match client.worker("answer").spawn() {
+        Err(Error::SpawnFailed {
+            kind: ErrorKind::Threads,
+            message,
+            ..
+        }) => {
+            assert!(
+                message.contains("'late-thread'") && message.contains("deadlock"),
+                "{message}"
+            )
+        }
+        other => panic!("expected a refusal to fork, got {other:?}"),
+    }
+    match client.command("true").spawn() {
+        Err(Error::SpawnFailed {
+            kind: ErrorKind::Threads,
+            ..
+        }) => {}
+        other => panic!("exec spawns are refused too, got {other:?}"),
+    }
+    // It still answers everything that does not fork.
+    assert_eq!(client.status().unwrap().pid, server.pid());
+}
