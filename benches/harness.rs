@@ -300,20 +300,8 @@ fn exec_rows(report: &mut Report, client: &Client, client_kind: &str, runs: usiz
 /// the peer: what a pooled spawn cannot go below.
 fn seqpacket_round_trip(report: &mut Report) {
     use forkserver::protocol::{recv_datagram, send_datagram};
-    use std::os::fd::{AsFd, FromRawFd, OwnedFd};
-    let mut pair = [0; 2];
-    // SAFETY: pair has room for the two fds socketpair writes.
-    let rc = unsafe {
-        libc::socketpair(
-            libc::AF_UNIX,
-            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
-            0,
-            pair.as_mut_ptr(),
-        )
-    };
-    assert_eq!(rc, 0);
-    // SAFETY: socketpair succeeded; both fds are new and ours.
-    let (ours, theirs) = unsafe { (OwnedFd::from_raw_fd(pair[0]), OwnedFd::from_raw_fd(pair[1])) };
+    use std::os::fd::AsFd;
+    let (ours, theirs) = forkserver::protocol::seqpacket_pair().unwrap();
     let peer = std::thread::spawn(move || {
         while let Ok(Some(request)) = recv_datagram(theirs.as_fd(), 256, 8, 0) {
             let fds: Vec<_> = request.fds.iter().map(|fd| fd.as_fd()).collect();

@@ -74,13 +74,22 @@ pub(crate) fn status(args: StatusArgs) -> ExitCode {
         Ok(report) => report,
         Err(e) => return failed(&e),
     };
-    if args.json {
+    print_json_or(args.json, &report, status_text)
+}
+
+/// Prints `value` as JSON, or as the text `text` makes of it.
+fn print_json_or<T: serde::Serialize + ?Sized>(
+    json: bool,
+    value: &T,
+    text: impl FnOnce(&T) -> String,
+) -> ExitCode {
+    if json {
         println!(
             "{}",
-            serde_json::to_string_pretty(&report).expect("a report serializes")
+            serde_json::to_string_pretty(value).expect("replies serialize")
         );
     } else {
-        print!("{}", status_text(&report));
+        print!("{}", text(value));
     }
     ExitCode::SUCCESS
 }
@@ -115,15 +124,7 @@ pub(crate) fn ps(args: PsArgs) -> ExitCode {
         Ok(children) => children,
         Err(e) => return failed(&e),
     };
-    if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&children).expect("a list serializes")
-        );
-    } else {
-        print!("{}", ps_table(&children));
-    }
-    ExitCode::SUCCESS
+    print_json_or(args.json, children.as_slice(), ps_table)
 }
 
 fn ps_table(children: &[ChildInfo]) -> String {

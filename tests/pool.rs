@@ -2,12 +2,9 @@
 //! off the critical path, flushed on SIGHUP, and indistinguishable (fds,
 //! env, cwd, credentials) from freshly forked workers.
 
-use std::os::unix::fs::PermissionsExt;
-use std::process::Command;
-
 use forkserver::client::Stdio;
 
-use crate::util::{children_of, example, fds_of, wait_until, Server, FORKSERVER};
+use crate::util::{children_of, example, fds_of, wait_until, Server};
 
 fn pooled(pools: &[&str], extra: &[&str]) -> Server {
     let mut args = Vec::new();
@@ -123,18 +120,9 @@ fn a_pool_child_rechecks_who_it_becomes() {
     // A root server, a pooled worker, a client that is nobody: the pool
     // child (root while idle) must become nobody.
     let server = pooled(&["ids=1"], &["--group", "nogroup", "--allow-uid", "nobody"]);
-    std::fs::set_permissions(server.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let cli = server.dir.path().join("forkserver-cli");
-    std::fs::copy(FORKSERVER, &cli).unwrap();
+    let cli = crate::util::open_to_nobody(&server);
     wait_full(&server, 1);
-    let output = Command::new("setpriv")
-        .args(["--reuid=nobody", "--regid=nogroup", "--init-groups", "--"])
-        .arg(&cli)
-        .args(["spawn", "--worker", "ids", "--socket"])
-        .arg(&server.socket)
-        .current_dir("/")
-        .output()
-        .unwrap();
+    let output = crate::util::cli_as_nobody(&server, &cli, "spawn", &["--worker", "ids"]);
     assert_eq!(
         String::from_utf8_lossy(&output.stdout),
         "65534 65534\n",

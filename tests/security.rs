@@ -27,25 +27,13 @@ fn server_for_nobody(extra_args: &[&str]) -> (Server, PathBuf) {
     let mut args = vec!["--group", "nogroup"];
     args.extend_from_slice(extra_args);
     let server = Server::start_with(&args);
-    std::fs::set_permissions(server.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let cli = server.dir.path().join("forkserver-cli");
-    std::fs::copy(FORKSERVER, &cli).unwrap();
-    std::fs::set_permissions(&cli, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let cli = crate::util::open_to_nobody(&server);
     (server, cli)
 }
 
 /// Runs `CLI spawn --socket S ARGS…` as user nobody.
 fn spawn_as_nobody(server: &Server, cli: &Path, args: &[&str]) -> Output {
-    Command::new("setpriv")
-        .args(["--reuid=nobody", "--regid=nogroup", "--init-groups", "--"])
-        .arg(cli)
-        .arg("spawn")
-        .arg("--socket")
-        .arg(&server.socket)
-        .args(args)
-        .current_dir("/")
-        .output()
-        .expect("setpriv (util-linux) must be installed")
+    crate::util::cli_as_nobody(server, cli, "spawn", args)
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -208,15 +196,8 @@ fn a_user_cannot_see_or_kill_another_user_s_children() {
         .spawn()
         .unwrap();
     let as_nobody = |args: &[&str]| {
-        Command::new("setpriv")
-            .args(["--reuid=nobody", "--regid=nogroup", "--init-groups", "--"])
-            .arg(&cli)
-            .args(args)
-            .arg("--socket")
-            .arg(&server.socket)
-            .current_dir("/")
-            .output()
-            .unwrap()
+        let (command, rest) = args.split_first().unwrap();
+        crate::util::cli_as_nobody(&server, &cli, command, rest)
     };
     let pid = roots.id().to_string();
     let output = as_nobody(&["kill", &pid]);

@@ -168,6 +168,37 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// Lets user nobody reach `server`: opens its directory for traversal and
+/// copies the CLI there (the build tree may be closed to others). Returns the
+/// copy. The socket's own mode must admit nobody too (`--group nogroup`).
+pub fn open_to_nobody(server: &Server) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(server.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let cli = server.dir.path().join("forkserver-cli");
+    fs::copy(FORKSERVER, &cli).unwrap();
+    fs::set_permissions(&cli, fs::Permissions::from_mode(0o755)).unwrap();
+    cli
+}
+
+/// Runs `CLI COMMAND --socket S ARGS…` as user nobody (setpriv(1)).
+pub fn cli_as_nobody(
+    server: &Server,
+    cli: &Path,
+    command: &str,
+    args: &[&str],
+) -> std::process::Output {
+    Command::new("setpriv")
+        .args(["--reuid=nobody", "--regid=nogroup", "--init-groups", "--"])
+        .arg(cli)
+        .arg(command)
+        .arg("--socket")
+        .arg(&server.socket)
+        .args(args)
+        .current_dir("/")
+        .output()
+        .expect("setpriv (util-linux) must be installed")
+}
+
 /// A fresh temp dir for a test's server.
 pub fn new_dir() -> TempDir {
     tempfile::Builder::new()

@@ -178,22 +178,6 @@ mod tests {
     use std::os::fd::AsFd;
     use std::os::unix::net::UnixStream;
 
-    fn seqpacket_pair() -> (OwnedFd, OwnedFd) {
-        let mut fds = [0; 2];
-        // SAFETY: fds has room for the two descriptors socketpair writes.
-        let rc = unsafe {
-            libc::socketpair(
-                libc::AF_UNIX,
-                libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
-                0,
-                fds.as_mut_ptr(),
-            )
-        };
-        assert_eq!(rc, 0, "{}", io::Error::last_os_error());
-        // SAFETY: socketpair succeeded, so both fds are new and ours.
-        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
-    }
-
     fn is_cloexec(fd: BorrowedFd<'_>) -> bool {
         // SAFETY: F_GETFD on a valid fd has no side effects.
         let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFD) };
@@ -202,7 +186,7 @@ mod tests {
 
     #[test]
     fn bytes_and_fds_arrive_together_and_cloexec() {
-        let (a, b) = seqpacket_pair();
+        let (a, b) = crate::seqpacket_pair().unwrap();
         let (x, _y) = UnixStream::pair().unwrap();
         send_datagram(a.as_fd(), b"hello", &[x.as_fd(), x.as_fd()], 0).unwrap();
         let got = recv_datagram(b.as_fd(), 64, 4, 0).unwrap().unwrap();
@@ -214,7 +198,7 @@ mod tests {
 
     #[test]
     fn oversize_payload_and_fd_list_are_flagged() {
-        let (a, b) = seqpacket_pair();
+        let (a, b) = crate::seqpacket_pair().unwrap();
         let (x, _y) = UnixStream::pair().unwrap();
         let fds = [x.as_fd(); 5];
         send_datagram(a.as_fd(), &[7u8; 100], &fds, 0).unwrap();
@@ -227,7 +211,7 @@ mod tests {
 
     #[test]
     fn closed_peer_reads_as_none() {
-        let (a, b) = seqpacket_pair();
+        let (a, b) = crate::seqpacket_pair().unwrap();
         drop(a);
         assert!(recv_datagram(b.as_fd(), 10, 1, 0).unwrap().is_none());
     }

@@ -36,7 +36,9 @@ pub use message::{
     OnDisconnect, PoolInfo, RunAs, ServerMessage, Spawn, StatusReport, StdioSpec, Target,
 };
 pub use rmpv;
-pub use socket::{connect_seqpacket, default_socket_path, listen_seqpacket, per_user_socket_dir};
+pub use socket::{
+    connect_seqpacket, default_socket_path, listen_seqpacket, per_user_socket_dir, seqpacket_pair,
+};
 pub use wire_str::WireStr;
 
 /// The protocol version this crate speaks, sent in `Hello` and `Welcome`.

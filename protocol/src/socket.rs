@@ -103,6 +103,26 @@ pub fn listen_seqpacket(path: &Path, backlog: i32) -> io::Result<OwnedFd> {
     Ok(socket)
 }
 
+/// A connected pair of close-on-exec `SOCK_SEQPACKET` Unix sockets (for a
+/// server and a child it talks to, or for tests).
+pub fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: fds has room for the two descriptors socketpair writes.
+    let rc = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    };
+    if rc == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: socketpair succeeded, so both fds are new and ours alone.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
 /// Where client and server look for the socket when none is named:
 /// `$FORKSERVER_SOCKET`, else `$XDG_RUNTIME_DIR/forkserver.sock`, else
 /// `/tmp/forkserver-UID/forkserver.sock` (the server creates that directory

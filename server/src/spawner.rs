@@ -119,7 +119,7 @@ impl Spawner {
     /// Forks a prefork pool child that waits for an [`Assignment`] on its
     /// control socket, then becomes it.
     pub(crate) fn prefork(&self, limits: &Limits) -> Result<PoolChild, SpawnError> {
-        let (control, child_end) = sys::seqpacket_pair().map_err(|e| {
+        let (control, child_end) = forkserver_protocol::seqpacket_pair().map_err(|e| {
             SpawnError::os(ErrorKind::Resource, "creating a pool control socket", e)
         })?;
         let child_control = child_end.as_raw_fd();

@@ -188,19 +188,3 @@ pub(crate) fn socket_path(fd: RawFd) -> Option<std::path::PathBuf> {
         .collect();
     (!bytes.is_empty()).then(|| std::ffi::OsStr::from_bytes(&bytes).into())
 }
-
-/// A connected pair of close-on-exec `SOCK_SEQPACKET` Unix sockets.
-pub(crate) fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0; 2];
-    // SAFETY: fds has room for the two descriptors socketpair writes.
-    cvt(unsafe {
-        libc::socketpair(
-            libc::AF_UNIX,
-            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
-            0,
-            fds.as_mut_ptr(),
-        )
-    })?;
-    // SAFETY: socketpair succeeded, so both fds are new and ours alone.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
-}
