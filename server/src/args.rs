@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::{Level, ServeOptions};
+use crate::{Level, ServeOptions, ThreadPolicy};
 
 /// The flags of `forkserver serve`.
 #[derive(Debug, Clone, clap::Args)]
@@ -22,8 +22,13 @@ pub struct ServeArgs {
     pub kill_grace: f64,
     /// Fork even if this process has other threads (their locks would be
     /// copied mid-use and children could deadlock).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "allow_dormant_threads")]
     pub allow_threads: bool,
+    /// Fork even though preloads left threads, as long as each is asleep and
+    /// has not run since the preloads ended (checked before every fork; a
+    /// thread that wakes up makes forks fail with kind `threads`).
+    #[arg(long)]
+    pub allow_dormant_threads: bool,
     /// Load a shared library as module NAME at start (repeatable); clients
     /// run its `int SYMBOL(int argc, char **argv)` as worker NAME:SYMBOL.
     #[arg(long = "module", value_name = "NAME=PATH.so", value_parser = parse_module)]
@@ -49,6 +54,11 @@ pub struct ServeArgs {
     /// (Under systemd, NOTIFY_SOCKET is used instead, for Type=notify.)
     #[arg(long, value_name = "FD")]
     pub ready_fd: Option<i32>,
+    /// Stop (as on SIGTERM) once this fd reports end-of-file: give it the
+    /// read end of a pipe whose write end only the starting process holds,
+    /// and the server never outlives that process.
+    #[arg(long, value_name = "FD")]
+    pub lifeline_fd: Option<i32>,
     /// Log more: -v logs every spawn and exit (as FORKSERVER_LOG=debug).
     #[arg(short, long, action = clap::ArgAction::Count, conflicts_with = "quiet")]
     pub verbose: u8,
@@ -128,12 +138,17 @@ impl ServeArgs {
             .unwrap_or_else(forkserver_protocol::default_socket_path);
         let mut options = ServeOptions::new(socket);
         options.kill_grace = Duration::from_secs_f64(self.kill_grace);
-        options.allow_threads = self.allow_threads;
+        options.threads = match (self.allow_threads, self.allow_dormant_threads) {
+            (true, _) => ThreadPolicy::Allow,
+            (false, true) => ThreadPolicy::AllowDormant,
+            (false, false) => ThreadPolicy::Refuse,
+        };
         options.dylibs = self.modules.clone();
         options.policy.allow_uids = self.allow_uids.clone();
         options.policy.allow_gids = self.allow_gids.clone();
         options.group = self.group;
         options.ready_fd = self.ready_fd;
+        options.lifeline_fd = self.lifeline_fd;
         options.pools = self.pools.clone();
         // The flags win over FORKSERVER_LOG, which is read otherwise.
         options.log_level = match (self.verbose, self.quiet) {

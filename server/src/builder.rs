@@ -10,7 +10,7 @@ use clap::Parser;
 
 use crate::event_loop::EventLoop;
 use crate::log::{self, log, Level};
-use crate::modules::{ModuleSpecs, Modules};
+use crate::modules::{ModuleSpecs, Modules, WorkerFamily};
 use crate::readiness::Readiness;
 use crate::worker::WorkerContext;
 use crate::{child, listener, signals, threads, ServeArgs, ServeError, ServeOptions};
@@ -99,6 +99,26 @@ impl ServerBuilder {
         self
     }
 
+    /// Adds a family of workers: every target name that starts with `prefix`
+    /// (say `py:` for `py:MODULE:FUNCTION`). `check` runs in the server
+    /// before the fork and may refuse a name with a message (the client gets
+    /// `spawn_failed` of kind `unknown_worker`); `run` runs in the child like
+    /// any worker and reads the name from [`WorkerContext::target`].
+    /// Exact worker names win over families; the first matching family wins.
+    pub fn worker_family(
+        mut self,
+        prefix: &str,
+        check: impl Fn(&str) -> Result<(), String> + 'static,
+        run: impl Fn(&mut WorkerContext<'_>) -> i32 + 'static,
+    ) -> Self {
+        self.specs.families.push(WorkerFamily {
+            prefix: prefix.to_owned(),
+            check: Box::new(check),
+            run: Box::new(run),
+        });
+        self
+    }
+
     /// Keeps `size` idle children forked for worker `name` (as `--pool
     /// NAME=SIZE` does); a request for it skips the fork.
     pub fn pool(mut self, name: &str, size: u32) -> Self {
@@ -151,14 +171,10 @@ impl ServerBuilder {
                 child::MAX_MOVES - 3
             )));
         }
-        if let Err(e) = threads::ensure_single_threaded() {
-            if !options.allow_threads {
-                return Err(ServeError::MultiThreaded(e));
-            }
-            log!(Level::Warn, "--allow-threads: serving anyway although {e}");
-        }
+        threads::tolerate("before any preload", options.threads)
+            .map_err(ServeError::MultiThreaded)?;
         self.specs.dylibs.extend(options.dylibs.iter().cloned());
-        let modules = Modules::load(self.specs, options.allow_threads)?;
+        let modules = Modules::load(self.specs, options.threads)?;
         let signals = signals::SignalPipe::install()
             .map_err(|e| ServeError::Setup("installing signal handlers", e))?;
         let mut readiness = Readiness::from_env(options.ready_fd);

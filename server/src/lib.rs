@@ -76,7 +76,10 @@ pub use forkserver_protocol::Limits;
 pub use huge::HugePages;
 pub use log::{set_level, Level};
 pub use peer::PeerPolicy;
-pub use threads::{ensure_single_threaded, MultiThreaded, ThreadInfo};
+pub use threads::{
+    ensure_single_threaded, ensure_single_threaded_after_fork_handlers, MultiThreaded, ThreadInfo,
+    ThreadPolicy,
+};
 pub use worker::{PayloadError, WorkerContext};
 
 /// How to run a server.
@@ -90,9 +93,8 @@ pub struct ServeOptions {
     /// How long a child gets between SIGTERM and SIGKILL when its client
     /// disconnects or the server shuts down.
     pub kill_grace: Duration,
-    /// Fork even if the process has other threads. Unsafe for the children
-    /// (they may deadlock); off by default.
-    pub allow_threads: bool,
+    /// What the thread guard tolerates besides the server's own thread.
+    pub threads: ThreadPolicy,
     /// Dynamic modules to load at start: `(name, path to a shared library)`.
     pub dylibs: Vec<(String, PathBuf)>,
     /// Who may connect besides the server's uid and root.
@@ -101,6 +103,8 @@ pub struct ServeOptions {
     pub group: Option<u32>,
     /// Write a line to this fd (then close it) once ready.
     pub ready_fd: Option<i32>,
+    /// Stop once this fd (a pipe's read end) reports end-of-file.
+    pub lifeline_fd: Option<i32>,
     /// How much to log; `FORKSERVER_LOG` (default info) if None.
     pub log_level: Option<Level>,
     /// Prefork pools: `(worker, number of idle children to keep)`.
@@ -114,11 +118,12 @@ impl ServeOptions {
             socket,
             limits: Limits::default(),
             kill_grace: Duration::from_secs(5),
-            allow_threads: false,
+            threads: ThreadPolicy::Refuse,
             dylibs: Vec::new(),
             policy: PeerPolicy::default(),
             group: None,
             ready_fd: None,
+            lifeline_fd: None,
             log_level: None,
             pools: Vec::new(),
         }

@@ -14,18 +14,30 @@ use forkserver_protocol::{ModuleInfo, ModuleKind};
 
 use crate::dylib::{Dylib, EntryPoint};
 use crate::log::{log, Level};
-use crate::threads::{ensure_single_threaded, MultiThreaded};
+use crate::threads::{self, MultiThreaded, ThreadPolicy};
 use crate::worker::{Preloaded, WorkerFn};
 use crate::ServeError;
 
 /// Builds a module's value; `Err` fails the start with the module's name.
 pub(crate) type PreloadFn = Box<dyn FnOnce() -> Result<Box<dyn std::any::Any>, String>>;
 
+/// Refuses a worker family's target name before the fork, with a message.
+pub(crate) type NameCheck = Box<dyn Fn(&str) -> Result<(), String>>;
+
+/// Workers for every target name starting with `prefix`; see
+/// [`ServerBuilder::worker_family`](crate::ServerBuilder::worker_family).
+pub(crate) struct WorkerFamily {
+    pub(crate) prefix: String,
+    pub(crate) check: NameCheck,
+    pub(crate) run: WorkerFn,
+}
+
 /// What a builder collected, not yet run.
 #[derive(Default)]
 pub(crate) struct ModuleSpecs {
     pub(crate) preloads: Vec<(String, PreloadFn)>,
     pub(crate) workers: Vec<(String, WorkerFn)>,
+    pub(crate) families: Vec<WorkerFamily>,
     pub(crate) dylibs: Vec<(String, PathBuf)>,
 }
 
@@ -34,6 +46,7 @@ pub(crate) struct ModuleSpecs {
 pub(crate) struct Modules {
     pub(crate) preloaded: Preloaded,
     pub(crate) workers: HashMap<String, WorkerFn>,
+    families: Vec<WorkerFamily>,
     dylibs: HashMap<String, Dylib>,
     pub(crate) infos: Vec<ModuleInfo>,
 }
@@ -47,7 +60,7 @@ pub(crate) enum WorkerRef<'m> {
 impl Modules {
     /// Runs every preload and loads every dylib, in the order given, checking
     /// the thread guard after each.
-    pub(crate) fn load(specs: ModuleSpecs, allow_threads: bool) -> Result<Modules, ServeError> {
+    pub(crate) fn load(specs: ModuleSpecs, policy: ThreadPolicy) -> Result<Modules, ServeError> {
         let mut modules = Modules::default();
         for (name, preload) in specs.preloads {
             let started = Instant::now();
@@ -58,7 +71,7 @@ impl Modules {
                 message,
             })?;
             modules.preloaded.insert(name.clone(), value);
-            modules.finish(name, ModuleKind::Embedded, started, allow_threads)?;
+            modules.finish(name, ModuleKind::Embedded, started, policy)?;
         }
         for (name, path) in specs.dylibs {
             let started = Instant::now();
@@ -76,9 +89,10 @@ impl Modules {
                 }
             }
             modules.dylibs.insert(name.clone(), dylib);
-            modules.finish(name, ModuleKind::Dylib, started, allow_threads)?;
+            modules.finish(name, ModuleKind::Dylib, started, policy)?;
         }
         modules.workers = specs.workers.into_iter().collect();
+        modules.families = specs.families;
         Ok(modules)
     }
 
@@ -88,26 +102,19 @@ impl Modules {
         name: String,
         kind: ModuleKind,
         started: Instant,
-        allow_threads: bool,
+        policy: ThreadPolicy,
     ) -> Result<(), ServeError> {
         let preload_ms = started.elapsed().as_secs_f64() * 1000.0;
         log!(
             Level::Info,
             "preloaded module '{name}' in {preload_ms:.1} ms"
         );
-        if let Err(threads) = ensure_single_threaded() {
-            if !allow_threads {
-                return Err(ServeError::PreloadStartedThreads {
-                    module: name,
-                    threads,
-                });
+        threads::tolerate(&format!("after preloading '{name}'"), policy).map_err(|threads| {
+            ServeError::PreloadStartedThreads {
+                module: name.clone(),
+                threads,
             }
-            log!(
-                Level::Warn,
-                "--allow-threads: after preloading '{name}', {threads}. Serving anyway; children may deadlock.{}",
-                remedies(&threads)
-            );
-        }
+        })?;
         self.infos.push(ModuleInfo {
             name,
             kind,
@@ -121,6 +128,10 @@ impl Modules {
     pub(crate) fn find(&self, name: &str) -> Result<WorkerRef<'_>, String> {
         if let Some(worker) = self.workers.get(name) {
             return Ok(WorkerRef::Embedded(worker));
+        }
+        if let Some(family) = self.families.iter().find(|f| name.starts_with(&f.prefix)) {
+            (family.check)(name)?;
+            return Ok(WorkerRef::Embedded(&family.run));
         }
         let Some((module, symbol)) = name.split_once(':') else {
             return Err(format!(
@@ -142,10 +153,11 @@ impl Modules {
             .ok_or_else(|| format!("dynamic module '{module}' has no symbol '{symbol}'"))
     }
 
-    /// Embedded worker names, sorted.
+    /// Embedded worker names, sorted, then each family as `PREFIX*`.
     pub(crate) fn worker_names(&self) -> Vec<String> {
         let mut names: Vec<String> = self.workers.keys().cloned().collect();
         names.sort();
+        names.extend(self.families.iter().map(|f| format!("{}*", f.prefix)));
         names
     }
 

@@ -14,10 +14,11 @@ use forkserver_protocol::{ErrorKind, Limits, RunAs, Spawn, StdioSpec, Target, Wi
 
 use crate::child::{self, Action, CStringArray, ChildPlan, FailedStep};
 use crate::modules::{Modules, WorkerRef};
+use crate::threads::ForkGuard;
 use crate::peer::{child_credentials, Peer};
 use crate::pool::{Assignment, PoolChild};
 use crate::worker::WorkerContext;
-use crate::{sys, threads};
+use crate::sys;
 
 /// The highest fd number a client may ask for in the child.
 const MAX_FD_TARGET: i32 = 65535;
@@ -73,19 +74,19 @@ pub(crate) struct Spawner {
     dev_null: OwnedFd,
     /// The server's environment, read once at start.
     base_env: BTreeMap<Vec<u8>, Vec<u8>>,
-    /// Refuse to fork while other threads exist (the thread guard).
-    guard_threads: bool,
+    /// The thread guard, checked before every fork.
+    fork_guard: ForkGuard,
 }
 
 impl Spawner {
-    pub(crate) fn new(modules: Modules, guard_threads: bool) -> io::Result<Spawner> {
+    pub(crate) fn new(modules: Modules, fork_guard: ForkGuard) -> io::Result<Spawner> {
         Ok(Spawner {
             modules,
             dev_null: sys::open_rdwr(c"/dev/null")?,
             base_env: std::env::vars_os()
                 .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
                 .collect(),
-            guard_threads,
+            fork_guard,
         })
     }
 
@@ -240,10 +241,9 @@ impl Spawner {
         &self,
         in_child: impl FnOnce(RawFd) -> Infallible,
     ) -> Result<(libc::pid_t, OwnedFd, OwnedFd), SpawnError> {
-        if self.guard_threads {
-            threads::ensure_single_threaded()
-                .map_err(|e| SpawnError::new(ErrorKind::Threads, e.to_string()))?;
-        }
+        self.fork_guard
+            .check()
+            .map_err(|why| SpawnError::new(ErrorKind::Threads, why))?;
         let (error_read, error_write) = sys::pipe(true)
             .map_err(|e| SpawnError::os(ErrorKind::Resource, "creating the exec error pipe", e))?;
         let old_mask = sys::block_all_signals()
@@ -345,6 +345,7 @@ impl Spawner {
                             }
                         };
                         let context = WorkerContext {
+                            target: name.clone(),
                             args,
                             payload,
                             fd_targets,
@@ -600,7 +601,7 @@ mod tests {
 
     #[test]
     fn bad_requests_are_refused_before_any_fork() {
-        let spawner = Spawner::new(Modules::default(), false).unwrap();
+        let spawner = Spawner::new(Modules::default(), ForkGuard::Off).unwrap();
         let limits = Limits::default();
         let mut request = Spawn::exec(1, "true", vec!["a\0b".into()]);
         let err = spawner

@@ -5,9 +5,175 @@
 //! in the child, which then deadlocks the first time it touches one. So the
 //! server counts its threads in `/proc/self/task` at start and before every
 //! fork and refuses to fork when there is more than one.
+//!
+//! Two ways past that, chosen by the operator ([`ThreadPolicy`]):
+//! - *dormant* threads: asleep, and not scheduled once since the preloads
+//!   ended (their context-switch counts in `/proc/self/task/TID/status` have
+//!   not moved). A fork copies such a thread's memory exactly as it was when
+//!   it went to sleep, at a point where the server itself went on working.
+//!   Polars 2.x starts three like that at import (two jemalloc background
+//!   threads, its out-of-core cleaner). It is safe unless a thread went to
+//!   sleep holding a lock other code needs, which an idle pool waiting on a
+//!   condition variable does not (the wait releases the lock).
+//! - `--allow-threads`: no check at all.
 
 use std::fmt;
 use std::fs;
+
+use crate::log::{log, Level};
+
+/// What the server tolerates besides its own thread when it forks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ThreadPolicy {
+    /// Fork only while single-threaded (after fork handlers had their
+    /// chance to stop their pools; see
+    /// [`ensure_single_threaded_after_fork_handlers`]).
+    #[default]
+    Refuse,
+    /// Also fork while every other thread is dormant: asleep, and not run
+    /// since the preloads ended (`--allow-dormant-threads`).
+    AllowDormant,
+    /// Never check (`--allow-threads`); children may deadlock.
+    Allow,
+}
+
+/// Applies `policy` to the threads this process has now (`when` says when,
+/// for the log): Ok to go on serving, logging what was stopped or tolerated;
+/// Err names the threads that make forking unsafe.
+pub(crate) fn tolerate(when: &str, policy: ThreadPolicy) -> Result<(), MultiThreaded> {
+    let threads = match ensure_single_threaded_after_fork_handlers() {
+        Ok(stopped) if stopped.is_empty() => return Ok(()),
+        Ok(stopped) => {
+            log!(
+                Level::Info,
+                "{when}: {} thread(s) were stopped by their library's fork handler (pthread_atfork), so forking stays safe: {}",
+                stopped.len(),
+                names(&stopped)
+            );
+            return Ok(());
+        }
+        Err(threads) => threads,
+    };
+    match policy {
+        ThreadPolicy::Refuse => Err(threads),
+        ThreadPolicy::AllowDormant => match sleeping_threads() {
+            Ok(sleeping) => {
+                let sleeping: Vec<ThreadInfo> = sleeping.into_iter().map(|(t, _)| t).collect();
+                log!(
+                    Level::Info,
+                    "{when}: tolerating {} dormant thread(s) (--allow-dormant-threads): {}; a fork is refused once any of them runs",
+                    sleeping.len(),
+                    names(&sleeping)
+                );
+                Ok(())
+            }
+            Err(why) => {
+                log!(Level::Error, "{when}: {why}");
+                Err(threads)
+            }
+        },
+        ThreadPolicy::Allow => {
+            log!(
+                Level::Warn,
+                "--allow-threads: {when}, {threads}. Serving anyway; children may deadlock.{}",
+                crate::modules::remedies(&threads)
+            );
+            Ok(())
+        }
+    }
+}
+
+fn names(threads: &[ThreadInfo]) -> String {
+    threads
+        .iter()
+        .map(|t| format!("{} '{}'", t.tid, t.name))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The check made before every fork, armed once the preloads are done.
+#[derive(Debug)]
+pub(crate) enum ForkGuard {
+    Strict,
+    /// The threads tolerated and their context-switch counts when armed.
+    Dormant(Vec<(ThreadInfo, u64)>),
+    Off,
+}
+
+impl ForkGuard {
+    /// The guard for `policy`, recording the dormant threads now.
+    pub(crate) fn arm(policy: ThreadPolicy) -> Result<ForkGuard, String> {
+        Ok(match policy {
+            ThreadPolicy::Refuse => ForkGuard::Strict,
+            ThreadPolicy::Allow => ForkGuard::Off,
+            ThreadPolicy::AllowDormant => ForkGuard::Dormant(sleeping_threads()?),
+        })
+    }
+
+    /// Ok when forking now is allowed; otherwise says why not.
+    pub(crate) fn check(&self) -> Result<(), String> {
+        match self {
+            ForkGuard::Off => Ok(()),
+            ForkGuard::Strict => ensure_single_threaded().map_err(|e| e.to_string()),
+            ForkGuard::Dormant(armed) => {
+                if ensure_single_threaded().is_ok() {
+                    return Ok(());
+                }
+                let now = sleeping_threads()?;
+                for (thread, switches) in &now {
+                    match armed.iter().find(|(t, _)| t.tid == thread.tid) {
+                        None => {
+                            return Err(format!(
+                                "thread {} '{}' started after the preloads; forking now could copy a lock it holds",
+                                thread.tid, thread.name
+                            ))
+                        }
+                        Some((_, before)) if before != switches => {
+                            return Err(format!(
+                                "thread {} '{}' has run since the preloads ended, so it is no longer dormant; forking now could copy a lock it holds",
+                                thread.tid, thread.name
+                            ))
+                        }
+                        Some(_) => {}
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Every thread but the caller, with its context-switch count; an error
+/// names one that is not asleep.
+pub(crate) fn sleeping_threads() -> Result<Vec<(ThreadInfo, u64)>, String> {
+    let me = nix::unistd::gettid().as_raw() as u32;
+    let mut found = Vec::new();
+    for thread in list_threads().into_iter().filter(|t| t.tid != me) {
+        let status = fs::read_to_string(format!("/proc/self/task/{}/status", thread.tid));
+        // A thread that ended between the listing and now is no concern.
+        let Ok(status) = status else { continue };
+        let field = |key: &str| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix(key))
+                .map(str::trim)
+        };
+        if !field("State:").is_some_and(|state| state.starts_with('S')) {
+            return Err(format!(
+                "thread {} '{}' is not asleep (state {}); only sleeping threads can be tolerated",
+                thread.tid,
+                thread.name,
+                field("State:").unwrap_or("unknown")
+            ));
+        }
+        let switches = ["voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:"]
+            .iter()
+            .filter_map(|key| field(key)?.parse::<u64>().ok())
+            .sum();
+        found.push((thread, switches));
+    }
+    Ok(found)
+}
 
 /// A thread found in `/proc/self/task`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,6 +223,50 @@ pub fn ensure_single_threaded() -> Result<(), MultiThreaded> {
     })
 }
 
+/// Like [`ensure_single_threaded`], but threads a test fork makes go away do
+/// not count. Some libraries stop their thread pools in a `pthread_atfork`
+/// prepare handler and start them again only when next used (OpenBLAS, which
+/// numpy loads, does): after one fork such a process is single-threaded
+/// again, and the per-fork guard catches the pools if they ever come back.
+/// The probe child only calls `_exit`, so the threads' locks cannot hurt it.
+///
+/// Returns the threads the fork stopped (empty if there were none).
+pub fn ensure_single_threaded_after_fork_handlers() -> Result<Vec<ThreadInfo>, MultiThreaded> {
+    let Err(before) = ensure_single_threaded() else {
+        return Ok(Vec::new());
+    };
+    probe_fork();
+    // A stopped thread is joined before fork returns, but its /proc entry
+    // can outlive the join by a moment.
+    for _ in 0..20 {
+        if ensure_single_threaded().is_ok() {
+            let main = std::process::id();
+            return Ok(before.threads.into_iter().filter(|t| t.tid != main).collect());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    ensure_single_threaded().map(|()| Vec::new())
+}
+
+/// Forks a child that exits at once and reaps it, running the process's
+/// fork handlers.
+fn probe_fork() {
+    // SAFETY: the child calls only _exit, which is async-signal-safe; the
+    // parent waits for exactly that child, retrying on EINTR.
+    unsafe {
+        match libc::fork() {
+            0 => libc::_exit(0),
+            -1 => {}
+            pid => {
+                let mut status = 0;
+                while libc::waitpid(pid, &mut status, 0) == -1
+                    && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR)
+                {}
+            }
+        }
+    }
+}
+
 fn list_threads() -> Vec<ThreadInfo> {
     let Ok(entries) = fs::read_dir("/proc/self/task") else {
         return Vec::new();
@@ -98,6 +308,16 @@ mod tests {
         let err = ensure_single_threaded().unwrap_err();
         assert!(err.threads.iter().any(|t| t.name == "guard-probe"), "{err}");
         assert!(err.to_string().contains("deadlock"));
+        drop(tx);
+        handle.join().unwrap();
+    }
+
+    #[test]
+    fn a_thread_that_outlives_a_fork_still_counts() {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let handle = std::thread::spawn(move || rx.recv().ok());
+        let err = ensure_single_threaded_after_fork_handlers().unwrap_err();
+        assert!(err.threads.len() >= 2, "{err}");
         drop(tx);
         handle.join().unwrap();
     }

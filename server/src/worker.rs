@@ -17,6 +17,7 @@ pub(crate) type WorkerFn = Box<dyn Fn(&mut WorkerContext<'_>) -> i32>;
 /// and the preloaded modules. By the time the worker runs, its stdin,
 /// stdout, stderr, environment and working directory are in place.
 pub struct WorkerContext<'a> {
+    pub(crate) target: String,
     pub(crate) args: Vec<String>,
     pub(crate) payload: Option<Vec<u8>>,
     pub(crate) fd_targets: Vec<i32>,
@@ -24,6 +25,12 @@ pub struct WorkerContext<'a> {
 }
 
 impl WorkerContext<'_> {
+    /// The worker's name as the request gave it (for a worker family, the
+    /// whole name, prefix included).
+    pub fn target(&self) -> &str {
+        &self.target
+    }
+
     /// The arguments from the spawn request.
     pub fn args(&self) -> &[String] {
         &self.args

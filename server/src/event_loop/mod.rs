@@ -3,6 +3,7 @@
 //! Sources, each identified by the `u64` in its epoll event:
 //! - the listener ([`LISTENER`]) — accept new connections;
 //! - the signal pipe ([`SIGNALS`]) — reap children, shut down;
+//! - the lifeline fd, if any ([`LIFELINE`]) — shut down at its end-of-file;
 //! - each connection (`conn_token`) — read requests, flush queued replies;
 //! - each starting child's exec error pipe (`pipe_token`) — EOF means exec
 //!   succeeded (`Spawned`), a record means it failed (`SpawnFailed`).
@@ -38,6 +39,8 @@ mod starts;
 
 const LISTENER: u64 = 0;
 const SIGNALS: u64 = 1;
+/// `4 & 3` is no tag, and no connection or pipe token equals 4.
+const LIFELINE: u64 = 4;
 const TAG_CONN: u64 = 2;
 const TAG_PIPE: u64 = 3;
 
@@ -62,6 +65,8 @@ pub(crate) struct EventLoop {
     epoll: Epoll,
     listener: Option<Listener>,
     signals: SignalPipe,
+    /// `--lifeline-fd`: the starting process's pipe; its EOF stops us.
+    lifeline: Option<OwnedFd>,
     spawner: Spawner,
     limits: Limits,
     kill_grace: Duration,
@@ -102,17 +107,34 @@ impl EventLoop {
         epoll
             .add(&signals, EpollEvent::new(EpollFlags::EPOLLIN, SIGNALS))
             .map_err(setup("watching the signal pipe"))?;
+        let lifeline = match options.lifeline_fd {
+            Some(fd) => {
+                // SAFETY: the operator passed this fd for this purpose
+                // (--lifeline-fd); we are its only user from here on.
+                let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+                sys::set_cloexec_nonblocking(fd.as_raw_fd())
+                    .map_err(|e| ServeError::Setup("--lifeline-fd", e))?;
+                epoll
+                    .add(&fd, EpollEvent::new(EpollFlags::EPOLLIN, LIFELINE))
+                    .map_err(setup("watching --lifeline-fd"))?;
+                Some(fd)
+            }
+            None => None,
+        };
         for (worker, _) in &options.pools {
             modules
                 .find(worker)
                 .map_err(|why| ServeError::Config(format!("--pool {worker}: {why}")))?;
         }
-        let spawner = Spawner::new(modules, !options.allow_threads)
+        let fork_guard = crate::threads::ForkGuard::arm(options.threads)
+            .map_err(|why| ServeError::Config(format!("--allow-dormant-threads: {why}")))?;
+        let spawner = Spawner::new(modules, fork_guard)
             .map_err(|e| ServeError::Setup("opening /dev/null", e))?;
         Ok(EventLoop {
             epoll,
             listener: Some(listener),
             signals,
+            lifeline,
             spawner,
             limits: options.limits,
             kill_grace: options.kill_grace,
@@ -236,6 +258,7 @@ impl EventLoop {
         match (token, token & 3) {
             (LISTENER, _) => self.accept(),
             (SIGNALS, _) => self.handle_signals(),
+            (LIFELINE, _) => self.lifeline_ready(),
             (_, TAG_CONN) => self.connection_ready(token >> 2, flags),
             (_, TAG_PIPE) => self.exec_pipe_ready((token >> 2) as libc::pid_t),
             _ => log!(Level::Error, "event for unknown token {token}"),
@@ -257,6 +280,27 @@ impl EventLoop {
             self.pools.flush();
         }
         if arrived.terminate && self.listener.is_some() {
+            self.stop_requested = true;
+        }
+    }
+
+    /// The lifeline is readable: at end-of-file (or an error) the process
+    /// that started us is gone, so stop as on SIGTERM. Bytes written to it
+    /// mean nothing and are dropped.
+    fn lifeline_ready(&mut self) {
+        let Some(fd) = &self.lifeline else {
+            return;
+        };
+        let mut buf = [0u8; 64];
+        match nix::unistd::read(fd, &mut buf) {
+            Ok(n) if n > 0 => return,
+            Err(nix::Error::EAGAIN | nix::Error::EINTR) => return,
+            _ => {}
+        }
+        log!(Level::Info, "--lifeline-fd reached end-of-file: stopping");
+        let _ = self.epoll.delete(fd);
+        self.lifeline = None;
+        if self.listener.is_some() {
             self.stop_requested = true;
         }
     }
