@@ -194,7 +194,7 @@ impl fmt::Display for ServeError {
             }
             ServeError::PreloadStartedThreads { module, threads } => write!(
                 f,
-                "refusing to serve: preloading module '{module}' started threads: {threads}.{} Or pass --allow-threads to fork anyway",
+                "refusing to serve: preloading module '{module}' started threads: {threads}.{} If they sleep until used, --allow-dormant-threads forks while they stay asleep; --allow-threads forks regardless",
                 modules::remedies(threads)
             ),
             ServeError::Config(message) => f.write_str(message),

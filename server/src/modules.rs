@@ -192,6 +192,9 @@ pub(crate) fn remedies(threads: &MultiThreaded) -> String {
             name if name.starts_with("tokio-rt") => {
                 " a tokio runtime: build it in the worker, not in the preload."
             }
+            "polars-ooc-clea" => {
+                " Polars' out-of-core cleaner: Polars 2.x starts it at import and no setting stops it; it sleeps until Polars spills to disk, so --allow-dormant-threads serves while it stays asleep."
+            }
             name if name.starts_with("polars") => {
                 " Polars' thread pool: preload without running a query; the pool starts on first use."
             }

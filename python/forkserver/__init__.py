@@ -1,0 +1,24 @@
+"""forkserver for Python: start workers from a preloaded, single-threaded
+server instead of paying for ``spawn`` or risking ``fork``.
+
+- ``python -m forkserver serve --preload numpy,polars`` runs a server that
+  imported those modules once; clients start ``py:MODULE:FUNCTION`` workers
+  (forked, already warm) or any program.
+- :class:`Client` speaks the wire protocol (protocol/README.md);
+  ``Client.spawn`` returns a ``subprocess.Popen``-like :class:`Child`.
+- :func:`get_context` is a ``multiprocessing`` context whose processes the
+  server starts: ``Pool``, ``Process``, ``ProcessPoolExecutor`` unchanged.
+"""
+
+from .client import Child, Client, ServerError, SpawnError, default_socket_path
+from .context import ForkserverContext, get_context
+
+__all__ = [
+    "Child",
+    "Client",
+    "ForkserverContext",
+    "ServerError",
+    "SpawnError",
+    "default_socket_path",
+    "get_context",
+]

@@ -1,0 +1,87 @@
+"""Server-side helpers the native event loop calls (in the server process).
+
+`preload` runs once per ``--preload`` module before serving; `check_target`
+runs before each fork of a ``py:MODULE:FUNCTION`` worker. Each returns None
+when all is well, or a message saying what is wrong.
+"""
+
+import importlib
+import importlib.util
+import sys
+import threading
+import traceback
+
+
+def _flush():
+    # Output a module printed while importing must not sit in the buffers
+    # every child inherits (each would print it again at exit).
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (AttributeError, OSError, ValueError):
+            pass
+
+
+def preload(module):
+    """Imports `module`. The server's thread guard runs next; this names the
+    Python threads the import started, which the guard sees only as native
+    threads called after the interpreter."""
+    before = set(threading.enumerate())
+    try:
+        importlib.import_module(module)
+    except BaseException as exc:  # SystemExit and KeyboardInterrupt too: it is one module's failure
+        traceback.print_exc()
+        return "".join(traceback.format_exception_only(type(exc), exc)).strip()
+    finally:
+        _flush()
+    for thread in threading.enumerate():
+        if thread not in before:
+            print(
+                f"forkserver: importing '{module}' started the Python thread "
+                f"'{thread.name}' (tid {thread.native_id}, "
+                f"{'daemon' if thread.daemon else 'not a daemon'}). Workers will not "
+                "have it, and a lock it holds when the server forks stays held in the "
+                "worker; start it in the worker instead",
+                file=sys.stderr,
+                flush=True,
+            )
+    return None
+
+
+def parse_target(target):
+    """``py:MODULE:FUNCTION`` -> (MODULE, FUNCTION); FUNCTION may be dotted
+    (``Class.method``). Raises ValueError naming what is wrong."""
+    _, _, rest = target.partition("py:")
+    module, sep, function = rest.partition(":")
+    names = module.split(".") + function.split(".")
+    if not sep or not all(name.isidentifier() for name in names):
+        raise ValueError(
+            f"'{target}' is not py:MODULE:FUNCTION (dotted Python names, e.g. py:json:dumps)"
+        )
+    return module, function
+
+
+def check_target(target):
+    """Refuses, before the fork, a target that cannot run: a malformed name,
+    a module not on the server's sys.path, or a preloaded module without
+    the function. Modules not preloaded are imported by the child, so only
+    their top-level package's existence is checked here (importing it in
+    the server would change the server)."""
+    try:
+        module, function = parse_target(target)
+    except ValueError as exc:
+        return str(exc)
+    loaded = sys.modules.get(module)
+    if loaded is None:
+        top = module.split(".")[0]
+        if top not in sys.modules and importlib.util.find_spec(top) is None:
+            return f"no Python module named '{top}' on the server's sys.path ({', '.join(sys.path)})"
+        return None
+    value = loaded
+    for name in function.split("."):
+        value = getattr(value, name, None)
+        if value is None:
+            return f"module '{module}' (preloaded) has no '{function}'"
+    if not callable(value):
+        return f"'{module}.{function}' is a {type(value).__name__}, not a function"
+    return None

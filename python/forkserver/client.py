@@ -1,0 +1,482 @@
+"""A forkserver client in pure Python, written from protocol/README.md.
+
+One :class:`Client` is one connection. It may be shared by threads: whoever
+needs a message the server has not sent yet becomes the reader, the others
+wait on a condition variable (there is no background thread).
+"""
+
+import io
+import os
+import select
+import signal
+import socket
+import subprocess
+import threading
+import time
+
+import msgpack
+
+__all__ = ["Client", "Child", "SpawnError", "ServerError", "default_socket_path"]
+
+PROTOCOL_VERSION = 1
+PIPE = subprocess.PIPE
+DEVNULL = subprocess.DEVNULL
+STDOUT = subprocess.STDOUT
+
+# The server answers `welcome` with its real limits; these bound what we read
+# before it does.
+_HELLO_LIMITS = {"max_message_bytes": 65536, "max_fds_per_message": 64}
+
+
+def default_socket_path():
+    """Where a client looks when no path is given, as the protocol says:
+    ``$FORKSERVER_SOCKET``, else ``$XDG_RUNTIME_DIR/forkserver.sock``, else
+    ``/tmp/forkserver-UID/forkserver.sock``."""
+    if os.environ.get("FORKSERVER_SOCKET"):
+        return os.environ["FORKSERVER_SOCKET"]
+    if os.environ.get("XDG_RUNTIME_DIR"):
+        return os.path.join(os.environ["XDG_RUNTIME_DIR"], "forkserver.sock")
+    return f"/tmp/forkserver-{os.getuid()}/forkserver.sock"
+
+
+class ServerError(Exception):
+    """The server refused a request or broke the protocol. ``kind`` is the
+    protocol's error kind (``denied``, ``limit``, ``protocol``, ...)."""
+
+    def __init__(self, kind, message):
+        super().__init__(f"{kind}: {message}")
+        self.kind = kind
+        self.message = message
+
+
+class SpawnError(OSError):
+    """A child did not start. ``kind`` is the protocol's error kind (``exec``,
+    ``unknown_worker``, ``invalid``, ...); ``errno`` is set for OS errors
+    (e.g. ``errno.ENOENT`` for a program that does not exist)."""
+
+    def __init__(self, kind, err, message):
+        super().__init__(err or 0, message)
+        self.kind = kind
+        self.message = message
+
+    def __str__(self):
+        return f"{self.kind}: {self.message}"
+
+
+def _os_string(value):
+    """A path or argument as the wire wants it: str when it is UTF-8, else bytes."""
+    value = os.fspath(value)
+    if isinstance(value, bytes):
+        return value
+    try:
+        value.encode("utf-8")
+        return value
+    except UnicodeEncodeError:  # surrogate-escaped bytes from the OS
+        return os.fsencode(value)
+
+
+class Client:
+    """A connection to a forkserver.
+
+    >>> with Client("/run/forkserver.sock") as client:        # doctest: +SKIP
+    ...     child = client.spawn(["echo", "hi"], stdout=PIPE)
+    ...     child.stdout.read(), child.wait()
+    (b'hi\\n', 0)
+    """
+
+    def __init__(self, path=None, *, name="forkserver.py"):
+        self.path = os.fspath(path) if path is not None else default_socket_path()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            sock.connect(self.path)
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            sock.close()
+            raise ConnectionError(
+                f"no forkserver is listening on {self.path} ({exc.strerror}); "
+                "start one with `python -m forkserver serve --socket PATH`"
+            ) from exc
+        self._sock = sock
+        self.limits = dict(_HELLO_LIMITS)
+        self._closed = False
+        self._send_lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._reading = False
+        self._broken = None  # why the connection can no longer be read
+        self._replies = {}  # id -> (message, fds) for replies not yet taken
+        self._exits = {}  # id -> exit status map
+        self._next_id = 1
+        self._send({"type": "hello", "protocol": PROTOCOL_VERSION, "client": name})
+        welcome, _ = self._recv(None)
+        if welcome.get("type") == "error":
+            sock.close()
+            raise ServerError(welcome.get("kind"), welcome.get("message"))
+        if welcome.get("type") != "welcome":
+            sock.close()
+            raise ServerError("protocol", f"expected welcome, got {welcome.get('type')!r}")
+        self.welcome = welcome
+        self.limits.update(welcome.get("limits", {}))
+
+    # -- the connection -----------------------------------------------------
+
+    def fileno(self):
+        return self._sock.fileno()
+
+    def close(self):
+        """Closes the connection. Children not started with ``detach=True``
+        get SIGTERM (then SIGKILL) from the server."""
+        if not self._closed:
+            self._closed = True
+            self._sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _send(self, message, fds=()):
+        data = msgpack.packb(message, use_bin_type=True)
+        with self._send_lock:
+            if fds:
+                socket.send_fds(self._sock, [data], list(fds), socket.MSG_NOSIGNAL)
+            else:
+                self._sock.sendmsg([data], [], socket.MSG_NOSIGNAL)
+
+    def _recv(self, timeout):
+        """One message and its fds, or None if none came within `timeout`."""
+        if timeout is not None:
+            ready, _, _ = select.select([self._sock], [], [], max(timeout, 0))
+            if not ready:
+                return None
+        data, fds, flags, _ = socket.recv_fds(
+            self._sock,
+            self.limits["max_message_bytes"],
+            self.limits["max_fds_per_message"] + 4,
+            socket.MSG_CMSG_CLOEXEC,
+        )
+        if not data:
+            for fd in fds:
+                os.close(fd)
+            raise ConnectionError(f"the forkserver at {self.path} closed the connection")
+        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+            for fd in fds:
+                os.close(fd)
+            raise ServerError("protocol", "a message from the server was truncated")
+        return msgpack.unpackb(data, raw=False), fds
+
+    def _dispatch(self, message, fds):
+        kind = message.get("type")
+        if kind == "exited":
+            self._exits[message["id"]] = message["status"]
+        elif kind == "error" and message.get("fatal"):
+            self._broken = ServerError(message.get("kind"), message.get("message"))
+        elif "id" in message:
+            self._replies[message["id"]] = (message, fds)
+            return
+        for fd in fds:
+            os.close(fd)
+
+    def _wait_for(self, done, timeout=None):
+        """Reads messages until `done()` holds; False if `timeout` passed first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while True:
+                if done():
+                    return True
+                if self._broken is not None:
+                    raise self._broken
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0 and timeout != 0:
+                    return False
+                if self._reading:
+                    self._cond.wait(remaining)
+                    continue
+                self._reading = True
+                self._cond.release()
+                try:
+                    received = self._recv(remaining)
+                except (OSError, ServerError) as exc:
+                    received = None
+                    self._broken = exc
+                finally:
+                    self._cond.acquire()
+                    self._reading = False
+                    self._cond.notify_all()
+                if received is not None:
+                    self._dispatch(*received)
+                elif timeout == 0 and self._broken is None:
+                    return done()
+
+    def _request(self, message, fds=()):
+        with self._cond:
+            request_id = self._next_id
+            self._next_id += 1
+        message["id"] = request_id
+        self._send(message, fds)
+        self._wait_for(lambda: request_id in self._replies)
+        with self._cond:
+            return self._replies.pop(request_id)
+
+    # -- requests -----------------------------------------------------------
+
+    def status(self):
+        """The server's status map (pid, modules, children, pools, ...)."""
+        reply, _ = self._request({"type": "status"})
+        return reply
+
+    def spawn(
+        self,
+        target,
+        args=(),
+        kwargs=None,
+        *,
+        stdin=None,
+        stdout=None,
+        stderr=None,
+        pass_fds=(),
+        env=None,
+        env_clear=None,
+        cwd=None,
+        text=False,
+        detach=False,
+        new_session=True,
+        die_with_server=False,
+    ):
+        """Starts a child and returns its :class:`Child`, like
+        ``subprocess.Popen``.
+
+        ``target`` is a program (``"ls"``, a path, or a list
+        ``["ls", "-l"]`` whose tail is prepended to ``args``), or
+        ``"py:MODULE:FUNCTION"``: the server forks itself and calls
+        ``MODULE.FUNCTION(*args, **kwargs)`` (values that MessagePack
+        carries); its return value is the exit status, as with
+        ``sys.exit``.
+
+        ``stdin``/``stdout``/``stderr``: None (the default) gives the child
+        ours, ``PIPE`` a pipe (the :class:`Child` gets our end),
+        ``DEVNULL`` /dev/null, an fd or a file object that fd;
+        ``stderr=STDOUT`` shares stdout's. ``pass_fds``: fds installed at
+        the same numbers in the child. ``env``: the whole environment when
+        given (or, with ``env_clear=False``, changes to the server's: a None
+        value removes a variable). ``detach``: the child outlives this
+        connection (otherwise closing it stops the child).
+        """
+        if isinstance(target, (list, tuple)):
+            target, args = target[0], [*target[1:], *args]
+        target = os.fspath(target)
+        keep_open = []  # our pipe ends the child's stdio uses; closed after the spawn
+        fds = []
+
+        def attach(fd):
+            fds.append(fd)
+            return len(fds) - 1
+
+        def stdio(spec, our_fd, name):
+            if spec is None:
+                return {"kind": "fd", "index": attach(our_fd)}
+            if spec == PIPE:
+                return {"kind": "pipe"}
+            if spec == DEVNULL:
+                return {"kind": "null"}
+            if isinstance(spec, int) and spec >= 0:
+                return {"kind": "fd", "index": attach(spec)}
+            if hasattr(spec, "fileno"):
+                return {"kind": "fd", "index": attach(spec.fileno())}
+            raise ValueError(f"{name}: expected None, PIPE, DEVNULL, an fd or a file, got {spec!r}")
+
+        message = {"type": "spawn", "new_session": new_session}
+        if isinstance(target, str) and target.startswith("py:"):
+            payload = {"args": list(args)}
+            if kwargs:
+                payload["kwargs"] = dict(kwargs)
+            message["target"] = {"kind": "worker", "name": target, "payload": payload}
+        else:
+            if kwargs:
+                raise TypeError("kwargs are only for py:MODULE:FUNCTION targets")
+            message["target"] = {
+                "kind": "exec",
+                "program": _os_string(target),
+                "args": [_os_string(a) for a in args],
+            }
+        shared_stdout = None
+        if stderr == STDOUT:
+            if stdout == PIPE:
+                # One pipe for both: made here, since the server makes one per stream.
+                read_end, write_end = os.pipe()
+                keep_open.append(write_end)
+                shared_stdout = read_end
+                stdout = stderr = write_end
+            else:
+                stderr = stdout if stdout is not None else 1
+        message["stdin"] = stdio(stdin, 0, "stdin")
+        message["stdout"] = stdio(stdout, 1, "stdout")
+        message["stderr"] = stdio(stderr, 2, "stderr")
+        message["fds"] = [{"index": attach(fd), "target": fd} for fd in pass_fds]
+        if env is not None:
+            message["env_clear"] = True if env_clear is None else env_clear
+            message["env"] = {
+                _os_string(k): (None if v is None else _os_string(v)) for k, v in env.items()
+            }
+        elif env_clear:
+            message["env_clear"] = True
+        if cwd is not None:
+            message["cwd"] = _os_string(cwd)
+        if detach:
+            message["on_disconnect"] = "detach"
+        if die_with_server:
+            message["die_with_server"] = True
+        try:
+            reply, reply_fds = self._request(message, fds)
+        except BaseException:
+            if shared_stdout is not None:
+                os.close(shared_stdout)
+            raise
+        finally:
+            for fd in keep_open:
+                os.close(fd)
+        if reply.get("type") == "spawned":
+            return Child(self, reply, reply_fds, shared_stdout, text)
+        if shared_stdout is not None:
+            os.close(shared_stdout)
+        for fd in reply_fds:
+            os.close(fd)
+        if reply.get("type") == "spawn_failed":
+            raise SpawnError(reply.get("kind"), reply.get("errno"), reply.get("message"))
+        raise ServerError(reply.get("kind", "protocol"), reply.get("message", repr(reply)))
+
+
+def _returncode(status):
+    """Popen's convention: the exit code, or -N for death by signal N."""
+    if "code" in status:
+        return status["code"]
+    return -status["signal"]
+
+
+class Child:
+    """A running child, like ``subprocess.Popen``: ``pid``, ``pidfd``,
+    ``stdin``/``stdout``/``stderr`` (for pipes), ``returncode``, and
+    ``poll``, ``wait``, ``communicate``, ``send_signal``, ``terminate``,
+    ``kill``. Its exit status comes from the server, which reaps it."""
+
+    def __init__(self, client, reply, fds, shared_stdout, text):
+        self._client = client
+        self._id = reply["id"]
+        self.pid = reply["pid"]
+        self.pidfd = fds[reply["pidfd"]]
+        self.returncode = None
+
+        def stream(index, mode):
+            if index is None:
+                return None
+            raw = open(fds[index], mode + "b", buffering=0 if mode == "w" else -1)
+            return io.TextIOWrapper(raw, write_through=True) if text else raw
+
+        self.stdin = stream(reply.get("stdin"), "w")
+        self.stdout = stream(reply.get("stdout"), "r")
+        self.stderr = stream(reply.get("stderr"), "r")
+        if shared_stdout is not None:
+            raw = open(shared_stdout, "rb")
+            self.stdout = io.TextIOWrapper(raw) if text else raw
+
+    def __repr__(self):
+        return f"<forkserver.Child pid={self.pid} returncode={self.returncode}>"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for stream in (self.stdin, self.stdout, self.stderr):
+            if stream is not None:
+                stream.close()
+        self.wait()
+
+    def __del__(self):
+        pidfd = getattr(self, "pidfd", None)
+        if pidfd is not None:
+            os.close(pidfd)
+            self.pidfd = None
+
+    def _exited(self):
+        return self._id in self._client._exits
+
+    def _take_status(self):
+        if self.returncode is None and self._exited():
+            self.returncode = _returncode(self._client._exits.pop(self._id))
+        return self.returncode
+
+    def poll(self):
+        """The return code if the child has ended, else None. Does not block,
+        except for the moment between the child's exit and the server's
+        report of it."""
+        if self.returncode is None:
+            ended = select.select([self.pidfd], [], [], 0)[0] if self.pidfd is not None else True
+            # Once the pidfd says the process is gone, the report is on its way.
+            self._client._wait_for(self._exited, None if ended else 0)
+            self._take_status()
+        return self.returncode
+
+    def wait(self, timeout=None):
+        """Waits for the child to end and returns its return code; raises
+        ``subprocess.TimeoutExpired`` after `timeout` seconds."""
+        if self.returncode is None:
+            if not self._client._wait_for(self._exited, timeout):
+                raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout)
+            self._take_status()
+        return self.returncode
+
+    def communicate(self, input=None, timeout=None):
+        """Writes `input` to stdin (then closes it), reads stdout and stderr
+        to their ends, waits; returns ``(stdout, stderr)``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        chunks = {s: [] for s in (self.stdout, self.stderr) if s is not None}
+        reading = set(chunks)
+        pending = b"" if input is None else (input.encode() if isinstance(input, str) else input)
+        writer = self.stdin
+        if writer is not None and not pending:
+            writer.close()
+            writer = None
+        while reading or writer is not None:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout)
+            writers = [writer] if writer is not None else []
+            readable, writable, _ = select.select(list(reading), writers, [], remaining)
+            for stream in readable:
+                chunk = os.read(stream.fileno(), 65536)
+                if chunk:
+                    chunks[stream].append(chunk)
+                else:
+                    reading.discard(stream)
+            if writable:
+                try:
+                    pending = pending[os.write(writer.fileno(), pending[:65536]) :]
+                except BrokenPipeError:
+                    pending = b""
+                if not pending:
+                    writer.close()
+                    writer = None
+        outputs = []
+        for stream in (self.stdout, self.stderr):
+            data = None if stream is None else b"".join(chunks[stream])
+            if data is not None and isinstance(stream, io.TextIOWrapper):
+                data = data.decode(stream.encoding)
+            outputs.append(data)
+        self.wait(None if deadline is None else max(deadline - time.monotonic(), 0))
+        return tuple(outputs)
+
+    def send_signal(self, sig):
+        """Sends `sig` through the pidfd (never to a recycled pid); a no-op
+        once the child has ended."""
+        if self.returncode is not None or self.pidfd is None:
+            return
+        try:
+            signal.pidfd_send_signal(self.pidfd, sig)
+        except ProcessLookupError:
+            pass  # it has exited; the server will report it
+
+    def terminate(self):
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self):
+        self.send_signal(signal.SIGKILL)
+

@@ -1,0 +1,291 @@
+"""A multiprocessing context whose processes our server starts.
+
+``get_context(preload=[...])`` works wherever ``multiprocessing.get_context
+("spawn")`` does (``Process``, ``Pool``, ``Queue``, ``Lock``, ...,
+``ProcessPoolExecutor(mp_context=...)``). A process is started the way the
+``spawn`` method starts one, except that instead of exec'ing a new
+interpreter that repays every import, the server forks a copy of itself with
+the preloads already imported:
+
+1. the parent pickles the preparation data and the Process object exactly as
+   ``spawn`` does (so the same things must be picklable);
+2. it asks the server for ``py:forkserver.context:_start_child`` with the fds
+   ``spawn`` would pass (the data pipe, the resource tracker's fd, pipes and
+   fds of queues and connections), installed at the same numbers, the
+   parent's stdout and stderr, and the parent's environment;
+3. the child reads the pickles and runs ``multiprocessing.spawn._main``,
+   like a ``spawn`` or ``forkserver`` child.
+
+Its sentinel is the child's pidfd (readable once it ends); its exit status
+comes from the server, over one connection the context shares.
+"""
+
+import atexit
+import io
+import os
+import select
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+
+from multiprocessing import context as mp_context
+from multiprocessing import popen_fork, popen_spawn_posix, process, reduction, spawn, util
+
+from .client import Client
+
+__all__ = ["get_context", "ForkserverContext"]
+
+_CHILD_TARGET = "py:forkserver.context:_start_child"
+
+
+def get_context(preload=(), socket=None, *, allow_dormant_threads=True, server_args=()):
+    """A multiprocessing context backed by a forkserver.
+
+    ``preload``: modules the server imports once (``["numpy", "polars"]``).
+    ``socket``: a server to use; when nothing listens there (or when it is
+    None) the first process started starts one, which stops when this
+    process ends. ``allow_dormant_threads`` is passed on as
+    ``--allow-dormant-threads`` (Polars 2.x starts sleeping threads at
+    import; the server then forks only while they sleep). ``server_args``:
+    more ``serve`` flags for a server started here.
+    """
+    return ForkserverContext(tuple(preload), socket, allow_dormant_threads, tuple(server_args))
+
+
+class ForkserverContext(mp_context.BaseContext):
+    _name = "forkserver-rs"
+
+    def __init__(self, preload, socket, allow_dormant_threads, server_args):
+        self._server = _ServerHandle.get(preload, socket, allow_dormant_threads, server_args)
+
+    def Process(self, *args, **kwargs):
+        """A ``multiprocessing.Process`` this context's server starts."""
+        started = ForkserverProcess(*args, **kwargs)
+        started._forkserver_key = self._server.key
+        return started
+
+    def client(self):
+        """The connection to this context's server (started if need be)."""
+        return self._server.client()
+
+
+class ForkserverProcess(process.BaseProcess):
+    """A Process started by a forkserver (pickled by reference, so it lives
+    at module level; the server it uses is named by `_forkserver_key`)."""
+
+    # None: the child keeps the start method the parent's preparation data
+    # names (``spawn._main`` sets it).
+    _start_method = None
+
+    @staticmethod
+    def _Popen(process_obj):
+        return Popen(process_obj, _ServerHandle.get(*process_obj._forkserver_key))
+
+
+class Popen(popen_fork.Popen):
+    """Starts one process through the server; see the module docstring."""
+
+    method = "forkserver-rs"
+    DupFd = popen_spawn_posix._DupFd
+
+    def __init__(self, process_obj, server):
+        self._fds = []
+        self._server = server
+        self._child = None
+        super().__init__(process_obj)
+
+    def duplicate_for_child(self, fd):
+        # Installed at the same number in the child, as spawn does.
+        self._fds.append(fd)
+        return fd
+
+    def _launch(self, process_obj):
+        from multiprocessing import resource_tracker
+
+        tracker_fd = resource_tracker.getfd()
+        self._fds.append(tracker_fd)
+        prep_data = spawn.get_preparation_data(process_obj._name)
+        data = io.BytesIO()
+        mp_context.set_spawning_popen(self)
+        try:
+            reduction.dump(prep_data, data)
+            reduction.dump(process_obj, data)
+        finally:
+            mp_context.set_spawning_popen(None)
+        child_r, parent_w = os.pipe()
+        try:
+            self._child = self._server.client().spawn(
+                _CHILD_TARGET,
+                args=(child_r, tracker_fd),
+                stdin=subprocess.DEVNULL,
+                pass_fds=sorted(set(self._fds + [child_r])),
+                env=dict(os.environ),
+                # Like a spawned process, it outlives the parent's handle.
+                detach=True,
+            )
+            self.pid = self._child.pid
+            self.sentinel = self._child.pidfd
+            with open(parent_w, "wb", closefd=False) as pipe:
+                pipe.write(data.getbuffer())
+        finally:
+            # The child holds its copy of child_r; parent_w stays open until
+            # this Popen is finalized: its end-of-file tells the child the
+            # parent is gone (its parent_sentinel).
+            os.close(child_r)
+            self.finalizer = util.Finalize(self, util.close_fds, (parent_w,))
+
+    def poll(self, flag=os.WNOHANG):
+        if self.returncode is None and self._child is not None:
+            if flag == os.WNOHANG:
+                self.returncode = self._child.poll()
+            else:
+                self.returncode = self._child.wait()
+        return self.returncode
+
+    def _send_signal(self, sig):
+        if self.returncode is None and self._child is not None:
+            self._child.send_signal(sig)
+
+
+def _start_child(pipe_handle, tracker_fd):
+    """In the forked child: what ``spawn.spawn_main`` does after exec."""
+    from multiprocessing import resource_tracker
+
+    resource_tracker._resource_tracker._fd = tracker_fd
+    parent_sentinel = os.dup(pipe_handle)
+    return spawn._main(pipe_handle, parent_sentinel)
+
+
+class _ServerHandle:
+    """One server per (preload, socket, flags) in this process: found at
+    `socket`, or started on first use and stopped when this process exits."""
+
+    _handles = {}
+    _handles_lock = threading.Lock()
+
+    @classmethod
+    def get(cls, preload, socket, allow_dormant_threads, server_args):
+        key = (preload, socket, allow_dormant_threads, server_args)
+        with cls._handles_lock:
+            if key not in cls._handles:
+                cls._handles[key] = cls(*key)
+            return cls._handles[key]
+
+    def __init__(self, preload, socket, allow_dormant_threads, server_args):
+        self.key = (preload, socket, allow_dormant_threads, server_args)
+        self.preload = preload
+        self.socket = socket
+        self.allow_dormant_threads = allow_dormant_threads
+        self.server_args = server_args
+        self._lock = threading.Lock()
+        self._client = None
+        self._process = None
+        self._lifeline = None
+        self._directory = None
+
+    def client(self):
+        with self._lock:
+            if self._client is None:
+                self._client = self._connect()
+            return self._client
+
+    def _connect(self):
+        if self.socket is not None:
+            try:
+                return Client(self.socket, name="forkserver.context")
+            except ConnectionError:
+                pass  # nothing listens there yet: start one
+        path = self.socket
+        if path is None:
+            self._directory = tempfile.mkdtemp(prefix="forkserver-")
+            path = os.path.join(self._directory, "forkserver.sock")
+        self._start(path)
+        return Client(path, name="forkserver.context")
+
+    def _start(self, path):
+        """Starts ``python -m forkserver serve`` at `path` and waits until it
+        is ready; raises RuntimeError with its error output if it fails."""
+        lifeline_r, lifeline_w = os.pipe()
+        ready_r, ready_w = os.pipe()
+        command = [sys.executable, "-m", "forkserver", "serve", "--socket", path, "-q"]
+        command += ["--lifeline-fd", str(lifeline_r), "--ready-fd", str(ready_w)]
+        if self.preload:
+            command += ["--preload", ",".join(self.preload)]
+        if self.allow_dormant_threads:
+            command.append("--allow-dormant-threads")
+        command += list(self.server_args)
+        try:
+            server = subprocess.Popen(
+                command,
+                pass_fds=(lifeline_r, ready_w),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                # The parent's sys.path, so preloads and workers import what
+                # the parent can.
+                env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
+                start_new_session=True,
+            )
+        finally:
+            os.close(lifeline_r)
+            os.close(ready_w)
+        ready, early_errors = _await_ready(ready_r, server.stderr)
+        if not ready:
+            server.wait()
+            early_errors += server.stderr.read().decode(errors="replace")
+            os.close(lifeline_w)
+            raise RuntimeError(
+                f"the forkserver for preload={list(self.preload)} did not start "
+                f"(exit status {server.returncode}):\n{early_errors.strip()}"
+            )
+        self._process = server
+        self._lifeline = lifeline_w
+        # Its warnings and errors go on to our stderr (where a notebook shows them).
+        sys.stderr.write(early_errors)
+        threading.Thread(
+            target=_forward, args=(server.stderr,), name="forkserver-stderr", daemon=True
+        ).start()
+        atexit.register(self._stop)
+
+    def _stop(self):
+        """Closes the lifeline (the server then stops) and cleans up."""
+        if self._client is not None:
+            self._client.close()
+        if self._lifeline is not None:
+            os.close(self._lifeline)
+            self._lifeline = None
+        if self._process is not None:
+            try:
+                self._process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+        if self._directory is not None:
+            shutil.rmtree(self._directory, ignore_errors=True)
+
+
+def _await_ready(ready_r, stderr):
+    """Reads the server's --ready-fd line and, meanwhile, its stderr: (True,
+    what it printed) once ready, (False, what it printed) if it exits first."""
+    printed = []
+    streams = [ready_r, stderr.fileno()]
+    ready = False
+    while ready_r in streams:
+        for fd in select.select(streams, [], [])[0]:
+            chunk = os.read(fd, 65536)
+            if fd == ready_r:
+                ready = ready or chunk.startswith(b"ready")
+                if not chunk:
+                    streams.remove(ready_r)
+            elif chunk:
+                printed.append(chunk)
+            else:
+                streams.remove(fd)
+    os.close(ready_r)
+    return ready, b"".join(printed).decode(errors="replace")
+
+
+def _forward(stream):
+    for line in iter(stream.readline, b""):
+        sys.stderr.write(line.decode(errors="replace"))

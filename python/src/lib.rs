@@ -1,0 +1,131 @@
+//! `forkserver._native`: the Rust server, driven from Python.
+//!
+//! `python -m forkserver serve` calls [`serve`], which imports each
+//! `--preload` module through `forkserver._server.preload` (one forkserver
+//! preload per module, so the thread guard runs after each), then serves
+//! with the ordinary event loop. Targets named `py:MODULE:FUNCTION` are a
+//! worker family: the server checks the name before forking
+//! (`forkserver._server.check_target`), and the child calls
+//! `forkserver._worker.run`, which calls the function.
+//!
+//! The whole serve runs on the thread that called it, holding the GIL: the
+//! server is single-threaded, so nothing else needs the GIL, and a forked
+//! child starts out holding it, as CPython's own `os.fork()` child does.
+
+use clap::Parser;
+use forkserver_server::{Server, ServeArgs, WorkerContext};
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+
+/// The command line of `python -m forkserver serve`.
+#[derive(Parser)]
+#[command(
+    name = "python -m forkserver serve",
+    about = "Import Python modules once, then fork workers from this warm, single-threaded process",
+    after_help = "Clients start a function with the target py:MODULE:FUNCTION (see forkserver.Client)."
+)]
+struct PythonServe {
+    /// Import these modules before serving, in order (comma-separated;
+    /// repeatable). A failing import fails the start, naming the module.
+    #[arg(long, value_name = "MODULE[,MODULE...]", value_delimiter = ',')]
+    preload: Vec<String>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+/// Runs the server with `argv` (the flags after `serve`) until SIGTERM,
+/// SIGINT or its lifeline closes; returns the process exit status.
+#[pyfunction]
+fn serve(argv: Vec<String>) -> i32 {
+    let args = std::iter::once("serve".to_owned()).chain(argv);
+    let command = match PythonServe::try_parse_from(args) {
+        Ok(command) => command,
+        Err(e) => {
+            // --help and --version print to stdout and succeed.
+            let _ = e.print();
+            return e.exit_code();
+        }
+    };
+    let options = match command.serve.options() {
+        Ok(options) => options,
+        Err(message) => {
+            eprintln!("forkserver: {message}");
+            return 2;
+        }
+    };
+    let mut builder = Server::builder();
+    for module in command.preload {
+        let name = module.clone();
+        builder = builder.try_preload(&name, move || preload(&module));
+    }
+    let builder = builder.worker_family("py:", check_target, run_worker);
+    match builder.serve(&options) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("forkserver: {e}");
+            1
+        }
+    }
+}
+
+/// Imports `module` (through `forkserver._server.preload`, which also
+/// flushes what the import printed and names any Python threads it
+/// started); Err carries the exception as text.
+fn preload(module: &str) -> Result<(), String> {
+    call_helper("forkserver._server", "preload", module)
+}
+
+/// The server-side check of a `py:MODULE:FUNCTION` name, before the fork.
+fn check_target(target: &str) -> Result<(), String> {
+    call_helper("forkserver._server", "check_target", target)
+}
+
+/// Calls `helper(arg)` in `module`, which returns None when all is well or a
+/// message saying what is wrong.
+fn call_helper(module: &str, helper: &str, arg: &str) -> Result<(), String> {
+    Python::attach(|py| {
+        let outcome = py
+            .import(module)
+            .and_then(|m| m.getattr(helper))
+            .and_then(|f| f.call1((arg,)))
+            .and_then(|message| message.extract::<Option<String>>());
+        match outcome {
+            Ok(None) => Ok(()),
+            Ok(Some(message)) => Err(message),
+            Err(e) => Err(format!("{module}.{helper} failed: {e}")),
+        }
+    })
+}
+
+/// Runs in the forked child: brings the interpreter's state up to date with
+/// the fork, then calls the function; returns the exit status.
+fn run_worker(context: &mut WorkerContext<'_>) -> i32 {
+    // SAFETY: this is a freshly forked child of a process whose only thread
+    // held the GIL when it forked (serve runs with the GIL held), which is
+    // the state PyOS_AfterFork_Child requires. It resets the interpreter's
+    // thread and lock state and runs the os.register_at_fork child hooks.
+    unsafe { pyo3::ffi::PyOS_AfterFork_Child() };
+    Python::attach(|py| {
+        let payload = context.raw_payload().map(|bytes| PyBytes::new(py, bytes));
+        // The environment the server installed for this child (os.environ
+        // is still the server's copy).
+        let environ: Vec<(std::ffi::OsString, std::ffi::OsString)> = std::env::vars_os().collect();
+        let args = (context.target(), payload, context.args().to_vec(), environ);
+        let outcome = py
+            .import("forkserver._worker")
+            .and_then(|m| m.getattr("run"))
+            .and_then(|run| run.call1(args))
+            .and_then(|code| code.extract::<i32>());
+        outcome.unwrap_or_else(|e| {
+            e.print(py);
+            1
+        })
+    })
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(serve, m)?)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}
