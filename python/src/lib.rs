@@ -37,7 +37,7 @@ struct PythonServe {
 /// SIGINT or its lifeline closes; returns the process exit status.
 #[pyfunction]
 fn serve(argv: Vec<String>) -> i32 {
-    let args = std::iter::once("serve".to_owned()).chain(argv);
+    let args = std::iter::once("python -m forkserver serve".to_owned()).chain(argv);
     let command = match PythonServe::try_parse_from(args) {
         Ok(command) => command,
         Err(e) => {

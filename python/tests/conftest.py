@@ -1,0 +1,98 @@
+"""Fixtures: real servers (`python -m forkserver serve`) on sockets in a
+temporary directory, started and stopped around each test that needs one."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class Server:
+    """A `python -m forkserver serve` process; `start` waits for its
+    --ready-fd line, or returns its exit status and stderr if it fails."""
+
+    def __init__(self, socket, args):
+        self.socket = socket
+        read_end, write_end = os.pipe()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "forkserver", "serve", "--socket", socket,
+             "--ready-fd", str(write_end), *args],
+            pass_fds=(write_end,),
+            stdin=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            # The test helpers (workers.py, ...) are importable by the server.
+            env={**os.environ, "PYTHONPATH": HERE},
+            cwd=HERE,
+        )
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as ready:
+            self.ready = ready.read().startswith(b"ready")
+        self.pid = self.process.pid
+
+    def stop(self):
+        """SIGTERM, wait, and return everything it logged."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            _, stderr = self.process.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            _, stderr = self.process.communicate()
+        return stderr.decode(errors="replace")
+
+    def failure(self):
+        """For a server that did not start: (exit status, stderr)."""
+        _, stderr = self.process.communicate(timeout=60)
+        return self.process.returncode, stderr.decode(errors="replace")
+
+    def children(self):
+        """Pids whose parent is the server (live or zombie)."""
+        found = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat") as stat:
+                        fields = stat.read().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                if int(fields[1]) == self.pid:
+                    found.append((int(entry), fields[0]))
+        return found
+
+
+@pytest.fixture
+def start_server(tmp_path):
+    """start_server(*serve_flags) -> Server (ready or not); all are stopped
+    at the end of the test."""
+    started = []
+
+    def start(*args):
+        server = Server(str(tmp_path / f"fs{len(started)}.sock"), args)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def server(start_server):
+    """A ready server that preloaded the `workers` test module."""
+    running = start_server("--preload", "workers")
+    assert running.ready, running.failure()
+    return running
+
+
+def wait_until(condition, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()

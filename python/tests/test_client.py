@@ -1,0 +1,200 @@
+"""forkserver.Client against a real server: spawn, wait, kill, exit codes,
+exceptions, stdio, fds, environment, and errors that leave the server
+serving."""
+
+import errno
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+import forkserver
+from conftest import wait_until
+
+
+def test_exec_with_piped_stdout(server):
+    with forkserver.Client(server.socket) as client:
+        child = client.spawn(["echo", "hello", "world"], stdout=subprocess.PIPE)
+        assert child.stdout.read() == b"hello world\n"
+        assert child.wait(10) == 0
+        assert child.returncode == 0
+
+
+def test_python_worker_gets_args_and_kwargs(server):
+    with forkserver.Client(server.socket) as client:
+        child = client.spawn(
+            "py:workers:args_and_kwargs", args=[1, "two", [3.0]], kwargs={"k": None},
+            stdout=subprocess.PIPE,
+        )
+        out, _ = child.communicate(timeout=10)
+        assert out == b"(1, 'two', [3.0]) [('k', None)]\n"
+        assert child.returncode == 0
+
+
+@pytest.mark.parametrize(
+    "target, args, code",
+    [
+        ("py:workers:exit_with", [0], 0),
+        ("py:workers:exit_with", [7], 7),
+        ("py:workers:exit_with", [300], 300 & 0xFF),
+        ("py:workers:sys_exit", [5], 5),
+        ("py:workers:add", [1, 2], 0),
+        (["sh", "-c", "exit 9"], [], 9),
+    ],
+)
+def test_exit_codes(server, target, args, code):
+    with forkserver.Client(server.socket) as client:
+        child = client.spawn(target, args=args, stdout=subprocess.DEVNULL)
+        assert child.wait(10) == code
+
+
+def test_an_exception_exits_1_with_its_traceback_on_stderr(server):
+    with forkserver.Client(server.socket) as client:
+        child = client.spawn("py:workers:fail", args=["no good"], stderr=subprocess.PIPE)
+        _, err = child.communicate(timeout=10)
+        assert child.returncode == 1
+        assert b"Traceback" in err and b"ValueError: no good" in err
+
+
+def test_a_non_int_result_is_printed_and_exits_1(server):
+    with forkserver.Client(server.socket) as client:
+        child = client.spawn("py:workers:say", args=["bad input"], stderr=subprocess.PIPE)
+        _, err = child.communicate(timeout=10)
+        assert (child.returncode, err) == (1, b"bad input\n")
+
+
+def test_kill_terminate_and_send_signal(server):
+    with forkserver.Client(server.socket) as client:
+        sleepers = [client.spawn("py:workers:sleep", args=[60]) for _ in range(3)]
+        assert all(s.poll() is None for s in sleepers)
+        sleepers[0].kill()
+        sleepers[1].terminate()
+        sleepers[2].send_signal(signal.SIGUSR1)
+        assert [s.wait(10) for s in sleepers] == [-signal.SIGKILL, -signal.SIGTERM, -signal.SIGUSR1]
+        sleepers[0].kill()  # after the end: a no-op, as with Popen
+
+
+def test_sigint_raises_keyboard_interrupt_in_a_python_worker(server):
+    with forkserver.Client(server.socket) as client:
+        child = client.spawn("py:workers:sigint_is_keyboard_interrupt")
+        assert child.wait(10) == 42
+
+
+def test_wait_timeout_and_poll(server):
+    with forkserver.Client(server.socket) as client:
+        child = client.spawn("py:workers:sleep", args=[0.5])
+        with pytest.raises(subprocess.TimeoutExpired):
+            child.wait(0.05)
+        assert child.poll() is None
+        assert wait_until(lambda: child.poll() is not None)
+        assert child.returncode == 0
+
+
+def test_stdin_pipe_and_communicate(server):
+    with forkserver.Client(server.socket) as client:
+        child = client.spawn("py:workers:echo_stdin", stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        out, err = child.communicate(b"shout this" * 10000, timeout=10)
+        assert out == b"SHOUT THIS" * 10000 and err is None
+        assert child.returncode == 0
+
+
+def test_stderr_to_stdout_shares_one_pipe(server):
+    with forkserver.Client(server.socket) as client:
+        child = client.spawn(
+            ["sh", "-c", "echo out; echo err >&2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        out, _ = child.communicate(timeout=10)
+        assert sorted(out.split()) == [b"err", b"out"]
+
+
+def test_pass_fds_env_and_cwd(server, tmp_path):
+    read_end, write_end = os.pipe()
+    with forkserver.Client(server.socket) as client:
+        child = client.spawn("py:workers:write_fd", args=[write_end, "through a passed fd"],
+                             pass_fds=[write_end])
+        os.close(write_end)
+        assert child.wait(10) == 0
+        assert os.read(read_end, 100) == b"through a passed fd"
+        os.close(read_end)
+        child = client.spawn(
+            "py:workers:environment", args=["FS_TEST_VAR"], env={"FS_TEST_VAR": "set here"},
+            env_clear=False, cwd=tmp_path, stdout=subprocess.PIPE,
+        )
+        out, _ = child.communicate(timeout=10)
+        assert out.decode() == f"set here {tmp_path} True\n"
+
+
+def test_text_mode(server):
+    with forkserver.Client(server.socket) as client:
+        child = client.spawn(["printf", "é\\n"], stdout=subprocess.PIPE, text=True)
+        assert child.communicate(timeout=10) == ("é\n", None)
+
+
+def test_errors_name_the_problem_and_the_server_keeps_serving(server):
+    with forkserver.Client(server.socket) as client:
+        with pytest.raises(forkserver.SpawnError) as missing_module:
+            client.spawn("py:no_such_module_here:main")
+        assert missing_module.value.kind == "unknown_worker"
+        assert "no Python module named 'no_such_module_here'" in str(missing_module.value)
+        with pytest.raises(forkserver.SpawnError, match="has no 'nothing_here'"):
+            client.spawn("py:workers:nothing_here")
+        with pytest.raises(forkserver.SpawnError, match="not py:MODULE:FUNCTION"):
+            client.spawn("py:workers")
+        with pytest.raises(forkserver.SpawnError) as missing_program:
+            client.spawn("/no/such/program")
+        assert missing_program.value.errno == errno.ENOENT
+        assert missing_program.value.kind == "exec"
+        # The same connection still works.
+        assert client.spawn("py:workers:exit_with", args=[3]).wait(10) == 3
+
+
+def test_no_server_is_a_clear_connection_error(tmp_path):
+    with pytest.raises(ConnectionError, match="no forkserver is listening on .*python -m forkserver serve"):
+        forkserver.Client(str(tmp_path / "nothing.sock"))
+
+
+def test_children_are_reaped_and_killed_when_the_client_goes(server):
+    client = forkserver.Client(server.socket)
+    for _ in range(5):
+        assert client.spawn("py:workers:exit_with", args=[0]).wait(10) == 0
+    sleeper = client.spawn("py:workers:sleep", args=[60])
+    assert wait_until(lambda: [pid for pid, _ in server.children()] == [sleeper.pid])
+    client.close()  # not detached: the server stops it
+    assert wait_until(lambda: server.children() == []), server.children()
+
+
+def test_status_lists_the_preload_and_the_family(server):
+    with forkserver.Client(server.socket) as client:
+        status = client.status()
+        assert [m["name"] for m in status["modules"]] == ["workers"]
+        assert status["workers"] == ["py:*"]
+        assert status["pid"] == server.pid
+
+
+def test_concurrent_waits_from_threads_share_one_connection(server):
+    import threading
+
+    with forkserver.Client(server.socket) as client:
+        children = [client.spawn("py:workers:exit_with", args=[i]) for i in range(16)]
+        codes = {}
+
+        def wait(child, i):
+            codes[i] = child.wait(10)
+
+        threads = [threading.Thread(target=wait, args=(c, i)) for i, c in enumerate(children)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(20)
+        assert codes == {i: i for i in range(16)}
+
+
+def test_a_worker_is_a_fork_of_the_warm_server(server):
+    """The preloaded module was imported once, in the server: the worker's
+    copy remembers the server's pid, and the server is its parent."""
+    with forkserver.Client(server.socket) as client:
+        child = client.spawn("py:workers:where_loaded", stdout=subprocess.PIPE)
+        out, _ = child.communicate(timeout=10)
+        assert out.decode().split() == [str(server.pid), str(server.pid)]

@@ -1,0 +1,134 @@
+"""forkserver.get_context(): multiprocessing's Process, Pool, Queue and
+concurrent.futures' ProcessPoolExecutor with processes our server starts."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from concurrent.futures import ProcessPoolExecutor
+
+import pytest
+
+import forkserver
+from conftest import wait_until
+
+
+def square(x):
+    return x * x
+
+
+def whoami(_):
+    return os.getpid(), os.getppid()
+
+
+def put_env(queue, name):
+    queue.put((os.environ.get(name), os.getcwd()))
+
+
+def raise_error():
+    raise KeyError("from the child")
+
+
+@pytest.fixture(scope="module")
+def ctx():
+    return forkserver.get_context(preload=["json"])
+
+
+def test_pool_map(ctx):
+    with ctx.Pool(4) as pool:
+        assert pool.map(square, range(20)) == [x * x for x in range(20)]
+        pids = pool.map(whoami, range(8))
+    server_pid = ctx.client().status()["pid"]
+    # Forked by the server, not by us.
+    assert {parent for _, parent in pids} == {server_pid}
+    assert os.getpid() not in {pid for pid, _ in pids}
+
+
+def test_process_queue_environment_and_exit_codes(ctx, tmp_path, monkeypatch):
+    monkeypatch.setenv("FS_CONTEXT_VAR", "from the parent")
+    monkeypatch.chdir(tmp_path)
+    queue = ctx.Queue()
+    process = ctx.Process(target=put_env, args=(queue, "FS_CONTEXT_VAR"))
+    process.start()
+    assert queue.get(timeout=10) == ("from the parent", str(tmp_path))
+    process.join(10)
+    assert process.exitcode == 0
+
+    failing = ctx.Process(target=raise_error)
+    failing.start()
+    failing.join(10)
+    assert failing.exitcode == 1
+
+
+def test_terminate_kill_and_sentinel(ctx):
+    from multiprocessing.connection import wait
+
+    import time
+
+    sleeper = ctx.Process(target=time.sleep, args=(60,))
+    sleeper.start()
+    assert sleeper.is_alive()
+    assert wait([sleeper.sentinel], timeout=0.1) == []
+    sleeper.terminate()
+    assert wait([sleeper.sentinel], timeout=10) == [sleeper.sentinel]
+    sleeper.join(10)
+    assert sleeper.exitcode == -15
+    killed = ctx.Process(target=time.sleep, args=(60,))
+    killed.start()
+    killed.kill()
+    killed.join(10)
+    assert killed.exitcode == -9
+    killed.close()
+
+
+def test_process_pool_executor(ctx):
+    with ProcessPoolExecutor(max_workers=3, mp_context=ctx) as executor:
+        assert list(executor.map(square, range(10))) == [x * x for x in range(10)]
+
+
+def test_a_broken_pool_is_detected(ctx):
+    from concurrent.futures.process import BrokenProcessPool
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as executor:
+        future = executor.submit(os._exit, 3)
+        with pytest.raises(BrokenProcessPool):
+            future.result(timeout=10)
+
+
+def test_a_preload_failure_is_an_exception_naming_the_module():
+    broken = forkserver.get_context(preload=["no_such_module_for_context"])
+    with pytest.raises(RuntimeError) as failure:
+        broken.Process(target=print).start()
+    message = str(failure.value)
+    assert "did not start" in message
+    assert "ModuleNotFoundError: No module named 'no_such_module_for_context'" in message
+
+
+def test_the_server_it_started_stops_with_the_parent(tmp_path):
+    script = tmp_path / "parent.py"
+    script.write_text(textwrap.dedent("""
+        import forkserver
+
+        def double(x):
+            return 2 * x
+
+        if __name__ == "__main__":
+            ctx = forkserver.get_context(preload=["json"])
+            with ctx.Pool(2) as pool:
+                assert pool.map(double, [1, 2, 3]) == [2, 4, 6]
+            print(ctx.client().status()["pid"], flush=True)
+            # Exit without any cleanup of our own: the lifeline does it.
+    """))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=60, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    server_pid = int(done.stdout.split()[0])
+    assert wait_until(lambda: not os.path.exists(f"/proc/{server_pid}")), "the server outlived its parent"
+
+
+def test_a_server_at_a_given_socket_is_used(start_server):
+    server = start_server("--preload", "json")
+    assert server.ready
+    ctx = forkserver.get_context(socket=server.socket)
+    with ctx.Pool(2) as pool:
+        assert {parent for _, parent in pool.map(whoami, range(4))} == {server.pid}

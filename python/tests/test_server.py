@@ -1,0 +1,88 @@
+"""`python -m forkserver serve`: preload failures and the thread guard."""
+
+import subprocess
+import sys
+import time
+
+import forkserver
+from conftest import wait_until
+
+
+def test_a_missing_preload_fails_the_start_naming_the_module(start_server):
+    server = start_server("--preload", "json,no_such_module_anywhere")
+    assert not server.ready
+    code, stderr = server.failure()
+    assert code == 1
+    assert "preloading module 'no_such_module_anywhere' failed" in stderr
+    assert "ModuleNotFoundError: No module named 'no_such_module_anywhere'" in stderr
+
+
+def test_a_preload_that_raises_fails_the_start_with_its_exception(start_server):
+    server = start_server("--preload", "fails_to_import")
+    code, stderr = server.failure()
+    assert code == 1
+    assert "preloading module 'fails_to_import' failed: RuntimeError: this module refuses to be imported" in stderr
+    assert "Traceback" in stderr  # the whole traceback, for the operator
+
+
+def test_a_python_thread_started_by_a_preload_is_named_and_refused(start_server):
+    server = start_server("--preload", "starts_thread")
+    code, stderr = server.failure()
+    assert code == 1
+    assert "importing 'starts_thread' started the Python thread 'starts-thread-waiter'" in stderr
+    assert "refusing to serve: preloading module 'starts_thread' started threads" in stderr
+    assert "deadlock" in stderr and "--allow-dormant-threads" in stderr
+
+
+def test_dormant_threads_are_served_until_one_wakes_up(start_server, monkeypatch):
+    monkeypatch.setenv("WAKES_LATER_SECONDS", "3")
+    server = start_server("--preload", "workers,wakes_later", "--allow-dormant-threads")
+    assert server.ready, server.failure()
+    with forkserver.Client(server.socket) as client:
+        assert client.spawn("py:workers:exit_with", args=[4]).wait(10) == 4
+        time.sleep(3.5)  # the thread has woken up and keeps running
+
+        def refused():
+            try:
+                client.spawn("py:workers:exit_with", args=[0]).wait(10)
+                return False
+            except forkserver.SpawnError as exc:
+                refused.error = exc
+                return True
+
+        assert wait_until(refused, 10)
+        assert refused.error.kind == "threads"
+        assert "'wakes-later'" in str(refused.error) or "has run since the preloads" in str(refused.error)
+    log = server.stop()
+    assert "tolerating 1 dormant thread(s)" in log
+
+
+def test_numpy_threads_are_stopped_by_their_fork_handler(start_server):
+    """OpenBLAS starts a thread pool when numpy is imported and stops it in a
+    pthread_atfork handler: after the guard's test fork the server is single
+    threaded again, so no flag is needed, and workers use numpy."""
+    server = start_server("--preload", "numpy")
+    assert server.ready, server.failure()
+    with forkserver.Client(server.socket) as client:
+        child = client.spawn("py:workers:numpy_dot", args=[[1, 2, 3], [4, 5, 6]])
+        assert child.wait(10) == 32  # the dot product, as the exit status
+    log = server.stop()
+    assert "stopped by their library's fork handler (pthread_atfork)" in log
+
+
+def test_serve_help_lists_preload_and_the_serve_flags():
+    out = subprocess.run(
+        [sys.executable, "-m", "forkserver", "serve", "--help"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    for flag in ("--preload", "--socket", "--allow-dormant-threads", "--lifeline-fd", "--pool"):
+        assert flag in out
+
+
+def test_a_pool_of_python_workers(start_server):
+    server = start_server("--preload", "workers", "--pool", "py:workers:exit_with=2")
+    assert server.ready, server.failure()
+    with forkserver.Client(server.socket) as client:
+        assert wait_until(lambda: client.status()["pools"][0]["idle"] == 2)
+        assert [client.spawn("py:workers:exit_with", args=[i]).wait(10) for i in (1, 2, 3)] == [1, 2, 3]
+        assert client.status()["pools"][0]["hits"] >= 2
