@@ -9,6 +9,14 @@ import time
 
 import pytest
 
+try:
+    import forkserver._native  # noqa: F401 (the server the tests start)
+except ImportError as exc:  # pragma: no cover
+    raise ImportError(
+        "forkserver is not built: run tests/all.sh, or `pip install ./python` "
+        "(then run pytest from the repository root, not from python/)"
+    ) from exc
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
