@@ -11,6 +11,23 @@ import sys
 import threading
 import traceback
 
+# Imported here, in the server, so no child imports them again: the code a
+# py: worker runs through (msgpack included), the multiprocessing machinery
+# every context child needs, and what multiprocessing.spawn.prepare runs the
+# parent's main script with (runpy, and pkgutil, which imports typing: 3 ms
+# a child otherwise).
+import multiprocessing.connection  # noqa: F401
+import multiprocessing.pool  # noqa: F401
+import multiprocessing.queues  # noqa: F401
+import multiprocessing.resource_tracker  # noqa: F401
+import multiprocessing.synchronize  # noqa: F401
+import concurrent.futures.process  # noqa: F401
+import pkgutil  # noqa: F401
+import runpy  # noqa: F401
+
+from . import context  # noqa: F401
+from ._worker import parse_target
+
 
 def _flush():
     # Output a module printed while importing must not sit in the buffers
@@ -46,19 +63,6 @@ def preload(module):
                 flush=True,
             )
     return None
-
-
-def parse_target(target):
-    """``py:MODULE:FUNCTION`` -> (MODULE, FUNCTION); FUNCTION may be dotted
-    (``Class.method``). Raises ValueError naming what is wrong."""
-    _, _, rest = target.partition("py:")
-    module, sep, function = rest.partition(":")
-    names = module.split(".") + function.split(".")
-    if not sep or not all(name.isidentifier() for name in names):
-        raise ValueError(
-            f"'{target}' is not py:MODULE:FUNCTION (dotted Python names, e.g. py:json:dumps)"
-        )
-    return module, function
 
 
 def check_target(target):

@@ -17,7 +17,6 @@ import traceback
 
 import msgpack
 
-from ._server import parse_target
 
 
 def run(target, payload, args, environ):
@@ -47,6 +46,19 @@ def run(target, payload, args, environ):
     return _finish(code)
 
 
+def parse_target(target):
+    """``py:MODULE:FUNCTION`` -> (MODULE, FUNCTION); FUNCTION may be dotted
+    (``Class.method``). Raises ValueError naming what is wrong."""
+    _, _, rest = target.partition("py:")
+    module, sep, function = rest.partition(":")
+    names = module.split(".") + function.split(".")
+    if not sep or not all(name.isidentifier() for name in names):
+        raise ValueError(
+            f"'{target}' is not py:MODULE:FUNCTION (dotted Python names, e.g. py:json:dumps)"
+        )
+    return module, function
+
+
 def _become_a_fresh_process(target, args, environ):
     """What a new `python` process would have that a copy of the server
     does not."""
@@ -58,8 +70,12 @@ def _become_a_fresh_process(target, args, environ):
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     # os.environ is a copy made when the server started; the child's real
     # environment is the request's.
-    os.environ.clear()
-    os.environ.update(environ)
+    environ = dict(environ)
+    for name in [name for name in os.environ if name not in environ]:
+        del os.environ[name]
+    for name, value in environ.items():
+        if os.environ.get(name) != value:
+            os.environ[name] = value
     sys.argv = [target, *args]
     # stdout was line-buffered or not for the server's fd 1, not this one.
     for stream in (sys.stdout, sys.stderr):

@@ -20,7 +20,6 @@ Its sentinel is the child's pidfd (readable once it ends); its exit status
 comes from the server, over one connection the context shares.
 """
 
-import atexit
 import io
 import os
 import select
@@ -33,7 +32,7 @@ import threading
 from multiprocessing import context as mp_context
 from multiprocessing import popen_fork, popen_spawn_posix, process, reduction, spawn, util
 
-from .client import Client
+from .client import Client, ServerError
 
 __all__ = ["get_context", "ForkserverContext"]
 
@@ -138,10 +137,15 @@ class Popen(popen_fork.Popen):
 
     def poll(self, flag=os.WNOHANG):
         if self.returncode is None and self._child is not None:
-            if flag == os.WNOHANG:
-                self.returncode = self._child.poll()
-            else:
-                self.returncode = self._child.wait()
+            try:
+                if flag == os.WNOHANG:
+                    self.returncode = self._child.poll()
+                else:
+                    self.returncode = self._child.wait()
+            except (OSError, ServerError):
+                # The server is gone and the status with it (CPython's
+                # forkserver method says 255 in this case too).
+                self.returncode = 255
         return self.returncode
 
     def _send_signal(self, sig):
@@ -247,7 +251,9 @@ class _ServerHandle:
         threading.Thread(
             target=_forward, args=(server.stderr,), name="forkserver-stderr", daemon=True
         ).start()
-        atexit.register(self._stop)
+        # After multiprocessing's own exit handler has joined or terminated
+        # the children (it runs finalizers of negative priority last).
+        util.Finalize(None, self._stop, exitpriority=-100)
 
     def _stop(self):
         """Closes the lifeline (the server then stops) and cleans up."""

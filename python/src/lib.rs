@@ -53,6 +53,12 @@ fn serve(argv: Vec<String>) -> i32 {
             return 2;
         }
     };
+    // The helpers (and what every child runs through) are imported once,
+    // here, before the preloads and the thread guard.
+    if let Err(e) = Python::attach(|py| py.import("forkserver._server").map(drop)) {
+        eprintln!("forkserver: importing forkserver._server: {e}");
+        return 1;
+    }
     let mut builder = Server::builder();
     for module in command.preload {
         let name = module.clone();
