@@ -7,6 +7,7 @@ when all is well, or a message saying what is wrong.
 
 import importlib
 import importlib.util
+import inspect
 import sys
 import threading
 import traceback
@@ -81,11 +82,15 @@ def check_target(target):
         if top not in sys.modules and importlib.util.find_spec(top) is None:
             return f"no Python module named '{top}' on the server's sys.path ({', '.join(sys.path)})"
         return None
+    # Static lookups: the name comes from a peer, and a module's __getattr__
+    # or a property must not run in the server on its say-so.
     value = loaded
     for name in function.split("."):
-        value = getattr(value, name, None)
+        value = inspect.getattr_static(value, name, None)
         if value is None:
             return f"module '{module}' (preloaded) has no '{function}'"
+    if isinstance(value, (staticmethod, classmethod)):
+        value = value.__func__
     if not callable(value):
         return f"'{module}.{function}' is a {type(value).__name__}, not a function"
     return None

@@ -13,7 +13,7 @@
 //! child starts out holding it, as CPython's own `os.fork()` child does.
 
 use clap::Parser;
-use forkserver_server::{Server, ServeArgs, WorkerContext};
+use forkserver_server::{ServeArgs, Server, WorkerContext};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 

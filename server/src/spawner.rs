@@ -14,11 +14,11 @@ use forkserver_protocol::{ErrorKind, Limits, RunAs, Spawn, StdioSpec, Target, Wi
 
 use crate::child::{self, Action, CStringArray, ChildPlan, FailedStep};
 use crate::modules::{Modules, WorkerRef};
-use crate::threads::ForkGuard;
 use crate::peer::{child_credentials, Peer};
 use crate::pool::{Assignment, PoolChild};
-use crate::worker::WorkerContext;
 use crate::sys;
+use crate::threads::ForkGuard;
+use crate::worker::WorkerContext;
 
 /// The highest fd number a client may ask for in the child.
 const MAX_FD_TARGET: i32 = 65535;

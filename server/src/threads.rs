@@ -7,18 +7,22 @@
 //! fork and refuses to fork when there is more than one.
 //!
 //! Two ways past that, chosen by the operator ([`ThreadPolicy`]):
-//! - *dormant* threads: asleep, and not scheduled once since the preloads
-//!   ended (their context-switch counts in `/proc/self/task/TID/status` have
-//!   not moved). A fork copies such a thread's memory exactly as it was when
-//!   it went to sleep, at a point where the server itself went on working.
-//!   Polars 2.x starts three like that at import (two jemalloc background
-//!   threads, its out-of-core cleaner). It is safe unless a thread went to
-//!   sleep holding a lock other code needs, which an idle pool waiting on a
-//!   condition variable does not (the wait releases the lock).
+//! - *dormant* threads: asleep, and not scheduled since the preloads ended
+//!   (their context-switch counts in `/proc/self/task/TID/status` have not
+//!   moved), or, if one woke up since, asleep and unscheduled again for
+//!   50 ms (back in its idle wait). A fork copies such a thread's memory as
+//!   it was when it went to sleep. Polars 2.x starts three like that at
+//!   import (two jemalloc background threads, its out-of-core cleaner, which
+//!   wakes up now and then). It is safe unless a thread sleeps holding a lock
+//!   other code needs, which an idle pool waiting on a condition variable
+//!   does not (the wait releases the lock). A thread that appears after the
+//!   preloads, or keeps running, makes the fork fail with kind `threads`.
 //! - `--allow-threads`: no check at all.
 
+use std::cell::RefCell;
 use std::fmt;
 use std::fs;
+use std::time::{Duration, Instant};
 
 use crate::log::{log, Level};
 
@@ -58,7 +62,7 @@ pub(crate) fn tolerate(when: &str, policy: ThreadPolicy) -> Result<(), MultiThre
         ThreadPolicy::Refuse => Err(threads),
         ThreadPolicy::AllowDormant => match sleeping_threads() {
             Ok(sleeping) => {
-                let sleeping: Vec<ThreadInfo> = sleeping.into_iter().map(|(t, _)| t).collect();
+                let sleeping: Vec<ThreadInfo> = sleeping.into_iter().map(|t| t.info).collect();
                 log!(
                     Level::Info,
                     "{when}: tolerating {} dormant thread(s) (--allow-dormant-threads): {}; a fork is refused once any of them runs",
@@ -91,12 +95,18 @@ fn names(threads: &[ThreadInfo]) -> String {
         .join(", ")
 }
 
+/// How long a tolerated thread that woke up must stay asleep, unscheduled,
+/// before a fork goes ahead; and how long a fork waits for that at most.
+const QUIET: Duration = Duration::from_millis(50);
+const QUIET_WAIT_LIMIT: Duration = Duration::from_millis(500);
+
 /// The check made before every fork, armed once the preloads are done.
 #[derive(Debug)]
 pub(crate) enum ForkGuard {
     Strict,
-    /// The threads tolerated and their context-switch counts when armed.
-    Dormant(Vec<(ThreadInfo, u64)>),
+    /// The threads tolerated and their context-switch counts when last
+    /// seen quiet.
+    Dormant(RefCell<Vec<ThreadState>>),
     Off,
 }
 
@@ -106,50 +116,116 @@ impl ForkGuard {
         Ok(match policy {
             ThreadPolicy::Refuse => ForkGuard::Strict,
             ThreadPolicy::Allow => ForkGuard::Off,
-            ThreadPolicy::AllowDormant => ForkGuard::Dormant(sleeping_threads()?),
+            ThreadPolicy::AllowDormant => ForkGuard::Dormant(RefCell::new(sleeping_threads()?)),
         })
     }
 
     /// Ok when forking now is allowed; otherwise says why not.
+    ///
+    /// A tolerated thread may wake up now and then (Polars' out-of-core
+    /// cleaner does, rarely, after allocations in the server). Then the fork
+    /// waits, up to [`QUIET_WAIT_LIMIT`], for every such thread to be asleep
+    /// and unscheduled for [`QUIET`] (back in its idle wait, its burst of
+    /// work done), and re-records the counts. A thread that appeared after
+    /// the preloads is never tolerated.
     pub(crate) fn check(&self) -> Result<(), String> {
-        match self {
-            ForkGuard::Off => Ok(()),
-            ForkGuard::Strict => ensure_single_threaded().map_err(|e| e.to_string()),
-            ForkGuard::Dormant(armed) => {
-                if ensure_single_threaded().is_ok() {
-                    return Ok(());
-                }
-                let now = sleeping_threads()?;
-                for (thread, switches) in &now {
-                    match armed.iter().find(|(t, _)| t.tid == thread.tid) {
-                        None => {
-                            return Err(format!(
-                                "thread {} '{}' started after the preloads; forking now could copy a lock it holds",
-                                thread.tid, thread.name
-                            ))
-                        }
-                        Some((_, before)) if before != switches => {
-                            return Err(format!(
-                                "thread {} '{}' has run since the preloads ended, so it is no longer dormant; forking now could copy a lock it holds",
-                                thread.tid, thread.name
-                            ))
-                        }
-                        Some(_) => {}
-                    }
-                }
-                Ok(())
+        let armed = match self {
+            ForkGuard::Off => return Ok(()),
+            ForkGuard::Strict => return ensure_single_threaded().map_err(|e| e.to_string()),
+            ForkGuard::Dormant(armed) => armed,
+        };
+        if ensure_single_threaded().is_ok() {
+            return Ok(());
+        }
+        let mut armed = armed.borrow_mut();
+        let mut seen = thread_states();
+        if let Some(new) = seen
+            .iter()
+            .find(|s| !armed.iter().any(|a| a.info.tid == s.info.tid))
+        {
+            return Err(format!(
+                "thread {} '{}' started after the preloads; forking now could copy a lock it holds",
+                new.info.tid, new.info.name
+            ));
+        }
+        if seen
+            .iter()
+            .all(|s| s.asleep && armed.iter().any(|a| a.same_as(s)))
+        {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let mut quiet_since = started;
+        loop {
+            std::thread::sleep(Duration::from_millis(5));
+            let now = thread_states();
+            let unchanged = now.len() == seen.len()
+                && now
+                    .iter()
+                    .all(|n| n.asleep && seen.iter().any(|s| s.same_as(n)));
+            if !unchanged {
+                quiet_since = Instant::now();
+            } else if quiet_since.elapsed() >= QUIET {
+                log!(
+                    Level::Debug,
+                    "dormant threads woke up and are quiet again after {:?}: forking",
+                    started.elapsed()
+                );
+                *armed = now;
+                return Ok(());
             }
+            if started.elapsed() >= QUIET_WAIT_LIMIT {
+                let busy = now
+                    .iter()
+                    .find(|n| !n.asleep || !seen.iter().any(|s| s.same_as(n)))
+                    .or(now.first());
+                return Err(match busy {
+                    Some(t) => format!(
+                        "thread {} '{}' keeps running (not asleep and quiet for {QUIET:?} within {QUIET_WAIT_LIMIT:?}), so it is not dormant; forking now could copy a lock it holds",
+                        t.info.tid, t.info.name
+                    ),
+                    None => "the tolerated threads did not settle".to_owned(),
+                });
+            }
+            seen = now;
         }
     }
 }
 
-/// Every thread but the caller, with its context-switch count; an error
-/// names one that is not asleep.
-pub(crate) fn sleeping_threads() -> Result<Vec<(ThreadInfo, u64)>, String> {
+/// A thread other than the caller, as `/proc/self/task/TID/status` shows it.
+#[derive(Debug, Clone)]
+pub(crate) struct ThreadState {
+    info: ThreadInfo,
+    asleep: bool,
+    /// Voluntary plus involuntary context switches: changes whenever the
+    /// thread has been scheduled.
+    switches: u64,
+}
+
+impl ThreadState {
+    /// The same thread, asleep in both, and not scheduled in between.
+    fn same_as(&self, other: &ThreadState) -> bool {
+        self.info.tid == other.info.tid && self.switches == other.switches
+    }
+}
+
+/// Every thread but the caller; an error names one that is not asleep.
+pub(crate) fn sleeping_threads() -> Result<Vec<ThreadState>, String> {
+    let states = thread_states();
+    if let Some(awake) = states.iter().find(|s| !s.asleep) {
+        return Err(format!(
+            "thread {} '{}' is not asleep; only sleeping threads can be tolerated",
+            awake.info.tid, awake.info.name
+        ));
+    }
+    Ok(states)
+}
+
+fn thread_states() -> Vec<ThreadState> {
     let me = nix::unistd::gettid().as_raw() as u32;
     let mut found = Vec::new();
-    for thread in list_threads().into_iter().filter(|t| t.tid != me) {
-        let status = fs::read_to_string(format!("/proc/self/task/{}/status", thread.tid));
+    for info in list_threads().into_iter().filter(|t| t.tid != me) {
+        let status = fs::read_to_string(format!("/proc/self/task/{}/status", info.tid));
         // A thread that ended between the listing and now is no concern.
         let Ok(status) = status else { continue };
         let field = |key: &str| {
@@ -158,21 +234,18 @@ pub(crate) fn sleeping_threads() -> Result<Vec<(ThreadInfo, u64)>, String> {
                 .find_map(|line| line.strip_prefix(key))
                 .map(str::trim)
         };
-        if !field("State:").is_some_and(|state| state.starts_with('S')) {
-            return Err(format!(
-                "thread {} '{}' is not asleep (state {}); only sleeping threads can be tolerated",
-                thread.tid,
-                thread.name,
-                field("State:").unwrap_or("unknown")
-            ));
-        }
+        let asleep = field("State:").is_some_and(|state| state.starts_with('S'));
         let switches = ["voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:"]
             .iter()
             .filter_map(|key| field(key)?.parse::<u64>().ok())
             .sum();
-        found.push((thread, switches));
+        found.push(ThreadState {
+            info,
+            asleep,
+            switches,
+        });
     }
-    Ok(found)
+    found
 }
 
 /// A thread found in `/proc/self/task`.
@@ -241,7 +314,11 @@ pub fn ensure_single_threaded_after_fork_handlers() -> Result<Vec<ThreadInfo>, M
     for _ in 0..20 {
         if ensure_single_threaded().is_ok() {
             let main = std::process::id();
-            return Ok(before.threads.into_iter().filter(|t| t.tid != main).collect());
+            return Ok(before
+                .threads
+                .into_iter()
+                .filter(|t| t.tid != main)
+                .collect());
         }
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
@@ -261,7 +338,8 @@ fn probe_fork() {
                 let mut status = 0;
                 while libc::waitpid(pid, &mut status, 0) == -1
                     && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR)
-                {}
+                {
+                }
             }
         }
     }
