@@ -5,6 +5,7 @@ runs before each fork of a ``py:MODULE:FUNCTION`` worker. Each returns None
 when all is well, or a message saying what is wrong.
 """
 
+import gc
 import importlib
 import importlib.util
 import inspect
@@ -40,6 +41,14 @@ def _flush():
             pass
 
 
+def _freeze():
+    # What the gc module's documentation advises before fork() without
+    # exec(): everything imported so far moves to the permanent generation,
+    # so a collection in a child never writes to (and so never copies, page
+    # by page) the objects it shares with the server.
+    gc.freeze()
+
+
 def preload(module):
     """Imports `module`. The server's thread guard runs next; this names the
     Python threads the import started, which the guard sees only as native
@@ -52,6 +61,7 @@ def preload(module):
         return "".join(traceback.format_exception_only(type(exc), exc)).strip()
     finally:
         _flush()
+    _freeze()
     for thread in threading.enumerate():
         if thread not in before:
             print(
@@ -94,3 +104,6 @@ def check_target(target):
     if not callable(value):
         return f"'{module}.{function}' is a {type(value).__name__}, not a function"
     return None
+
+
+_freeze()
