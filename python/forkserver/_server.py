@@ -9,6 +9,7 @@ import gc
 import importlib
 import importlib.util
 import inspect
+import os
 import sys
 import threading
 import traceback
@@ -47,6 +48,38 @@ def _freeze():
     # so a collection in a child never writes to (and so never copies, page
     # by page) the objects it shares with the server.
     gc.freeze()
+
+
+# --precompile: path -> (mtime_ns, size, code object), read by children.
+_PRECOMPILED = {}
+
+
+def precompile(path):
+    """Compiles the script at `path` (without running it) for children that
+    will run it; None, or why it could not."""
+    try:
+        with open(path, "rb") as script:
+            stat = os.fstat(script.fileno())
+            source = script.read()
+        code = compile(source, path, "exec", dont_inherit=True)
+    except (OSError, SyntaxError, ValueError) as exc:
+        return str(exc)
+    _PRECOMPILED[path] = (stat.st_mtime_ns, stat.st_size, code)
+    return None
+
+
+def precompiled(path):
+    """The code object `precompile` made of `path`, if the file has not
+    changed since; else None."""
+    cached = _PRECOMPILED.get(path)
+    if cached is None:
+        return None
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    mtime_ns, size, code = cached
+    return code if (stat.st_mtime_ns, stat.st_size) == (mtime_ns, size) else None
 
 
 def preload(module):

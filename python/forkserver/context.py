@@ -22,12 +22,14 @@ comes from the server, over one connection the context shares.
 
 import io
 import os
+import runpy
 import select
 import shutil
 import subprocess
 import sys
 import tempfile
 import threading
+import types
 
 from multiprocessing import context as mp_context
 from multiprocessing import popen_fork, popen_spawn_posix, process, reduction, spawn, util
@@ -159,7 +161,37 @@ def _start_child(pipe_handle, tracker_fd):
 
     resource_tracker._resource_tracker._fd = tracker_fd
     parent_sentinel = os.dup(pipe_handle)
+    spawn._fixup_main_from_path = _fixup_main_from_precompiled_path
     return spawn._main(pipe_handle, parent_sentinel)
+
+
+_fixup_main_from_path = spawn._fixup_main_from_path
+
+
+def _fixup_main_from_precompiled_path(main_path):
+    """``spawn._fixup_main_from_path`` (re-running the parent's main script
+    as ``__mp_main__``), with the code the server compiled at start
+    (``--precompile``, which get_context passes) when the script is unchanged:
+    compiling it in every child costs milliseconds. Everything else, and
+    every special case, is left to multiprocessing's own."""
+    from . import _server
+
+    code = _server.precompiled(main_path)
+    current_main = sys.modules["__main__"]
+    if (
+        code is None
+        or getattr(current_main, "__file__", None) == main_path
+        or os.path.splitext(os.path.basename(main_path))[0] == "ipython"
+    ):
+        return _fixup_main_from_path(main_path)
+    spawn.old_main_modules.append(current_main)
+    main_module = types.ModuleType("__mp_main__")
+    # As runpy.run_path(main_path, run_name="__mp_main__") runs a script.
+    main_content = runpy._run_module_code(
+        code, None, "__mp_main__", pkg_name="", script_name=main_path
+    )
+    main_module.__dict__.update(main_content)
+    sys.modules["__main__"] = sys.modules["__mp_main__"] = main_module
 
 
 class _ServerHandle:
@@ -219,6 +251,11 @@ class _ServerHandle:
             command += ["--preload", ",".join(self.preload)]
         if self.allow_dormant_threads:
             command.append("--allow-dormant-threads")
+        # The script every child re-runs (the path as children are told it);
+        # compiled once, there.
+        main_path = spawn.get_preparation_data("forkserver").get("init_main_from_path")
+        if main_path and main_path.endswith(".py") and os.path.isfile(main_path):
+            command += ["--precompile", main_path]
         command += list(self.server_args)
         try:
             server = subprocess.Popen(

@@ -29,6 +29,11 @@ struct PythonServe {
     /// repeatable). A failing import fails the start, naming the module.
     #[arg(long, value_name = "MODULE[,MODULE...]", value_delimiter = ',')]
     preload: Vec<String>,
+    /// Compile this script at start, without running it (repeatable), so
+    /// children that run it skip compiling: a multiprocessing child re-runs
+    /// its parent's main script. A script changed since is compiled afresh.
+    #[arg(long, value_name = "SCRIPT.py")]
+    precompile: Vec<String>,
     #[command(flatten)]
     serve: ServeArgs,
 }
@@ -58,6 +63,11 @@ fn serve(argv: Vec<String>) -> i32 {
     if let Err(e) = Python::attach(|py| py.import("forkserver._server").map(drop)) {
         eprintln!("forkserver: importing forkserver._server: {e}");
         return 1;
+    }
+    for script in &command.precompile {
+        if let Err(message) = call_helper("forkserver._server", "precompile", script) {
+            eprintln!("forkserver: --precompile {script}: {message} (children will compile it)");
+        }
     }
     let mut builder = Server::builder();
     for module in command.preload {

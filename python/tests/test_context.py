@@ -132,3 +132,35 @@ def test_a_server_at_a_given_socket_is_used(start_server):
     ctx = forkserver.get_context(socket=server.socket)
     with ctx.Pool(2) as pool:
         assert {parent for _, parent in pool.map(whoami, range(4))} == {server.pid}
+
+
+def test_children_rerun_the_main_script_and_see_it_change(tmp_path):
+    """Children re-run the parent's main script as spawn's do (the server
+    compiled it once, --precompile); after the script changes on disk, they
+    run the new version, as spawn's children would."""
+    script = tmp_path / "changing_main.py"
+    body = textwrap.dedent("""
+        import os, sys, time
+        import forkserver
+
+        VALUE = {value}
+
+        def value(_):
+            return VALUE
+
+        if __name__ == "__main__":
+            ctx = forkserver.get_context()
+            with ctx.Pool(1) as pool:
+                print(pool.map(value, [0])[0], flush=True)
+            text = open(__file__).read().replace("VALUE = {value}", "VALUE = {value} + 1")
+            time.sleep(0.01)
+            with open(__file__, "w") as me:
+                me.write(text)
+            with ctx.Pool(1) as pool:
+                print(pool.map(value, [0])[0], flush=True)
+    """)
+    script.write_text(body.replace("{value}", "10"))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=60, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["10", "11"]
