@@ -22,6 +22,7 @@ comes from the server, over one connection the context shares.
 
 import io
 import os
+import pickle
 import runpy
 import select
 import shutil
@@ -41,7 +42,7 @@ __all__ = ["get_context", "ForkserverContext"]
 _CHILD_TARGET = "py:forkserver.context:_start_child"
 
 
-def get_context(preload=(), socket=None, *, allow_dormant_threads=True, server_args=()):
+def get_context(preload=(), socket=None, *, pool=2, allow_dormant_threads=True, server_args=()):
     """A multiprocessing context backed by a forkserver.
 
     ``preload``: modules the server imports once (``["numpy", "polars"]``).
@@ -49,9 +50,12 @@ def get_context(preload=(), socket=None, *, allow_dormant_threads=True, server_a
     None) the first process started starts one, which stops when this
     process ends. ``allow_dormant_threads`` is passed on as
     ``--allow-dormant-threads`` (Polars 2.x starts sleeping threads at
-    import; the server then forks only while they sleep). ``server_args``:
-    more ``serve`` flags for a server started here.
+    import; the server then forks only while they sleep). ``pool``: how
+    many children a server started here keeps forked and warmed up ahead
+    (``--pool``; 0 for none). ``server_args``: more ``serve`` flags for it.
     """
+    if pool:
+        server_args = ("--pool", f"{_CHILD_TARGET}={pool}", *server_args)
     return ForkserverContext(tuple(preload), socket, allow_dormant_threads, tuple(server_args))
 
 
@@ -164,6 +168,24 @@ def _start_child(pipe_handle, tracker_fd):
     spawn._fixup_main_from_path = _fixup_main_from_precompiled_path
     return spawn._main(pipe_handle, parent_sentinel)
 
+
+def _prewarm_child():
+    """The part of a child's start that needs no request: pickling and
+    unpickling preparation data and a Process (the pool warm-up runs it)."""
+    buffer = io.BytesIO()
+    # Pickling a Process (its authkey) is allowed only while "spawning".
+    mp_context.set_spawning_popen(object())
+    try:
+        reduction.dump(spawn.get_preparation_data("prewarm"), buffer)
+        reduction.dump(process.BaseProcess(target=print, name="prewarm"), buffer)
+    finally:
+        mp_context.set_spawning_popen(None)
+    buffer.seek(0)
+    pickle.load(buffer)
+    pickle.load(buffer)
+
+
+_start_child._forkserver_prewarm = _prewarm_child
 
 _fixup_main_from_path = spawn._fixup_main_from_path
 

@@ -12,6 +12,8 @@
 //! server is single-threaded, so nothing else needs the GIL, and a forked
 //! child starts out holding it, as CPython's own `os.fork()` child does.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use clap::Parser;
 use forkserver_server::{ServeArgs, Server, WorkerContext};
 use pyo3::prelude::*;
@@ -74,7 +76,9 @@ fn serve(argv: Vec<String>) -> i32 {
         let name = module.clone();
         builder = builder.try_preload(&name, move || preload(&module));
     }
-    let builder = builder.worker_family("py:", check_target, run_worker);
+    let builder = builder
+        .worker_family("py:", check_target, run_worker)
+        .pool_prewarm(prewarm);
     match builder.serve(&options) {
         Ok(()) => 0,
         Err(e) => {
@@ -113,14 +117,45 @@ fn call_helper(module: &str, helper: &str, arg: &str) -> Result<(), String> {
     })
 }
 
+/// Set in a child once PyOS_AfterFork_Child has run (by the pool warm-up or
+/// the worker); false in the server, so every fresh fork starts false.
+static AFTER_FORK_DONE: AtomicBool = AtomicBool::new(false);
+
+/// Brings the interpreter's state up to date with the fork, once per child.
+fn after_fork_in_child() {
+    if !AFTER_FORK_DONE.swap(true, Ordering::Relaxed) {
+        // SAFETY: we are a forked child of a process whose only thread held
+        // the GIL when it forked (serve runs with the GIL held), which is the
+        // state PyOS_AfterFork_Child requires. It resets the interpreter's
+        // thread and lock state and runs the os.register_at_fork child hooks.
+        unsafe { pyo3::ffi::PyOS_AfterFork_Child() };
+    }
+}
+
+/// In an idle pool child of a `py:` worker: catch up with the fork and walk
+/// the start path once (`forkserver._worker.prewarm`), so a request does
+/// not wait for the memory that copies.
+fn prewarm(worker: &str) {
+    if !worker.starts_with("py:") {
+        return;
+    }
+    after_fork_in_child();
+    Python::attach(|py| {
+        let outcome = py
+            .import("forkserver._worker")
+            .and_then(|m| m.getattr("prewarm"))
+            .and_then(|prewarm| prewarm.call1((worker,)));
+        if let Err(e) = outcome {
+            // A cold child still works; say why it is cold.
+            e.print(py);
+        }
+    });
+}
+
 /// Runs in the forked child: brings the interpreter's state up to date with
 /// the fork, then calls the function; returns the exit status.
 fn run_worker(context: &mut WorkerContext<'_>) -> i32 {
-    // SAFETY: this is a freshly forked child of a process whose only thread
-    // held the GIL when it forked (serve runs with the GIL held), which is
-    // the state PyOS_AfterFork_Child requires. It resets the interpreter's
-    // thread and lock state and runs the os.register_at_fork child hooks.
-    unsafe { pyo3::ffi::PyOS_AfterFork_Child() };
+    after_fork_in_child();
     Python::attach(|py| {
         let payload = context.raw_payload().map(|bytes| PyBytes::new(py, bytes));
         // The environment the server installed for this child (os.environ

@@ -119,6 +119,18 @@ impl ServerBuilder {
         self
     }
 
+    /// Runs `prewarm(worker)` in every idle pool child right after its fork,
+    /// before it waits for a request: whatever it does there (and whatever
+    /// memory it touches, which a forked child copies on first write) is
+    /// then done while nobody waits. It runs with the child's signals reset
+    /// and the server's fds closed; a panic is ignored. Python workers use
+    /// it to bring the interpreter up to date with the fork and walk the
+    /// start path once.
+    pub fn pool_prewarm(mut self, prewarm: impl Fn(&str) + 'static) -> Self {
+        self.specs.prewarm = Some(Box::new(prewarm));
+        self
+    }
+
     /// Keeps `size` idle children forked for worker `name` (as `--pool
     /// NAME=SIZE` does); a request for it skips the fork.
     pub fn pool(mut self, name: &str, size: u32) -> Self {

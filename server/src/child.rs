@@ -272,9 +272,11 @@ unsafe fn reset_signals() {
 
 /// A prefork pool child, right after `fork()`: drops everything of the
 /// server's it must not hold while idle (signal handlers, every fd but its
-/// control socket, error pipe and /dev/null), then waits for its one request and
-/// becomes it via `specialise`, which must end in [`run_child`] (it returns
-/// `Infallible`: it cannot return).
+/// control socket, error pipe and /dev/null), runs `prewarm` (the builder's
+/// [`pool_prewarm`](crate::ServerBuilder::pool_prewarm); a panic there is
+/// ignored), then waits for its one request and becomes it via
+/// `specialise`, which must end in [`run_child`] (it returns `Infallible`:
+/// it cannot return).
 ///
 /// Unlike the fork-to-exec path, an idle pool child is a process of its own:
 /// a copy of the single-threaded server, so it may allocate and decode. If
@@ -288,6 +290,7 @@ pub(crate) unsafe fn run_pool_child(
     control: RawFd,
     error_pipe: RawFd,
     dev_null: RawFd,
+    prewarm: impl FnOnce(),
     specialise: impl FnOnce(Vec<u8>, Vec<std::os::fd::OwnedFd>) -> std::convert::Infallible,
 ) -> ! {
     reset_signals();
@@ -303,6 +306,8 @@ pub(crate) unsafe fn run_pool_child(
         next = next.max(fd + 1);
     }
     close_range(next, RawFd::MAX);
+    // Best effort: a failed warm-up leaves a cold child, still usable.
+    let _ = panic::catch_unwind(AssertUnwindSafe(prewarm));
     // SAFETY: control is ours alone now; the borrow lasts for the call.
     let socket = std::os::fd::BorrowedFd::borrow_raw(control);
     match forkserver_protocol::recv_datagram(socket, 1 << 20, 512, 0) {

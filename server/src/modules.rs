@@ -24,6 +24,10 @@ pub(crate) type PreloadFn = Box<dyn FnOnce() -> Result<Box<dyn std::any::Any>, S
 /// Refuses a worker family's target name before the fork, with a message.
 pub(crate) type NameCheck = Box<dyn Fn(&str) -> Result<(), String>>;
 
+/// Warms an idle pool child up for its worker; see
+/// [`ServerBuilder::pool_prewarm`](crate::ServerBuilder::pool_prewarm).
+pub(crate) type PrewarmFn = Box<dyn Fn(&str)>;
+
 /// Workers for every target name starting with `prefix`; see
 /// [`ServerBuilder::worker_family`](crate::ServerBuilder::worker_family).
 pub(crate) struct WorkerFamily {
@@ -38,6 +42,7 @@ pub(crate) struct ModuleSpecs {
     pub(crate) preloads: Vec<(String, PreloadFn)>,
     pub(crate) workers: Vec<(String, WorkerFn)>,
     pub(crate) families: Vec<WorkerFamily>,
+    pub(crate) prewarm: Option<PrewarmFn>,
     pub(crate) dylibs: Vec<(String, PathBuf)>,
 }
 
@@ -47,6 +52,7 @@ pub(crate) struct Modules {
     pub(crate) preloaded: Preloaded,
     pub(crate) workers: HashMap<String, WorkerFn>,
     families: Vec<WorkerFamily>,
+    prewarm: Option<PrewarmFn>,
     dylibs: HashMap<String, Dylib>,
     pub(crate) infos: Vec<ModuleInfo>,
 }
@@ -93,6 +99,7 @@ impl Modules {
         }
         modules.workers = specs.workers.into_iter().collect();
         modules.families = specs.families;
+        modules.prewarm = specs.prewarm;
         Ok(modules)
     }
 
@@ -151,6 +158,14 @@ impl Modules {
             .entry_point(&c_symbol)
             .map(WorkerRef::Dylib)
             .ok_or_else(|| format!("dynamic module '{module}' has no symbol '{symbol}'"))
+    }
+
+    /// Runs the builder's pool warm-up for `worker`, if there is one (in an
+    /// idle pool child).
+    pub(crate) fn prewarm(&self, worker: &str) {
+        if let Some(prewarm) = &self.prewarm {
+            prewarm(worker);
+        }
     }
 
     /// Embedded worker names, sorted, then each family as `PREFIX*`.

@@ -119,7 +119,7 @@ impl Spawner {
 
     /// Forks a prefork pool child that waits for an [`Assignment`] on its
     /// control socket, then becomes it.
-    pub(crate) fn prefork(&self, limits: &Limits) -> Result<PoolChild, SpawnError> {
+    pub(crate) fn prefork(&self, worker: &str, limits: &Limits) -> Result<PoolChild, SpawnError> {
         let (control, child_end) = forkserver_protocol::seqpacket_pair().map_err(|e| {
             SpawnError::os(ErrorKind::Resource, "creating a pool control socket", e)
         })?;
@@ -128,9 +128,13 @@ impl Spawner {
         let (pid, pidfd, error_pipe) = self.fork_with(|error_write| {
             // SAFETY: we are the freshly forked child; all three fds are open.
             unsafe {
-                child::run_pool_child(child_control, error_write, dev_null, |bytes, fds| {
-                    self.specialise(&bytes, fds, limits, error_write)
-                })
+                child::run_pool_child(
+                    child_control,
+                    error_write,
+                    dev_null,
+                    || self.modules.prewarm(worker),
+                    |bytes, fds| self.specialise(&bytes, fds, limits, error_write),
+                )
             }
         })?;
         Ok(PoolChild {

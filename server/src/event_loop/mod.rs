@@ -214,7 +214,7 @@ impl EventLoop {
         let Some(worker) = self.pools.short().map(str::to_owned) else {
             return;
         };
-        match self.spawner.prefork(&self.limits) {
+        match self.spawner.prefork(&worker, &self.limits) {
             Ok(child) => {
                 log!(
                     Level::Debug,
