@@ -273,6 +273,10 @@ class Client:
 
         def stdio(spec, our_fd, name):
             if spec is None:
+                try:
+                    os.fstat(our_fd)
+                except OSError:  # ours is closed: the child gets /dev/null
+                    return {"kind": "null"}
                 return {"kind": "fd", "index": attach(our_fd)}
             if spec == PIPE:
                 return {"kind": "pipe"}

@@ -6,6 +6,7 @@ import errno
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -198,3 +199,19 @@ def test_a_worker_is_a_fork_of_the_warm_server(server):
         child = client.spawn("py:workers:where_loaded", stdout=subprocess.PIPE)
         out, _ = child.communicate(timeout=10)
         assert out.decode().split() == [str(server.pid), str(server.pid)]
+
+
+def test_a_closed_stdio_of_ours_becomes_dev_null_for_the_child(server, tmp_path):
+    script = tmp_path / "closed_stdout.py"
+    script.write_text(
+        "import os, sys, forkserver\n"
+        "client = forkserver.Client(sys.argv[1])\n"
+        "os.close(1)\n"
+        "show = \"import os, sys; sys.stderr.write(os.readlink('/proc/self/fd/1'))\"\n"
+        "child = client.spawn([sys.executable, '-c', show], stderr=2)\n"
+        "sys.exit(child.wait(10))\n"
+    )
+    done = subprocess.run([sys.executable, str(script), server.socket], capture_output=True,
+                          text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == "/dev/null"
