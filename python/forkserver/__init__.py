@@ -10,7 +10,7 @@ server instead of paying for ``spawn`` or risking ``fork``.
   server starts: ``Pool``, ``Process``, ``ProcessPoolExecutor`` unchanged.
 """
 
-from .client import Child, Client, ServerError, SpawnError, default_socket_path
+from .client import Child, Client, ServerError, SpawnError, Worker, default_socket_path
 from .context import ForkserverContext, get_context
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "ForkserverContext",
     "ServerError",
     "SpawnError",
+    "Worker",
     "default_socket_path",
     "get_context",
 ]

@@ -16,7 +16,7 @@ import time
 
 import msgpack
 
-__all__ = ["Client", "Child", "SpawnError", "ServerError", "default_socket_path"]
+__all__ = ["Client", "Child", "SpawnError", "ServerError", "Worker", "default_socket_path"]
 
 PROTOCOL_VERSION = 1
 PIPE = subprocess.PIPE
@@ -73,6 +73,26 @@ def _os_string(value):
         return value
     except UnicodeEncodeError:  # surrogate-escaped bytes from the OS
         return os.fsencode(value)
+
+
+class Worker:
+    """A worker the server offers by name (``welcome["workers"]``), with its
+    string arguments and an optional MessagePack-able payload:
+    ``client.spawn(Worker("resize", ["--width", "64"], payload={...}))``."""
+
+    def __init__(self, name, args=(), payload=None):
+        self.name = name
+        self.args = [str(a) for a in args]
+        self.payload = payload
+
+    def _wire(self):
+        target = {"kind": "worker", "name": self.name, "args": self.args}
+        if self.payload is not None:
+            target["payload"] = self.payload
+        return target
+
+    def __repr__(self):
+        return f"Worker({self.name!r}, {self.args!r})"
 
 
 class Client:
@@ -250,7 +270,9 @@ class Client:
         ``"py:MODULE:FUNCTION"``: the server forks itself and calls
         ``MODULE.FUNCTION(*args, **kwargs)`` (values that MessagePack
         carries); its return value is the exit status, as with
-        ``sys.exit``.
+        ``sys.exit``. A :class:`Worker` names any other worker the server
+        offers (a Rust zygote's embedded workers, ``MODULE:SYMBOL`` of a
+        dynamic module).
 
         ``stdin``/``stdout``/``stderr``: None (the default) gives the child
         ours, ``PIPE`` a pipe (the :class:`Child` gets our end),
@@ -263,7 +285,8 @@ class Client:
         """
         if isinstance(target, (list, tuple)):
             target, args = target[0], [*target[1:], *args]
-        target = os.fspath(target)
+        if not isinstance(target, Worker):
+            target = os.fspath(target)
         keep_open = []  # our pipe ends the child's stdio uses; closed after the spawn
         fds = []
 
@@ -289,7 +312,11 @@ class Client:
             raise ValueError(f"{name}: expected None, PIPE, DEVNULL, an fd or a file, got {spec!r}")
 
         message = {"type": "spawn", "new_session": new_session}
-        if isinstance(target, str) and target.startswith("py:"):
+        if isinstance(target, Worker):
+            if args or kwargs:
+                raise TypeError("a Worker carries its own args and payload")
+            message["target"] = target._wire()
+        elif isinstance(target, str) and target.startswith("py:"):
             payload = {"args": list(args)}
             if kwargs:
                 payload["kwargs"] = dict(kwargs)

@@ -215,3 +215,28 @@ def test_a_closed_stdio_of_ours_becomes_dev_null_for_the_child(server, tmp_path)
                           text=True, timeout=30)
     assert done.returncode == 0, done.stderr
     assert done.stderr == "/dev/null"
+
+
+def test_a_rust_zygote_s_embedded_worker(tmp_path):
+    """Worker(NAME) starts any worker a server offers: here the Rust test
+    zygote's (built by cargo's tests), with string args and a payload."""
+    zygote = os.path.join(os.path.dirname(__file__), "..", "..", "target", "debug", "examples", "test_zygote")
+    assert os.path.exists(zygote), "build the Rust test zygote first: cargo build --examples"
+    socket_path = str(tmp_path / "zygote.sock")
+    server = subprocess.Popen([zygote, "--socket", socket_path, "-q"], stdin=subprocess.DEVNULL)
+    try:
+        assert wait_until(lambda: os.path.exists(socket_path))
+        with forkserver.Client(socket_path) as client:
+            assert "args" in client.welcome["workers"]
+            child = client.spawn(forkserver.Worker("args", ["one", "two"]), stdout=subprocess.PIPE)
+            out, _ = child.communicate(timeout=10)
+            assert (child.returncode, out) == (2, b"one two\n")  # it exits with len(args)
+            order = {"customer": "ada", "lines": [], "tags": {"rush": 1}, "note": None}
+            child = client.spawn(forkserver.Worker("payload", payload=order), stdout=subprocess.PIPE)
+            out, _ = child.communicate(timeout=10)
+            assert child.returncode == 0 and b'customer: "ada"' in out
+            with pytest.raises(forkserver.SpawnError, match="no worker named 'nope'"):
+                client.spawn(forkserver.Worker("nope"))
+    finally:
+        server.terminate()
+        server.wait(10)
