@@ -56,11 +56,16 @@ fn zygote() {
     let code = Server::builder()
         .pool("first_byte", env_usize("FS_BENCH_POOL") as u32)
         .preload("table", move || build_table(mb, huge))
+        // Writes a byte, then lives until its stdin closes: a worker that
+        // exited at once would tear down its copy of the preload's page
+        // tables (3 ms at 512 MB, in the kernel, not preemptible here) on the
+        // CPU the client was woken on, delaying the client's read of
+        // `Spawned` (seen in a sched trace), which is not what a spawn costs.
         .worker("first_byte", |_| {
             let mut out = std::io::stdout().lock();
-            out.write_all(b"!")
-                .and_then(|()| out.flush())
-                .map_or(1, |()| 0)
+            let written = out.write_all(b"!").and_then(|()| out.flush());
+            let _ = std::io::stdin().read(&mut [0u8; 1]);
+            written.map_or(1, |()| 0)
         })
         .worker("idle", |_| {
             let _ = std::io::stdin().read(&mut [0u8; 1]);
@@ -374,6 +379,7 @@ fn harness() {
                 let start = Instant::now();
                 let mut child = client
                     .worker("first_byte")
+                    .stdin(FsStdio::piped())
                     .stdout(FsStdio::piped())
                     .spawn()
                     .unwrap();
@@ -385,6 +391,7 @@ fn harness() {
                     .read_exact(&mut [0u8; 1])
                     .unwrap();
                 let byte = start.elapsed();
+                drop(child.stdin.take());
                 child.wait().unwrap();
                 if i >= runs / 10 {
                     to_spawned.push(spawned.as_secs_f64() * 1e6);
