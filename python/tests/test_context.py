@@ -164,3 +164,26 @@ def test_children_rerun_the_main_script_and_see_it_change(tmp_path):
                           timeout=60, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["10", "11"]
+
+
+def test_many_starts_leave_no_fds_or_zombies_in_the_server(start_server):
+    server = start_server("--preload", "json")
+    assert server.ready
+    ctx = forkserver.get_context(socket=server.socket)
+
+    def server_fds():
+        return sorted(os.listdir(f"/proc/{server.pid}/fd"), key=int)
+
+    with ctx.Pool(2) as pool:  # warm: the connection and the resource tracker exist
+        pool.map(square, range(4))
+    before = server_fds()
+    for _ in range(5):
+        with ctx.Pool(4) as pool:
+            assert pool.map(square, range(40)) == [x * x for x in range(40)]
+    for _ in range(10):
+        process = ctx.Process(target=square, args=(3,))
+        process.start()
+        process.join(10)
+        assert process.exitcode == 0
+    assert wait_until(lambda: server.children() == []), server.children()
+    assert wait_until(lambda: server_fds() == before), (before, server_fds())
