@@ -35,7 +35,8 @@ pub enum ThreadPolicy {
     #[default]
     Refuse,
     /// Also fork while every other thread is dormant: asleep, and not run
-    /// since the preloads ended (`--allow-dormant-threads`).
+    /// since the preloads ended or for the last 50 ms
+    /// (`--allow-dormant-threads`).
     AllowDormant,
     /// Never check (`--allow-threads`); children may deadlock.
     Allow,
@@ -65,7 +66,7 @@ pub(crate) fn tolerate(when: &str, policy: ThreadPolicy) -> Result<(), MultiThre
                 let sleeping: Vec<ThreadInfo> = sleeping.into_iter().map(|t| t.info).collect();
                 log!(
                     Level::Info,
-                    "{when}: tolerating {} dormant thread(s) (--allow-dormant-threads): {}; a fork is refused once any of them runs",
+                    "{when}: tolerating {} dormant thread(s) (--allow-dormant-threads): {}; a fork waits while one of them runs, and is refused if it keeps running",
                     sleeping.len(),
                     names(&sleeping)
                 );
@@ -123,11 +124,12 @@ impl ForkGuard {
     /// Ok when forking now is allowed; otherwise says why not.
     ///
     /// A tolerated thread may wake up now and then (Polars' out-of-core
-    /// cleaner does, rarely, after allocations in the server). Then the fork
-    /// waits, up to [`QUIET_WAIT_LIMIT`], for every such thread to be asleep
-    /// and unscheduled for [`QUIET`] (back in its idle wait, its burst of
-    /// work done), and re-records the counts. A thread that appeared after
-    /// the preloads is never tolerated.
+    /// cleaner does, rarely, for reasons of its own). Then the fork waits, up
+    /// to [`QUIET_WAIT_LIMIT`], for every such thread to be asleep and
+    /// unscheduled for [`QUIET`] (back in its idle wait, its burst of work
+    /// done), and re-records the counts. The wait blocks the event loop, which
+    /// is why it is bounded. A thread that appeared after the preloads is
+    /// never tolerated.
     pub(crate) fn check(&self) -> Result<(), String> {
         let armed = match self {
             ForkGuard::Off => return Ok(()),
