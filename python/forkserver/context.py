@@ -311,7 +311,9 @@ class _ServerHandle:
             target=_forward, args=(server.stderr,), name="forkserver-stderr", daemon=True
         ).start()
         # After multiprocessing's own exit handler has joined or terminated
-        # the children (it runs finalizers of negative priority last).
+        # the children (it runs finalizers of negative priority last). A
+        # Finalize runs only in the process that made it, so an os.fork()
+        # child of the parent leaves the server alone.
         util.Finalize(None, self._stop, exitpriority=-100)
 
     def _stop(self):

@@ -187,3 +187,31 @@ def test_many_starts_leave_no_fds_or_zombies_in_the_server(start_server):
         assert process.exitcode == 0
     assert wait_until(lambda: server.children() == []), server.children()
     assert wait_until(lambda: server_fds() == before), (before, server_fds())
+
+
+def test_an_os_fork_child_of_the_parent_does_not_stop_its_server(tmp_path):
+    script = tmp_path / "forks.py"
+    script.write_text(textwrap.dedent("""
+        import os, sys
+        import forkserver
+
+        def double(x):
+            return 2 * x
+
+        if __name__ == "__main__":
+            ctx = forkserver.get_context()
+            with ctx.Pool(1) as pool:
+                assert pool.map(double, [1]) == [2]
+            pid = os.fork()
+            if pid == 0:
+                sys.exit(0)  # runs the exit handlers, in the child
+            os.waitpid(pid, 0)
+            # The socket is still there: a new client connects.
+            forkserver.Client(ctx.client().path).close()
+            with ctx.Pool(1) as pool:
+                print(pool.map(double, [21])[0], flush=True)
+    """))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=60, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["42"]
