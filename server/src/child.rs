@@ -306,6 +306,7 @@ pub(crate) unsafe fn run_pool_child(
         next = next.max(fd + 1);
     }
     close_range(next, RawFd::MAX);
+    map_code_in();
     // Best effort: a failed warm-up leaves a cold child, still usable.
     let _ = panic::catch_unwind(AssertUnwindSafe(prewarm));
     // SAFETY: control is ours alone now; the borrow lasts for the call.
@@ -317,6 +318,53 @@ pub(crate) unsafe fn run_pool_child(
         }
         // EOF: flushed before use. Anything else: nothing to become.
         _ => libc::_exit(0),
+    }
+}
+
+/// Enters into this idle pool child's page tables the code and read-only
+/// data of the file holding the server's code and of the C library. fork
+/// copies no page-table entries for file mappings, so without this each
+/// code page the request's decode, plan and setup run faults on first use:
+/// ~20 faults, ~80 µs of a pool hit (traced with exceptions:page_fault_user).
+/// MADV_POPULATE_READ (Linux 5.14) fills them now, off the request's path;
+/// on older kernels it fails and the child stays as it was.
+fn map_code_in() {
+    let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else {
+        return;
+    };
+    let ours = map_code_in as *const () as usize;
+    let libc_code = libc::close as *const () as usize;
+    let mappings: Vec<(usize, usize, &str, &str)> = maps
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let (start, end) = fields.next()?.split_once('-')?;
+            let perms = fields.next()?;
+            let path = fields.nth(3)?;
+            let start = usize::from_str_radix(start, 16).ok()?;
+            let end = usize::from_str_radix(end, 16).ok()?;
+            Some((start, end, perms, path))
+        })
+        .collect();
+    let file_of = |address: usize| {
+        mappings
+            .iter()
+            .find(|&&(start, end, _, _)| (start..end).contains(&address))
+            .map(|&(_, _, _, path)| path)
+    };
+    let files = [file_of(ours), file_of(libc_code)];
+    for &(start, end, perms, path) in &mappings {
+        if files.contains(&Some(path)) && !perms.contains('w') {
+            // SAFETY: advice on a range this process has mapped; populating
+            // page-table entries for readable pages changes no contents.
+            unsafe {
+                libc::madvise(
+                    start as *mut libc::c_void,
+                    end - start,
+                    libc::MADV_POPULATE_READ,
+                );
+            }
+        }
     }
 }
 
