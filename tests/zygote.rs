@@ -354,3 +354,53 @@ fn a_server_that_became_multithreaded_refuses_to_fork() {
     // It still answers everything that does not fork.
     assert_eq!(client.status().unwrap().pid, server.pid());
 }
+
+#[test]
+fn dormant_threads_are_tolerated_until_one_runs_or_a_new_one_starts() {
+    let env = [
+        ("FIXTURE_PRELOAD_THREAD", "1"),
+        ("FIXTURE_LATE_THREAD", "1"),
+    ];
+    let launch = || Server::launch(&example("test_zygote"), &["--allow-dormant-threads"], &env);
+    let refusal = |client: &forkserver::client::Client| match client.worker("answer").spawn() {
+        Err(Error::SpawnFailed {
+            kind: ErrorKind::Threads,
+            message,
+            ..
+        }) => message,
+        other => panic!("expected a refusal to fork, got {other:?}"),
+    };
+
+    // A sleeping thread left by a preload: served, and logged as tolerated.
+    let server = launch();
+    let client = server.client();
+    for _ in 0..5 {
+        assert_eq!(client.worker("answer").output().unwrap().stdout, b"42\n");
+    }
+    assert!(
+        server.log().contains("tolerating 1 dormant thread(s)")
+            && server.log().contains("'fixture-bg'"),
+        "{}",
+        server.log()
+    );
+    // It starts spinning: no longer dormant, forks are refused (after the
+    // bounded wait for it to settle), and the server keeps answering.
+    server.signal(libc::SIGUSR1);
+    let message = refusal(&client);
+    assert!(message.contains("'fixture-bg' keeps running"), "{message}");
+    assert_eq!(client.status().unwrap().pid, server.pid());
+    drop(client);
+    drop(server);
+
+    // A thread that appears after the preloads is never tolerated.
+    let server = launch();
+    let client = server.client();
+    assert_eq!(client.worker("answer").output().unwrap().stdout, b"42\n");
+    server.signal(libc::SIGUSR2);
+    wait_until("the late thread exists", || threads_of(server.pid()) == 3);
+    let message = refusal(&client);
+    assert!(
+        message.contains("'late-thread' started after the preloads"),
+        "{message}"
+    );
+}

@@ -267,7 +267,9 @@ class _ServerHandle:
         is ready; raises RuntimeError with its error output if it fails."""
         lifeline_r, lifeline_w = os.pipe()
         ready_r, ready_w = os.pipe()
-        command = [sys.executable, "-m", "forkserver", "serve", "--socket", path, "-q"]
+        command = [sys.executable, "-m", "forkserver", "serve", "--socket", path]
+        if not {"-v", "--verbose", "-q", "--quiet", "-qq"} & set(self.server_args):
+            command.append("-q")  # warnings and errors only, unless asked otherwise
         command += ["--lifeline-fd", str(lifeline_r), "--ready-fd", str(ready_w)]
         if self.preload:
             command += ["--preload", ",".join(self.preload)]

@@ -34,27 +34,22 @@ def test_a_python_thread_started_by_a_preload_is_named_and_refused(start_server)
     assert "deadlock" in stderr and "--allow-dormant-threads" in stderr
 
 
-def test_dormant_threads_are_served_until_one_wakes_up(start_server, monkeypatch):
-    monkeypatch.setenv("WAKES_LATER_SECONDS", "3")
+def test_a_dormant_thread_that_wakes_now_and_then_is_tolerated(start_server, monkeypatch):
+    """The thread sleeps through the preloads, then wakes every few
+    milliseconds; each fork waits until it has been asleep for a moment and
+    goes ahead. (A thread that keeps running, or a new one, is refused: the
+    Rust fixture tests that, tests/zygote.rs, since a Python thread cannot
+    run at all while the server holds the GIL.)"""
+    monkeypatch.setenv("WAKES_LATER_SECONDS", "1")
     server = start_server("--preload", "workers,wakes_later", "--allow-dormant-threads")
     assert server.ready, server.failure()
     with forkserver.Client(server.socket) as client:
         assert client.spawn("py:workers:exit_with", args=[4]).wait(10) == 4
-        time.sleep(3.5)  # the thread has woken up and keeps running (every 5 ms)
-
-        def refused():
-            try:
-                client.spawn("py:workers:exit_with", args=[0]).wait(10)
-                return False
-            except forkserver.SpawnError as exc:
-                refused.error = exc
-                return True
-
-        assert wait_until(refused, 10)
-        assert refused.error.kind == "threads"
-        assert "keeps running" in str(refused.error)
+        time.sleep(1.5)  # the thread now wakes every 5 ms
+        for i in range(20):
+            assert client.spawn("py:workers:exit_with", args=[i]).wait(10) == i
     log = server.stop()
-    assert "tolerating 1 dormant thread(s)" in log
+    assert "tolerating 1 dormant thread(s)" in log, log
 
 
 def test_numpy_threads_are_stopped_by_their_fork_handler(start_server):

@@ -25,7 +25,7 @@ pub struct ServeArgs {
     #[arg(long, conflicts_with = "allow_dormant_threads")]
     pub allow_threads: bool,
     /// Fork even though preloads left threads, as long as each is asleep and
-    /// has not run since the preloads ended, or since 50 ms (checked before
+    /// has not run since the preloads ended, or for 2 ms (checked before
     /// every fork; a new thread, or one that keeps running, makes the fork
     /// fail with kind `threads`).
     #[arg(long)]

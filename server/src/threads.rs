@@ -10,7 +10,7 @@
 //! - *dormant* threads: asleep, and not scheduled since the preloads ended
 //!   (their context-switch counts in `/proc/self/task/TID/status` have not
 //!   moved), or, if one woke up since, asleep and unscheduled again for
-//!   50 ms (back in its idle wait). A fork copies such a thread's memory as
+//!   2 ms (back in its idle wait). A fork copies such a thread's memory as
 //!   it was when it went to sleep. Polars 2.x starts three like that at
 //!   import (two jemalloc background threads, its out-of-core cleaner, which
 //!   wakes up now and then). It is safe unless a thread sleeps holding a lock
@@ -35,7 +35,7 @@ pub enum ThreadPolicy {
     #[default]
     Refuse,
     /// Also fork while every other thread is dormant: asleep, and not run
-    /// since the preloads ended or for the last 50 ms
+    /// since the preloads ended or for the last 2 ms
     /// (`--allow-dormant-threads`).
     AllowDormant,
     /// Never check (`--allow-threads`); children may deadlock.
@@ -98,8 +98,12 @@ fn names(threads: &[ThreadInfo]) -> String {
 
 /// How long a tolerated thread that woke up must stay asleep, unscheduled,
 /// before a fork goes ahead; and how long a fork waits for that at most.
-const QUIET: Duration = Duration::from_millis(50);
-const QUIET_WAIT_LIMIT: Duration = Duration::from_millis(500);
+/// Short, because Polars' cleaner wakes up often while other processes work
+/// (a 50 ms window stalled one fork in ten of python/bench/bench.py by
+/// 50 ms). What the window guards against is a thread caught between two
+/// steps; a sleeping thread's locks are the same after 2 ms as after 50.
+const QUIET: Duration = Duration::from_millis(2);
+const QUIET_WAIT_LIMIT: Duration = Duration::from_millis(200);
 
 /// The check made before every fork, armed once the preloads are done.
 #[derive(Debug)]
@@ -159,7 +163,7 @@ impl ForkGuard {
         let started = Instant::now();
         let mut quiet_since = started;
         loop {
-            std::thread::sleep(Duration::from_millis(5));
+            std::thread::sleep(Duration::from_micros(500));
             let now = thread_states();
             let unchanged = now.len() == seen.len()
                 && now
@@ -168,9 +172,15 @@ impl ForkGuard {
             if !unchanged {
                 quiet_since = Instant::now();
             } else if quiet_since.elapsed() >= QUIET {
+                let woke: Vec<ThreadInfo> = now
+                    .iter()
+                    .filter(|n| !armed.iter().any(|a| a.same_as(n)))
+                    .map(|n| n.info.clone())
+                    .collect();
                 log!(
                     Level::Debug,
-                    "dormant threads woke up and are quiet again after {:?}: forking",
+                    "dormant thread(s) {} woke up and are quiet again after {:?}: forking",
+                    names(&woke),
                     started.elapsed()
                 );
                 *armed = now;

@@ -49,22 +49,9 @@ const TAG_PIPE: u64 = 3;
 /// otherwise wake us in a busy loop.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 
-/// After a child's start is reported, pool refills wait this long. A
-/// refill's fork holds a CPU for as long as copying the server's page tables
-/// takes (about 10 ms with a 512 MB preload here); started at once, on a
-/// two-core machine it kept the client from reading its `Spawned` (traced:
-/// a pool hit's reply sent 240 µs after the request was read 2 ms later).
-const REFILL_AFTER_START: Duration = Duration::from_millis(3);
-
 /// Requests read from one connection per wake-up, so one busy client cannot
 /// starve the rest (epoll is level-triggered and comes back for more).
 const READS_PER_WAKEUP: usize = 64;
-
-/// No refill before `delay` from now (or a later pause already set).
-fn pause_refills(paused_until: &mut Option<Instant>, delay: Duration) {
-    let until = Instant::now() + delay;
-    *paused_until = Some(paused_until.map_or(until, |u| u.max(until)));
-}
 
 fn conn_token(id: ConnId) -> u64 {
     (id << 2) | TAG_CONN
@@ -250,7 +237,7 @@ impl EventLoop {
                     "pool '{worker}': refill failed, retrying in 1 s: {}",
                     e.message
                 );
-                pause_refills(&mut self.refill_paused_until, Duration::from_secs(1));
+                self.refill_paused_until = Some(Instant::now() + Duration::from_secs(1));
             }
         }
     }

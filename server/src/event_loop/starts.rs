@@ -52,7 +52,6 @@ impl EventLoop {
         let _ = self.epoll.delete(&error_pipe);
         drop(error_pipe);
         self.starting -= 1;
-        super::pause_refills(&mut self.refill_paused_until, super::REFILL_AFTER_START);
         let (owner, id, early_exit) = (record.owner, record.id, record.early_exit);
         let reply = match outcome {
             ExecOutcome::Exec => {
