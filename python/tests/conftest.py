@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 
 import pytest
@@ -104,3 +105,15 @@ def wait_until(condition, timeout=10.0):
             return True
         time.sleep(0.02)
     return condition()
+
+
+def run_script(directory, name, source, *args):
+    """Writes `source` (dedented) to DIRECTORY/NAME, runs it with this
+    Python in `directory`, asserts it exited 0, and returns the result
+    (text stdout and stderr)."""
+    script = directory / name
+    script.write_text(textwrap.dedent(source))
+    done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True,
+                          timeout=60, cwd=directory)
+    assert done.returncode == 0, done.stderr
+    return done

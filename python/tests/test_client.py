@@ -6,13 +6,11 @@ import errno
 import os
 import signal
 import subprocess
-import sys
-import time
 
 import pytest
 
 import forkserver
-from conftest import wait_until
+from conftest import run_script, wait_until
 
 
 def test_exec_with_piped_stdout(server):
@@ -202,18 +200,14 @@ def test_a_worker_is_a_fork_of_the_warm_server(server):
 
 
 def test_a_closed_stdio_of_ours_becomes_dev_null_for_the_child(server, tmp_path):
-    script = tmp_path / "closed_stdout.py"
-    script.write_text(
-        "import os, sys, forkserver\n"
-        "client = forkserver.Client(sys.argv[1])\n"
-        "os.close(1)\n"
-        "show = \"import os, sys; sys.stderr.write(os.readlink('/proc/self/fd/1'))\"\n"
-        "child = client.spawn([sys.executable, '-c', show], stderr=2)\n"
-        "sys.exit(child.wait(10))\n"
-    )
-    done = subprocess.run([sys.executable, str(script), server.socket], capture_output=True,
-                          text=True, timeout=30)
-    assert done.returncode == 0, done.stderr
+    done = run_script(tmp_path, "closed_stdout.py", """
+        import os, sys, forkserver
+        client = forkserver.Client(sys.argv[1])
+        os.close(1)
+        show = "import os, sys; sys.stderr.write(os.readlink('/proc/self/fd/1'))"
+        child = client.spawn([sys.executable, '-c', show], stderr=2)
+        sys.exit(child.wait(10))
+    """, server.socket)
     assert done.stderr == "/dev/null"
 
 

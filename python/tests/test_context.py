@@ -2,15 +2,12 @@
 concurrent.futures' ProcessPoolExecutor with processes our server starts."""
 
 import os
-import subprocess
-import sys
-import textwrap
 from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 
 import forkserver
-from conftest import wait_until
+from conftest import run_script, wait_until
 
 
 def square(x):
@@ -105,8 +102,7 @@ def test_a_preload_failure_is_an_exception_naming_the_module():
 
 
 def test_the_server_it_started_stops_with_the_parent(tmp_path):
-    script = tmp_path / "parent.py"
-    script.write_text(textwrap.dedent("""
+    done = run_script(tmp_path, "parent.py", """
         import forkserver
 
         def double(x):
@@ -118,10 +114,7 @@ def test_the_server_it_started_stops_with_the_parent(tmp_path):
                 assert pool.map(double, [1, 2, 3]) == [2, 4, 6]
             print(ctx.client().status()["pid"], flush=True)
             # Exit without any cleanup of our own: the lifeline does it.
-    """))
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                          timeout=60, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr
+    """)
     server_pid = int(done.stdout.split()[0])
     assert wait_until(lambda: not os.path.exists(f"/proc/{server_pid}")), "the server outlived its parent"
 
@@ -138,8 +131,7 @@ def test_children_rerun_the_main_script_and_see_it_change(tmp_path):
     """Children re-run the parent's main script as spawn's do (the server
     compiled it once, --precompile); after the script changes on disk, they
     run the new version, as spawn's children would."""
-    script = tmp_path / "changing_main.py"
-    body = textwrap.dedent("""
+    body = """
         import os, sys, time
         import forkserver
 
@@ -158,11 +150,8 @@ def test_children_rerun_the_main_script_and_see_it_change(tmp_path):
                 me.write(text)
             with ctx.Pool(1) as pool:
                 print(pool.map(value, [0])[0], flush=True)
-    """)
-    script.write_text(body.replace("{value}", "10"))
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                          timeout=60, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr
+    """
+    done = run_script(tmp_path, "changing_main.py", body.replace("{value}", "10"))
     assert done.stdout.split() == ["10", "11"]
 
 
@@ -190,8 +179,7 @@ def test_many_starts_leave_no_fds_or_zombies_in_the_server(start_server):
 
 
 def test_an_os_fork_child_of_the_parent_does_not_stop_its_server(tmp_path):
-    script = tmp_path / "forks.py"
-    script.write_text(textwrap.dedent("""
+    done = run_script(tmp_path, "forks.py", """
         import os, sys
         import forkserver
 
@@ -210,8 +198,5 @@ def test_an_os_fork_child_of_the_parent_does_not_stop_its_server(tmp_path):
             forkserver.Client(ctx.client().path).close()
             with ctx.Pool(1) as pool:
                 print(pool.map(double, [21])[0], flush=True)
-    """))
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                          timeout=60, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr
+    """)
     assert done.stdout.split() == ["42"]
