@@ -11,12 +11,14 @@
 //! The harness forks in its own process only while it is single-threaded.
 
 use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::process::{Child as OsChild, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use forkserver::client::{Client, Stdio as FsStdio};
+use forkserver::protocol::{recv_datagram, send_datagram, seqpacket_pair};
 use forkserver::server::{HugePages, Server};
 
 fn env_usize(name: &str) -> usize {
@@ -301,35 +303,145 @@ fn exec_rows(report: &mut Report, client: &Client, client_kind: &str, runs: usiz
     );
 }
 
-/// A SEQPACKET request and reply carrying 3 fds each way, with a thread as
-/// the peer: what a pooled spawn cannot go below.
-fn seqpacket_round_trip(report: &mut Report) {
-    use forkserver::protocol::{recv_datagram, send_datagram};
-    use std::os::fd::AsFd;
-    let (ours, theirs) = forkserver::protocol::seqpacket_pair().unwrap();
-    let peer = std::thread::spawn(move || {
-        while let Ok(Some(request)) = recv_datagram(theirs.as_fd(), 256, 8, 0) {
-            let fds: Vec<_> = request.fds.iter().map(|fd| fd.as_fd()).collect();
-            if send_datagram(theirs.as_fd(), &request.bytes, &fds, 0).is_err() {
-                break;
-            }
+/// Sends every datagram received on `socket` back, fds included, until EOF.
+fn echo(socket: BorrowedFd<'_>) {
+    while let Ok(Some(request)) = recv_datagram(socket, 256, 8, 0) {
+        let fds: Vec<_> = request.fds.iter().map(|fd| fd.as_fd()).collect();
+        if send_datagram(socket, &request.bytes, &fds, 0).is_err() {
+            break;
         }
-    });
+    }
+}
+
+/// One request (100 bytes) and its reply, 3 fds each way.
+fn round_trip(socket: BorrowedFd<'_>, fds: &[BorrowedFd<'_>]) {
+    send_datagram(socket, &[0u8; 100], fds, 0).unwrap();
+    let reply = recv_datagram(socket, 256, 8, 0).unwrap().unwrap();
+    assert_eq!(reply.fds.len(), 3);
+}
+
+/// Forks a child that closes its copy of `parents_end` (so that the
+/// parent's close is EOF for the peer), runs `in_child` and exits.
+fn fork_running(parents_end: &OwnedFd, in_child: impl FnOnce()) -> libc::pid_t {
+    let parents_end = parents_end.as_raw_fd();
+    // SAFETY: the harness is single-threaded whenever it calls this (the
+    // round-trip thread has been joined); the child closes its own copy of
+    // an fd, runs `in_child`, which only allocates and does socket I/O,
+    // then _exits.
+    unsafe {
+        let pid = libc::fork();
+        if pid == 0 {
+            libc::close(parents_end);
+            in_child();
+            libc::_exit(0);
+        }
+        assert!(pid > 0, "fork failed");
+        pid
+    }
+}
+
+fn reap(pid: libc::pid_t) {
+    // SAFETY: waitpid on our own child.
+    unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+}
+
+/// A SEQPACKET request and reply carrying 3 fds each way, with a thread as
+/// the peer, then with a child process (the server, its pool children and
+/// its clients are processes: a pooled spawn cannot go below this).
+fn seqpacket_round_trips(report: &mut Report) {
     let (read_end, write_end) = std::io::pipe().unwrap();
     let fds = [read_end.as_fd(), write_end.as_fd(), read_end.as_fd()];
     let runs = report.runs(2000);
+
+    let (ours, theirs) = seqpacket_pair().unwrap();
+    let peer = std::thread::spawn(move || echo(theirs.as_fd()));
     report.time(
         "ipc",
         "SEQPACKET round trip, 3 fds each way".into(),
         runs,
-        || {
-            send_datagram(ours.as_fd(), &[0u8; 100], &fds, 0).unwrap();
-            let reply = recv_datagram(ours.as_fd(), 256, 8, 0).unwrap().unwrap();
-            assert_eq!(reply.fds.len(), 3);
-        },
+        || round_trip(ours.as_fd(), &fds),
     );
     drop(ours);
     peer.join().unwrap();
+
+    let (ours, theirs) = seqpacket_pair().unwrap();
+    let peer = fork_running(&ours, || echo(theirs.as_fd()));
+    drop(theirs);
+    report.time(
+        "ipc",
+        "SEQPACKET round trip, 3 fds each way, process peer".into(),
+        runs,
+        || round_trip(ours.as_fd(), &fds),
+    );
+    drop(ours);
+    reap(peer);
+}
+
+/// The floor of a pool hit in this design, with no work anywhere: the
+/// request goes client -> relay -> a pre-forked child that has waited,
+/// unused, since its fork -> relay -> client, 3 fds each way. That is four
+/// one-way hops between three processes, and the child's first run of the
+/// path after its fork. As the server does, the relay forks the next child
+/// after a hit and the client starts timing once it waits.
+fn hand_off_floor(report: &mut Report) {
+    let (client, relay_end) = seqpacket_pair().unwrap();
+    let relay = fork_running(&client, || {
+        let relay = relay_end.as_fd();
+        loop {
+            let (ours, theirs) = seqpacket_pair().unwrap();
+            let child = fork_running(&ours, || {
+                // Ready, then serve one request and wait for EOF, as a
+                // worker that lives on.
+                send_datagram(theirs.as_fd(), b"r", &[], 0).unwrap();
+                echo(theirs.as_fd());
+            });
+            drop(theirs);
+            let ready = recv_datagram(ours.as_fd(), 8, 0, 0);
+            let forwarded = ready.is_ok_and(|r| r.is_some())
+                && send_datagram(relay, b"r", &[], 0).is_ok()
+                && forward(relay, ours.as_fd())
+                && forward(ours.as_fd(), relay)
+                // The client's "done" (EOF when it has finished).
+                && recv_datagram(relay, 8, 0, 0).is_ok_and(|d| d.is_some());
+            drop(ours);
+            reap(child);
+            if !forwarded {
+                return;
+            }
+        }
+    });
+    drop(relay_end);
+    let (read_end, write_end) = std::io::pipe().unwrap();
+    let fds = [read_end.as_fd(), write_end.as_fd(), read_end.as_fd()];
+    let runs = report.runs(300);
+    let mut samples = Vec::with_capacity(runs);
+    for i in 0..runs + runs / 10 {
+        recv_datagram(client.as_fd(), 8, 0, 0).unwrap().unwrap();
+        let start = Instant::now();
+        round_trip(client.as_fd(), &fds);
+        let took = start.elapsed().as_secs_f64() * 1e6;
+        send_datagram(client.as_fd(), b"d", &[], 0).unwrap();
+        if i >= runs / 10 {
+            samples.push(took);
+        }
+    }
+    report.add_samples(
+        "ipc",
+        "hand-off floor: client -> relay -> fresh pre-forked child -> relay -> client".into(),
+        &mut samples,
+        "µs",
+    );
+    drop(client);
+    reap(relay);
+}
+
+/// Receives one datagram on `from` and sends it on `to`, fds included.
+fn forward(from: BorrowedFd<'_>, to: BorrowedFd<'_>) -> bool {
+    let Ok(Some(message)) = recv_datagram(from, 256, 8, 0) else {
+        return false;
+    };
+    let fds: Vec<_> = message.fds.iter().map(|fd| fd.as_fd()).collect();
+    send_datagram(to, &message.bytes, &fds, 0).is_ok()
 }
 
 fn pss_kb(pid: u32) -> u64 {
@@ -372,8 +484,10 @@ fn harness() {
             let mut to_byte = Vec::with_capacity(runs);
             for i in 0..runs + runs / 10 {
                 // With a pool, measure a hit: wait until it is full again (the
-                // refill runs when the server is idle).
-                while pool > 0 && client.status().unwrap().pools[0].idle < pool as u32 {
+                // refill runs when the server is idle) and every child has
+                // warmed up (one still warming up would compete for a CPU
+                // with the hit).
+                while pool > 0 && client.status().unwrap().pools[0].ready < pool as u32 {
                     std::thread::sleep(Duration::from_micros(200));
                 }
                 let start = Instant::now();
@@ -545,8 +659,10 @@ fn harness() {
     );
     drop(zygote);
 
-    // The IPC floor: one request/reply with 3 fds each way.
-    seqpacket_round_trip(&mut report);
+    // The IPC floor: one request/reply with 3 fds each way, and a pool
+    // hit's floor: four hops through a fresh child.
+    seqpacket_round_trips(&mut report);
+    hand_off_floor(&mut report);
 
     print_table(&report);
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-results.json");

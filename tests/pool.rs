@@ -30,15 +30,16 @@ fn idle_children(server: &Server) -> Vec<u32> {
         .collect()
 }
 
+/// Waits until every pool holds `idle` children, all of them warmed up.
 fn wait_full(server: &Server, idle: u32) {
     let client = server.client();
-    wait_until("the pools are full", || {
+    wait_until("the pools are full and ready", || {
         client
             .status()
             .unwrap()
             .pools
             .iter()
-            .all(|p| p.idle == idle)
+            .all(|p| p.idle == idle && p.ready == idle)
     });
 }
 
@@ -90,6 +91,14 @@ fn a_pooled_worker_gets_its_fds_env_and_cwd() {
     assert_eq!(fds_of(idle.id()), [0, 1, 2]);
     let comm = std::fs::read_to_string(format!("/proc/{}/comm", idle.id())).unwrap();
     assert_eq!(comm.trim(), "idle");
+    // The server pins a pool child to its own CPU to hand it the request;
+    // the worker must not keep that.
+    let cpus = |pid: u32| {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let line = status.lines().find(|l| l.starts_with("Cpus_allowed_list:"));
+        line.unwrap().to_owned()
+    };
+    assert_eq!(cpus(idle.id()), cpus(server.pid()));
     drop(idle.stdin.take());
     assert!(idle.wait().unwrap().success());
 
@@ -154,6 +163,40 @@ fn a_dead_idle_child_is_replaced_and_sighup_flushes_the_pool() {
         b"42\n"
     );
     assert!(crate::util::zombie_children_of(server.pid()).is_empty());
+}
+
+#[test]
+fn a_child_still_warming_up_is_not_ready_and_a_request_it_takes_waits_for_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let gate = dir.path().join("gate");
+    let server = Server::launch(
+        &example("test_zygote"),
+        &["--pool", "answer=2"],
+        &[("FIXTURE_PREWARM_GATE", gate.to_str().unwrap())],
+    );
+    let client = server.client();
+    wait_until("two idle children", || {
+        client.status().unwrap().pools[0].idle == 2
+    });
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let pool = &client.status().unwrap().pools[0];
+    assert_eq!((pool.idle, pool.ready), (2, 0), "{pool:?}");
+
+    let opener = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        std::fs::write(&gate, b"").unwrap();
+    });
+    let start = std::time::Instant::now();
+    let output = server.client().worker("answer").output().unwrap();
+    assert_eq!(output.stdout, b"42\n");
+    assert!(
+        start.elapsed() >= std::time::Duration::from_millis(250),
+        "the request ran before the child's warm-up ended: {:?}",
+        start.elapsed()
+    );
+    opener.join().unwrap();
+    assert_eq!(client.status().unwrap().pools[0].hits, 1);
+    wait_full(&server, 2);
 }
 
 #[test]

@@ -394,6 +394,11 @@ pub struct PoolInfo {
     pub size: u32,
     /// How many are idle now.
     pub idle: u32,
+    /// How many of the idle ones have finished their warm-up and wait for a
+    /// request (the others are still mapping code in or running the
+    /// builder's prewarm; a request handed to one waits for that to end).
+    #[serde(default)]
+    pub ready: u32,
     /// Requests served by an idle child.
     pub hits: u64,
     /// Requests for this worker that found the pool empty (served by fork).

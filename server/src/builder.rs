@@ -122,8 +122,10 @@ impl ServerBuilder {
     /// Runs `prewarm(worker)` in every idle pool child right after its fork,
     /// before it waits for a request: whatever it does there (and whatever
     /// memory it touches, which a forked child copies on first write) is
-    /// then done while nobody waits. It runs with the child's signals reset
-    /// and the server's fds closed; a panic is ignored. Python workers use
+    /// then done while nobody waits. It runs with the server's fds closed
+    /// and every signal blocked (dispositions are reset after it, so a
+    /// handler it installs does not reach the worker); a panic is ignored.
+    /// The child counts as `ready` in `status` once it returns. Python workers use
     /// it to bring the interpreter up to date with the fork and walk the
     /// start path once.
     pub fn pool_prewarm(mut self, prewarm: impl Fn(&str) + 'static) -> Self {

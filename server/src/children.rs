@@ -20,6 +20,12 @@ pub(crate) enum Stage {
     Starting {
         error_pipe: OwnedFd,
         client_ends: ClientEnds,
+        /// A pool child's control socket, closed only once its start is
+        /// reported. Closed earlier, with the child's ready byte unread in
+        /// it, Linux would mark the child's end ECONNRESET, and the child's
+        /// recv would fail with that before reading the request queued
+        /// ahead of it (seen: a Python pool child exiting 0 unspecialised).
+        pool_control: Option<OwnedFd>,
     },
     /// `Spawned` was sent; `Exited` follows when it is reaped.
     Running,

@@ -1,8 +1,10 @@
 //! The prefork pool: children forked ahead of time for a worker, waiting to
 //! be handed a request (Android's "unspecialized app process" idea).
 //!
-//! A pool child is forked off the critical path, drops the server's signal
-//! handlers and fds, and blocks on its control socket. A request for its
+//! A pool child is forked off the critical path, drops the server's fds,
+//! warms up (maps code in, runs the builder's prewarm), resets its signal
+//! dispositions, says it is ready with one byte on its control socket, and
+//! blocks on it. A request for its
 //! worker is validated by the server as usual, then sent to the child as an
 //! [`Assignment`] with its fds; the child checks it again (credentials
 //! included: it recomputes who it may become from the peer's identity),
@@ -13,7 +15,7 @@
 //! pool, so a flush (SIGHUP, shutdown) can only kill idle, unspecialised ones.
 
 use std::collections::VecDeque;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
 use forkserver_protocol::{PoolInfo, Spawn};
 use serde::{Deserialize, Serialize};
@@ -40,6 +42,32 @@ pub(crate) struct PoolChild {
     pub(crate) control: OwnedFd,
     /// The read end of its exec error pipe.
     pub(crate) error_pipe: OwnedFd,
+    /// It has said it finished warming up (one byte on its control socket).
+    pub(crate) ready: bool,
+}
+
+impl PoolChild {
+    /// Whether the child has finished warming up, reading its report if it
+    /// has just come. A child that is still mapping code in or running the
+    /// prewarm would make a request handed to it wait, and competes for a
+    /// CPU with whoever gets it.
+    fn is_ready(&mut self) -> bool {
+        if !self.ready {
+            let mut byte = 0u8;
+            // SAFETY: a one-byte buffer we own; a non-blocking recv on our
+            // end of the control socket.
+            let got = unsafe {
+                libc::recv(
+                    self.control.as_raw_fd(),
+                    (&raw mut byte).cast(),
+                    1,
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            self.ready = got == 1;
+        }
+        self.ready
+    }
 }
 
 struct Pool {
@@ -72,11 +100,14 @@ impl Pools {
         }
     }
 
-    /// An idle child for `worker`, counting a hit or (for a pooled worker
-    /// whose pool is empty) a miss.
+    /// An idle child for `worker`, the oldest that is ready if any is (else
+    /// the oldest, which will take the request when its warm-up ends: still
+    /// sooner than a fork), counting a hit or (for a pooled worker whose
+    /// pool is empty) a miss.
     pub(crate) fn take(&mut self, worker: &str) -> Option<PoolChild> {
         let pool = self.pools.iter_mut().find(|p| p.worker == worker)?;
-        let child = pool.idle.pop_front();
+        let at = pool.idle.iter_mut().position(PoolChild::is_ready);
+        let child = pool.idle.remove(at.unwrap_or(0));
         if child.is_some() {
             pool.hits += 1;
         } else {
@@ -120,13 +151,19 @@ impl Pools {
         }
     }
 
-    pub(crate) fn info(&self) -> Vec<PoolInfo> {
+    pub(crate) fn info(&mut self) -> Vec<PoolInfo> {
         self.pools
-            .iter()
+            .iter_mut()
             .map(|p| PoolInfo {
                 worker: p.worker.clone(),
                 size: p.size as u32,
                 idle: p.idle.len() as u32,
+                ready: p
+                    .idle
+                    .iter_mut()
+                    .map(PoolChild::is_ready)
+                    .filter(|&r| r)
+                    .count() as u32,
                 hits: p.hits,
                 misses: p.misses,
             })

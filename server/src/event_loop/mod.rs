@@ -85,6 +85,8 @@ pub(crate) struct EventLoop {
     pools: Pools,
     /// After a failed refill, no refill before this.
     refill_paused_until: Option<Instant>,
+    /// The CPU was yielded since the last events, so a refill may fork now.
+    yielded_for_refill: bool,
     /// Children whose start (exec or worker setup) is not yet reported.
     starting: usize,
     /// Our own uid and whether we are root (children then run as their peer).
@@ -148,6 +150,7 @@ impl EventLoop {
             failures: 0,
             pools: Pools::new(&options.pools),
             refill_paused_until: None,
+            yielded_for_refill: false,
             starting: 0,
             server_uid: sys::getuid(),
             started: Instant::now(),
@@ -199,7 +202,18 @@ impl EventLoop {
             for event in &events[..n] {
                 self.dispatch(event.data(), event.events());
             }
-            if n == 0 && refill_due {
+            if n > 0 {
+                self.yielded_for_refill = false;
+            } else if refill_due && !self.yielded_for_refill {
+                // First let whoever our replies woke on this CPU run (a
+                // client reading its `Spawned`): a refill's fork holds the
+                // CPU in the kernel, not preemptible, for as long as copying
+                // the preload's page tables takes (4 ms at 512 MB; the woken
+                // client waited all of it, seen in a sched trace). Then look
+                // for new work again before forking.
+                sys::yield_cpu();
+                self.yielded_for_refill = true;
+            } else if refill_due {
                 self.refill_one();
             }
             if self.stop_requested {

@@ -156,6 +156,7 @@ impl EventLoop {
                 stage: Stage::Starting {
                     error_pipe: started.error_pipe,
                     client_ends: started.client_ends,
+                    pool_control: started.pool_control,
                 },
                 on_disconnect: request.on_disconnect,
                 kill_at: None,
@@ -168,7 +169,7 @@ impl EventLoop {
         );
     }
 
-    pub(super) fn status(&self, id: u64) -> StatusReport {
+    pub(super) fn status(&mut self, id: u64) -> StatusReport {
         let modules = &self.spawner.modules;
         StatusReport {
             id,

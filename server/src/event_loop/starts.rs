@@ -38,6 +38,7 @@ impl EventLoop {
         let Stage::Starting {
             error_pipe,
             client_ends,
+            pool_control,
         } = std::mem::replace(
             &mut record.stage,
             if succeeded {
@@ -51,6 +52,8 @@ impl EventLoop {
         };
         let _ = self.epoll.delete(&error_pipe);
         drop(error_pipe);
+        // The child has read its request (it set up before reporting).
+        drop(pool_control);
         self.starting -= 1;
         let (owner, id, early_exit) = (record.owner, record.id, record.early_exit);
         let reply = match outcome {
