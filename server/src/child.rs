@@ -28,7 +28,6 @@ use std::ptr;
 use forkserver_protocol::RunAs;
 
 use crate::dylib::EntryPoint;
-use crate::sys;
 use crate::worker::{WorkerContext, WorkerFn};
 
 extern "C" {
@@ -290,9 +289,8 @@ unsafe fn reset_signals() {
 /// error pipe and /dev/null), maps code in, runs `prewarm` (the builder's
 /// [`pool_prewarm`](crate::ServerBuilder::pool_prewarm); a panic there is
 /// ignored) with signals still blocked, resets its signal dispositions,
-/// tells the server it is ready, then waits for its one request, puts back
-/// `affinity` (the server's at fork: it pins the child to its own CPU for
-/// the hand-off) and becomes it via `specialise`, which must end in
+/// tells the server it is ready, then waits for its one request and
+/// becomes it via `specialise`, which must end in
 /// [`run_child_with_default_signals`] (it returns `Infallible`: it cannot
 /// return).
 ///
@@ -308,7 +306,6 @@ pub(crate) unsafe fn run_pool_child(
     control: RawFd,
     error_pipe: RawFd,
     dev_null: RawFd,
-    affinity: Option<sys::CpuSet>,
     prewarm: impl FnOnce(),
     specialise: impl FnOnce(Vec<u8>, Vec<std::os::fd::OwnedFd>) -> std::convert::Infallible,
 ) -> ! {
@@ -346,28 +343,12 @@ pub(crate) unsafe fn run_pool_child(
     let socket = std::os::fd::BorrowedFd::borrow_raw(control);
     match forkserver_protocol::recv_datagram(socket, 1 << 20, 512, 0) {
         Ok(Some(datagram)) if !datagram.truncated && !datagram.fds_truncated => {
-            // The server pinned us to its CPU to hand the request over; the
-            // worker gets the affinity any child of the server gets.
-            restore_affinity(affinity.as_ref());
             libc::close(control);
             match specialise(datagram.bytes, datagram.fds) {}
         }
         // EOF: flushed before use. Anything else: nothing to become.
         _ => libc::_exit(0),
     }
-}
-
-/// Puts back the CPU affinity the pool child had before the server pinned
-/// it. Should the kernel refuse that set (a cpuset changed meanwhile), every
-/// CPU, which the kernel narrows to the cpuset: never left on one CPU.
-fn restore_affinity(affinity: Option<&sys::CpuSet>) {
-    if affinity.is_some_and(|set| sys::set_cpu_affinity(0, set)) {
-        return;
-    }
-    // SAFETY: cpu_set_t is plain data; all ones is a valid set.
-    let everything: sys::CpuSet =
-        unsafe { std::mem::transmute([0xffu8; size_of::<sys::CpuSet>()]) };
-    sys::set_cpu_affinity(0, &everything);
 }
 
 /// Enters into this idle pool child's page tables the code and read-only

@@ -130,9 +130,6 @@ impl Spawner {
         })?;
         let child_control = child_end.as_raw_fd();
         let dev_null = self.dev_null.as_raw_fd();
-        // The child's own affinity, which it puts back after hand_off pinned
-        // it (read here: the pin may come before the child first runs).
-        let affinity = sys::cpu_affinity();
         let (pid, pidfd, error_pipe) = self.fork_with(|error_write| {
             // SAFETY: we are the freshly forked child; all three fds are open.
             unsafe {
@@ -140,7 +137,6 @@ impl Spawner {
                     child_control,
                     error_write,
                     dev_null,
-                    affinity,
                     || self.modules.prewarm(worker),
                     |bytes, fds| self.specialise(&bytes, fds, limits, error_write),
                 )
@@ -228,11 +224,6 @@ impl Spawner {
         let bytes = forkserver_protocol::encode(&assignment)
             .map_err(|e| SpawnError::new(ErrorKind::Invalid, e.to_string()))?;
         let borrowed: Vec<_> = fds.iter().map(|fd| fd.as_fd()).collect();
-        // Wake the child on this CPU: it runs when we block, a few µs from
-        // now, where waking it on an idle CPU (as the scheduler often
-        // chooses) took 30-50 µs here (sched trace). The child puts its
-        // own affinity back first thing. Best effort.
-        sys::pin_to_this_cpu(child.pid);
         forkserver_protocol::send_datagram(
             child.control.as_fd(),
             &bytes,

@@ -189,41 +189,6 @@ pub(crate) fn socket_path(fd: RawFd) -> Option<std::path::PathBuf> {
     (!bytes.is_empty()).then(|| std::ffi::OsStr::from_bytes(&bytes).into())
 }
 
-/// The CPUs a process may run on.
-pub(crate) type CpuSet = libc::cpu_set_t;
-
-/// This process's CPU affinity, or `None` if it cannot be read.
-pub(crate) fn cpu_affinity() -> Option<CpuSet> {
-    // SAFETY: cpu_set_t is plain data that sched_getaffinity fills in.
-    unsafe {
-        let mut set: CpuSet = std::mem::zeroed();
-        (libc::sched_getaffinity(0, std::mem::size_of::<CpuSet>(), &mut set) == 0).then_some(set)
-    }
-}
-
-/// Restricts process `pid` (0: this one) to `set`; false if the kernel
-/// refused (say, none of its CPUs is left in the process's cpuset).
-pub(crate) fn set_cpu_affinity(pid: libc::pid_t, set: &CpuSet) -> bool {
-    // SAFETY: a valid cpu_set_t of the size given.
-    unsafe { libc::sched_setaffinity(pid, std::mem::size_of::<CpuSet>(), set) == 0 }
-}
-
-/// Restricts process `pid` to the CPU this process runs on now (best
-/// effort: false if that cannot be done).
-pub(crate) fn pin_to_this_cpu(pid: libc::pid_t) -> bool {
-    // SAFETY: sched_getcpu has no preconditions; CPU_SET on a zeroed set
-    // with a CPU number the kernel gave us (below CPU_SETSIZE).
-    unsafe {
-        let cpu = libc::sched_getcpu();
-        if cpu < 0 || cpu as usize >= 8 * std::mem::size_of::<CpuSet>() {
-            return false;
-        }
-        let mut set: CpuSet = std::mem::zeroed();
-        libc::CPU_SET(cpu as usize, &mut set);
-        set_cpu_affinity(pid, &set)
-    }
-}
-
 /// Lets other runnable processes on this CPU run before this one goes on.
 pub(crate) fn yield_cpu() {
     // SAFETY: sched_yield has no preconditions and cannot fail on Linux.
