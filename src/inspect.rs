@@ -116,6 +116,12 @@ fn status_text(r: &StatusReport) -> String {
     if !r.workers.is_empty() {
         text += &format!("  workers: {}\n", r.workers.join(", "));
     }
+    for pool in &r.pools {
+        text += &format!(
+            "  pool {}: {} of {} idle ({} ready), {} hits, {} misses\n",
+            pool.worker, pool.idle, pool.size, pool.ready, pool.hits, pool.misses
+        );
+    }
     text
 }
 

@@ -224,12 +224,7 @@ fn status_and_ps_speak_json() {
     assert_eq!(ps[0]["target"], "sleep");
     assert_eq!(ps[0]["owner_pid"], std::process::id());
     assert_eq!(ps[0]["detached"], false);
-    let text = std::process::Command::new(crate::util::FORKSERVER)
-        .args(["status", "--socket"])
-        .arg(&server.socket)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&text.stdout);
+    let text = server.cli_status_text();
     assert!(
         text.contains(&format!("(pid {})", server.pid())) && text.contains("1 live"),
         "{text}"

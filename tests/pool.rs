@@ -189,6 +189,11 @@ fn a_child_still_warming_up_is_not_ready_and_a_request_it_takes_waits_for_it() {
     opener.join().unwrap();
     assert_eq!(client.status().unwrap().pools[0].hits, 1);
     wait_full(&server, 2);
+    let text = server.cli_status_text();
+    assert!(
+        text.contains("pool answer: 2 of 2 idle (2 ready), 1 hits, 0 misses"),
+        "{text}"
+    );
 }
 
 #[test]

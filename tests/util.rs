@@ -114,6 +114,16 @@ impl Server {
         command
     }
 
+    /// What `forkserver status --socket …` prints about the server.
+    pub fn cli_status_text(&self) -> String {
+        let output = Command::new(FORKSERVER)
+            .args(["status", "--socket"])
+            .arg(&self.socket)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
     /// Sends `signal` to the server process.
     pub fn signal(&self, signal: i32) {
         // SAFETY: kill on our own unreaped child's pid.
