@@ -333,6 +333,7 @@ pub(crate) unsafe fn run_pool_child(
     reset_signals();
     // Ready: one byte the server reads before choosing a child for a request
     // (ignored if the server has gone; the recv below then sees EOF).
+    // SAFETY: a one-byte static buffer, sent on our own socket.
     libc::send(
         control,
         b"r".as_ptr().cast(),

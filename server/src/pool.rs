@@ -4,9 +4,8 @@
 //! A pool child is forked off the critical path, drops the server's fds,
 //! warms up (maps code in, runs the builder's prewarm), resets its signal
 //! dispositions, says it is ready with one byte on its control socket, and
-//! blocks on it. A request for its
-//! worker is validated by the server as usual, then sent to the child as an
-//! [`Assignment`] with its fds; the child checks it again (credentials
+//! blocks on it. A request for its worker is validated by the server as
+//! usual, then sent to the child as an [`Assignment`] with its fds; the child checks it again (credentials
 //! included: it recomputes who it may become from the peer's identity),
 //! installs it exactly as a freshly forked child would, and runs. The server
 //! watches its exec error pipe as for any spawn, so `Spawned`/`SpawnFailed`
