@@ -5,12 +5,13 @@
 //! warms up (maps code in, runs the builder's prewarm), resets its signal
 //! dispositions, says it is ready with one byte on its control socket, and
 //! blocks on it. A request for its worker is validated by the server as
-//! usual, then sent to the child as an [`Assignment`] with its fds; the child checks it again (credentials
-//! included: it recomputes who it may become from the peer's identity),
-//! installs it exactly as a freshly forked child would, and runs. The server
-//! watches its exec error pipe as for any spawn, so `Spawned`/`SpawnFailed`
-//! and `Exited` are unchanged. Refills happen only when the event loop has
-//! nothing waiting. An assigned child is in the children table, never in the
+//! usual, then sent to the child as an [`Assignment`] with its fds; the
+//! child checks it again (credentials included: it recomputes who it may
+//! become from the peer's identity), installs it exactly as a freshly forked
+//! child would, and runs. The server watches its exec error pipe as for any
+//! spawn, so `Spawned`/`SpawnFailed` and `Exited` are unchanged. Refills
+//! happen only when the event loop has nothing waiting, after yielding the
+//! CPU once. An assigned child is in the children table, never in the
 //! pool, so a flush (SIGHUP, shutdown) can only kill idle, unspecialised ones.
 
 use std::collections::VecDeque;
