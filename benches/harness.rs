@@ -11,14 +11,16 @@
 //! The harness forks in its own process only while it is single-threaded.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::process::{Child as OsChild, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use forkserver::client::{Client, Stdio as FsStdio};
-use forkserver::protocol::{recv_datagram, send_datagram, seqpacket_pair};
+use forkserver::protocol::{
+    connect_seqpacket, listen_seqpacket, recv_datagram, send_datagram, seqpacket_pair,
+};
 use forkserver::server::{HugePages, Server};
 
 fn env_usize(name: &str) -> usize {
@@ -435,6 +437,67 @@ fn hand_off_floor(report: &mut Report) {
     reap(relay);
 }
 
+/// The floor of the other hand-off shape, Android's USAP: a pre-forked child
+/// blocks in `accept` on a pool socket of its own; the client connects,
+/// sends its request (3 fds) and reads the reply (3 fds) from the child
+/// directly. Two hops and a connect; the server is not on the path.
+fn usap_floor(report: &mut Report) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pool.sock");
+    let listener = listen_seqpacket(&path, 16).unwrap();
+    // The children block in accept (the listener is non-blocking, for epoll).
+    // SAFETY: fcntl on a socket we own, flags from F_GETFL.
+    unsafe {
+        let flags = libc::fcntl(listener.as_raw_fd(), libc::F_GETFL);
+        libc::fcntl(
+            listener.as_raw_fd(),
+            libc::F_SETFL,
+            flags & !libc::O_NONBLOCK,
+        );
+    }
+    let (read_end, write_end) = std::io::pipe().unwrap();
+    let fds = [read_end.as_fd(), write_end.as_fd(), read_end.as_fd()];
+    let runs = report.runs(300);
+    let mut samples = Vec::with_capacity(runs);
+    for i in 0..runs + runs / 10 {
+        let (ready, ready_in_child) = seqpacket_pair().unwrap();
+        let child = fork_running(&ready, || {
+            send_datagram(ready_in_child.as_fd(), b"r", &[], 0).unwrap();
+            // SAFETY: accept on the listener this child inherited; the fd it
+            // returns is ours to own.
+            let connection = unsafe {
+                let fd = libc::accept4(
+                    listener.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                    libc::SOCK_CLOEXEC,
+                );
+                assert!(fd >= 0, "accept failed");
+                OwnedFd::from_raw_fd(fd)
+            };
+            // Serve the request, then live until the client hangs up.
+            echo(connection.as_fd());
+        });
+        drop(ready_in_child);
+        recv_datagram(ready.as_fd(), 8, 0, 0).unwrap().unwrap();
+        let start = Instant::now();
+        let connection = connect_seqpacket(&path).unwrap();
+        round_trip(connection.as_fd(), &fds);
+        let took = start.elapsed().as_secs_f64() * 1e6;
+        drop(connection);
+        reap(child);
+        if i >= runs / 10 {
+            samples.push(took);
+        }
+    }
+    report.add_samples(
+        "ipc",
+        "USAP-shaped floor: connect to a fresh pre-forked child blocked in accept".into(),
+        &mut samples,
+        "µs",
+    );
+}
+
 /// Receives one datagram on `from` and sends it on `to`, fds included.
 fn forward(from: BorrowedFd<'_>, to: BorrowedFd<'_>) -> bool {
     let Ok(Some(message)) = recv_datagram(from, 256, 8, 0) else {
@@ -663,6 +726,7 @@ fn harness() {
     // hit's floor: four hops through a fresh child.
     seqpacket_round_trips(&mut report);
     hand_off_floor(&mut report);
+    usap_floor(&mut report);
 
     print_table(&report);
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-results.json");
@@ -704,9 +768,11 @@ fn print_table(report: &Report) {
     );
     let ipc = m("SEQPACKET round trip, 3 fds each way, process peer");
     let floor = m("hand-off floor: client -> relay -> fresh pre-forked child -> relay -> client");
+    let usap = m("USAP-shaped floor: connect to a fresh pre-forked child blocked in accept");
     println!(
-        "- hand-off floor (no work) = {floor:.0} µs = {:.1}x a 3-fd SEQPACKET round trip between processes ({ipc:.1} µs)",
-        floor / ipc
+        "- hand-off floor (no work) = {floor:.0} µs = {:.1}x a 3-fd SEQPACKET round trip between processes ({ipc:.1} µs); USAP-shaped floor = {usap:.0} µs = {:.1}x",
+        floor / ipc,
+        usap / ipc
     );
     for mb in [0, 64, 512] {
         let pooled = m(&format!(
