@@ -329,13 +329,14 @@ fn fork_running(parents_end: &OwnedFd, in_child: impl FnOnce()) -> libc::pid_t {
     // SAFETY: the harness is single-threaded whenever it calls this (the
     // round-trip thread has been joined); the child closes its own copy of
     // an fd, runs `in_child`, which only allocates and does socket I/O,
-    // then _exits.
+    // then _exits (1 on a panic, which must not unwind into the harness's
+    // code in a copy of the harness).
     unsafe {
         let pid = libc::fork();
         if pid == 0 {
             libc::close(parents_end);
-            in_child();
-            libc::_exit(0);
+            let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(in_child));
+            libc::_exit(if ran.is_ok() { 0 } else { 1 });
         }
         assert!(pid > 0, "fork failed");
         pid
