@@ -9,7 +9,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use forkserver::protocol::default_socket_path;
-use forkserver::server::{serve, ServeArgs};
+use forkserver::server::{serve_main, ServeArgs, Server};
 
 /// Exit status when forkserver itself fails (not the program it runs), as
 /// `env` and `nice` use 125.
@@ -74,28 +74,11 @@ impl SocketArg {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve(args) => run_serve(args),
+        Command::Serve(args) => serve_main(Server::builder(), &args).into(),
         Command::Spawn(args) => spawn::run(args),
         Command::Status(args) => inspect::status(args),
         Command::Ps(args) => inspect::ps(args),
         Command::Kill(args) => inspect::kill(args),
-    }
-}
-
-fn run_serve(args: ServeArgs) -> ExitCode {
-    let options = match args.options() {
-        Ok(options) => options,
-        Err(message) => {
-            eprintln!("forkserver: {message}");
-            return ExitCode::from(2);
-        }
-    };
-    match serve(&options) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("forkserver: {e}");
-            ExitCode::FAILURE
-        }
     }
 }
 

@@ -4,7 +4,7 @@
 
 use forkserver::client::Stdio;
 
-use crate::util::{children_of, example, fds_of, wait_until, Server};
+use crate::util::{children_of, example, fds_of, wait_until, zombie_children_of, Server};
 
 fn pooled(pools: &[&str], extra: &[&str]) -> Server {
     let mut args = Vec::new();
@@ -204,4 +204,55 @@ fn a_pool_for_an_unknown_worker_fails_the_start() {
         stderr.contains("--pool nosuch: no worker named 'nosuch'"),
         "{stderr}"
     );
+}
+
+#[test]
+fn a_child_that_panics_before_its_work_is_a_spawn_failure_and_the_server_serves_on() {
+    let server = Server::launch(
+        &example("test_zygote"),
+        &["--pool", "panic_in_child:x=1"],
+        &[("FIXTURE_CHILD_PANIC", "1")],
+    );
+    wait_full(&server, 1);
+    let client = server.client();
+    let err = client.worker("panic_in_child:x").status().unwrap_err();
+    match &err {
+        forkserver::client::Error::SpawnFailed { kind, message, .. } => {
+            assert_eq!(*kind, forkserver::protocol::ErrorKind::Setup, "{message}");
+            assert!(message.contains("panicked"), "{message}");
+        }
+        other => panic!("expected SpawnFailed, got {other:?}"),
+    }
+    // The panic unwound no further than the child: the socket file is still
+    // there (a forked copy of the listener dropping would remove it), the
+    // server serves, and the panicked child was reaped.
+    assert!(server.socket.exists(), "the socket file is gone");
+    assert!(
+        server.log().contains("the fixture panics in a child"),
+        "{}",
+        server.log()
+    );
+    assert_eq!(
+        client.worker("args").arg("x").output().unwrap().stdout,
+        b"x\n"
+    );
+    wait_until("no zombie is left", || {
+        zombie_children_of(server.pid()).is_empty()
+    });
+    let pool = &client.status().unwrap().pools[0];
+    assert_eq!((pool.hits, pool.misses), (1, 0));
+
+    // A panic in the server's own check of a request fails that request.
+    match client.worker("panic_in_server:x").status().unwrap_err() {
+        forkserver::client::Error::SpawnFailed { kind, message, .. } => {
+            assert_eq!(kind, forkserver::protocol::ErrorKind::Invalid, "{message}");
+            assert!(
+                message.contains("panicked checking this request"),
+                "{message}"
+            );
+        }
+        other => panic!("expected SpawnFailed, got {other:?}"),
+    }
+    assert!(server.socket.exists());
+    assert!(client.worker("args").status().unwrap().success());
 }

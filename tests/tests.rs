@@ -15,5 +15,5 @@ mod robustness;
 mod security;
 mod soak;
 mod spawn;
-mod units;
+mod systemd_units;
 mod zygote;

@@ -15,7 +15,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use clap::Parser;
-use forkserver_server::{ServeArgs, Server, WorkerContext};
+use forkserver_server::{exit, serve_main, ServeArgs, Server, WorkerContext};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
@@ -53,18 +53,11 @@ fn serve(argv: Vec<String>) -> i32 {
             return e.exit_code();
         }
     };
-    let options = match command.serve.options() {
-        Ok(options) => options,
-        Err(message) => {
-            eprintln!("forkserver: {message}");
-            return 2;
-        }
-    };
     // The helpers (and what every child runs through) are imported once,
     // here, before the preloads and the thread guard.
     if let Err(e) = Python::attach(|py| py.import("forkserver._server").map(drop)) {
         eprintln!("forkserver: importing forkserver._server: {e}");
-        return 1;
+        return exit::FAILED.into();
     }
     for script in &command.precompile {
         if let Err(message) = call_helper("forkserver._server", "precompile", script) {
@@ -79,13 +72,7 @@ fn serve(argv: Vec<String>) -> i32 {
     let builder = builder
         .worker_family("py:", check_target, run_worker)
         .pool_prewarm(prewarm);
-    match builder.serve(&options) {
-        Ok(()) => 0,
-        Err(e) => {
-            eprintln!("forkserver: {e}");
-            1
-        }
-    }
+    serve_main(builder, &command.serve).into()
 }
 
 /// Imports `module` (through `forkserver._server.preload`, which also

@@ -13,7 +13,7 @@ use crate::log::{self, log, Level};
 use crate::modules::{ModuleSpecs, Modules, WorkerFamily};
 use crate::readiness::Readiness;
 use crate::worker::WorkerContext;
-use crate::{child, listener, signals, threads, ServeArgs, ServeError, ServeOptions};
+use crate::{launch, listener, signals, threads, ServeArgs, ServeError, ServeOptions};
 
 /// The entry point for building a server; see [`Server::builder`].
 #[derive(Debug)]
@@ -149,25 +149,15 @@ impl ServerBuilder {
 
     /// Parses this process's command line as `[serve] [FLAGS]` with the
     /// flags of `forkserver serve`, serves, and returns the exit status to
-    /// end `main` with. Errors are printed to stderr.
+    /// end `main` with (see [`serve_main`](crate::serve_main), which this
+    /// calls). Errors are printed to stderr.
     pub fn run(self) -> ExitCode {
         let mut args: Vec<OsString> = std::env::args_os().collect();
         if args.get(1).is_some_and(|a| a == "serve") {
             args.remove(1);
         }
         let command = ZygoteCommand::parse_from(args);
-        let result = command
-            .serve
-            .options()
-            .map_err(ServeError::Config)
-            .and_then(|options| self.serve(&options));
-        match result {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("forkserver: {e}");
-                ExitCode::FAILURE
-            }
-        }
+        crate::serve_main(self, &command.serve).into()
     }
 
     /// Preloads every module (checking after each that no thread was
@@ -179,10 +169,10 @@ impl ServerBuilder {
             Some(level) => log::set_level(level),
             None => log::init_from_env(),
         }
-        if options.limits.max_fds_per_message as usize + 3 > child::MAX_MOVES {
+        if options.limits.max_fds_per_message as usize + 3 > launch::MAX_MOVES {
             return Err(ServeError::Config(format!(
                 "max_fds_per_message must be at most {}",
-                child::MAX_MOVES - 3
+                launch::MAX_MOVES - 3
             )));
         }
         threads::tolerate("before any preload", options.threads)

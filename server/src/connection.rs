@@ -1,7 +1,7 @@
-//! One client connection: its handshake state, its live children by request
-//! id, and its bounded queue of replies the socket could not take yet.
+//! One client connection: its handshake state and its bounded queue of
+//! replies the socket could not take yet. (Its children are in the ledger.)
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
@@ -18,10 +18,6 @@ pub(crate) struct Connection {
     pub(crate) greeted: bool,
     /// The client's name from `Hello`, for logs.
     pub(crate) client: String,
-    /// Live children: spawn id -> pid.
-    pub(crate) children: HashMap<u64, libc::pid_t>,
-    /// Spawns whose start (exec or worker setup) is not yet reported.
-    pub(crate) pending: u32,
     outbox: VecDeque<(Vec<u8>, Vec<OwnedFd>)>,
     /// Replies queued beyond this mean the client is not reading; it is
     /// dropped rather than buffered for without bound.
@@ -48,8 +44,6 @@ impl Connection {
             peer,
             greeted: false,
             client: String::new(),
-            children: HashMap::new(),
-            pending: 0,
             outbox: VecDeque::new(),
             max_queued: max_queued as usize,
             dead: false,

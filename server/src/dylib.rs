@@ -14,6 +14,8 @@ use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
+use crate::sys;
+
 /// `int SYMBOL(int argc, char **argv)`.
 pub(crate) type EntryPoint = unsafe extern "C" fn(c_int, *mut *mut c_char) -> c_int;
 
@@ -35,10 +37,7 @@ impl Dylib {
             .map_err(|_| "the path contains a NUL byte".to_owned())?;
         // SAFETY: dlopen runs the library's constructors; loading code is
         // what the operator asked for with --module.
-        let handle = unsafe { libc::dlopen(c_path.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
-        if handle.is_null() {
-            return Err(dl_error());
-        }
+        let handle = unsafe { sys::dlopen(&c_path) }?;
         Ok(Dylib { handle })
     }
 
@@ -63,20 +62,6 @@ impl Dylib {
 
     fn symbol(&self, name: &CStr) -> Option<*mut c_void> {
         // SAFETY: handle came from a successful dlopen and is never closed.
-        let symbol = unsafe { libc::dlsym(self.handle, name.as_ptr()) };
-        (!symbol.is_null()).then_some(symbol)
-    }
-}
-
-fn dl_error() -> String {
-    // SAFETY: dlerror returns null or a NUL-terminated string that stays
-    // valid until the next dl* call on this thread; we copy it at once.
-    unsafe {
-        let message = libc::dlerror();
-        if message.is_null() {
-            "unknown dlopen error".to_owned()
-        } else {
-            CStr::from_ptr(message).to_string_lossy().into_owned()
-        }
+        unsafe { sys::dlsym(self.handle, name) }
     }
 }

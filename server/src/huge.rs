@@ -1,9 +1,9 @@
 //! [`HugePages`]: preload memory that forks fast.
 //!
 //! `fork()` copies the page tables of every mapped page, so its cost grows
-//! with the preload: about 2 ms per 64 MB of touched 4 KiB pages on our
-//! machines. Backed by 2 MiB transparent huge pages, the same memory needs a
-//! 512th of the page-table entries. The trade: memory is committed in 2 MiB
+//! with the preload (BENCHMARKS.md measures a 512 MB fork both ways).
+//! Backed by 2 MiB transparent huge pages, the same memory needs a 512th of
+//! the page-table entries. The trade: memory is committed in 2 MiB
 //! steps, and a copy-on-write fault after the fork copies 2 MiB instead of
 //! 4 KiB — fine for read-only tables, costly for state workers write to.
 //!
@@ -13,8 +13,10 @@
 //! with `never` this type still works, with ordinary pages. See madvise(2).
 
 use std::ops::{Deref, DerefMut};
-use std::ptr::{self, NonNull};
+use std::ptr::NonNull;
 use std::{io, slice};
+
+use crate::sys;
 
 /// The size of an x86-64 (and arm64 4K-granule) transparent huge page.
 const HUGE_PAGE: usize = 2 << 20;
@@ -43,27 +45,13 @@ impl HugePages {
         let map_len = len
             .checked_add(HUGE_PAGE)
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "length overflows"))?;
-        // SAFETY: an anonymous private mapping at an address of the kernel's
-        // choosing touches no existing memory.
-        let base = unsafe {
-            libc::mmap(
-                ptr::null_mut(),
-                map_len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if base == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
+        let base = sys::map_anonymous(map_len)?;
         let offset = (HUGE_PAGE - base as usize % HUGE_PAGE) % HUGE_PAGE;
         // SAFETY: offset < HUGE_PAGE, so start..start+len lies in the mapping.
         let start = unsafe { base.cast::<u8>().add(offset) };
-        // SAFETY: advising our own fresh mapping. Failure (THP compiled out)
-        // leaves ordinary pages, which is still correct.
-        unsafe { libc::madvise(start.cast(), len, libc::MADV_HUGEPAGE) };
+        // SAFETY: start..start+len lies in our fresh mapping. Failure (THP
+        // compiled out) leaves ordinary pages, which is still correct.
+        unsafe { sys::advise(start.cast(), len, libc::MADV_HUGEPAGE) };
         Ok(HugePages {
             ptr: NonNull::new(start).expect("mmap never returns null on success"),
             len,
@@ -97,8 +85,9 @@ impl DerefMut for HugePages {
 
 impl Drop for HugePages {
     fn drop(&mut self) {
-        // SAFETY: unmapping exactly the mapping we made, once.
-        unsafe { libc::munmap(self.mapping.0, self.mapping.1) };
+        // SAFETY: unmapping exactly the mapping we made, once; the borrows
+        // of it have ended with self's.
+        unsafe { sys::unmap(self.mapping.0, self.mapping.1) };
     }
 }
 

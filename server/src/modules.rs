@@ -14,7 +14,7 @@ use forkserver_protocol::{ModuleInfo, ModuleKind};
 
 use crate::dylib::{Dylib, EntryPoint};
 use crate::log::{log, Level};
-use crate::threads::{self, MultiThreaded, ThreadPolicy};
+use crate::threads::{self, ThreadPolicy};
 use crate::worker::{Preloaded, WorkerFn};
 use crate::ServeError;
 
@@ -194,30 +194,4 @@ pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         .map(|s| s.to_string())
         .or_else(|| payload.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "a non-string panic payload".into())
-}
-
-/// Known ways to stop threads that libraries start on their own.
-pub(crate) fn remedies(threads: &MultiThreaded) -> String {
-    let mut advice = String::new();
-    for thread in &threads.threads {
-        let hint = match thread.name.as_str() {
-            "jemalloc_bg_thd" => {
-                " jemalloc's background threads: set _RJEM_MALLOC_CONF=background_thread:false (MALLOC_CONF for a system jemalloc)."
-            }
-            name if name.starts_with("tokio-rt") => {
-                " a tokio runtime: build it in the worker, not in the preload."
-            }
-            "polars-ooc-clea" => {
-                " Polars' out-of-core cleaner: Polars 2.x starts it at import and no setting stops it; it sleeps until Polars spills to disk, so --allow-dormant-threads serves while it stays asleep."
-            }
-            name if name.starts_with("polars") => {
-                " Polars' thread pool: preload without running a query; the pool starts on first use."
-            }
-            _ => continue,
-        };
-        if !advice.contains(hint) {
-            advice.push_str(hint);
-        }
-    }
-    advice
 }

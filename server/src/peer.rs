@@ -11,15 +11,16 @@
 
 use std::fmt;
 use std::io;
-use std::mem;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::BorrowedFd;
 
 use forkserver_protocol::RunAs;
+use serde::{Deserialize, Serialize};
 
-use crate::sys::cvt;
+use crate::sys;
 
 /// A connected client's credentials, as the kernel reports them.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// (Serialized only inside the server's own hand-off to a pool child.)
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct Peer {
     pub(crate) pid: i32,
     pub(crate) uid: u32,
@@ -37,55 +38,13 @@ impl fmt::Display for Peer {
 impl Peer {
     /// Reads the credentials of the peer of a connected Unix socket.
     pub(crate) fn of(socket: BorrowedFd<'_>) -> io::Result<Peer> {
-        // SAFETY: ucred is plain data; getsockopt fills at most `len` bytes.
-        let mut cred: libc::ucred = unsafe { mem::zeroed() };
-        let mut len = mem::size_of::<libc::ucred>() as libc::socklen_t;
-        // SAFETY: the buffer and its length describe `cred`.
-        cvt(unsafe {
-            libc::getsockopt(
-                socket.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_PEERCRED,
-                (&mut cred as *mut libc::ucred).cast(),
-                &mut len,
-            )
-        })?;
+        let (pid, uid, gid) = sys::peer_credentials(socket)?;
         Ok(Peer {
-            pid: cred.pid,
-            uid: cred.uid,
-            gid: cred.gid,
-            groups: peer_groups(socket)?,
+            pid,
+            uid,
+            gid,
+            groups: sys::peer_groups(socket)?,
         })
-    }
-}
-
-/// `SO_PEERGROUPS`: the peer's supplementary groups at connect time.
-fn peer_groups(socket: BorrowedFd<'_>) -> io::Result<Vec<u32>> {
-    let mut groups = vec![0 as libc::gid_t; 64];
-    loop {
-        let mut len = (groups.len() * mem::size_of::<libc::gid_t>()) as libc::socklen_t;
-        // SAFETY: the buffer and its length describe `groups`.
-        let rc = unsafe {
-            libc::getsockopt(
-                socket.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_PEERGROUPS,
-                groups.as_mut_ptr().cast(),
-                &mut len,
-            )
-        };
-        let count = len as usize / mem::size_of::<libc::gid_t>();
-        match cvt(rc) {
-            Ok(_) => {
-                groups.truncate(count);
-                return Ok(groups);
-            }
-            // ERANGE: the kernel wrote the size it needs into `len`.
-            Err(e) if e.raw_os_error() == Some(libc::ERANGE) && count > groups.len() => {
-                groups.resize(count, 0);
-            }
-            Err(e) => return Err(e),
-        }
     }
 }
 

@@ -5,34 +5,21 @@
 //! warms up (maps code in, runs the builder's prewarm), resets its signal
 //! dispositions, says it is ready with one byte on its control socket, and
 //! blocks on it. A request for its worker is validated by the server as
-//! usual, then sent to the child as an [`Assignment`] with its fds; the
+//! usual, then sent to the child as an `Assignment` (launch/pool_child.rs) with its fds; the
 //! child checks it again (credentials included: it recomputes who it may
 //! become from the peer's identity), installs it exactly as a freshly forked
-//! child would, and runs. The server watches its exec error pipe as for any
+//! child would, and runs. The server watches its report pipe as for any
 //! spawn, so `Spawned`/`SpawnFailed` and `Exited` are unchanged. Refills
 //! happen only when the event loop has nothing waiting, after yielding the
 //! CPU once. An assigned child is in the children table, never in the
 //! pool, so a flush (SIGHUP, shutdown) can only kill idle, unspecialised ones.
 
 use std::collections::VecDeque;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 
-use forkserver_protocol::{PoolInfo, Spawn};
-use serde::{Deserialize, Serialize};
+use forkserver_protocol::PoolInfo;
 
 use crate::sys;
-
-/// What the server sends a pool child: the request (pipes already replaced
-/// by passed fds) and who asked, for the child's own credential check.
-#[derive(Debug, Serialize, Deserialize)]
-pub(crate) struct Assignment {
-    pub(crate) spawn: Spawn,
-    pub(crate) peer_uid: u32,
-    pub(crate) peer_gid: u32,
-    pub(crate) peer_groups: Vec<u32>,
-    pub(crate) peer_pid: i32,
-    pub(crate) server_uid: u32,
-}
 
 /// An idle pool child, as the server holds it.
 pub(crate) struct PoolChild {
@@ -40,8 +27,8 @@ pub(crate) struct PoolChild {
     pub(crate) pidfd: OwnedFd,
     /// Our end of its control socket.
     pub(crate) control: OwnedFd,
-    /// The read end of its exec error pipe.
-    pub(crate) error_pipe: OwnedFd,
+    /// The read end of its report pipe.
+    pub(crate) report: OwnedFd,
     /// It has said it finished warming up (one byte on its control socket).
     pub(crate) ready: bool,
 }
@@ -53,18 +40,9 @@ impl PoolChild {
     /// CPU with whoever gets it.
     fn is_ready(&mut self) -> bool {
         if !self.ready {
-            let mut byte = 0u8;
-            // SAFETY: a one-byte buffer we own; a non-blocking recv on our
-            // end of the control socket.
-            let got = unsafe {
-                libc::recv(
-                    self.control.as_raw_fd(),
-                    (&raw mut byte).cast(),
-                    1,
-                    libc::MSG_DONTWAIT,
-                )
-            };
-            self.ready = got == 1;
+            let mut byte = [0u8];
+            self.ready =
+                sys::recv_nonblocking(self.control.as_fd(), &mut byte).is_ok_and(|n| n == 1);
         }
         self.ready
     }

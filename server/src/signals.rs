@@ -57,20 +57,14 @@ impl SignalPipe {
                 write.try_clone()?,
             )?);
         }
-        // SAFETY: setting SIGPIPE to SIG_IGN installs no handler code; the
-        // server is single-threaded, so no one races this.
-        if unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) } == libc::SIG_ERR {
-            return Err(io::Error::last_os_error());
-        }
+        sys::ignore_sigpipe()?;
         Ok(pipe)
     }
 
     /// Drains the pipe and returns (and clears) the flags.
     pub(crate) fn take(&self) -> Arrived {
         let mut buf = [0u8; 64];
-        // SAFETY: reading into a local buffer from our own non-blocking fd.
-        while unsafe { libc::read(self.read.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) } > 0 {
-        }
+        while sys::read(self.read.as_fd(), &mut buf).is_ok_and(|n| n > 0) {}
         Arrived {
             child: self.child.swap(false, Ordering::SeqCst),
             terminate: self.terminate.swap(false, Ordering::SeqCst),

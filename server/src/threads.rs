@@ -25,6 +25,7 @@ use std::fs;
 use std::time::{Duration, Instant};
 
 use crate::log::{log, Level};
+use crate::sys;
 
 /// What the server tolerates besides its own thread when it forks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -81,7 +82,7 @@ pub(crate) fn tolerate(when: &str, policy: ThreadPolicy) -> Result<(), MultiThre
             log!(
                 Level::Warn,
                 "--allow-threads: {when}, {threads}. Serving anyway; children may deadlock.{}",
-                crate::modules::remedies(&threads)
+                remedies(&threads)
             );
             Ok(())
         }
@@ -98,10 +99,10 @@ fn names(threads: &[ThreadInfo]) -> String {
 
 /// How long a tolerated thread that woke up must stay asleep, unscheduled,
 /// before a fork goes ahead; and how long a fork waits for that at most.
-/// Short, because Polars' cleaner wakes up often while other processes work
-/// (a 50 ms window stalled one fork in ten of python/bench/bench.py by
-/// 50 ms). What the window guards against is a thread caught between two
-/// steps; a sleeping thread's locks are the same after 2 ms as after 50.
+/// Short, because Polars' cleaner wakes up often while other processes
+/// work, and every fork would wait for it (BENCHMARKS.md has the figures).
+/// What the window guards against is a thread caught between two steps; a
+/// sleeping thread's locks are the same after 2 ms as after 50.
 const QUIET: Duration = Duration::from_millis(2);
 const QUIET_WAIT_LIMIT: Duration = Duration::from_millis(200);
 
@@ -340,20 +341,11 @@ pub fn ensure_single_threaded_after_fork_handlers() -> Result<Vec<ThreadInfo>, M
 /// Forks a child that exits at once and reaps it, running the process's
 /// fork handlers.
 fn probe_fork() {
-    // SAFETY: the child calls only _exit, which is async-signal-safe; the
-    // parent waits for exactly that child, retrying on EINTR.
-    unsafe {
-        match libc::fork() {
-            0 => libc::_exit(0),
-            -1 => {}
-            pid => {
-                let mut status = 0;
-                while libc::waitpid(pid, &mut status, 0) == -1
-                    && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR)
-                {
-                }
-            }
-        }
+    // SAFETY: the child calls only _exit, which is async-signal-safe, so it
+    // needs nothing the other threads (whose locks it copied) hold.
+    let forked = unsafe { sys::fork(|| libc::_exit(0)) };
+    if let Ok(pid) = forked {
+        let _ = sys::wait_for(pid);
     }
 }
 
@@ -376,39 +368,32 @@ fn list_threads() -> Vec<ThreadInfo> {
     threads
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_second_thread_is_named() {
-        // The test harness itself may run tests on threads; make sure there is
-        // at least one named thread of ours to find.
-        let (tx, rx) = std::sync::mpsc::channel::<()>();
-        let (started_tx, started) = std::sync::mpsc::channel::<()>();
-        let handle = std::thread::Builder::new()
-            .name("guard-probe".into())
-            .spawn(move || {
-                // std names the thread from inside it, once it runs.
-                started_tx.send(()).unwrap();
-                rx.recv().ok()
-            })
-            .unwrap();
-        started.recv().unwrap();
-        let err = ensure_single_threaded().unwrap_err();
-        assert!(err.threads.iter().any(|t| t.name == "guard-probe"), "{err}");
-        assert!(err.to_string().contains("deadlock"));
-        drop(tx);
-        handle.join().unwrap();
+/// Known ways to stop threads that libraries start on their own.
+pub(crate) fn remedies(threads: &MultiThreaded) -> String {
+    let mut advice = String::new();
+    for thread in &threads.threads {
+        let hint = match thread.name.as_str() {
+            "jemalloc_bg_thd" => {
+                " jemalloc's background threads: set _RJEM_MALLOC_CONF=background_thread:false (MALLOC_CONF for a system jemalloc)."
+            }
+            name if name.starts_with("tokio-rt") => {
+                " a tokio runtime: build it in the worker, not in the preload."
+            }
+            "polars-ooc-clea" => {
+                " Polars' out-of-core cleaner: Polars 2.x starts it at import and no setting stops it; it sleeps until Polars spills to disk, so --allow-dormant-threads serves while it stays asleep."
+            }
+            name if name.starts_with("polars") => {
+                " Polars' thread pool: preload without running a query; the pool starts on first use."
+            }
+            _ => continue,
+        };
+        if !advice.contains(hint) {
+            advice.push_str(hint);
+        }
     }
-
-    #[test]
-    fn a_thread_that_outlives_a_fork_still_counts() {
-        let (tx, rx) = std::sync::mpsc::channel::<()>();
-        let handle = std::thread::spawn(move || rx.recv().ok());
-        let err = ensure_single_threaded_after_fork_handlers().unwrap_err();
-        assert!(err.threads.len() >= 2, "{err}");
-        drop(tx);
-        handle.join().unwrap();
-    }
+    advice
 }
+
+#[cfg(test)]
+#[path = "threads_tests.rs"]
+mod tests;

@@ -2,20 +2,22 @@
 //! `EventLoop::handle`.
 
 use std::os::fd::{AsFd, OwnedFd};
-use std::time::Instant;
+use std::panic::{self, AssertUnwindSafe};
 
 use forkserver_protocol::{
-    ChildInfo, ErrorKind, OnDisconnect, ServerMessage, Spawn, StatusReport, Target,
+    ChildInfo, ClientMessage, ErrorKind, OnDisconnect, ServerMessage, Spawn, StatusReport, Target,
     PROTOCOL_VERSION,
 };
-
-use super::{fatal, pipe_token, request_error, ConnId, EventLoop};
-use crate::children::{ChildRecord, Stage};
-use crate::log::{log, Level};
-use crate::peer::{child_credentials, Peer};
-use crate::spawner::{self, SpawnError};
-use crate::sys;
 use nix::sys::epoll::{EpollEvent, EpollFlags};
+
+use super::connections::{fatal, request_error};
+use super::{pipe_token, EventLoop};
+use crate::launch::{describe, LaunchError};
+use crate::ledger::{ChildRecord, ConnId};
+use crate::log::{log, Level};
+use crate::modules::panic_message;
+use crate::peer::{child_credentials, Peer};
+use crate::sys;
 
 impl EventLoop {
     pub(super) fn hello(&mut self, id: ConnId, protocol: u32, client: String) {
@@ -44,67 +46,94 @@ impl EventLoop {
                 protocol: PROTOCOL_VERSION,
                 server_version: env!("CARGO_PKG_VERSION").into(),
                 pid: std::process::id(),
-                modules: self.spawner.modules.infos.clone(),
-                workers: self.spawner.modules.worker_names(),
+                modules: self.launcher.modules.infos.clone(),
+                workers: self.launcher.modules.worker_names(),
                 limits: self.limits,
             }
         };
         self.reply(id, reply, Vec::new());
     }
 
+    /// Every request kind, dispatched to its handler.
+    pub(super) fn handle(&mut self, id: ConnId, message: ClientMessage, fds: Vec<OwnedFd>) {
+        let greeted = self.connections.get(&id).is_some_and(|c| c.greeted);
+        match message {
+            ClientMessage::Hello { protocol, client } => self.hello(id, protocol, client),
+            _ if !greeted => self.reply(
+                id,
+                fatal(
+                    ErrorKind::Protocol,
+                    "the first message on a connection must be hello".into(),
+                ),
+                Vec::new(),
+            ),
+            ClientMessage::Spawn(request) => self.spawn(id, request, fds),
+            ClientMessage::Signal { id: child, signal } => self.signal(id, child, signal),
+            ClientMessage::Status { id: request } => {
+                let report = self.status(request);
+                self.reply(id, ServerMessage::Status(report), Vec::new());
+            }
+            ClientMessage::List { id: request } => {
+                let reply = self.list(id, request);
+                self.reply(id, reply, Vec::new());
+            }
+            ClientMessage::Kill {
+                id: request,
+                pid,
+                signal,
+            } => {
+                let reply = self.kill(id, request, pid, signal);
+                self.reply(id, reply, Vec::new());
+            }
+        }
+    }
+
     pub(super) fn spawn(&mut self, conn_id: ConnId, request: Spawn, fds: Vec<OwnedFd>) {
         let Some(conn) = self.connections.get(&conn_id) else {
             return;
         };
-        let refusal = if conn.children.contains_key(&request.id) {
-            Some(SpawnError::new(
-                ErrorKind::Invalid,
-                format!(
-                    "id {} is already used by a live child of this connection",
-                    request.id
-                ),
-            ))
-        } else if conn.children.len() >= self.limits.max_children_per_connection as usize {
-            Some(SpawnError::new(
-                ErrorKind::Limit,
-                format!(
-                    "this connection already has {} live children (the limit max_children_per_connection)",
-                    conn.children.len()
-                ),
-            ))
-        } else if conn.pending >= self.limits.max_pending_per_connection {
-            Some(SpawnError::new(
-                ErrorKind::Limit,
-                format!(
-                    "this connection already has {} spawns waiting to start (the limit max_pending_per_connection)",
-                    conn.pending
-                ),
-            ))
-        } else {
-            None
-        };
-        let credentials = child_credentials(&conn.peer, request.user.as_ref(), self.server_uid)
-            .map_err(|message| SpawnError::new(ErrorKind::Denied, message));
-        let pooled = match (&refusal, &credentials, &request.target) {
-            (None, Ok(_), Target::Worker { name, .. }) => self.pools.take(name),
-            _ => None,
-        };
-        let result = match (refusal, credentials, pooled) {
-            (Some(error), _, _) | (None, Err(error), _) => Err(error),
-            (None, Ok(_), Some(child)) => {
-                self.spawner
-                    .hand_off(child, &request, fds, &self.limits, &conn.peer)
-            }
-            (None, Ok(run_as), None) => self.spawner.spawn(&request, fds, &self.limits, run_as),
-        };
-        let started = match result {
-            Ok(started) => started,
+        let launched = self
+            .ledger
+            .admit(conn_id, request.id, &self.limits)
+            .and_then(|()| {
+                child_credentials(&conn.peer, request.user.as_ref(), self.server_uid)
+                    .map_err(|message| (ErrorKind::Denied, message))
+            })
+            .map_err(|(kind, message)| LaunchError::new(kind, message))
+            .and_then(|credentials| {
+                let pooled = match &request.target {
+                    Target::Worker { name, .. } => self.pools.take(name),
+                    Target::Exec { .. } => None,
+                };
+                // A panic while checking the request (say, in a worker
+                // family's name check) fails this request, not the server.
+                // A forked child's panics never come back here: the fork's
+                // unwind barrier ends them in the child.
+                panic::catch_unwind(AssertUnwindSafe(|| match pooled {
+                    Some(child) => {
+                        self.launcher
+                            .hand_off(child, &request, fds, credentials, &conn.peer)
+                    }
+                    None => self.launcher.launch(&request, fds, credentials),
+                }))
+                .unwrap_or_else(|panic| {
+                    Err(LaunchError::new(
+                        ErrorKind::Invalid,
+                        format!(
+                            "the server panicked checking this request: {}",
+                            panic_message(&*panic)
+                        ),
+                    ))
+                })
+            });
+        let launched = match launched {
+            Ok(launched) => launched,
             Err(error) => {
                 log!(
                     Level::Warn,
                     "spawn {} of {:?} for client '{}' ({}) refused: {}",
                     request.id,
-                    spawner::describe(&request),
+                    describe(&request),
                     conn.client,
                     conn.peer,
                     error.message
@@ -115,7 +144,7 @@ impl EventLoop {
                     errno: error.errno,
                     message: error.message,
                 };
-                self.failures += 1;
+                self.ledger.refused();
                 self.reply(conn_id, reply, Vec::new());
                 return;
             }
@@ -124,53 +153,28 @@ impl EventLoop {
             Level::Debug,
             "spawn {} of {:?}: pid {}",
             request.id,
-            spawner::describe(&request),
-            started.pid
+            describe(&request),
+            launched.pid
         );
         if let Err(e) = self.epoll.add(
-            &started.error_pipe,
-            EpollEvent::new(EpollFlags::EPOLLIN, pipe_token(started.pid)),
+            &launched.report,
+            EpollEvent::new(EpollFlags::EPOLLIN, pipe_token(launched.pid)),
         ) {
             // Cannot happen short of memory exhaustion; the reaper still
-            // resolves the child when it exits, but say so.
+            // settles the child when it exits, but say so.
             log!(
                 Level::Error,
-                "cannot watch pid {}'s exec pipe: {e}",
-                started.pid
+                "cannot watch pid {}'s report pipe: {e}",
+                launched.pid
             );
         }
-        let conn = self
-            .connections
-            .get_mut(&conn_id)
-            .expect("a connection stays open while its request is handled");
-        conn.children.insert(request.id, started.pid);
-        conn.pending += 1;
-        self.starting += 1;
-        self.spawns += 1;
-        self.children.insert(
-            started.pid,
-            ChildRecord {
-                owner: Some(conn_id),
-                id: request.id,
-                pidfd: started.pidfd,
-                stage: Stage::Starting {
-                    error_pipe: started.error_pipe,
-                    client_ends: started.client_ends,
-                    pool_control: started.pool_control,
-                },
-                on_disconnect: request.on_disconnect,
-                kill_at: None,
-                early_exit: None,
-                target: spawner::describe(&request).to_string_lossy().into_owned(),
-                owner_pid: conn.peer.pid,
-                owner_uid: conn.peer.uid,
-                started: Instant::now(),
-            },
-        );
+        let peer = conn.peer.clone();
+        self.ledger.launched(conn_id, &peer, &request, launched);
     }
 
     pub(super) fn status(&mut self, id: u64) -> StatusReport {
-        let modules = &self.spawner.modules;
+        let modules = &self.launcher.modules;
+        let (spawns, failures) = self.ledger.counts();
         StatusReport {
             id,
             pid: std::process::id(),
@@ -179,15 +183,15 @@ impl EventLoop {
             rss_bytes: sys::resident_bytes().unwrap_or(0),
             modules: modules.infos.clone(),
             workers: modules.worker_names(),
-            children: self.children.len() as u32,
+            children: self.ledger.len() as u32,
             connections: self.connections.len() as u32,
             socket: self
                 .listener
                 .as_ref()
                 .map(|l| l.path().display().to_string())
                 .unwrap_or_default(),
-            spawns: self.spawns,
-            failures: self.failures,
+            spawns,
+            failures,
             pools: self.pools.info(),
         }
     }
@@ -203,7 +207,7 @@ impl EventLoop {
             return request_error(Some(id), ErrorKind::Protocol, "no connection".into());
         };
         let mut children: Vec<ChildInfo> = self
-            .children
+            .ledger
             .iter()
             .filter(|(_, record)| self.may_touch(peer, record))
             .map(|(pid, record)| ChildInfo {
@@ -238,7 +242,7 @@ impl EventLoop {
             );
         }
         let targets: Vec<(libc::pid_t, &ChildRecord)> = match pid {
-            Some(pid) => match self.children.get(pid as libc::pid_t) {
+            Some(pid) => match self.ledger.get(pid as libc::pid_t) {
                 None => {
                     return request_error(
                         Some(id),
@@ -259,7 +263,7 @@ impl EventLoop {
                 Some(record) => vec![(pid as libc::pid_t, record)],
             },
             None => self
-                .children
+                .ledger
                 .iter()
                 .filter(|(_, record)| self.may_touch(peer, record))
                 .collect(),
@@ -280,11 +284,8 @@ impl EventLoop {
                 format!("signal {signal} is out of range 1..={}", libc::SIGRTMAX()),
             )
         } else {
-            let pid = self
-                .connections
-                .get(&conn_id)
-                .and_then(|c| c.children.get(&child_id).copied());
-            match pid.and_then(|pid| self.children.get(pid)) {
+            let pid = self.ledger.pid_of(conn_id, child_id);
+            match pid.and_then(|pid| self.ledger.get(pid)) {
                 None => request_error(
                     Some(child_id),
                     ErrorKind::NoSuchChild,

@@ -1,0 +1,290 @@
+//! Connections: accepting them (with the peer policy and the connection
+//! limits), reading requests, sending replies, and closing them.
+
+use std::io;
+use std::os::fd::AsFd;
+use std::time::{Duration, Instant};
+
+use forkserver_protocol::{decode, recv_datagram, ClientMessage, ErrorKind, ServerMessage};
+use nix::sys::epoll::{EpollEvent, EpollFlags};
+
+use super::{conn_token, EventLoop, LISTENER};
+use crate::connection::{Connection, Sent};
+use crate::ledger::ConnId;
+use crate::log::{log, Level};
+use crate::peer::Peer;
+use crate::sys;
+
+/// How long to stop accepting after running out of fds (EMFILE/ENFILE):
+/// epoll is level-triggered, so a listener we cannot accept from would
+/// otherwise wake us in a busy loop.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+
+/// Requests read from one connection per wake-up, so one busy client cannot
+/// starve the rest (epoll is level-triggered and comes back for more).
+const READS_PER_WAKEUP: usize = 64;
+
+impl EventLoop {
+    pub(super) fn accept(&mut self) {
+        let Some(listener) = &self.listener else {
+            return;
+        };
+        loop {
+            let socket = match sys::accept(listener.as_fd()) {
+                Ok(socket) => socket,
+                Err(err) => match err.raw_os_error() {
+                    Some(libc::EAGAIN) => return,
+                    Some(libc::EINTR) | Some(libc::ECONNABORTED) => continue,
+                    // Out of fds: the connection waits in the backlog until
+                    // some are freed; stop watching the listener meanwhile.
+                    Some(libc::EMFILE) | Some(libc::ENFILE) => {
+                        log!(Level::Warn, "accept failed, pausing accepts: {err}");
+                        self.pause_accepting();
+                        return;
+                    }
+                    _ => {
+                        log!(Level::Warn, "accept failed: {err}");
+                        return;
+                    }
+                },
+            };
+            let peer = match Peer::of(socket.as_fd()) {
+                Ok(peer) => peer,
+                Err(e) => {
+                    log!(
+                        Level::Warn,
+                        "refused a connection: cannot read its credentials: {e}"
+                    );
+                    continue;
+                }
+            };
+            let refusal = self.refusal(&peer);
+            let mut conn = Connection::new(socket, peer, self.limits.max_queued_replies);
+            if let Some((kind, message)) = refusal {
+                log!(Level::Warn, "refused {}: {message}", conn.peer);
+                conn.send(&fatal(kind, message), Vec::new());
+                continue;
+            }
+            let id = self.next_conn;
+            self.next_conn += 1;
+            if let Err(e) = self
+                .epoll
+                .add(&conn, EpollEvent::new(EpollFlags::EPOLLIN, conn_token(id)))
+            {
+                log!(Level::Warn, "cannot watch a new connection: {e}");
+                continue;
+            }
+            self.connections.insert(id, conn);
+        }
+    }
+
+    /// Why `peer` may not connect now, if it may not: the peer policy, then
+    /// the connection limits.
+    fn refusal(&self, peer: &Peer) -> Option<(ErrorKind, String)> {
+        let same_uid = self
+            .connections
+            .values()
+            .filter(|c| c.peer.uid == peer.uid)
+            .count();
+        if let Err(why) = self.policy.check(peer, self.server_uid) {
+            Some((ErrorKind::Denied, why))
+        } else if self.connections.len() >= self.limits.max_connections as usize {
+            Some((
+                ErrorKind::Limit,
+                format!(
+                    "the server already holds {} connections (the limit max_connections)",
+                    self.limits.max_connections
+                ),
+            ))
+        } else if same_uid >= self.limits.max_connections_per_uid as usize {
+            Some((
+                ErrorKind::Limit,
+                format!(
+                    "uid {} already has {same_uid} connections (the limit max_connections_per_uid)",
+                    peer.uid
+                ),
+            ))
+        } else {
+            None
+        }
+    }
+
+    fn pause_accepting(&mut self) {
+        if let Some(listener) = &self.listener {
+            let _ = self.epoll.delete(listener);
+            self.accept_paused_until = Some(Instant::now() + ACCEPT_PAUSE);
+        }
+    }
+
+    pub(super) fn resume_accepting(&mut self) {
+        self.accept_paused_until = None;
+        if let Some(listener) = &self.listener {
+            if let Err(e) = self
+                .epoll
+                .add(listener, EpollEvent::new(EpollFlags::EPOLLIN, LISTENER))
+            {
+                log!(Level::Error, "cannot watch the listener again: {e}");
+            }
+        }
+    }
+
+    pub(super) fn connection_ready(&mut self, id: ConnId, flags: EpollFlags) {
+        if flags.contains(EpollFlags::EPOLLOUT) {
+            if let Some(conn) = self.connections.get_mut(&id) {
+                if conn.flush() {
+                    self.watch_output(id, false);
+                }
+            }
+        }
+        if flags.intersects(EpollFlags::EPOLLIN | EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR) {
+            for _ in 0..READS_PER_WAKEUP {
+                if !self.read_one(id) {
+                    break;
+                }
+            }
+        }
+        if self.connections.get(&id).is_some_and(|c| c.dead) {
+            self.close_connection(id);
+        }
+    }
+
+    /// Reads and handles one request; false when there is nothing more to
+    /// read now (or the connection is gone).
+    fn read_one(&mut self, id: ConnId) -> bool {
+        let Some(conn) = self.connections.get_mut(&id) else {
+            return false;
+        };
+        let limits = self.limits;
+        let datagram = match recv_datagram(
+            conn.as_fd(),
+            limits.max_message_bytes as usize,
+            limits.max_fds_per_message as usize,
+            libc::MSG_DONTWAIT,
+        ) {
+            Ok(Some(datagram)) => datagram,
+            Ok(None) => {
+                conn.dead = true;
+                return false;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+            Err(e) => {
+                log!(Level::Debug, "reading from client '{}': {e}", conn.client);
+                conn.dead = true;
+                return false;
+            }
+        };
+        let discarded = if datagram.truncated {
+            Some(format!(
+                "a message was longer than {} bytes (the limit max_message_bytes)",
+                limits.max_message_bytes
+            ))
+        } else if datagram.fds_truncated {
+            Some(format!(
+                "a message carried more than {} fds (the limit max_fds_per_message)",
+                limits.max_fds_per_message
+            ))
+        } else {
+            None
+        };
+        if let Some(what) = discarded {
+            let message = format!("{what} and was discarded");
+            self.reply(
+                id,
+                request_error(None, ErrorKind::Limit, message),
+                Vec::new(),
+            );
+            return true;
+        }
+        match decode::<ClientMessage>(&datagram.bytes) {
+            Ok(message) => self.handle(id, message, datagram.fds),
+            Err(e) => {
+                let error = if conn.greeted {
+                    request_error(None, ErrorKind::Protocol, e.to_string())
+                } else {
+                    fatal(
+                        ErrorKind::Protocol,
+                        format!("{e}; expected a hello message"),
+                    )
+                };
+                self.reply(id, error, Vec::new());
+            }
+        }
+        true
+    }
+
+    /// Sends a reply on a connection, watching for writability if it had to
+    /// be queued and closing the connection if it is dead or fatal.
+    pub(super) fn reply(
+        &mut self,
+        id: ConnId,
+        message: ServerMessage,
+        fds: Vec<std::os::fd::OwnedFd>,
+    ) {
+        let is_fatal = matches!(message, ServerMessage::Error { fatal: true, .. });
+        let Some(conn) = self.connections.get_mut(&id) else {
+            return;
+        };
+        let sent = conn.send(&message, fds);
+        if is_fatal {
+            if let ServerMessage::Error { message, .. } = &message {
+                log!(Level::Warn, "closing client '{}': {message}", conn.client);
+            }
+            conn.dead = true;
+        }
+        if sent == Sent::Queued {
+            self.watch_output(id, true);
+        }
+        if self.connections.get(&id).is_some_and(|c| c.dead) {
+            self.close_connection(id);
+        }
+    }
+
+    fn watch_output(&mut self, id: ConnId, on: bool) {
+        let Some(conn) = self.connections.get(&id) else {
+            return;
+        };
+        let mut flags = EpollFlags::EPOLLIN;
+        if on || conn.has_queued() {
+            flags |= EpollFlags::EPOLLOUT;
+        }
+        let mut event = EpollEvent::new(flags, conn_token(id));
+        let _ = self.epoll.modify(conn, &mut event);
+    }
+
+    /// Forgets a connection and applies each of its children's
+    /// `on_disconnect`.
+    pub(super) fn close_connection(&mut self, id: ConnId) {
+        let Some(conn) = self.connections.remove(&id) else {
+            return;
+        };
+        let _ = self.epoll.delete(&conn);
+        let live = self
+            .ledger
+            .disconnected(id, Instant::now() + self.kill_grace);
+        log!(
+            Level::Debug,
+            "client '{}' disconnected with {live} live child(ren)",
+            conn.client,
+        );
+    }
+}
+
+/// An error answering one request; the connection stays open.
+pub(super) fn request_error(id: Option<u64>, kind: ErrorKind, message: String) -> ServerMessage {
+    ServerMessage::Error {
+        id,
+        kind,
+        message,
+        fatal: false,
+    }
+}
+
+/// An error after which the server closes the connection.
+pub(super) fn fatal(kind: ErrorKind, message: String) -> ServerMessage {
+    ServerMessage::Error {
+        id: None,
+        kind,
+        message,
+        fatal: true,
+    }
+}

@@ -1,0 +1,394 @@
+//! Before the fork, in the server: a `Spawn` request checked and turned
+//! into a [`ChildPlan`], everything the child needs, so that bad input is
+//! refused before any fork and the child only reads memory prepared for it.
+//!
+//! Nothing here forks; the unit tests below run it as it is. The only OS
+//! resources it makes are the pipes a request asks for.
+
+use std::collections::BTreeMap;
+use std::ffi::{c_char, CString};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::ptr;
+
+use forkserver_protocol::{ErrorKind, Limits, RunAs, Spawn, StdioSpec, Target, WireStr};
+
+use super::{ClientEnds, LaunchError, Launcher};
+use crate::dylib::EntryPoint;
+use crate::modules::WorkerRef;
+use crate::sys;
+use crate::worker::{WorkerContext, WorkerFn};
+
+/// The highest fd number a client may ask for in the child.
+const MAX_FD_TARGET: i32 = 65535;
+
+/// At most this many fds are installed in one child (0–2 plus passed ones);
+/// it bounds the stack array the child uses instead of allocating. The
+/// server's `max_fds_per_message` limit is checked against it at start.
+pub(crate) const MAX_MOVES: usize = 256;
+
+/// Used when neither the request's environment nor the server's has `PATH`.
+const DEFAULT_PATH: &[u8] = b"/usr/local/bin:/usr/bin:/bin";
+
+/// NUL-terminated strings and the null-terminated pointer array C wants.
+pub(crate) struct CStringArray {
+    strings: Vec<CString>,
+    ptrs: Vec<*const c_char>,
+}
+
+impl CStringArray {
+    pub(crate) fn new(strings: Vec<CString>) -> CStringArray {
+        let ptrs = strings
+            .iter()
+            .map(|s| s.as_ptr())
+            .chain([ptr::null()])
+            .collect();
+        CStringArray { strings, ptrs }
+    }
+
+    pub(crate) fn as_ptr(&self) -> *const *const c_char {
+        self.ptrs.as_ptr()
+    }
+
+    /// For C entry points that may permute argv (getopt does).
+    pub(crate) fn as_mut_ptr(&mut self) -> *mut *const c_char {
+        self.ptrs.as_mut_ptr()
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.strings.len()
+    }
+}
+
+/// What the child does once it is set up.
+pub(crate) enum Action<'m> {
+    /// `execve` each path in turn, as execvp does.
+    Exec { candidates: Vec<CString> },
+    /// Call an embedded worker.
+    Worker {
+        worker: &'m WorkerFn,
+        context: WorkerContext<'m>,
+    },
+    /// Call `int SYMBOL(int argc, char **argv)` of a dynamic module.
+    Dylib { entry: EntryPoint },
+}
+
+/// Everything the child needs, built before the fork so that the child only
+/// reads it.
+pub(crate) struct ChildPlan<'m> {
+    /// argv (for exec and dylib entry points).
+    pub(crate) argv: CStringArray,
+    /// The whole environment, `KEY=VALUE`.
+    pub(crate) envp: CStringArray,
+    pub(crate) cwd: Option<CString>,
+    /// `(source, target)`: install the server's fd `source` as `target`.
+    /// Sorted by target; targets are distinct.
+    pub(crate) fd_moves: Vec<(RawFd, RawFd)>,
+    pub(crate) new_session: bool,
+    /// Who the child runs as, if not the server's own credentials.
+    pub(crate) credentials: Option<RunAs>,
+    pub(crate) no_new_privs: bool,
+    /// The server's pid, when the child must die with it.
+    pub(crate) die_with_server: Option<libc::pid_t>,
+    /// The process name (`comm`) a worker gets, for `ps` and `top`.
+    pub(crate) name: Option<CString>,
+    pub(crate) action: Action<'m>,
+}
+
+/// The fds a plan refers to that the server made for it: the child's pipe
+/// ends (kept open until after the fork) and the client's.
+#[derive(Default)]
+pub(crate) struct PlanFds {
+    pub(crate) child_pipes: Vec<OwnedFd>,
+    pub(crate) client_ends: ClientEnds,
+}
+
+impl Launcher {
+    /// Validates `request` and builds the child's plan, running as
+    /// `credentials`. `fds` are the fds attached to the request; pipes the
+    /// request asks for are made here, into `made`.
+    pub(crate) fn plan(
+        &self,
+        request: &Spawn,
+        fds: &[OwnedFd],
+        credentials: Option<RunAs>,
+        made: &mut PlanFds,
+    ) -> Result<ChildPlan<'_>, LaunchError> {
+        let limits = &self.limits;
+        check_count("env", request.env.len(), limits.max_env, "max_env")?;
+        let env_bytes: usize = request
+            .env
+            .iter()
+            .map(|(k, v)| k.as_bytes().len() + v.as_ref().map_or(0, |v| v.as_bytes().len()))
+            .sum();
+        check_bytes("env", env_bytes, limits.max_env_bytes, "max_env_bytes")?;
+        let env = self.environment(request)?;
+        let (argv, name, action) = match &request.target {
+            Target::Exec {
+                program,
+                args,
+                arg0,
+            } => {
+                if program.as_bytes().is_empty() {
+                    return Err(invalid("target.program is empty".into()));
+                }
+                check_args(args, limits)?;
+                let mut argv = Vec::with_capacity(args.len() + 1);
+                argv.push(c_string(arg0.as_ref().unwrap_or(program), "target.arg0")?);
+                for (i, arg) in args.iter().enumerate() {
+                    argv.push(c_string(arg, &format!("target.args[{i}]"))?);
+                }
+                let candidates = exec_candidates(program.as_bytes(), env.get(&b"PATH"[..]))?;
+                (argv, None, Action::Exec { candidates })
+            }
+            Target::Worker {
+                name,
+                args,
+                payload,
+            } => {
+                check_args(args, limits)?;
+                let worker = self
+                    .modules
+                    .find(name)
+                    .map_err(|message| LaunchError::new(ErrorKind::UnknownWorker, message))?;
+                let args = utf8_args(args)?;
+                let mut argv = vec![c_string(&name.as_str().into(), "target.name")?];
+                let action = match worker {
+                    WorkerRef::Embedded(worker) => {
+                        let payload = payload.as_ref().map(|value| {
+                            let mut bytes = Vec::new();
+                            rmpv::encode::write_value(&mut bytes, value)
+                                .expect("writing to a Vec cannot fail");
+                            bytes
+                        });
+                        let context = WorkerContext {
+                            target: name.clone(),
+                            args,
+                            payload,
+                            fd_targets: request.fds.iter().map(|m| m.target).collect(),
+                            preloaded: &self.modules.preloaded,
+                        };
+                        Action::Worker { worker, context }
+                    }
+                    WorkerRef::Dylib(entry) => {
+                        if payload.is_some() {
+                            return Err(invalid(format!(
+                                "target.payload: '{name}' is a dynamic module symbol, which takes only args"
+                            )));
+                        }
+                        for (i, arg) in args.iter().enumerate() {
+                            argv.push(c_string(
+                                &arg.as_str().into(),
+                                &format!("target.args[{i}]"),
+                            )?);
+                        }
+                        Action::Dylib { entry }
+                    }
+                };
+                // The kernel keeps 15 bytes of a process name.
+                let comm: Vec<u8> = name.bytes().filter(|&b| b != 0).take(15).collect();
+                let comm = CString::new(comm).expect("NUL bytes were filtered out");
+                (argv, Some(comm), action)
+            }
+        };
+        let envp = env
+            .into_iter()
+            .map(|(mut k, v)| {
+                k.push(b'=');
+                k.extend_from_slice(&v);
+                // Keys and values were checked for NUL in environment() (the
+                // server's own environment cannot contain one).
+                CString::new(k).expect("environment entries have no NUL")
+            })
+            .collect();
+        let cwd = match &request.cwd {
+            Some(dir) => Some(c_string(dir, "cwd")?),
+            None => None,
+        };
+        let fd_moves = self.fd_moves(request, fds, made)?;
+        Ok(ChildPlan {
+            argv: CStringArray::new(argv),
+            envp: CStringArray::new(envp),
+            cwd,
+            fd_moves,
+            new_session: request.new_session,
+            credentials,
+            no_new_privs: request.no_new_privs,
+            die_with_server: request.die_with_server.then(sys::getpid),
+            name,
+            action,
+        })
+    }
+
+    /// The child's environment: the server's (unless cleared) with the
+    /// request's changes.
+    fn environment(&self, request: &Spawn) -> Result<BTreeMap<Vec<u8>, Vec<u8>>, LaunchError> {
+        let mut env = if request.env_clear {
+            BTreeMap::new()
+        } else {
+            self.base_env.clone()
+        };
+        for (key, value) in &request.env {
+            let k = key.as_bytes();
+            if k.is_empty() || k.contains(&b'=') || k.contains(&0) {
+                return Err(invalid(format!(
+                    "env key {key:?} must be non-empty without '=' or NUL bytes"
+                )));
+            }
+            match value {
+                Some(v) if v.as_bytes().contains(&0) => {
+                    return Err(invalid(format!("env value of {key:?} contains a NUL byte")))
+                }
+                Some(v) => env.insert(k.to_vec(), v.as_bytes().to_vec()),
+                None => env.remove(k),
+            };
+        }
+        Ok(env)
+    }
+
+    /// Where each of the child's fds comes from, sorted by target.
+    fn fd_moves(
+        &self,
+        request: &Spawn,
+        fds: &[OwnedFd],
+        made: &mut PlanFds,
+    ) -> Result<Vec<(RawFd, RawFd)>, LaunchError> {
+        let passed = |index: u32, field: &str| -> Result<RawFd, LaunchError> {
+            fds.get(index as usize)
+                .map(|fd| fd.as_raw_fd())
+                .ok_or_else(|| {
+                    invalid(format!(
+                        "{field}: fd index {index} is out of range (the request carried {} fds)",
+                        fds.len()
+                    ))
+                })
+        };
+        let mut moves = Vec::with_capacity(3 + request.fds.len());
+        let stdio = [
+            (&request.stdin, &mut made.client_ends.stdin, "stdin"),
+            (&request.stdout, &mut made.client_ends.stdout, "stdout"),
+            (&request.stderr, &mut made.client_ends.stderr, "stderr"),
+        ];
+        for (target, (spec, client_end, field)) in stdio.into_iter().enumerate() {
+            let source = match spec {
+                StdioSpec::Null => self.dev_null.as_raw_fd(),
+                StdioSpec::Fd { index } => passed(*index, field)?,
+                StdioSpec::Pipe => {
+                    let (read, write) = sys::pipe(false).map_err(|e| {
+                        LaunchError::os(
+                            ErrorKind::Resource,
+                            &format!("creating the {field} pipe"),
+                            e,
+                        )
+                    })?;
+                    let (child_end, ours) = if target == 0 {
+                        (read, write)
+                    } else {
+                        (write, read)
+                    };
+                    let raw = child_end.as_raw_fd();
+                    made.child_pipes.push(child_end);
+                    *client_end = Some(ours);
+                    raw
+                }
+            };
+            moves.push((source, target as RawFd));
+        }
+        for (i, mapping) in request.fds.iter().enumerate() {
+            let field = format!("fds[{i}]");
+            if !(3..=MAX_FD_TARGET).contains(&mapping.target) {
+                return Err(invalid(format!(
+                    "{field}.target is {}; it must be between 3 and {MAX_FD_TARGET} (0-2 are set by stdin, stdout and stderr)",
+                    mapping.target
+                )));
+            }
+            if let Some(j) = request.fds[..i]
+                .iter()
+                .position(|m| m.target == mapping.target)
+            {
+                return Err(invalid(format!(
+                    "{field}.target {} is also fds[{j}].target",
+                    mapping.target
+                )));
+            }
+            moves.push((passed(mapping.index, &field)?, mapping.target));
+        }
+        moves.sort_by_key(|&(_, target)| target);
+        Ok(moves)
+    }
+}
+
+fn invalid(message: String) -> LaunchError {
+    LaunchError::new(ErrorKind::Invalid, message)
+}
+
+fn check_args(args: &[WireStr], limits: &Limits) -> Result<(), LaunchError> {
+    check_count("target.args", args.len(), limits.max_args, "max_args")?;
+    let bytes = args.iter().map(|a| a.as_bytes().len()).sum();
+    check_bytes(
+        "target.args",
+        bytes,
+        limits.max_args_bytes,
+        "max_args_bytes",
+    )
+}
+
+fn check_bytes(field: &str, bytes: usize, limit: u32, name: &str) -> Result<(), LaunchError> {
+    if bytes > limit as usize {
+        return Err(LaunchError::new(
+            ErrorKind::Limit,
+            format!("{field} holds {bytes} bytes; the limit {name} is {limit}"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_count(field: &str, count: usize, limit: u32, name: &str) -> Result<(), LaunchError> {
+    if count > limit as usize {
+        return Err(LaunchError::new(
+            ErrorKind::Limit,
+            format!("{field} has {count} entries; the limit {name} is {limit}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Worker arguments must be UTF-8 (a worker sees `&[String]`).
+fn utf8_args(args: &[WireStr]) -> Result<Vec<String>, LaunchError> {
+    args.iter()
+        .enumerate()
+        .map(|(i, arg)| {
+            String::from_utf8(arg.as_bytes().to_vec())
+                .map_err(|_| invalid(format!("target.args[{i}] is not valid UTF-8")))
+        })
+        .collect()
+}
+
+fn c_string(s: &WireStr, field: &str) -> Result<CString, LaunchError> {
+    CString::new(s.as_bytes()).map_err(|_| invalid(format!("{field} contains a NUL byte")))
+}
+
+/// The paths execve should try for `program`: itself if it contains a `/`,
+/// else `DIR/program` for each entry of the child's `PATH` (an empty entry
+/// meaning the current directory, as execvp has it).
+pub(super) fn exec_candidates(
+    program: &[u8],
+    path: Option<&Vec<u8>>,
+) -> Result<Vec<CString>, LaunchError> {
+    let to_c = |bytes: Vec<u8>| {
+        CString::new(bytes).map_err(|_| invalid("target.program contains a NUL byte".into()))
+    };
+    if program.contains(&b'/') {
+        return Ok(vec![to_c(program.to_vec())?]);
+    }
+    let path = path.map_or(DEFAULT_PATH, |p| p.as_slice());
+    path.split(|&b| b == b':')
+        .map(|dir| {
+            let dir = if dir.is_empty() { b"." as &[u8] } else { dir };
+            let mut full = Vec::with_capacity(dir.len() + 1 + program.len());
+            full.extend_from_slice(dir);
+            full.push(b'/');
+            full.extend_from_slice(program);
+            to_c(full)
+        })
+        .collect()
+}

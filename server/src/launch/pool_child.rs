@@ -1,0 +1,184 @@
+//! A prefork pool child's life, in the child: drop the server's fds, warm
+//! up, say it is ready, wait for one request, and become it.
+//!
+//! Unlike the fork-to-exec path, an idle pool child is a process of its
+//! own: a copy of the single-threaded server, so it may allocate and
+//! decode. It checks the request again as a fresh fork would (who may it
+//! become? USAP's re-check), then runs the ordinary child setup.
+
+use std::convert::Infallible;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::panic::{self, AssertUnwindSafe};
+
+use forkserver_protocol::Spawn;
+use serde::{Deserialize, Serialize};
+
+use super::plan::PlanFds;
+use super::report::{FailedStep, Failure, Reporter};
+use super::setup::{self, close_range};
+use super::Launcher;
+use crate::peer::{child_credentials, Peer};
+
+/// What the server sends a pool child: the request (pipes already replaced
+/// by passed fds) and who asked, for the child's own credential check.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct Assignment {
+    pub(crate) spawn: Spawn,
+    pub(crate) peer: Peer,
+    pub(crate) server_uid: u32,
+}
+
+/// Runs an idle pool child for `worker`, right after `fork()`.
+///
+/// Keeps 0–2 (replaced when the request comes), the control socket, the
+/// report pipe and /dev/null (for `null` stdio), closing every other fd;
+/// maps code in; runs the builder's prewarm (a panic there is ignored) with
+/// signals still blocked; resets signal dispositions; sends one byte
+/// ("ready") on the control socket; then waits for its [`Assignment`]. If
+/// the server closes the control socket first (a flush, or shutdown), the
+/// child exits 0.
+///
+/// # Safety
+/// Call only in a freshly forked child of a single-threaded process, with
+/// `control` and the reporter's pipe open.
+pub(super) unsafe fn run(
+    launcher: &Launcher,
+    worker: &str,
+    control: RawFd,
+    reporter: &Reporter,
+) -> Infallible {
+    // Signals stay blocked (as the server forked) until the warm-up is
+    // over: the server's handlers are still installed, and one would write
+    // into whatever file reuses the number of the server's signal pipe.
+    let mut keep = [control, reporter.fd(), launcher.dev_null.as_raw_fd()];
+    keep.sort_unstable();
+    let mut next = 3;
+    // SAFETY: this child never uses the server's objects owning the closed
+    // fds again: it becomes its request or exits.
+    unsafe {
+        for fd in keep {
+            if fd > next {
+                close_range(next, fd - 1);
+            }
+            next = next.max(fd + 1);
+        }
+        close_range(next, RawFd::MAX);
+    }
+    map_code_in();
+    // Best effort: a failed warm-up leaves a cold child, still usable.
+    let _ = panic::catch_unwind(AssertUnwindSafe(|| launcher.modules.prewarm(worker)));
+    // Default dispositions from here on (what a prewarm installed goes too,
+    // as it would in a forked worker), so the request's path need not reset
+    // them again.
+    // SAFETY: a forked child; the server's handlers are not needed here.
+    unsafe { setup::reset_signals() };
+    // SAFETY: control is ours alone now; the borrow lasts for this function.
+    let socket = unsafe { BorrowedFd::borrow_raw(control) };
+    // Ready: one byte the server reads before choosing a child for a
+    // request (ignored if the server has gone; the recv below sees EOF).
+    let _ = forkserver_protocol::send_datagram(
+        socket,
+        b"r",
+        &[],
+        libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+    );
+    let assignment = match forkserver_protocol::recv_datagram(socket, 1 << 20, 512, 0) {
+        Ok(Some(datagram)) if !datagram.truncated && !datagram.fds_truncated => datagram,
+        // EOF: flushed before use. Anything else: nothing to become.
+        // SAFETY: _exit never returns.
+        _ => unsafe { libc::_exit(0) },
+    };
+    // SAFETY: closing our own socket, never used again.
+    unsafe { libc::close(control) };
+    let failure = become_assigned(launcher, &assignment.bytes, assignment.fds, reporter);
+    reporter.fail(failure)
+}
+
+/// Decodes the assignment, checks it again, plans it like a fresh spawn,
+/// and runs it. Returns only with the failure to report.
+fn become_assigned(
+    launcher: &Launcher,
+    bytes: &[u8],
+    fds: Vec<OwnedFd>,
+    reporter: &Reporter,
+) -> Failure {
+    let setup_failed = |errno| Failure::new(FailedStep::Setup, errno);
+    let Ok(assignment) = forkserver_protocol::decode::<Assignment>(bytes) else {
+        return setup_failed(libc::EPROTO);
+    };
+    let request = assignment.spawn;
+    let Ok(credentials) = child_credentials(
+        &assignment.peer,
+        request.user.as_ref(),
+        assignment.server_uid,
+    ) else {
+        return setup_failed(libc::EPERM);
+    };
+    let mut made = PlanFds::default();
+    match launcher.plan(&request, &fds, credentials, &mut made) {
+        // SAFETY: a forked, single-threaded pool child with the plan's fds
+        // (in `fds`) open, and its signals already reset (above).
+        Ok(plan) => unsafe { setup::run_with_default_signals(plan, reporter) },
+        Err(_) => setup_failed(libc::EINVAL),
+    }
+}
+
+/// Enters into this idle pool child's page tables the code and read-only
+/// data of the file holding the server's code and of the C library. fork
+/// copies no page-table entries for file mappings, so without this each
+/// code page the request's decode, plan and setup run faults on first use
+/// (BENCHMARKS.md has the figures). MADV_POPULATE_READ (Linux 5.14) fills
+/// them now, off the request's path; on older kernels it fails and the
+/// child stays as it was.
+fn map_code_in() {
+    let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else {
+        return;
+    };
+    let mappings: Vec<Mapping<'_>> = maps.lines().filter_map(Mapping::parse).collect();
+    let file_of = |address: usize| {
+        mappings
+            .iter()
+            .find(|m| (m.start..m.end).contains(&address))
+            .map(|m| m.path)
+    };
+    let files = [
+        file_of(map_code_in as *const () as usize),
+        file_of(libc::close as *const () as usize),
+    ];
+    for m in &mappings {
+        if files.contains(&Some(m.path)) && !m.perms.contains('w') {
+            // SAFETY: advice on a range this process has mapped; populating
+            // page-table entries for readable pages changes no contents.
+            unsafe {
+                libc::madvise(
+                    m.start as *mut libc::c_void,
+                    m.end - m.start,
+                    libc::MADV_POPULATE_READ,
+                )
+            };
+        }
+    }
+}
+
+/// One line of /proc/self/maps (proc(5)): `START-END PERMS OFFSET DEV INODE PATH`.
+struct Mapping<'a> {
+    start: usize,
+    end: usize,
+    perms: &'a str,
+    path: &'a str,
+}
+
+impl<'a> Mapping<'a> {
+    fn parse(line: &'a str) -> Option<Mapping<'a>> {
+        let mut fields = line.split_whitespace();
+        let (start, end) = fields.next()?.split_once('-')?;
+        let perms = fields.next()?;
+        let path = fields.nth(3)?;
+        Some(Mapping {
+            start: usize::from_str_radix(start, 16).ok()?,
+            end: usize::from_str_radix(end, 16).ok()?,
+            perms,
+            path,
+        })
+    }
+}

@@ -1,0 +1,325 @@
+//! The child between `fork()` and `execve()` or its worker: [`run`].
+//!
+//! Everything here executes in the new child process, a copy of the
+//! single-threaded server. Its rules, after Rust std's unix process code:
+//! - until the worker's own code starts: no allocation, no locks, no stdio,
+//!   no panics; only async-signal-safe libc calls on data prepared before
+//!   the fork ([`ChildPlan`]). (Allocation would in fact be safe, because
+//!   the thread guard guarantees no other thread held the malloc lock at
+//!   fork, but the setup needs none.)
+//! - never return and never unwind into the server's code: every path ends
+//!   in `execve`, the worker's exit, or [`Reporter::fail`], the one writer
+//!   of the failure record. A worker runs under `catch_unwind`; a panic
+//!   exits 101 (the default hook has printed the message to its stderr).
+//!
+//! The server blocks every signal before forking, so a signal sent to the
+//! child early (say, SIGTERM because its client went away) stays pending
+//! until the child has put every disposition back to the default.
+
+use std::convert::Infallible;
+use std::ffi::CString;
+use std::io::Write;
+use std::os::fd::RawFd;
+use std::panic::{self, AssertUnwindSafe};
+use std::ptr;
+
+use super::plan::{Action, CStringArray, ChildPlan, MAX_MOVES};
+use super::report::{FailedStep, Failure, Reporter};
+use crate::sys::cvt_r;
+
+extern "C" {
+    /// The C library's environment, read by `getenv` (and Rust's `env::var`).
+    static mut environ: *const *const libc::c_char;
+}
+
+/// Runs in the child right after `fork()`: resets signal dispositions,
+/// sets the process up as `plan` says, and execs it or runs its worker.
+/// Never returns; a failed step is reported through `reporter`.
+///
+/// # Safety
+/// Call only in a freshly forked child of a single-threaded process, with
+/// every fd in `plan.fd_moves` and the reporter's pipe open.
+pub(crate) unsafe fn run(plan: ChildPlan<'_>, reporter: &Reporter) -> ! {
+    // 1. Signals: the server installed handlers (through signal-hook) and
+    //    ignores SIGPIPE. execve resets handlers but not SIG_IGN, and a
+    //    handler firing before exec would write into the server's signal
+    //    pipe. Put every disposition back to the default, then unblock the
+    //    mask the server set before forking.
+    // SAFETY: a fresh child, as the caller guarantees.
+    unsafe { reset_signals() };
+    // SAFETY: as above, and the signals are now as the next call needs.
+    unsafe { run_with_default_signals(plan, reporter) }
+}
+
+/// [`run`] from step 2, for a child whose signal dispositions are already
+/// the defaults and whose mask is empty: an idle pool child reset them
+/// before it waited, so the request's path does not repeat it.
+///
+/// # Safety
+/// As [`run`], and the signals must be as said.
+pub(crate) unsafe fn run_with_default_signals(plan: ChildPlan<'_>, reporter: &Reporter) -> ! {
+    // SAFETY: the caller's guarantees are setup's.
+    let Err(failure) = unsafe { setup(plan, reporter) };
+    reporter.fail(failure)
+}
+
+/// Steps 2 to 7. Returns only with the step that failed.
+///
+/// # Safety
+/// As [`run_with_default_signals`].
+unsafe fn setup(mut plan: ChildPlan<'_>, reporter: &Reporter) -> Result<Infallible, Failure> {
+    let check = |rc: libc::c_int, step| {
+        if rc == -1 {
+            Err(Failure::last_os_error(step))
+        } else {
+            Ok(rc)
+        }
+    };
+
+    // 2. A new session, so the child is never in the server's process group
+    //    (and never gets the terminal's job-control signals meant for it).
+    if plan.new_session {
+        // SAFETY: setsid has no memory effects.
+        check(unsafe { libc::setsid() }, FailedStep::Setup)?;
+    }
+
+    // 3. File descriptors. Sources may sit on the very numbers other entries
+    //    want as targets, so first copy every source (and the report pipe)
+    //    above the highest target, then dup2 each copy into place. dup2
+    //    clears close-on-exec on the target; the high copies keep it.
+    let highest_target = plan.fd_moves.last().map_or(2, |&(_, target)| target.max(2));
+    let floor = highest_target + 1;
+    if plan.fd_moves.len() > MAX_MOVES {
+        return Err(Failure::new(FailedStep::Setup, libc::E2BIG));
+    }
+    // SAFETY: F_DUPFD_CLOEXEC duplicates an fd we hold; no memory effects.
+    let moved = unsafe { libc::fcntl(reporter.fd(), libc::F_DUPFD_CLOEXEC, floor) };
+    reporter.moved_to(check(moved, FailedStep::Setup)?);
+    let mut high = [0 as RawFd; MAX_MOVES];
+    for (i, &(source, _)) in plan.fd_moves.iter().enumerate() {
+        // SAFETY: as above; every source is open (the caller guarantees).
+        high[i] = check(
+            unsafe { libc::fcntl(source, libc::F_DUPFD_CLOEXEC, floor) },
+            FailedStep::Setup,
+        )?;
+    }
+    for (i, &(_, target)) in plan.fd_moves.iter().enumerate() {
+        // SAFETY: dup2 between fds; EINTR is retried.
+        cvt_r(|| unsafe { libc::dup2(high[i], target) })
+            .map_err(|_| Failure::last_os_error(FailedStep::Setup))?;
+    }
+
+    // 4. Close every fd the child was not given: the gaps between targets,
+    //    and everything from `floor` up except the report pipe (the high
+    //    copies, the listener, other clients' sockets, the signal pipe,
+    //    epoll...).
+    // SAFETY: this child execs or runs its worker next; the server's
+    // objects owning these fds are never used in it again.
+    unsafe {
+        let mut next = 0;
+        for &(_, target) in &plan.fd_moves {
+            if target > next {
+                close_range(next, target - 1);
+            }
+            next = target + 1;
+        }
+        if next < floor {
+            close_range(next, floor - 1);
+        }
+        if reporter.fd() > floor {
+            close_range(floor, reporter.fd() - 1);
+        }
+        close_range(reporter.fd() + 1, RawFd::MAX);
+    }
+
+    // 5. Credentials, in the only order that works: supplementary groups and
+    //    gid while we still may, uid last; then check the change took.
+    if let Some(user) = &plan.credentials {
+        // SAFETY: the groups slice is valid for its length; the id calls
+        // have no memory effects.
+        unsafe {
+            check(
+                libc::setgroups(user.groups.len(), user.groups.as_ptr()),
+                FailedStep::Setup,
+            )?;
+            check(libc::setgid(user.gid), FailedStep::Setup)?;
+            check(libc::setuid(user.uid), FailedStep::Setup)?;
+        }
+        // SAFETY: these getters cannot fail.
+        let took = unsafe {
+            libc::getuid() == user.uid
+                && libc::geteuid() == user.uid
+                && libc::getgid() == user.gid
+                && libc::getegid() == user.gid
+        };
+        if !took {
+            return Err(Failure::new(FailedStep::Setup, libc::EPERM));
+        }
+    }
+    if plan.no_new_privs {
+        // SAFETY: prctl with integer arguments only.
+        check(
+            unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) },
+            FailedStep::Setup,
+        )?;
+    }
+    // The parent-death signal is cleared by credential changes, so it is set
+    // after them. If the server died before this point, the signal will
+    // never come: getppid() tells.
+    if let Some(server) = plan.die_with_server {
+        // SAFETY: prctl with integer arguments only.
+        check(
+            unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) },
+            FailedStep::Setup,
+        )?;
+        // SAFETY: getppid cannot fail.
+        if unsafe { libc::getppid() } != server {
+            // No one is left to report to; end as the signal would have.
+            // SAFETY: _exit never returns.
+            unsafe { libc::_exit(127) };
+        }
+    }
+
+    // 6. Working directory (after the credential change, so the user's own
+    //    permissions apply).
+    if let Some(cwd) = &plan.cwd {
+        // SAFETY: cwd is NUL-terminated.
+        check(unsafe { libc::chdir(cwd.as_ptr()) }, FailedStep::Chdir)?;
+    }
+
+    // 7. Become the program or the worker.
+    match plan.action {
+        // SAFETY: the strings were built before the fork and live on.
+        Action::Exec { candidates } => Err(unsafe { exec(&candidates, &plan.argv, &plan.envp) }),
+        Action::Worker {
+            worker,
+            mut context,
+        } => {
+            // SAFETY: a single-threaded child; the plan outlives the worker.
+            unsafe { start_worker(plan.name.as_ref(), &plan.envp, reporter) };
+            // From here on the worker's own code runs in a new
+            // single-threaded process; it may allocate, lock, print.
+            let code =
+                panic::catch_unwind(AssertUnwindSafe(|| worker(&mut context))).unwrap_or(101);
+            exit_flushed(code)
+        }
+        Action::Dylib { entry } => {
+            // SAFETY: as above.
+            unsafe { start_worker(plan.name.as_ref(), &plan.envp, reporter) };
+            // The module may permute the argv array (getopt does); it is
+            // this process's own copy.
+            let argc = plan.argv.len() as libc::c_int;
+            // SAFETY: the module's contract: `int SYMBOL(int, char **)`
+            // with a NULL-terminated argv, which CStringArray is.
+            let code = unsafe { entry(argc, plan.argv.as_mut_ptr().cast()) };
+            exit_flushed(code)
+        }
+    }
+}
+
+/// Every disposition back to the default, and an empty signal mask.
+///
+/// # Safety
+/// Only in a forked child: it removes the server's handlers.
+pub(crate) unsafe fn reset_signals() {
+    // SAFETY: sigaction and sigset_t are plain data, filled in here; the
+    // calls change only this process's signal state.
+    unsafe {
+        let mut default: libc::sigaction = std::mem::zeroed();
+        default.sa_sigaction = libc::SIG_DFL;
+        for signal in 1..=libc::SIGRTMAX() {
+            if signal != libc::SIGKILL && signal != libc::SIGSTOP {
+                // Fails only for numbers libc reserves (32, 33); nothing to
+                // reset there.
+                libc::sigaction(signal, &default, ptr::null_mut());
+            }
+        }
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &empty, ptr::null_mut());
+    }
+}
+
+/// Exec, trying each candidate path as execvp does: keep going past "not
+/// here" errors, remember that some candidate was not executable, and stop
+/// at any other error. Returns only with the failure to report.
+///
+/// # Safety
+/// The arrays must be NULL-terminated arrays of NUL-terminated strings.
+unsafe fn exec(candidates: &[CString], argv: &CStringArray, envp: &CStringArray) -> Failure {
+    let mut saw_eacces = false;
+    let mut failure = Failure::new(FailedStep::Exec, libc::ENOENT);
+    for path in candidates {
+        // SAFETY: as the caller guarantees.
+        unsafe { libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
+        failure = Failure::last_os_error(FailedStep::Exec);
+        match failure.errno {
+            libc::EACCES => saw_eacces = true,
+            errno if is_not_found(errno) => {}
+            _ => break,
+        }
+    }
+    // glibc's rule: if some candidate existed but was not executable, and
+    // the search ended on "not found", report EACCES.
+    if saw_eacces && is_not_found(failure.errno) {
+        failure.errno = libc::EACCES;
+    }
+    failure
+}
+
+fn is_not_found(errno: i32) -> bool {
+    matches!(
+        errno,
+        libc::ENOENT | libc::ENOTDIR | libc::ESTALE | libc::ENODEV | libc::ETIMEDOUT
+    )
+}
+
+/// For workers: name the process, install the environment, and close the
+/// report pipe, which tells the server the worker has started.
+///
+/// # Safety
+/// Single-threaded (nothing reads `environ` concurrently), and `envp` must
+/// outlive the process: it ends in `_exit` without dropping the plan.
+unsafe fn start_worker(name: Option<&CString>, envp: &CStringArray, reporter: &Reporter) {
+    if let Some(name) = name {
+        // SAFETY: name is NUL-terminated.
+        unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) };
+    }
+    // SAFETY: as the caller guarantees.
+    unsafe { environ = envp.as_ptr() };
+    reporter.close_as_started();
+}
+
+/// Flushes Rust's and C's buffered stdout (a worker's `println!`/`printf`
+/// output), then exits without running the server's atexit handlers.
+fn exit_flushed(code: i32) -> ! {
+    let _ = std::io::stdout().flush();
+    // SAFETY: fflush(NULL) flushes every C stdio stream; _exit never returns.
+    unsafe {
+        libc::fflush(ptr::null_mut());
+        libc::_exit(code)
+    }
+}
+
+/// close_range(2); falls back to closing one by one up to the fd limit on
+/// kernels older than 5.9.
+///
+/// # Safety
+/// Only in a forked child about to exec or become a worker: nothing that
+/// owns an fd in the range (the server's copies of its `OwnedFd`s) may use
+/// or close it afterwards.
+pub(crate) unsafe fn close_range(first: RawFd, last: RawFd) {
+    // SAFETY: as the caller guarantees; closing has no memory effects.
+    unsafe {
+        let rc = libc::syscall(libc::SYS_close_range, first as u32, last as u32, 0);
+        if rc == -1 {
+            let limit = match libc::sysconf(libc::_SC_OPEN_MAX) {
+                n if n > 0 => n.min(last as libc::c_long + 1) as RawFd,
+                _ => 1024.min(last.saturating_add(1)),
+            };
+            for fd in first..limit {
+                libc::close(fd);
+            }
+        }
+    }
+}

@@ -1,0 +1,180 @@
+//! The ledger, driven without forking: real pipes stand in for report
+//! pipes, /dev/null for pidfds, and made-up pids for children.
+
+use std::os::fd::OwnedFd;
+use std::time::{Duration, Instant};
+
+use forkserver_protocol::{ChildStatus, ErrorKind, Limits, ServerMessage, Spawn, StdioSpec};
+
+use super::*;
+use crate::launch::report::{FailedStep, Failure};
+
+const CONN: ConnId = 1;
+
+fn peer() -> Peer {
+    Peer {
+        pid: 10,
+        uid: 1000,
+        gid: 1000,
+        groups: Vec::new(),
+    }
+}
+
+/// Records a child `pid` for spawn `id`; returns the write end of its
+/// report pipe (the child's).
+fn launch(ledger: &mut Ledger, pid: libc::pid_t, id: u64) -> OwnedFd {
+    let (report, write) = sys::pipe(true).unwrap();
+    let (stdout, _) = sys::pipe(false).unwrap();
+    let mut request = Spawn::exec(id, "prog", Vec::new());
+    request.stdout = StdioSpec::Pipe;
+    let child = Launched {
+        pid,
+        pidfd: std::fs::File::open("/dev/null").unwrap().into(),
+        report,
+        client_ends: ClientEnds {
+            stdout: Some(stdout),
+            ..ClientEnds::default()
+        },
+        pool_control: None,
+    };
+    ledger.launched(CONN, &peer(), &request, child);
+    write
+}
+
+fn kinds(settled: &Settled) -> Vec<&'static str> {
+    settled
+        .replies
+        .iter()
+        .map(|r| match r.message {
+            ServerMessage::Spawned { .. } => "spawned",
+            ServerMessage::SpawnFailed { .. } => "spawn_failed",
+            ServerMessage::Exited { .. } => "exited",
+            _ => "other",
+        })
+        .collect()
+}
+
+const EXITED_0: ChildStatus = ChildStatus::Exited { code: 0 };
+
+#[test]
+fn spawned_comes_before_exited_even_when_the_reaper_is_first() {
+    let mut ledger = Ledger::default();
+    let write = launch(&mut ledger, 100, 1);
+    assert_eq!(ledger.starting(), 1);
+    // The child exec'd (its pipe closed) and exited before the event loop
+    // read the pipe: the reaper runs first.
+    drop(write);
+    let settled = ledger.reaped(100, EXITED_0).unwrap();
+    assert_eq!(kinds(&settled), ["spawned", "exited"]);
+    assert!(
+        settled.report.is_some(),
+        "the pipe is handed back to unwatch"
+    );
+    // Spawned carries the pidfd then the stdout end, indexed.
+    let spawned = &settled.replies[0];
+    assert_eq!(spawned.fds.len(), 2);
+    assert!(matches!(
+        spawned.message,
+        ServerMessage::Spawned {
+            id: 1,
+            pid: 100,
+            pidfd: 0,
+            stdin: None,
+            stdout: Some(1),
+            stderr: None
+        }
+    ));
+    assert_eq!((ledger.len(), ledger.starting()), (0, 0));
+    assert_eq!(ledger.counts(), (1, 0));
+    // The id is free again.
+    assert!(ledger.admit(CONN, 1, &Limits::default()).is_ok());
+}
+
+#[test]
+fn a_reported_start_then_a_reap_give_each_reply_once() {
+    let mut ledger = Ledger::default();
+    let write = launch(&mut ledger, 100, 1);
+    assert!(matches!(
+        report::read_outcome(ledger.report_pipe(100).unwrap()),
+        Outcome::Pending
+    ));
+    assert!(ledger
+        .start_reported(100, Outcome::Pending)
+        .replies
+        .is_empty());
+    drop(write);
+    let settled = ledger.start_reported(100, Outcome::Started);
+    assert_eq!(kinds(&settled), ["spawned"]);
+    assert!(ledger.report_pipe(100).is_none());
+    // A stray second report settles nothing.
+    assert!(ledger
+        .start_reported(100, Outcome::Started)
+        .replies
+        .is_empty());
+    assert_eq!(ledger.pid_of(CONN, 1), Some(100));
+    let settled = ledger.reaped(100, ChildStatus::Exited { code: 3 }).unwrap();
+    assert_eq!(kinds(&settled), ["exited"]);
+    assert!(ledger.reaped(100, EXITED_0).is_none(), "reaped twice");
+    assert!(ledger.reaped(999, EXITED_0).is_none(), "not ours");
+}
+
+#[test]
+fn a_failed_start_gets_spawn_failed_and_no_exited() {
+    let mut ledger = Ledger::default();
+    let _write = launch(&mut ledger, 100, 1);
+    let failure = Failure::new(FailedStep::Exec, libc::ENOENT);
+    let settled = ledger.start_reported(100, Outcome::Failed(failure));
+    assert_eq!(kinds(&settled), ["spawn_failed"]);
+    let ServerMessage::SpawnFailed { kind, errno, .. } = &settled.replies[0].message else {
+        unreachable!()
+    };
+    assert_eq!((*kind, *errno), (ErrorKind::Exec, Some(libc::ENOENT)));
+    assert_eq!(ledger.pid_of(CONN, 1), None, "the id is free at once");
+    let settled = ledger
+        .reaped(100, ChildStatus::Exited { code: 127 })
+        .unwrap();
+    assert!(settled.replies.is_empty());
+    assert_eq!(ledger.counts(), (1, 1));
+}
+
+#[test]
+fn limits_count_live_and_starting_children() {
+    let mut ledger = Ledger::default();
+    let limits = Limits {
+        max_children_per_connection: 3,
+        max_pending_per_connection: 2,
+        ..Limits::default()
+    };
+    let first = launch(&mut ledger, 100, 1);
+    let _second = launch(&mut ledger, 101, 2);
+    let (kind, message) = ledger.admit(CONN, 1, &limits).unwrap_err();
+    assert_eq!(kind, ErrorKind::Invalid, "{message}");
+    let (kind, message) = ledger.admit(CONN, 3, &limits).unwrap_err();
+    assert!(
+        message.contains("max_pending_per_connection"),
+        "{kind:?} {message}"
+    );
+    drop(first);
+    ledger.start_reported(100, Outcome::Started);
+    assert!(ledger.admit(CONN, 3, &limits).is_ok());
+    let _third = launch(&mut ledger, 102, 3);
+    ledger.start_reported(102, Outcome::Started);
+    let (_, message) = ledger.admit(CONN, 4, &limits).unwrap_err();
+    assert!(message.contains("max_children_per_connection"), "{message}");
+}
+
+#[test]
+fn a_closed_connections_children_are_disowned_and_reaped_silently() {
+    let mut ledger = Ledger::default();
+    let write = launch(&mut ledger, 100, 1);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    assert_eq!(ledger.disconnected(CONN, deadline), 1);
+    assert_eq!(ledger.being_killed(), 1);
+    assert_eq!(ledger.next_deadline(), Some(deadline));
+    // Nothing is owed to a connection that is gone, in either order.
+    drop(write);
+    let settled = ledger.reaped(100, EXITED_0).unwrap();
+    assert!(settled.replies.is_empty());
+    assert_eq!((ledger.len(), ledger.being_killed()), (0, 0));
+    assert!(ledger.next_deadline().is_none());
+}

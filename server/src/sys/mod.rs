@@ -1,0 +1,215 @@
+//! The server's OS layer: every raw libc call made outside the after-fork
+//! child code, each behind a small safe wrapper. (The child's calls live in
+//! `launch/setup.rs` and `launch/pool_child.rs`, which run between fork and
+//! exec and keep to async-signal-safe calls.)
+//!
+//! This file holds the error helpers and fds, pipes and sockets;
+//! `process.rs` fork, reaping, pidfds and signals; `memory.rs` mappings
+//! and the dynamic loader.
+//!
+//! One style throughout: a `-1`/errno return goes through [`cvt`] (or
+//! [`cvt_r`], which retries on `EINTR`), and every new descriptor is wrapped
+//! in an [`OwnedFd`] at once, so an early `?` closes it. nix is used where it
+//! fits as it is (epoll in the event loop, user and group lookups).
+
+use std::ffi::CStr;
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::ptr;
+
+mod memory;
+mod process;
+
+pub(crate) use memory::*;
+pub(crate) use process::*;
+
+/// Turns a `-1` return into the thread's `errno` as an `io::Error`.
+pub(crate) fn cvt<T: IsMinusOne>(ret: T) -> io::Result<T> {
+    if ret.is_minus_one() {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// [`cvt`], retrying while the call is interrupted by a signal (EINTR).
+pub(crate) fn cvt_r<T: IsMinusOne>(mut call: impl FnMut() -> T) -> io::Result<T> {
+    loop {
+        match cvt(call()) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            other => return other,
+        }
+    }
+}
+
+pub(crate) trait IsMinusOne {
+    fn is_minus_one(&self) -> bool;
+}
+
+macro_rules! impl_is_minus_one {
+    ($($t:ident)*) => ($(impl IsMinusOne for $t {
+        fn is_minus_one(&self) -> bool {
+            *self == -1
+        }
+    })*)
+}
+
+impl_is_minus_one! { i32 i64 isize }
+
+/// Wraps a descriptor a successful call just returned.
+pub(crate) fn owned(fd: RawFd) -> OwnedFd {
+    // SAFETY: callers pass only a descriptor the kernel has just created
+    // for us, which nothing else owns.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+/// A pipe whose both ends are close-on-exec; `nonblocking_read` makes the
+/// read end non-blocking (for ends the event loop watches).
+pub(crate) fn pipe(nonblocking_read: bool) -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: fds has room for the two descriptors pipe2 writes.
+    cvt(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
+    let (read, write) = (owned(fds[0]), owned(fds[1]));
+    if nonblocking_read {
+        set_nonblocking(read.as_raw_fd())?;
+    }
+    Ok((read, write))
+}
+
+pub(crate) fn set_nonblocking(fd: RawFd) -> io::Result<()> {
+    // SAFETY: F_GETFL/F_SETFL on an fd we own only change its status flags.
+    unsafe {
+        let flags = cvt(libc::fcntl(fd, libc::F_GETFL))?;
+        cvt(libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK))?;
+    }
+    Ok(())
+}
+
+/// Sets close-on-exec and non-blocking on an inherited fd.
+pub(crate) fn set_cloexec_nonblocking(fd: RawFd) -> io::Result<()> {
+    // SAFETY: F_SETFD on an fd we own only changes its fd flags.
+    cvt(unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) })?;
+    set_nonblocking(fd)
+}
+
+/// Opens `path` read-write and close-on-exec.
+pub(crate) fn open_rdwr(path: &CStr) -> io::Result<OwnedFd> {
+    // SAFETY: path is NUL-terminated.
+    let fd = cvt_r(|| unsafe { libc::open(path.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) })?;
+    Ok(owned(fd))
+}
+
+/// read(2), retried on EINTR; `WouldBlock` on an empty non-blocking fd.
+pub(crate) fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: the buffer and its length describe `buf`.
+    let n = cvt_r(|| unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) })?;
+    Ok(n as usize)
+}
+
+/// recv(2) with MSG_DONTWAIT: `WouldBlock` when nothing is queued.
+pub(crate) fn recv_nonblocking(socket: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: the buffer and its length describe `buf`.
+    let n = cvt_r(|| unsafe {
+        libc::recv(
+            socket.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_DONTWAIT,
+        )
+    })?;
+    Ok(n as usize)
+}
+
+/// accept4(2): a new connection, close-on-exec and non-blocking.
+pub(crate) fn accept(listener: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    // SAFETY: null address pointers ask for no peer address.
+    let fd = cvt(unsafe {
+        libc::accept4(
+            listener.as_raw_fd(),
+            ptr::null_mut(),
+            ptr::null_mut(),
+            libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+        )
+    })?;
+    Ok(owned(fd))
+}
+
+/// getsockopt(2) into `value`; returns the length the kernel wrote (or, on
+/// ERANGE, the length it needs).
+fn getsockopt<T>(fd: RawFd, name: libc::c_int, value: &mut [T]) -> (io::Result<()>, usize) {
+    let mut len = std::mem::size_of_val(value) as libc::socklen_t;
+    // SAFETY: the buffer and its length describe `value`.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            name,
+            value.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    (cvt(rc).map(drop), len as usize)
+}
+
+/// `SO_PEERCRED`: the pid, uid and gid of a connected Unix socket's peer
+/// at connect time.
+pub(crate) fn peer_credentials(socket: BorrowedFd<'_>) -> io::Result<(i32, u32, u32)> {
+    // SAFETY: ucred is plain data; all zeroes is a valid value.
+    let mut cred = [unsafe { std::mem::zeroed::<libc::ucred>() }];
+    getsockopt(socket.as_raw_fd(), libc::SO_PEERCRED, &mut cred).0?;
+    Ok((cred[0].pid, cred[0].uid, cred[0].gid))
+}
+
+/// `SO_PEERGROUPS` (Linux 4.13+): the peer's supplementary groups at
+/// connect time.
+pub(crate) fn peer_groups(socket: BorrowedFd<'_>) -> io::Result<Vec<u32>> {
+    let mut groups = vec![0 as libc::gid_t; 64];
+    loop {
+        let (rc, len) = getsockopt(socket.as_raw_fd(), libc::SO_PEERGROUPS, &mut groups);
+        let count = len / std::mem::size_of::<libc::gid_t>();
+        match rc {
+            Ok(()) => {
+                groups.truncate(count);
+                return Ok(groups);
+            }
+            // ERANGE: the kernel wrote the size it needs into `len`.
+            Err(e) if e.raw_os_error() == Some(libc::ERANGE) && count > groups.len() => {
+                groups.resize(count, 0);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// A socket's domain, type, and whether it is listening.
+pub(crate) fn socket_kind(fd: RawFd) -> io::Result<(i32, i32, bool)> {
+    let option = |name| -> io::Result<i32> {
+        let mut value = [0 as libc::c_int];
+        getsockopt(fd, name, &mut value).0?;
+        Ok(value[0])
+    };
+    Ok((
+        option(libc::SO_DOMAIN)?,
+        option(libc::SO_TYPE)?,
+        option(libc::SO_ACCEPTCONN)? != 0,
+    ))
+}
+
+/// The filesystem path a Unix socket is bound to, if any.
+pub(crate) fn socket_path(fd: RawFd) -> Option<std::path::PathBuf> {
+    use std::os::unix::ffi::OsStrExt;
+    // SAFETY: sockaddr_un is plain data; getsockname fills at most `len`.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+    // SAFETY: the buffer and its length describe `addr`.
+    cvt(unsafe { libc::getsockname(fd, (&mut addr as *mut libc::sockaddr_un).cast(), &mut len) })
+        .ok()?;
+    let bytes: Vec<u8> = addr
+        .sun_path
+        .iter()
+        .take_while(|&&c| c != 0)
+        .map(|&c| c as u8)
+        .collect();
+    (!bytes.is_empty()).then(|| std::ffi::OsStr::from_bytes(&bytes).into())
+}
+

@@ -1,0 +1,158 @@
+//! Processes and signals: fork, reaping, pidfds, signal masks, ids.
+
+use std::convert::Infallible;
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::panic::{self, AssertUnwindSafe};
+use std::ptr;
+
+use forkserver_protocol::ChildStatus;
+
+use super::{cvt, cvt_r, owned};
+
+/// fork(2) with an unwind barrier: the child runs `in_child`, which never
+/// returns; should it unwind instead (a panic), the child exits 127 on the
+/// spot rather than unwinding into its copy of the caller's stack (where,
+/// say, dropping the listener would remove the server's socket file). Rust
+/// std aborts after fork for the same reason (`panic::always_abort`, not
+/// yet stable). Returns the child's pid in the parent.
+///
+/// # Safety
+/// The process must be single-threaded (the thread guard), so the child is
+/// a consistent copy; `in_child` must keep to what is safe after fork.
+pub(crate) unsafe fn fork(in_child: impl FnOnce() -> Infallible) -> io::Result<libc::pid_t> {
+    // SAFETY: the caller guarantees a single-threaded process.
+    let pid = cvt(unsafe { libc::fork() })?;
+    if pid == 0 {
+        let _ = panic::catch_unwind(AssertUnwindSafe(in_child));
+        // SAFETY: _exit ends this child without running the parent's
+        // atexit handlers or destructors.
+        unsafe { libc::_exit(127) }
+    }
+    Ok(pid)
+}
+
+/// waitpid(2) for one child, blocking, retried on EINTR.
+pub(crate) fn wait_for(pid: libc::pid_t) -> io::Result<()> {
+    let mut status = 0;
+    // SAFETY: waitpid writes only to `status`.
+    cvt_r(|| unsafe { libc::waitpid(pid, &mut status, 0) })?;
+    Ok(())
+}
+
+/// Kills and reaps a child we will not hand out (its pid is still its own:
+/// it has not been reaped).
+pub(crate) fn kill_and_reap(pid: libc::pid_t) {
+    // SAFETY: kill on our own unreaped child; it cannot be a recycled pid.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let _ = wait_for(pid);
+}
+
+/// One child that has ended, if any: `waitpid(-1, WNOHANG)`. None when all
+/// are still running or there are none (`ECHILD`).
+///
+/// Raw libc rather than nix: nix's `WaitStatus` cannot represent a death by
+/// a real-time signal and would turn that reaped status into an error.
+pub(crate) fn reap_one() -> Option<(libc::pid_t, ChildStatus)> {
+    let mut status = 0;
+    // SAFETY: waitpid writes only to `status`.
+    match cvt_r(|| unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) }) {
+        Ok(0) | Err(_) => None,
+        Ok(pid) if libc::WIFSIGNALED(status) => Some((
+            pid,
+            ChildStatus::Signaled {
+                signal: libc::WTERMSIG(status),
+                core_dumped: libc::WCOREDUMP(status),
+            },
+        )),
+        Ok(pid) => Some((
+            pid,
+            ChildStatus::Exited {
+                code: libc::WEXITSTATUS(status),
+            },
+        )),
+    }
+}
+
+/// pidfd_open(2): an fd that refers to `pid` for as long as it is open, so
+/// signals sent through it can never reach a recycled pid. Close-on-exec.
+/// Must be called before the child is reaped.
+pub(crate) fn pidfd_open(pid: libc::pid_t) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = cvt(unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) })?;
+    Ok(owned(fd as RawFd))
+}
+
+/// pidfd_send_signal(2).
+pub(crate) fn pidfd_send_signal(pidfd: BorrowedFd<'_>, signal: i32) -> io::Result<()> {
+    // SAFETY: a null siginfo asks the kernel to fill in SI_USER details.
+    cvt(unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            signal,
+            ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    })?;
+    Ok(())
+}
+
+/// The current signal mask is replaced by one blocking every signal; the
+/// returned mask restores it. Used around fork so that a signal sent to the
+/// new child before it has reset its handlers stays pending until it has.
+pub(crate) fn block_all_signals() -> io::Result<libc::sigset_t> {
+    // SAFETY: sigset_t is plain data; sigfillset/pthread_sigmask fill them in.
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        let rc = libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+        if rc != 0 {
+            return Err(io::Error::from_raw_os_error(rc));
+        }
+        Ok(old)
+    }
+}
+
+/// Puts back a mask saved by [`block_all_signals`].
+pub(crate) fn restore_signal_mask(mask: &libc::sigset_t) {
+    // SAFETY: mask came from pthread_sigmask, so it is a valid set.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, mask, ptr::null_mut()) };
+}
+
+/// SIGPIPE to SIG_IGN: a client that goes away costs an `EPIPE`, not our
+/// life.
+pub(crate) fn ignore_sigpipe() -> io::Result<()> {
+    // SAFETY: SIG_IGN installs no handler code; the server is
+    // single-threaded, so no one races this.
+    if unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) } == libc::SIG_ERR {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The user id of this process.
+pub(crate) fn getuid() -> u32 {
+    // SAFETY: getuid cannot fail.
+    unsafe { libc::getuid() }
+}
+
+/// The process id of this process.
+pub(crate) fn getpid() -> libc::pid_t {
+    // SAFETY: getpid cannot fail.
+    unsafe { libc::getpid() }
+}
+
+/// Sets the file mode creation mask, returning the old one.
+pub(crate) fn umask(mask: libc::mode_t) -> libc::mode_t {
+    // SAFETY: umask cannot fail; the server is single-threaded, so no other
+    // thread creates files while the mask is changed.
+    unsafe { libc::umask(mask) }
+}
+
+/// Lets other runnable processes on this CPU run before this one goes on.
+pub(crate) fn yield_cpu() {
+    // SAFETY: sched_yield has no preconditions and cannot fail on Linux.
+    unsafe { libc::sched_yield() };
+}
