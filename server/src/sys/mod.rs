@@ -212,4 +212,3 @@ pub(crate) fn socket_path(fd: RawFd) -> Option<std::path::PathBuf> {
         .collect();
     (!bytes.is_empty()).then(|| std::ffi::OsStr::from_bytes(&bytes).into())
 }
-
