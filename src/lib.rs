@@ -19,6 +19,9 @@
 #![deny(missing_docs)]
 
 pub use forkserver_client as client;
+/// `std::process::Command`'s stand-in: `use forkserver::Command;` in place
+/// of `use std::process::Command;` runs the same code through the server.
+pub use forkserver_client::{Child, Command, Stdio};
 pub use forkserver_protocol as protocol;
 pub use forkserver_server as server;
 

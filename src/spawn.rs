@@ -32,10 +32,20 @@ pub(crate) struct SpawnArgs {
     /// Set an environment variable in the child (repeatable).
     #[arg(long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
     env: Vec<(OsString, OsString)>,
-    /// The child's working directory (relative paths are relative to the
-    /// server's working directory).
+    /// The child's working directory (a relative path is relative to this
+    /// command's directory, or to the server's with --server-cwd).
     #[arg(long, value_name = "DIR")]
     cwd: Option<PathBuf>,
+    /// Start from the server's environment (plus --env) instead of this
+    /// command's.
+    #[arg(long)]
+    server_env: bool,
+    /// Start in the server's working directory instead of this command's.
+    #[arg(long)]
+    server_cwd: bool,
+    /// Give the child the server's umask instead of this command's.
+    #[arg(long)]
+    server_umask: bool,
     /// Run this preloaded worker instead of a program: an embedded worker's
     /// name or MODULE:SYMBOL of a dynamic module. What follows `--` are its
     /// arguments.
@@ -202,6 +212,9 @@ fn start(client: &Client, args: &SpawnArgs) -> Result<Child, ClientError> {
         command.user(user.uid, user.gid, &user.groups);
     }
     command
+        .server_env(args.server_env)
+        .server_cwd(args.server_cwd)
+        .server_umask(args.server_umask)
         .die_with_server(args.die_with_server)
         .no_new_privs(args.no_new_privs)
         .detach(args.detach);

@@ -134,7 +134,7 @@ fn the_default_socket_is_under_xdg_runtime_dir() {
 #[test]
 fn log_levels_follow_the_flags() {
     // The test servers run with FORKSERVER_LOG=debug; the flags win.
-    let quiet = Server::start_with(&["-q"]);
+    let quiet = Server::start_with(&["-q", "--limit", "max_args_bytes=32768"]);
     let client = quiet.client();
     client.command("true").status().unwrap();
     let refused = client.command("true").arg("x".repeat(40_000)).spawn();

@@ -30,28 +30,47 @@ fn expect_limit(result: Result<Child, Error>, limit: &str) -> String {
 
 #[test]
 fn argv_and_env_sizes_are_limited_by_name() {
-    let server = Server::start_with(&["--limit", "max_args_bytes=100", "--limit", "max_env=2"]);
+    let server = Server::start_with(&[
+        "--limit",
+        "max_args_bytes=100",
+        "--limit",
+        "max_env=2",
+        "--limit",
+        "max_env_bytes=32768",
+    ]);
     let client = server.client();
     let limits = client.server().limits;
     assert_eq!((limits.max_args_bytes, limits.max_env), (100, 2));
     let message = expect_limit(
-        client.command("echo").arg("x".repeat(101)).spawn(),
+        client
+            .command("echo")
+            .server_env(true)
+            .arg("x".repeat(101))
+            .spawn(),
         "max_args_bytes",
     );
     assert!(message.contains("101 bytes"), "{message}");
+    // With the server's environment only the request's entries count (the
+    // caller's whole environment is sent otherwise).
     expect_limit(
         client
             .command("true")
+            .server_env(true)
             .env("A", "1")
             .env("B", "2")
             .env("C", "3")
             .spawn(),
         "max_env",
     );
-    let big_env = client.command("true").env("A", "v".repeat(40_000)).spawn();
+    let big_env = client
+        .command("true")
+        .server_env(true)
+        .env("A", "v".repeat(40_000))
+        .spawn();
     expect_limit(big_env, "max_env_bytes");
     let output = client
         .command("echo")
+        .server_env(true)
         .arg("x".repeat(100))
         .output()
         .unwrap();

@@ -126,12 +126,14 @@ fn env_and_cwd_are_applied() {
     );
     assert_eq!(String::from_utf8(output.stdout).unwrap(), expected);
 
-    // Without env_clear the server's environment is the base; env_remove
+    // With server_env and without env_clear the server's environment is
+    // the base (the test server runs with FORKSERVER_LOG=debug); env_remove
     // takes a variable out of it.
     let output = server
         .client()
         .command("sh")
         .args(["-c", "echo \"${FORKSERVER_LOG-unset}\""])
+        .server_env(true)
         .output()
         .unwrap();
     assert_eq!(output.stdout, b"debug\n");
@@ -139,6 +141,7 @@ fn env_and_cwd_are_applied() {
         .client()
         .command("sh")
         .args(["-c", "echo \"${FORKSERVER_LOG-unset}\""])
+        .server_env(true)
         .env_remove("FORKSERVER_LOG")
         .output()
         .unwrap();

@@ -4,6 +4,7 @@
 mod util;
 
 mod boot;
+mod caller;
 mod cli;
 mod dylib;
 mod hygiene;

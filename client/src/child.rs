@@ -22,13 +22,14 @@ use crate::Error;
 /// Dropping a `Child` does not kill it; it lives until it exits or the
 /// connection closes (then it is killed unless spawned with
 /// [`Command::detach`](crate::Command::detach)).
+///
+/// As with std's, the pipe ends are plain fields that can be moved out
+/// (`child.stdout.take()`, or `child.stdout.unwrap()` on a `Child` you own).
 #[derive(Debug)]
 pub struct Child {
-    connection: Arc<Connection>,
-    id: u64,
+    exit: ExitWatch,
     pid: u32,
     pidfd: OwnedFd,
-    status: Option<ExitStatus>,
     /// The write end of the child's stdin, if piped.
     pub stdin: Option<ChildStdin>,
     /// The read end of the child's stdout, if piped.
@@ -65,11 +66,13 @@ impl Child {
             stdin: take(stdin, "stdin")?.map(ChildStdin::from),
             stdout: take(stdout, "stdout")?.map(ChildStdout::from),
             stderr: take(stderr, "stderr")?.map(ChildStderr::from),
-            connection,
-            id,
+            exit: ExitWatch {
+                connection,
+                id,
+                status: None,
+            },
             pid,
             pidfd,
-            status: None,
         })
     }
 
@@ -92,7 +95,7 @@ impl Child {
     /// Sends `signal` through the pidfd. Ok if the child has already exited
     /// (there is no process to signal, and no other process can be hit).
     pub fn signal(&mut self, signal: i32) -> io::Result<()> {
-        if self.status.is_some() {
+        if self.exit.status.is_some() {
             return Ok(());
         }
         // SAFETY: a null siginfo asks the kernel to fill in SI_USER details;
@@ -119,19 +122,20 @@ impl Child {
     /// piped), so a child reading it sees EOF instead of both waiting.
     pub fn wait(&mut self) -> Result<ExitStatus, Error> {
         drop(self.stdin.take());
-        if let Some(status) = self.status {
+        if let Some(status) = self.exit.status {
             return Ok(status);
         }
-        self.collect(true)
+        self.exit
+            .collect(true)
             .map(|status| status.expect("a blocking wait yields a status"))
     }
 
     /// The exit status if the child has exited, without waiting.
     pub fn try_wait(&mut self) -> Result<Option<ExitStatus>, Error> {
-        if self.status.is_some() {
-            return Ok(self.status);
+        if self.exit.status.is_some() {
+            return Ok(self.exit.status);
         }
-        self.collect(false)
+        self.exit.collect(false)
     }
 
     /// Closes stdin, reads all of stdout and stderr (those that are piped),
@@ -146,7 +150,20 @@ impl Child {
             stderr,
         })
     }
+}
 
+/// Where a child's exit status comes from: its `Exited` event on the
+/// connection. Dropped before that arrived, it tells the connection to
+/// discard the event (the child itself lives on). A field of its own so
+/// that `Child` has no `Drop` and its pipe ends can be moved out.
+#[derive(Debug)]
+struct ExitWatch {
+    connection: Arc<Connection>,
+    id: u64,
+    status: Option<ExitStatus>,
+}
+
+impl ExitWatch {
     fn collect(&mut self, block: bool) -> Result<Option<ExitStatus>, Error> {
         let exited = self.connection.take(self.id, block, |m| {
             matches!(m, ServerMessage::Exited { .. })
@@ -160,7 +177,7 @@ impl Child {
     }
 }
 
-impl Drop for Child {
+impl Drop for ExitWatch {
     fn drop(&mut self) {
         if self.status.is_none() {
             self.connection.abandon(self.id);

@@ -1,120 +1,95 @@
 //! [`Command`]: a `std::process::Command` whose process the server starts.
 
 use std::ffi::OsStr;
-use std::fs::File;
+use std::fmt;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::process::{ExitStatus, Output};
 use std::sync::Arc;
 
 use forkserver_protocol::{
-    ClientMessage, FdMapping, OnDisconnect, RunAs, ServerMessage, Spawn, StdioSpec, Target, WireStr,
+    ClientMessage, FdMapping, OnDisconnect, RunAs, ServerMessage, Spawn, Target, WireStr,
 };
 
+use crate::caller::Context;
 use crate::child::Child;
 use crate::connection::Connection;
+use crate::stdio::{stdio_spec, Stdio, StdioKind, INHERIT, NULL, PIPED};
 use crate::Error;
 
-/// Where a child's standard stream comes from, as in `std::process::Stdio`.
-#[derive(Debug)]
-pub struct Stdio(StdioKind);
-
-#[derive(Debug)]
-enum StdioKind {
-    Inherit,
-    Null,
-    Piped,
-    Fd(OwnedFd),
-}
-
-// Defaults for streams a command leaves unset.
-static INHERIT: StdioKind = StdioKind::Inherit;
-static NULL: StdioKind = StdioKind::Null;
-static PIPED: StdioKind = StdioKind::Piped;
-
-impl Stdio {
-    /// The calling process's own stream (its fd 0, 1 or 2 is passed to the
-    /// server and installed in the child).
-    pub fn inherit() -> Stdio {
-        Stdio(StdioKind::Inherit)
-    }
-
-    /// `/dev/null`.
-    pub fn null() -> Stdio {
-        Stdio(StdioKind::Null)
-    }
-
-    /// A new pipe; the other end is in [`Child::stdin`] / `stdout` / `stderr`.
-    pub fn piped() -> Stdio {
-        Stdio(StdioKind::Piped)
-    }
-}
-
-impl From<OwnedFd> for Stdio {
-    fn from(fd: OwnedFd) -> Stdio {
-        Stdio(StdioKind::Fd(fd))
-    }
-}
-
-impl From<File> for Stdio {
-    fn from(file: File) -> Stdio {
-        Stdio(StdioKind::Fd(file.into()))
-    }
-}
-
-macro_rules! stdio_from_child_pipe {
-    ($($t:ty)*) => ($(impl From<$t> for Stdio {
-        /// Connects this end of another child's pipe.
-        fn from(pipe: $t) -> Stdio {
-            Stdio(StdioKind::Fd(pipe.into()))
-        }
-    })*)
-}
-
-stdio_from_child_pipe! { std::process::ChildStdin std::process::ChildStdout std::process::ChildStderr }
-
 /// A process to start through a forkserver, built like
-/// `std::process::Command`. Made by [`Client::command`](crate::Client::command).
+/// `std::process::Command`: [`Command::new`] on the process-wide default
+/// connection, or [`Client::command`](crate::Client::command) on a given one.
 ///
-/// By default the child inherits this process's stdin, stdout and stderr,
-/// the server's environment and working directory, starts in a new session,
-/// and is killed if this connection closes first.
-#[derive(Debug)]
+/// The child looks as if this process had started it: it gets this
+/// process's environment (with this command's changes), working directory
+/// and umask, and a program name without a `/` is looked up in the child's
+/// `PATH`. By default it inherits this process's stdin, stdout and stderr,
+/// starts in a new session, and is killed if the connection closes first
+/// (see [`detach`](Command::detach)).
+///
+/// # Differences from `std::process::Command`
+/// - The child is the server's child, not this process's: its parent pid is
+///   the server's, and its exit status arrives from the server.
+/// - It is killed (SIGTERM, then SIGKILL) when its connection closes, which
+///   for [`Command::new`] is when this process exits; std's children
+///   outlive their parent. [`detach`](Command::detach) gives std's
+///   behaviour.
+/// - It starts in a new session unless [`new_session`](Command::new_session)
+///   or [`process_group`](Command::process_group) says otherwise: a child
+///   left in the server's session could get the server's terminal signals.
+/// - There is no `pre_exec`: a closure cannot cross a socket. What a
+///   `pre_exec` hook would do belongs in a preloaded worker (see the
+///   server crate's `Server::builder`).
+/// - [`uid`](Command::uid)/[`gid`](Command::gid) are granted by the server:
+///   a root server may run a root client's child as anyone; anyone else may
+///   name only their own uid and gid.
 pub struct Command {
-    connection: Arc<Connection>,
-    /// The request as built so far; its id, stdio and fd mappings are
-    /// filled in at spawn time, when the fds are at hand.
+    /// None: the process-wide default connection, opened at first use.
+    connection: Option<Arc<Connection>>,
+    /// The request as built so far; its id, stdio, fd mappings and caller
+    /// context are filled in at spawn time.
     request: Spawn,
     stdin: Option<Stdio>,
     stdout: Option<Stdio>,
     stderr: Option<Stdio>,
     fds: Vec<(i32, OwnedFd)>,
-}
-
-impl std::fmt::Debug for Connection {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Connection")
-            .field("server", &self.info)
-            .finish_non_exhaustive()
-    }
+    context: Context,
 }
 
 impl Command {
-    pub(crate) fn new(connection: Arc<Connection>, program: &OsStr) -> Command {
-        Command::with(connection, Spawn::exec(0, program, Vec::new()))
+    /// A command that runs `program` through the forkserver at
+    /// [`default_socket_path`](crate::default_socket_path), connected at
+    /// the first spawn and shared by every such command in this process
+    /// (reconnected if the server went away): a drop-in for
+    /// `std::process::Command::new`.
+    ///
+    /// ```no_run
+    /// use forkserver_client::Command;
+    ///
+    /// let output = Command::new("echo").arg("hello").output()?;
+    /// assert_eq!(output.stdout, b"hello\n");
+    /// # Ok::<(), forkserver_client::Error>(())
+    /// ```
+    pub fn new(program: impl AsRef<OsStr>) -> Command {
+        Command::with(None, Spawn::exec(0, program.as_ref(), Vec::new()))
     }
 
-    pub(crate) fn new_worker(connection: Arc<Connection>, name: &str) -> Command {
+    pub(crate) fn on(connection: Arc<Connection>, program: &OsStr) -> Command {
+        Command::with(Some(connection), Spawn::exec(0, program, Vec::new()))
+    }
+
+    pub(crate) fn worker_on(connection: Arc<Connection>, name: &str) -> Command {
         let mut request = Spawn::exec(0, "", Vec::new());
         request.target = Target::Worker {
             name: name.to_owned(),
             args: Vec::new(),
             payload: None,
         };
-        Command::with(connection, request)
+        Command::with(Some(connection), request)
     }
 
-    fn with(connection: Arc<Connection>, request: Spawn) -> Command {
+    fn with(connection: Option<Arc<Connection>>, request: Spawn) -> Command {
         Command {
             connection,
             request,
@@ -122,6 +97,7 @@ impl Command {
             stdout: None,
             stderr: None,
             fds: Vec::new(),
+            context: Context::default(),
         }
     }
 
@@ -214,9 +190,31 @@ impl Command {
     }
 
     /// Sets the child's working directory. A relative path is relative to
-    /// the server's working directory, not this process's.
+    /// this process's working directory, as with std (to the server's with
+    /// [`server_cwd`](Command::server_cwd)).
     pub fn current_dir(&mut self, dir: impl AsRef<Path>) -> &mut Command {
         self.request.cwd = Some(dir.as_ref().as_os_str().into());
+        self
+    }
+
+    /// Starts the child from the server's environment (plus this command's
+    /// changes) instead of this process's.
+    pub fn server_env(&mut self, on: bool) -> &mut Command {
+        self.context.server_env = on;
+        self
+    }
+
+    /// Starts the child in the server's working directory instead of this
+    /// process's ([`current_dir`](Command::current_dir) is then relative to
+    /// the server's).
+    pub fn server_cwd(&mut self, on: bool) -> &mut Command {
+        self.context.server_cwd = on;
+        self
+    }
+
+    /// Gives the child the server's umask instead of this process's.
+    pub fn server_umask(&mut self, on: bool) -> &mut Command {
+        self.context.server_umask = on;
         self
     }
 
@@ -250,6 +248,16 @@ impl Command {
         self
     }
 
+    /// Puts the child in process group `pgid` (`setpgid`), as std's
+    /// `CommandExt::process_group`: 0 makes a new group led by the child.
+    /// The child then stays in the server's session (no `setsid`), and a
+    /// nonzero `pgid` must be a group in the server's session.
+    pub fn process_group(&mut self, pgid: i32) -> &mut Command {
+        self.request.process_group = Some(pgid);
+        self.request.new_session = false;
+        self
+    }
+
     /// Whether the child keeps running when this connection closes (it is
     /// killed by default).
     pub fn detach(&mut self, on: bool) -> &mut Command {
@@ -275,9 +283,9 @@ impl Command {
         self
     }
 
-    /// Runs the child as another user. The server refuses unless this
-    /// client is root (a root server runs everyone else's children as
-    /// themselves).
+    /// Runs the child as another user, with these supplementary groups.
+    /// The server refuses unless this client is root, or names its own uid
+    /// and gid (a root server runs everyone else's children as themselves).
     pub fn user(&mut self, uid: u32, gid: u32, groups: &[u32]) -> &mut Command {
         self.request.user = Some(RunAs {
             uid,
@@ -285,6 +293,52 @@ impl Command {
             groups: groups.to_vec(),
         });
         self
+    }
+
+    /// Runs the child with user id `uid`, as std's `CommandExt::uid` (the
+    /// gid stays this process's unless [`gid`](Command::gid) is called; no
+    /// supplementary groups, as std drops them). See [`user`](Command::user)
+    /// for who may.
+    pub fn uid(&mut self, uid: u32) -> &mut Command {
+        let gid = self.request.user.as_ref().map_or_else(own_gid, |u| u.gid);
+        self.user(uid, gid, &[])
+    }
+
+    /// Runs the child with group id `gid`, as std's `CommandExt::gid`.
+    pub fn gid(&mut self, gid: u32) -> &mut Command {
+        let uid = self.request.user.as_ref().map_or_else(own_uid, |u| u.uid);
+        self.user(uid, gid, &[])
+    }
+
+    /// The program (a worker's name, for a worker).
+    pub fn get_program(&self) -> &OsStr {
+        match &self.request.target {
+            Target::Exec { program, .. } => program.as_os_str(),
+            Target::Worker { name, .. } => OsStr::new(name.as_str()),
+        }
+    }
+
+    /// The arguments after the program, as std's `get_args`.
+    pub fn get_args(&self) -> impl ExactSizeIterator<Item = &OsStr> {
+        match &self.request.target {
+            Target::Exec { args, .. } | Target::Worker { args, .. } => {
+                args.iter().map(WireStr::as_os_str)
+            }
+        }
+    }
+
+    /// The environment changes this command makes: `Some` sets, `None`
+    /// removes (sorted by key), as std's `get_envs`.
+    pub fn get_envs(&self) -> impl ExactSizeIterator<Item = (&OsStr, Option<&OsStr>)> {
+        self.request
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_os_str(), v.as_ref().map(WireStr::as_os_str)))
+    }
+
+    /// The working directory set with [`current_dir`](Command::current_dir).
+    pub fn get_current_dir(&self) -> Option<&Path> {
+        self.request.cwd.as_ref().map(|c| Path::new(c.as_os_str()))
     }
 
     /// Starts the child and returns once it runs (for a program: once
@@ -310,12 +364,21 @@ impl Command {
         stdin: &'static StdioKind,
         out: &'static StdioKind,
     ) -> Result<Child, Error> {
-        let (mut request, fds) = self.request(stdin, out);
-        let id = self.connection.next_id();
+        self.check_nul()?;
+        let connection = match &self.connection {
+            Some(connection) => connection.clone(),
+            None => crate::default_connection()?,
+        };
+        let (mut request, mut fds) = self.request(stdin, out);
+        let cwd = self.context.apply(&mut request)?;
+        if let Some(dir) = &cwd {
+            fds.push(dir.as_fd());
+            request.cwd_fd = Some((fds.len() - 1) as u32);
+        }
+        let id = connection.next_id();
         request.id = id;
-        self.connection.send(&ClientMessage::Spawn(request), &fds)?;
-        let reply = self
-            .connection
+        connection.send(&ClientMessage::Spawn(request), &fds)?;
+        let reply = connection
             .take(id, true, |m| {
                 matches!(
                     m,
@@ -334,7 +397,7 @@ impl Command {
                 stderr,
                 ..
             } => Child::new(
-                self.connection.clone(),
+                connection,
                 id,
                 pid,
                 reply.fds,
@@ -346,16 +409,43 @@ impl Command {
                 message,
                 ..
             } => Err(Error::SpawnFailed {
-                program: match &self.request.target {
-                    Target::Exec { program, .. } => program.to_string(),
-                    Target::Worker { name, .. } => name.clone(),
-                },
+                program: self.get_program().to_string_lossy().into_owned(),
                 kind,
                 errno,
                 message,
             }),
             ServerMessage::Error { kind, message, .. } => Err(Error::Refused { kind, message }),
             other => Err(Error::Protocol(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// A NUL byte cannot reach `execve`; std refuses it at spawn with
+    /// `InvalidInput`, and so do we, before asking the server.
+    fn check_nul(&self) -> Result<(), Error> {
+        let has_nul = |s: &WireStr| s.as_bytes().contains(&0);
+        let field = match &self.request.target {
+            Target::Exec { program, .. } if has_nul(program) => Some("the program"),
+            Target::Exec {
+                arg0: Some(arg0), ..
+            } if has_nul(arg0) => Some("arg0"),
+            _ if self.get_args().any(|a| a.as_encoded_bytes().contains(&0)) => Some("an argument"),
+            _ if self
+                .request
+                .env
+                .iter()
+                .any(|(k, v)| has_nul(k) || v.as_ref().is_some_and(has_nul)) =>
+            {
+                Some("an environment variable")
+            }
+            _ if self.request.cwd.as_ref().is_some_and(has_nul) => Some("the working directory"),
+            _ => None,
+        };
+        match field {
+            Some(field) => Err(Error::InvalidInput(format!(
+                "nul byte found in provided data: {field} of '{}'",
+                self.get_program().to_string_lossy()
+            ))),
+            None => Ok(()),
         }
     }
 
@@ -384,24 +474,65 @@ impl Command {
     }
 }
 
-/// The protocol's stdio spec for one stream, pushing any fd it passes.
-/// `own` is this process's fd for the stream (0, 1 or 2), passed to inherit.
-fn stdio_spec<'a>(kind: &'a StdioKind, own: i32, fds: &mut Vec<BorrowedFd<'a>>) -> StdioSpec {
-    let fd = match kind {
-        StdioKind::Null => return StdioSpec::Null,
-        StdioKind::Piped => return StdioSpec::Pipe,
-        // SAFETY: fds 0-2 are this process's standard streams, which stay
-        // open for its life (std's own `Stdin::as_fd` borrows fd 0 the same
-        // way); if one was closed, sendmsg fails with EBADF.
-        StdioKind::Inherit => unsafe { BorrowedFd::borrow_raw(own) },
-        StdioKind::Fd(fd) => fd.as_fd(),
-    };
-    fds.push(fd);
-    StdioSpec::Fd {
-        index: (fds.len() - 1) as u32,
+/// Like std's: the command as a shell line, `cd "/p" && FOO="bar" "prog" "1"`
+/// (`{:#?}` shows every field).
+impl fmt::Debug for Command {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if f.alternate() {
+            return f
+                .debug_struct("Command")
+                .field("request", &self.request)
+                .field("stdin", &self.stdin)
+                .field("stdout", &self.stdout)
+                .field("stderr", &self.stderr)
+                .field("context", &self.context)
+                .finish_non_exhaustive();
+        }
+        if let Some(cwd) = self.get_current_dir() {
+            write!(f, "cd {cwd:?} && ")?;
+        }
+        let key = |k: &OsStr| k.to_string_lossy().into_owned();
+        if self.request.env_clear {
+            write!(f, "env -i ")?;
+        } else if self.get_envs().any(|(_, v)| v.is_none()) {
+            write!(f, "env ")?;
+            for (k, _) in self.get_envs().filter(|(_, v)| v.is_none()) {
+                write!(f, "-u {} ", key(k))?;
+            }
+        }
+        for (k, v) in self.get_envs() {
+            if let Some(v) = v {
+                write!(f, "{}={v:?} ", key(k))?;
+            }
+        }
+        match &self.request.target {
+            Target::Exec {
+                program,
+                arg0: Some(arg0),
+                ..
+            } if arg0 != program => {
+                write!(f, "[{:?}] {:?}", program.as_os_str(), arg0.as_os_str())?
+            }
+            Target::Worker { name, .. } => write!(f, "worker {name:?}")?,
+            _ => write!(f, "{:?}", self.get_program())?,
+        }
+        for arg in self.get_args() {
+            write!(f, " {arg:?}")?;
+        }
+        Ok(())
     }
 }
 
 fn kind_or<'a>(stdio: &'a Option<Stdio>, default: &'static StdioKind) -> &'a StdioKind {
     stdio.as_ref().map_or(default, |s| &s.0)
+}
+
+fn own_uid() -> u32 {
+    // SAFETY: getuid cannot fail.
+    unsafe { libc::getuid() }
+}
+
+fn own_gid() -> u32 {
+    // SAFETY: getgid cannot fail.
+    unsafe { libc::getgid() }
 }

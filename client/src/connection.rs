@@ -8,7 +8,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
@@ -60,6 +60,14 @@ pub(crate) struct Connection {
     arrived: Condvar,
 }
 
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("server", &self.info)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Connection {
     pub(crate) fn open(path: &Path, client_name: &str) -> Result<Connection, Error> {
         let socket = connect_seqpacket(path).map_err(|source| Error::Connect {
@@ -73,7 +81,8 @@ impl Connection {
         // A server that refuses us (say, our uid) sends its reason and closes
         // at once, so our hello may meet a closed socket: read the reason
         // before reporting the failed send.
-        match send(socket.as_fd(), &hello, &[]) {
+        let hello = encode(&hello).map_err(|e| Error::Protocol(e.to_string()))?;
+        match send_bytes(socket.as_fd(), &hello, &[]) {
             Ok(()) | Err(Error::Disconnected(_)) => {}
             Err(e) => return Err(e),
         }
@@ -113,12 +122,38 @@ impl Connection {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// Sends `message` with `fds`; one larger than the server's
+    /// `max_message_bytes` goes as a `bulk` file (a memfd).
     pub(crate) fn send(
         &self,
         message: &ClientMessage,
         fds: &[BorrowedFd<'_>],
     ) -> Result<(), Error> {
-        send(self.socket.as_fd(), message, fds)
+        let bytes = encode(message).map_err(|e| Error::Protocol(e.to_string()))?;
+        let limits = &self.info.limits;
+        if bytes.len() <= limits.max_message_bytes as usize {
+            return send_bytes(self.socket.as_fd(), &bytes, fds);
+        }
+        if bytes.len() > limits.max_bulk_bytes as usize {
+            return Err(Error::InvalidInput(format!(
+                "the request holds {} bytes; the server's limit max_bulk_bytes is {}",
+                bytes.len(),
+                limits.max_bulk_bytes
+            )));
+        }
+        let file = bulk_file(&bytes)?;
+        let mut with_file = fds.to_vec();
+        with_file.push(file.as_fd());
+        let bulk = ClientMessage::Bulk {
+            fd: (with_file.len() - 1) as u32,
+        };
+        let envelope = encode(&bulk).map_err(|e| Error::Protocol(e.to_string()))?;
+        send_bytes(self.socket.as_fd(), &envelope, &with_file)
+    }
+
+    /// Whether the connection has failed (every request on it would fail).
+    pub(crate) fn is_broken(&self) -> bool {
+        self.lock().broken.is_some()
     }
 
     /// Takes the first message for `id` that `wanted` accepts. With `block`,
@@ -217,13 +252,21 @@ fn route(state: &mut State, incoming: Incoming) {
     state.inbox.entry(id).or_default().push_back(incoming);
 }
 
-fn send(
-    socket: BorrowedFd<'_>,
-    message: &ClientMessage,
-    fds: &[BorrowedFd<'_>],
-) -> Result<(), Error> {
-    let bytes = encode(message).map_err(|e| Error::Protocol(e.to_string()))?;
-    send_datagram(socket, &bytes, fds, 0).map_err(|e| match e.raw_os_error() {
+/// A memfd holding `bytes`, for a `bulk` message.
+fn bulk_file(bytes: &[u8]) -> Result<OwnedFd, Error> {
+    // SAFETY: a NUL-terminated name and flags; returns a new fd or -1.
+    let fd = unsafe { libc::memfd_create(c"forkserver-request".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd == -1 {
+        return Err(Error::Io(io::Error::last_os_error()));
+    }
+    // SAFETY: memfd_create succeeded, so fd is new and ours alone.
+    let mut file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    io::Write::write_all(&mut file, bytes)?;
+    Ok(file.into())
+}
+
+fn send_bytes(socket: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> Result<(), Error> {
+    send_datagram(socket, bytes, fds, 0).map_err(|e| match e.raw_os_error() {
         Some(libc::EPIPE) | Some(libc::ECONNRESET) => {
             Error::Disconnected("the server closed the connection".into())
         }

@@ -30,6 +30,10 @@ pub enum Error {
         /// The server's explanation.
         message: String,
     },
+    /// The request cannot be sent as it is (a NUL byte in a string, a
+    /// request larger than the server takes); the text names the field.
+    /// Its [`kind`](Error::kind) is `InvalidInput`, as std's.
+    InvalidInput(String),
     /// The child could not be started.
     SpawnFailed {
         /// The program (or target) that was to run.
@@ -55,6 +59,44 @@ impl Error {
     }
 }
 
+impl Error {
+    /// The `std::io::ErrorKind` this error corresponds to: the OS error's
+    /// where there is one (so a missing program is `NotFound`, as with
+    /// std), `InvalidInput` for a request refused as invalid.
+    pub fn kind(&self) -> io::ErrorKind {
+        match self {
+            Error::Connect { source, .. } | Error::Io(source) => source.kind(),
+            Error::InvalidInput(_)
+            | Error::SpawnFailed {
+                kind: ErrorKind::Invalid,
+                ..
+            }
+            | Error::Refused {
+                kind: ErrorKind::Invalid,
+                ..
+            } => io::ErrorKind::InvalidInput,
+            Error::SpawnFailed {
+                errno: Some(errno), ..
+            } => io::Error::from_raw_os_error(*errno).kind(),
+            Error::SpawnFailed {
+                kind: ErrorKind::UnknownWorker,
+                ..
+            } => io::ErrorKind::NotFound,
+            Error::SpawnFailed {
+                kind: ErrorKind::Denied,
+                ..
+            }
+            | Error::Refused {
+                kind: ErrorKind::Denied,
+                ..
+            } => io::ErrorKind::PermissionDenied,
+            Error::Disconnected(_) => io::ErrorKind::BrokenPipe,
+            Error::Protocol(_) => io::ErrorKind::InvalidData,
+            _ => io::ErrorKind::Other,
+        }
+    }
+}
+
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -68,6 +110,7 @@ impl fmt::Display for Error {
             Error::Disconnected(why) => write!(f, "the forkserver closed the connection: {why}"),
             Error::Protocol(why) => write!(f, "unexpected reply from the forkserver: {why}"),
             Error::Refused { message, .. } => write!(f, "the forkserver refused: {message}"),
+            Error::InvalidInput(message) => f.write_str(message),
             Error::SpawnFailed {
                 program,
                 kind: ErrorKind::Exec,
@@ -106,13 +149,7 @@ impl From<Error> for io::Error {
     fn from(e: Error) -> io::Error {
         match e {
             Error::Io(e) => e,
-            other => {
-                let kind = match other.raw_os_error() {
-                    Some(errno) => io::Error::from_raw_os_error(errno).kind(),
-                    None => io::ErrorKind::Other,
-                };
-                io::Error::new(kind, other)
-            }
+            other => io::Error::new(other.kind(), other),
         }
     }
 }

@@ -25,24 +25,42 @@
 //! waited from any thread. Children are killed when their connection closes
 //! (when the last `Client`, `Command` and `Child` sharing it are dropped)
 //! unless spawned with [`Command::detach`].
+//!
+//! A child gets the caller's environment, working directory and umask, as
+//! if the caller had started it (see [`Command`] for the opt-outs and for
+//! what differs from `std::process`). [`Command::new`] works without a
+//! `Client`, on a connection to the default socket shared by the process,
+//! so moving code from std is one line:
+//!
+//! ```no_run
+//! // use std::process::Command;
+//! use forkserver_client::Command;
+//!
+//! let status = Command::new("ls").arg("-l").status()?;
+//! assert!(status.success());
+//! # Ok::<(), std::io::Error>(())
+//! ```
 #![deny(missing_docs)]
 
+mod caller;
 mod child;
 mod command;
 mod connection;
 mod error;
+mod stdio;
 
 use std::ffi::OsStr;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 pub use child::Child;
-pub use command::{Command, Stdio};
+pub use command::Command;
 pub use connection::ServerInfo;
 pub use error::Error;
 pub use forkserver_protocol::{
     default_socket_path, ChildInfo, ErrorKind, ModuleInfo, ModuleKind, StatusReport,
 };
+pub use stdio::Stdio;
 
 use connection::Connection;
 use forkserver_protocol::{ClientMessage, ServerMessage};
@@ -56,11 +74,8 @@ pub struct Client {
 impl Client {
     /// Connects to the server listening on `path` and does the handshake.
     pub fn connect(path: impl AsRef<Path>) -> Result<Client, Error> {
-        let name = std::env::args()
-            .next()
-            .unwrap_or_else(|| "forkserver-client".into());
         Ok(Client {
-            connection: Arc::new(Connection::open(path.as_ref(), &name)?),
+            connection: Arc::new(Connection::open(path.as_ref(), &client_name())?),
         })
     }
 
@@ -77,14 +92,14 @@ impl Client {
     /// A command that runs `program` (looked up in the child's `PATH` if it
     /// has no `/`).
     pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
-        Command::new(self.connection.clone(), program.as_ref())
+        Command::on(self.connection.clone(), program.as_ref())
     }
 
     /// A command that runs a preloaded worker in a forked child of the
     /// server, without exec: an embedded worker by name (see
     /// [`ServerInfo::workers`]), or `MODULE:SYMBOL` of a dynamic module.
     pub fn worker(&self, name: &str) -> Command {
-        Command::new_worker(self.connection.clone(), name)
+        Command::worker_on(self.connection.clone(), name)
     }
 
     /// The server's pid, version, uptime, socket, RSS, modules with their
@@ -130,6 +145,29 @@ impl Client {
             other => Ok(other),
         }
     }
+}
+
+/// This program's name, for the server's logs.
+fn client_name() -> String {
+    std::env::args()
+        .next()
+        .unwrap_or_else(|| "forkserver-client".into())
+}
+
+/// The connection [`Command::new`] uses: opened to [`default_socket_path`]
+/// at first use, shared by the whole process, and opened again if the one
+/// before has broken (the server restarted, say).
+fn default_connection() -> Result<Arc<Connection>, Error> {
+    static DEFAULT: Mutex<Option<Arc<Connection>>> = Mutex::new(None);
+    let mut slot = DEFAULT
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(connection) = slot.as_ref().filter(|c| !c.is_broken()) {
+        return Ok(connection.clone());
+    }
+    let connection = Arc::new(Connection::open(&default_socket_path(), &client_name())?);
+    *slot = Some(connection.clone());
+    Ok(connection)
 }
 
 fn unexpected(wanted: &str, got: ServerMessage) -> Error {

@@ -48,6 +48,15 @@ pub enum ClientMessage {
         /// Echoed in the reply.
         id: u64,
     },
+    /// A message too big for one datagram: the whole message, encoded as
+    /// usual, is the content of a passed regular file (a memfd), the last
+    /// fd attached to this datagram. The message's own fds are the others,
+    /// indexed as if the file were not there. At most
+    /// `limits.max_bulk_bytes`; a `bulk` cannot hold another `bulk`.
+    Bulk {
+        /// The file's index among the attached fds: always the last one.
+        fd: u32,
+    },
     /// Signal live children by pid, or all the peer may touch; answered by
     /// [`ServerMessage::Killed`] or a `denied`/`no_such_child` error. A peer
     /// may signal children started by its own uid; root and the server's
@@ -79,9 +88,23 @@ pub struct Spawn {
     /// removes it. Applied after `env_clear`.
     #[serde(default)]
     pub env: BTreeMap<WireStr, Option<WireStr>>,
-    /// Working directory of the child; the server's if absent.
+    /// Working directory of the child: relative to `cwd_fd` if given, else
+    /// to the server's directory; the server's (or `cwd_fd`) if absent.
     #[serde(default)]
     pub cwd: Option<WireStr>,
+    /// A passed directory fd (by index; `O_PATH` is enough) the child
+    /// changes to (`fchdir`) before `cwd` is applied: how a client gives its
+    /// child its own directory without the server resolving a path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd_fd: Option<u32>,
+    /// The child's file mode creation mask; the server's if absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub umask: Option<u32>,
+    /// Put the child in a process group (`setpgid(0, pgid)`): 0 for a new
+    /// group led by the child. Needs `new_session: false`; a nonzero group
+    /// must be in the server's session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process_group: Option<i32>,
     /// The child's fd 0.
     #[serde(default)]
     pub stdin: StdioSpec,
@@ -145,6 +168,9 @@ impl Spawn {
             env_clear: false,
             env: BTreeMap::new(),
             cwd: None,
+            cwd_fd: None,
+            umask: None,
+            process_group: None,
             stdin: StdioSpec::Null,
             stdout: StdioSpec::Null,
             stderr: StdioSpec::Null,
@@ -507,6 +533,8 @@ pub struct Limits {
     pub max_env: u32,
     /// Most bytes in one spawn's `env` keys and values, all together.
     pub max_env_bytes: u32,
+    /// Largest message sent as a `bulk` file, in bytes.
+    pub max_bulk_bytes: u32,
     /// Most live children one connection may have.
     pub max_children_per_connection: u32,
     /// Most spawns of one connection whose start is not yet reported.
@@ -526,9 +554,10 @@ impl Default for Limits {
             max_message_bytes: 64 * 1024,
             max_fds_per_message: 64,
             max_args: 4096,
-            max_args_bytes: 32 * 1024,
-            max_env: 4096,
-            max_env_bytes: 32 * 1024,
+            max_args_bytes: 2 << 20,
+            max_env: 16384,
+            max_env_bytes: 2 << 20,
+            max_bulk_bytes: 5 << 20,
             max_children_per_connection: 1024,
             max_pending_per_connection: 64,
             max_queued_replies: 4096,
@@ -540,13 +569,14 @@ impl Default for Limits {
 
 impl Limits {
     /// The limits' names, as in `Welcome` and `--limit NAME=VALUE`.
-    pub const NAMES: [&'static str; 11] = [
+    pub const NAMES: [&'static str; 12] = [
         "max_message_bytes",
         "max_fds_per_message",
         "max_args",
         "max_args_bytes",
         "max_env",
         "max_env_bytes",
+        "max_bulk_bytes",
         "max_children_per_connection",
         "max_pending_per_connection",
         "max_queued_replies",
@@ -563,6 +593,7 @@ impl Limits {
             "max_args_bytes" => &mut self.max_args_bytes,
             "max_env" => &mut self.max_env,
             "max_env_bytes" => &mut self.max_env_bytes,
+            "max_bulk_bytes" => &mut self.max_bulk_bytes,
             "max_children_per_connection" => &mut self.max_children_per_connection,
             "max_pending_per_connection" => &mut self.max_pending_per_connection,
             "max_queued_replies" => &mut self.max_queued_replies,

@@ -156,6 +156,29 @@ class Client:
 
     def _send(self, message, fds=()):
         data = msgpack.packb(message, use_bin_type=True)
+        bulk = None
+        if len(data) > self.limits["max_message_bytes"]:
+            # Too big for one datagram: the message goes in a memfd, passed
+            # as the last fd of a small `bulk` message (protocol/README.md).
+            limit = self.limits.get("max_bulk_bytes", 0)
+            if len(data) > limit:
+                raise ValueError(
+                    f"the request holds {len(data)} bytes; the server's limit "
+                    f"max_bulk_bytes is {limit}"
+                )
+            bulk = os.memfd_create("forkserver-request", os.MFD_CLOEXEC)
+            view, written = memoryview(data), 0
+            while written < len(data):
+                written += os.write(bulk, view[written:])
+            fds = [*fds, bulk]
+            data = msgpack.packb({"type": "bulk", "fd": len(fds) - 1}, use_bin_type=True)
+        try:
+            self._send_datagram(data, fds)
+        finally:
+            if bulk is not None:
+                os.close(bulk)
+
+    def _send_datagram(self, data, fds):
         with self._send_lock:
             if fds:
                 socket.send_fds(self._sock, [data], list(fds), socket.MSG_NOSIGNAL)
@@ -261,6 +284,9 @@ class Client:
         detach=False,
         new_session=True,
         die_with_server=False,
+        server_env=False,
+        server_cwd=False,
+        server_umask=False,
     ):
         """Starts a child and returns its :class:`Child`, like
         ``subprocess.Popen``.
@@ -278,10 +304,18 @@ class Client:
         ours, ``PIPE`` a pipe (the :class:`Child` gets our end),
         ``DEVNULL`` /dev/null, an fd or a file object that fd;
         ``stderr=STDOUT`` shares stdout's. ``pass_fds``: fds installed at
-        the same numbers in the child. ``env``: the whole environment when
-        given (or, with ``env_clear=False``, changes to the server's: a None
-        value removes a variable). ``detach``: the child outlives this
+        the same numbers in the child. ``detach``: the child outlives this
         connection (otherwise closing it stops the child).
+
+        The child starts as if this process had started it, as with
+        ``subprocess.Popen``: with ``os.environ`` (or ``env``, the whole
+        environment, when given), in this process's working directory (passed
+        as a directory fd; a relative ``cwd`` is relative to it) and with its
+        umask. With ``env_clear=False``, ``env`` holds changes instead (a
+        None value removes a variable). ``server_env=True`` starts from the
+        server's environment rather than ``os.environ``; ``server_cwd=True`` the server's directory (a relative
+        ``cwd`` is then relative to it); ``server_umask=True`` the server's
+        umask.
         """
         if isinstance(target, (list, tuple)):
             target, args = target[0], [*target[1:], *args]
@@ -343,13 +377,13 @@ class Client:
         message["stdout"] = stdio(stdout, 1, "stdout")
         message["stderr"] = stdio(stderr, 2, "stderr")
         message["fds"] = [{"index": attach(fd), "target": fd} for fd in pass_fds]
-        if env is not None:
-            message["env_clear"] = True if env_clear is None else env_clear
-            message["env"] = {
-                _os_string(k): (None if v is None else _os_string(v)) for k, v in env.items()
-            }
-        elif env_clear:
-            message["env_clear"] = True
+        message.update(_environment(env, env_clear, server_env))
+        if not server_cwd:
+            here = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            keep_open.append(here)
+            message["cwd_fd"] = attach(here)
+        if not server_umask:
+            message["umask"] = _own_umask()
         if cwd is not None:
             message["cwd"] = _os_string(cwd)
         if detach:
@@ -511,3 +545,32 @@ class Child:
     def kill(self):
         self.send_signal(signal.SIGKILL)
 
+
+def _environment(env, env_clear, server_env):
+    """The spawn fields for the child's environment: ``env`` is the whole
+    environment unless ``env_clear`` is False (then it holds changes: None
+    removes a variable) to ``os.environ``, or to the server's with
+    ``server_env``."""
+    whole = env is not None and env_clear is not False
+    changes = {} if whole or env is None else env
+    if server_env and not whole:
+        fields = {"env_clear": bool(env_clear)}
+    else:
+        base = dict(env) if whole else {} if env_clear else dict(os.environ)
+        base.update(changes)
+        changes = {k: v for k, v in base.items() if v is not None}
+        fields = {"env_clear": True}
+    if changes:
+        fields["env"] = {
+            _os_string(k): (None if v is None else _os_string(v)) for k, v in changes.items()
+        }
+    return fields
+
+
+def _own_umask():
+    """This process's umask, read without changing it (Linux 4.7+)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    raise OSError("this kernel does not show the umask; pass server_umask=True")

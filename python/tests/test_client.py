@@ -3,9 +3,11 @@ exceptions, stdio, fds, environment, and errors that leave the server
 serving."""
 
 import errno
+import hashlib
 import os
 import signal
 import subprocess
+import sys
 
 import pytest
 
@@ -234,3 +236,51 @@ def test_a_rust_zygote_s_embedded_worker(tmp_path):
     finally:
         server.terminate()
         server.wait(10)
+
+
+def test_the_child_gets_this_process_s_directory_environment_and_umask(server, tmp_path):
+    """As with subprocess.Popen: the caller's cwd (a relative cwd is relative
+    to it), os.environ, umask and PATH lookup; each opt-out gives the
+    server's (the test server runs in python/tests, without CALLER_ONLY)."""
+    here = tmp_path / "caller"
+    (here / "sub").mkdir(parents=True)
+    (here / "bin").mkdir()
+    only_here = here / "bin" / "only-here"
+    only_here.write_text("#!/bin/sh\necho \"found on the caller's PATH\"\n")
+    only_here.chmod(0o755)
+    script = f"""
+import os, subprocess, sys
+import forkserver
+os.umask(0o027)
+os.environ["CALLER_ONLY"] = "yes"
+os.environ["PATH"] = {str(here / "bin")!r} + ":" + os.environ["PATH"]
+report = 'pwd; echo "${{CALLER_ONLY-unset}}"; umask'
+with forkserver.Client({server.socket!r}) as client:
+    for options in ({{}}, {{"cwd": "sub"}},
+                    {{"server_env": True, "server_cwd": True, "server_umask": True}}):
+        child = client.spawn(["sh", "-c", report], stdout=subprocess.PIPE, **options)
+        print(child.communicate(timeout=10)[0].decode().replace(chr(10), " "))
+    child = client.spawn("only-here", stdout=subprocess.PIPE)
+    print(child.communicate(timeout=10)[0].decode().strip())
+    big = {{f"BIG_{{i:03}}": chr(97 + i % 26) * 4096 for i in range(256)}}
+    child = client.spawn(["sh", "-c", "env | grep ^BIG_ | sort | md5sum"],
+                         env={{**os.environ, **big}}, stdout=subprocess.PIPE)
+    print(child.communicate(timeout=10)[0].decode().split()[0])
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=here, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    # The server inherited this test process's umask.
+    server_umask = forkserver.client._own_umask()
+    expected_big = "".join(
+        f"BIG_{i:03}={chr(97 + i % 26) * 4096}\n" for i in range(256)
+    )
+    lines = result.stdout.splitlines()
+    assert lines == [
+        f"{here} yes 0027 ",
+        f"{here / 'sub'} yes 0027 ",
+        f"{os.path.dirname(os.path.abspath(__file__))} unset {server_umask:04o} ",
+        "found on the caller's PATH",
+        hashlib.md5(expected_big.encode()).hexdigest(),
+    ]

@@ -90,7 +90,8 @@ impl PeerPolicy {
 /// `server_uid`:
 /// - a root server runs a non-root peer's children as that peer (uid, gid,
 ///   supplementary groups): a root daemon never hands root to a user;
-/// - only a root peer may name another user (`requested`);
+/// - only a root peer may name another user (`requested`); anyone may name
+///   their own uid and gid, which changes nothing;
 /// - otherwise the child keeps the server's credentials (None).
 pub(crate) fn child_credentials(
     peer: &Peer,
@@ -99,9 +100,14 @@ pub(crate) fn child_credentials(
 ) -> Result<Option<RunAs>, String> {
     match requested {
         Some(user) if peer.uid == 0 => Ok(Some(user.clone())),
+        // Naming one's own uid and gid (std's `CommandExt::uid(getuid())`)
+        // asks for nothing new: the peer's children run as the peer anyway.
+        Some(user) if user.uid == peer.uid && user.gid == peer.gid => {
+            child_credentials(peer, None, server_uid)
+        }
         Some(user) => Err(format!(
-            "uid {} may not run a child as uid {}: only root may ask for another user",
-            peer.uid, user.uid
+            "uid {} may not run a child as uid {} gid {}: only root may ask for another user or group",
+            peer.uid, user.uid, user.gid
         )),
         None if server_uid == 0 && peer.uid != 0 => Ok(Some(RunAs {
             uid: peer.uid,
@@ -159,6 +165,16 @@ mod tests {
             groups: vec![],
         };
         assert!(child_credentials(&user, Some(&other), 0).is_err());
+        let itself = RunAs {
+            uid: 1000,
+            gid: 100,
+            groups: vec![],
+        };
+        assert_eq!(
+            child_credentials(&user, Some(&itself), 0).unwrap(),
+            child_credentials(&user, None, 0).unwrap()
+        );
+        assert_eq!(child_credentials(&user, Some(&itself), 1000).unwrap(), None);
         assert_eq!(
             child_credentials(&peer(0, 0, &[]), Some(&other), 0).unwrap(),
             Some(other)

@@ -2,10 +2,10 @@
 //! limits), reading requests, sending replies, and closing them.
 
 use std::io;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::time::{Duration, Instant};
 
-use forkserver_protocol::{decode, recv_datagram, ClientMessage, ErrorKind, ServerMessage};
+use forkserver_protocol::{decode, recv_datagram, ClientMessage, ErrorKind, Limits, ServerMessage};
 use nix::sys::epoll::{EpollEvent, EpollFlags};
 
 use super::{conn_token, EventLoop, LISTENER};
@@ -196,6 +196,12 @@ impl EventLoop {
             return true;
         }
         match decode::<ClientMessage>(&datagram.bytes) {
+            Ok(ClientMessage::Bulk { fd }) => match unbulk(fd, datagram.fds, &limits) {
+                Ok((message, fds)) => self.handle(id, message, fds),
+                Err((kind, message)) => {
+                    self.reply(id, request_error(None, kind, message), Vec::new())
+                }
+            },
             Ok(message) => self.handle(id, message, datagram.fds),
             Err(e) => {
                 let error = if conn.greeted {
@@ -266,6 +272,41 @@ impl EventLoop {
             "client '{}' disconnected with {live} live child(ren)",
             conn.client,
         );
+    }
+}
+
+/// The message a `bulk` carries in its last fd, with the other fds.
+fn unbulk(
+    index: u32,
+    mut fds: Vec<OwnedFd>,
+    limits: &Limits,
+) -> Result<(ClientMessage, Vec<OwnedFd>), (ErrorKind, String)> {
+    if fds.is_empty() || index as usize != fds.len() - 1 {
+        return Err((
+            ErrorKind::Protocol,
+            format!(
+                "bulk: fd {index} must be the last of the {} fds attached",
+                fds.len()
+            ),
+        ));
+    }
+    let file = fds.pop().expect("checked non-empty");
+    let bytes =
+        sys::read_regular_file(file.as_fd(), limits.max_bulk_bytes as usize).map_err(|e| {
+            let kind = if e.kind() == io::ErrorKind::InvalidInput {
+                ErrorKind::Limit
+            } else {
+                ErrorKind::Protocol
+            };
+            (kind, format!("bulk: reading the message's file: {e}"))
+        })?;
+    match decode::<ClientMessage>(&bytes) {
+        Ok(ClientMessage::Bulk { .. }) => Err((
+            ErrorKind::Protocol,
+            "bulk: a bulk message cannot hold another".into(),
+        )),
+        Ok(message) => Ok((message, fds)),
+        Err(e) => Err((ErrorKind::Protocol, format!("bulk: {e}"))),
     }
 }
 

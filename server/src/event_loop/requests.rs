@@ -68,6 +68,16 @@ impl EventLoop {
                 Vec::new(),
             ),
             ClientMessage::Spawn(request) => self.spawn(id, request, fds),
+            // Unwrapped by read_one before it gets here; never nested.
+            ClientMessage::Bulk { .. } => self.reply(
+                id,
+                request_error(
+                    None,
+                    ErrorKind::Protocol,
+                    "bulk: a bulk message cannot hold another".into(),
+                ),
+                Vec::new(),
+            ),
             ClientMessage::Signal { id: child, signal } => self.signal(id, child, signal),
             ClientMessage::Status { id: request } => {
                 let report = self.status(request);

@@ -28,6 +28,7 @@ use crate::pool::PoolChild;
 use crate::sys;
 use crate::threads::ForkGuard;
 
+mod fields;
 mod fork;
 mod plan;
 mod pool_child;

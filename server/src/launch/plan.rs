@@ -10,8 +10,11 @@ use std::ffi::{c_char, CString};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::ptr;
 
-use forkserver_protocol::{ErrorKind, Limits, RunAs, Spawn, StdioSpec, Target, WireStr};
+use forkserver_protocol::{ErrorKind, RunAs, Spawn, StdioSpec, Target};
 
+use super::fields::{
+    c_string, check_args, check_bytes, check_count, exec_candidates, invalid, utf8_args,
+};
 use super::{ClientEnds, LaunchError, Launcher};
 use crate::dylib::EntryPoint;
 use crate::modules::WorkerRef;
@@ -25,9 +28,6 @@ const MAX_FD_TARGET: i32 = 65535;
 /// it bounds the stack array the child uses instead of allocating. The
 /// server's `max_fds_per_message` limit is checked against it at start.
 pub(crate) const MAX_MOVES: usize = 256;
-
-/// Used when neither the request's environment nor the server's has `PATH`.
-const DEFAULT_PATH: &[u8] = b"/usr/local/bin:/usr/bin:/bin";
 
 /// NUL-terminated strings and the null-terminated pointer array C wants.
 pub(crate) struct CStringArray {
@@ -79,7 +79,12 @@ pub(crate) struct ChildPlan<'m> {
     pub(crate) argv: CStringArray,
     /// The whole environment, `KEY=VALUE`.
     pub(crate) envp: CStringArray,
+    /// A directory fd to `fchdir` to (before `cwd`, which may be relative).
+    pub(crate) cwd_fd: Option<RawFd>,
     pub(crate) cwd: Option<CString>,
+    pub(crate) umask: Option<libc::mode_t>,
+    /// `setpgid(0, pgid)`.
+    pub(crate) process_group: Option<libc::pid_t>,
     /// `(source, target)`: install the server's fd `source` as `target`.
     /// Sorted by target; targets are distinct.
     pub(crate) fd_moves: Vec<(RawFd, RawFd)>,
@@ -204,11 +209,36 @@ impl Launcher {
             Some(dir) => Some(c_string(dir, "cwd")?),
             None => None,
         };
+        let cwd_fd = match request.cwd_fd {
+            Some(index) => Some(passed(fds, index, "cwd_fd")?),
+            None => None,
+        };
+        let umask = match request.umask {
+            Some(mask) if mask > 0o777 => {
+                return Err(invalid(format!(
+                    "umask {mask:#o} is not a file mode mask (at most 0o777)"
+                )))
+            }
+            mask => mask.map(|m| m as libc::mode_t),
+        };
+        if let Some(pgid) = request.process_group {
+            if request.new_session {
+                return Err(invalid(
+                    "process_group needs new_session: false (a new session is a new process group already)".into(),
+                ));
+            }
+            if pgid < 0 {
+                return Err(invalid(format!("process_group {pgid} is negative")));
+            }
+        }
         let fd_moves = self.fd_moves(request, fds, made)?;
         Ok(ChildPlan {
             argv: CStringArray::new(argv),
             envp: CStringArray::new(envp),
+            cwd_fd,
             cwd,
+            umask,
+            process_group: request.process_group,
             fd_moves,
             new_session: request.new_session,
             credentials,
@@ -252,16 +282,7 @@ impl Launcher {
         fds: &[OwnedFd],
         made: &mut PlanFds,
     ) -> Result<Vec<(RawFd, RawFd)>, LaunchError> {
-        let passed = |index: u32, field: &str| -> Result<RawFd, LaunchError> {
-            fds.get(index as usize)
-                .map(|fd| fd.as_raw_fd())
-                .ok_or_else(|| {
-                    invalid(format!(
-                        "{field}: fd index {index} is out of range (the request carried {} fds)",
-                        fds.len()
-                    ))
-                })
-        };
+        let passed = |index, field: &str| passed(fds, index, field);
         let mut moves = Vec::with_capacity(3 + request.fds.len());
         let stdio = [
             (&request.stdin, &mut made.client_ends.stdin, "stdin"),
@@ -317,78 +338,14 @@ impl Launcher {
     }
 }
 
-fn invalid(message: String) -> LaunchError {
-    LaunchError::new(ErrorKind::Invalid, message)
-}
-
-fn check_args(args: &[WireStr], limits: &Limits) -> Result<(), LaunchError> {
-    check_count("target.args", args.len(), limits.max_args, "max_args")?;
-    let bytes = args.iter().map(|a| a.as_bytes().len()).sum();
-    check_bytes(
-        "target.args",
-        bytes,
-        limits.max_args_bytes,
-        "max_args_bytes",
-    )
-}
-
-fn check_bytes(field: &str, bytes: usize, limit: u32, name: &str) -> Result<(), LaunchError> {
-    if bytes > limit as usize {
-        return Err(LaunchError::new(
-            ErrorKind::Limit,
-            format!("{field} holds {bytes} bytes; the limit {name} is {limit}"),
-        ));
-    }
-    Ok(())
-}
-
-fn check_count(field: &str, count: usize, limit: u32, name: &str) -> Result<(), LaunchError> {
-    if count > limit as usize {
-        return Err(LaunchError::new(
-            ErrorKind::Limit,
-            format!("{field} has {count} entries; the limit {name} is {limit}"),
-        ));
-    }
-    Ok(())
-}
-
-/// Worker arguments must be UTF-8 (a worker sees `&[String]`).
-fn utf8_args(args: &[WireStr]) -> Result<Vec<String>, LaunchError> {
-    args.iter()
-        .enumerate()
-        .map(|(i, arg)| {
-            String::from_utf8(arg.as_bytes().to_vec())
-                .map_err(|_| invalid(format!("target.args[{i}] is not valid UTF-8")))
+/// The passed fd at `index`, for request field `field`.
+fn passed(fds: &[OwnedFd], index: u32, field: &str) -> Result<RawFd, LaunchError> {
+    fds.get(index as usize)
+        .map(|fd| fd.as_raw_fd())
+        .ok_or_else(|| {
+            invalid(format!(
+                "{field}: fd index {index} is out of range (the request carried {} fds)",
+                fds.len()
+            ))
         })
-        .collect()
-}
-
-fn c_string(s: &WireStr, field: &str) -> Result<CString, LaunchError> {
-    CString::new(s.as_bytes()).map_err(|_| invalid(format!("{field} contains a NUL byte")))
-}
-
-/// The paths execve should try for `program`: itself if it contains a `/`,
-/// else `DIR/program` for each entry of the child's `PATH` (an empty entry
-/// meaning the current directory, as execvp has it).
-pub(super) fn exec_candidates(
-    program: &[u8],
-    path: Option<&Vec<u8>>,
-) -> Result<Vec<CString>, LaunchError> {
-    let to_c = |bytes: Vec<u8>| {
-        CString::new(bytes).map_err(|_| invalid("target.program contains a NUL byte".into()))
-    };
-    if program.contains(&b'/') {
-        return Ok(vec![to_c(program.to_vec())?]);
-    }
-    let path = path.map_or(DEFAULT_PATH, |p| p.as_slice());
-    path.split(|&b| b == b':')
-        .map(|dir| {
-            let dir = if dir.is_empty() { b"." as &[u8] } else { dir };
-            let mut full = Vec::with_capacity(dir.len() + 1 + program.len());
-            full.extend_from_slice(dir);
-            full.push(b'/');
-            full.extend_from_slice(program);
-            to_c(full)
-        })
-        .collect()
 }

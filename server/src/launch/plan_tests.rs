@@ -4,7 +4,8 @@ use std::os::fd::AsRawFd;
 
 use forkserver_protocol::{ErrorKind, FdMapping, Limits, Spawn, StdioSpec, Target};
 
-use super::plan::{exec_candidates, Action, PlanFds};
+use super::fields::exec_candidates;
+use super::plan::{Action, PlanFds};
 use super::Launcher;
 use crate::modules::Modules;
 use crate::threads::ForkGuard;

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use super::plan::PlanFds;
 use super::report::{FailedStep, Failure, Reporter};
-use super::setup::{self, close_range};
+use super::setup::{self, close_except};
 use super::Launcher;
 use crate::peer::{child_credentials, Peer};
 
@@ -50,20 +50,9 @@ pub(super) unsafe fn run(
     // Signals stay blocked (as the server forked) until the warm-up is
     // over: the server's handlers are still installed, and one would write
     // into whatever file reuses the number of the server's signal pipe.
-    let mut keep = [control, reporter.fd(), launcher.dev_null.as_raw_fd()];
-    keep.sort_unstable();
-    let mut next = 3;
     // SAFETY: this child never uses the server's objects owning the closed
     // fds again: it becomes its request or exits.
-    unsafe {
-        for fd in keep {
-            if fd > next {
-                close_range(next, fd - 1);
-            }
-            next = next.max(fd + 1);
-        }
-        close_range(next, RawFd::MAX);
-    }
+    unsafe { close_except(3, [control, reporter.fd(), launcher.dev_null.as_raw_fd()]) };
     map_code_in();
     // Best effort: a failed warm-up leaves a cold child, still usable.
     let _ = panic::catch_unwind(AssertUnwindSafe(|| launcher.modules.prewarm(worker)));

@@ -82,11 +82,17 @@ unsafe fn setup(mut plan: ChildPlan<'_>, reporter: &Reporter) -> Result<Infallib
         // SAFETY: setsid has no memory effects.
         check(unsafe { libc::setsid() }, FailedStep::Setup)?;
     }
+    //    Or a process group of the client's choosing (0: a new one).
+    if let Some(pgid) = plan.process_group {
+        // SAFETY: setpgid has no memory effects.
+        check(unsafe { libc::setpgid(0, pgid) }, FailedStep::Setup)?;
+    }
 
     // 3. File descriptors. Sources may sit on the very numbers other entries
-    //    want as targets, so first copy every source (and the report pipe)
-    //    above the highest target, then dup2 each copy into place. dup2
-    //    clears close-on-exec on the target; the high copies keep it.
+    //    want as targets, so first copy every source (and the report pipe,
+    //    and the directory fd) above the highest target, then dup2 each copy
+    //    into place. dup2 clears close-on-exec on the target; the high copies
+    //    keep it.
     let highest_target = plan.fd_moves.last().map_or(2, |&(_, target)| target.max(2));
     let floor = highest_target + 1;
     if plan.fd_moves.len() > MAX_MOVES {
@@ -95,6 +101,14 @@ unsafe fn setup(mut plan: ChildPlan<'_>, reporter: &Reporter) -> Result<Infallib
     // SAFETY: F_DUPFD_CLOEXEC duplicates an fd we hold; no memory effects.
     let moved = unsafe { libc::fcntl(reporter.fd(), libc::F_DUPFD_CLOEXEC, floor) };
     reporter.moved_to(check(moved, FailedStep::Setup)?);
+    let cwd_fd = match plan.cwd_fd {
+        // SAFETY: as above; the directory fd is open (the caller guarantees).
+        Some(fd) => Some(check(
+            unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, floor) },
+            FailedStep::Setup,
+        )?),
+        None => None,
+    };
     let mut high = [0 as RawFd; MAX_MOVES];
     for (i, &(source, _)) in plan.fd_moves.iter().enumerate() {
         // SAFETY: as above; every source is open (the caller guarantees).
@@ -110,9 +124,9 @@ unsafe fn setup(mut plan: ChildPlan<'_>, reporter: &Reporter) -> Result<Infallib
     }
 
     // 4. Close every fd the child was not given: the gaps between targets,
-    //    and everything from `floor` up except the report pipe (the high
-    //    copies, the listener, other clients' sockets, the signal pipe,
-    //    epoll...).
+    //    and everything from `floor` up except the report pipe and the
+    //    directory fd (the high copies, the listener, other clients'
+    //    sockets, the signal pipe, epoll...).
     // SAFETY: this child execs or runs its worker next; the server's
     // objects owning these fds are never used in it again.
     unsafe {
@@ -126,10 +140,7 @@ unsafe fn setup(mut plan: ChildPlan<'_>, reporter: &Reporter) -> Result<Infallib
         if next < floor {
             close_range(next, floor - 1);
         }
-        if reporter.fd() > floor {
-            close_range(floor, reporter.fd() - 1);
-        }
-        close_range(reporter.fd() + 1, RawFd::MAX);
+        close_except(floor, [reporter.fd(), cwd_fd.unwrap_or(-1)]);
     }
 
     // 5. Credentials, in the only order that works: supplementary groups and
@@ -181,10 +192,22 @@ unsafe fn setup(mut plan: ChildPlan<'_>, reporter: &Reporter) -> Result<Infallib
     }
 
     // 6. Working directory (after the credential change, so the user's own
-    //    permissions apply).
+    //    permissions apply): the client's directory fd, then `cwd`, which
+    //    may be relative to it. Then the file mode creation mask.
+    if let Some(fd) = cwd_fd {
+        // SAFETY: fchdir and close on our own fd; no memory effects.
+        unsafe {
+            check(libc::fchdir(fd), FailedStep::Chdir)?;
+            libc::close(fd);
+        }
+    }
     if let Some(cwd) = &plan.cwd {
         // SAFETY: cwd is NUL-terminated.
         check(unsafe { libc::chdir(cwd.as_ptr()) }, FailedStep::Chdir)?;
+    }
+    if let Some(mask) = plan.umask {
+        // SAFETY: umask cannot fail and has no memory effects.
+        unsafe { libc::umask(mask) };
     }
 
     // 7. Become the program or the worker.
@@ -299,6 +322,28 @@ fn exit_flushed(code: i32) -> ! {
         libc::fflush(ptr::null_mut());
         libc::_exit(code)
     }
+}
+
+/// Closes every fd from `from` up except those in `keep` (any order;
+/// numbers below `from` are ignored).
+///
+/// # Safety
+/// As [`close_range`].
+pub(crate) unsafe fn close_except<const N: usize>(from: RawFd, mut keep: [RawFd; N]) {
+    keep.sort_unstable();
+    let mut next = from;
+    for fd in keep {
+        if fd < next {
+            continue;
+        }
+        if fd > next {
+            // SAFETY: as the caller guarantees.
+            unsafe { close_range(next, fd - 1) };
+        }
+        next = fd + 1;
+    }
+    // SAFETY: as the caller guarantees.
+    unsafe { close_range(next, RawFd::MAX) };
 }
 
 /// close_range(2); falls back to closing one by one up to the fd limit on

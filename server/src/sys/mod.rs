@@ -106,6 +106,47 @@ pub(crate) fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
     Ok(n as usize)
 }
 
+/// The whole content of `file`, which must be a regular file (a memfd is
+/// one: reading it cannot block) of at most `max` bytes.
+pub(crate) fn read_regular_file(file: BorrowedFd<'_>, max: usize) -> io::Result<Vec<u8>> {
+    // SAFETY: stat is plain data that fstat fills in.
+    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: the buffer is a stat.
+    cvt(unsafe { libc::fstat(file.as_raw_fd(), &mut stat) })?;
+    if stat.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "it is not a regular file (send a memfd)",
+        ));
+    }
+    let size = stat.st_size.max(0) as usize;
+    if size > max {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("it holds {size} bytes; the limit max_bulk_bytes is {max}"),
+        ));
+    }
+    let mut bytes = vec![0u8; size];
+    let mut done = 0;
+    while done < size {
+        // SAFETY: the buffer from `done` on has `size - done` bytes.
+        let n = cvt_r(|| unsafe {
+            libc::pread(
+                file.as_raw_fd(),
+                bytes[done..].as_mut_ptr().cast(),
+                size - done,
+                done as libc::off_t,
+            )
+        })?;
+        if n == 0 {
+            break;
+        }
+        done += n as usize;
+    }
+    bytes.truncate(done);
+    Ok(bytes)
+}
+
 /// recv(2) with MSG_DONTWAIT: `WouldBlock` when nothing is queued.
 pub(crate) fn recv_nonblocking(socket: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
     // SAFETY: the buffer and its length describe `buf`.
