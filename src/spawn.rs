@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use forkserver::client::{Child, Client, Error as ClientError, ErrorKind};
+use forkserver::client::{Child, Client, Command, Error as ClientError, ErrorKind};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2, SIGWINCH};
 
 use crate::{SocketArg, FAILURE};
@@ -120,23 +120,30 @@ fn parse_seconds(s: &str) -> Result<Duration, String> {
 }
 
 pub(crate) fn run(args: SpawnArgs) -> ExitCode {
-    let outcome = Client::connect(args.socket.path()).and_then(|client| {
-        // Catch the signals to forward before the child exists, so none
-        // sent once it runs can kill this command instead.
-        let forwarder = (!args.detach).then(SignalForwarder::install).transpose()?;
-        let child = start(&client, &args)?;
-        match forwarder {
-            None => {
-                println!("{}", child.id());
-                // Dropping the handle leaves a detached child running.
-                Ok(Outcome::Detached)
-            }
-            Some(forwarder) => supervise(child, &forwarder, args.timeout),
-        }
-    });
+    let outcome = if args.detach {
+        Client::connect(args.socket.path()).and_then(|client| {
+            let child = command(&client, &args).spawn()?;
+            println!("{}", child.id());
+            // Dropping the handle leaves a detached child running.
+            Ok(Outcome::Detached)
+        })
+    } else {
+        // Catch the signals to forward before connecting, so that none
+        // can kill this command while the server is slow to answer.
+        SignalForwarder::install()
+            .map_err(ClientError::from)
+            .and_then(|forwarder| {
+                let timeout = args.timeout;
+                match start(args, &forwarder)? {
+                    Started::Child(child, early) => supervise(child, &forwarder, early, timeout),
+                    Started::Interrupted(signal) => Ok(Outcome::Interrupted(signal)),
+                }
+            })
+    };
     match outcome {
         Ok(Outcome::Detached) => ExitCode::SUCCESS,
         Ok(Outcome::TimedOut) => ExitCode::from(TIMED_OUT),
+        Ok(Outcome::Interrupted(signal)) => ExitCode::from(128u8.wrapping_add(signal as u8)),
         Ok(Outcome::Exited(status)) => match (status.code(), status.signal()) {
             (Some(code), _) => ExitCode::from(code as u8),
             (None, Some(signal)) => ExitCode::from(128u8.wrapping_add(signal as u8)),
@@ -188,9 +195,22 @@ enum Outcome {
     Exited(ExitStatus),
     TimedOut,
     Detached,
+    /// A signal that ends a shell's job (INT, TERM, HUP, QUIT) came before
+    /// the child existed.
+    Interrupted(i32),
 }
 
-fn start(client: &Client, args: &SpawnArgs) -> Result<Child, ClientError> {
+/// How a start ended: the child (with the signals to forward that came
+/// while it started), or a signal that stops us first.
+enum Started {
+    Child(Child, Vec<i32>),
+    Interrupted(i32),
+}
+
+/// Signals after which a shell's job is gone; the others wait for the child.
+const TERMINATING: [i32; 4] = [SIGINT, SIGTERM, SIGHUP, SIGQUIT];
+
+fn command(client: &Client, args: &SpawnArgs) -> Command {
     let mut command = match &args.worker {
         Some(name) => {
             let mut command = client.worker(name);
@@ -218,7 +238,36 @@ fn start(client: &Client, args: &SpawnArgs) -> Result<Child, ClientError> {
         .die_with_server(args.die_with_server)
         .no_new_privs(args.no_new_privs)
         .detach(args.detach);
-    command.spawn()
+    command
+}
+
+/// Connects and starts the child on a helper thread while this one
+/// watches for signals: a terminating signal that comes before the child
+/// exists ends this command at once (and the server kills the child if it
+/// started meanwhile: our connection closes). Others are kept for the child.
+fn start(args: SpawnArgs, forwarder: &SignalForwarder) -> Result<Started, ClientError> {
+    let (done, started) = UnixStream::pair()?;
+    let starter = std::thread::spawn(move || {
+        let child =
+            Client::connect(args.socket.path()).and_then(|client| command(&client, &args).spawn());
+        // Wakes the poll below; the result waits in the join handle.
+        let _ = io::Write::write(&mut &done, &[1]);
+        child
+    });
+    let mut early = Vec::new();
+    loop {
+        if poll_readable(&[started.as_fd(), forwarder.pipe.as_fd()], None)?[0] {
+            let child = starter.join().expect("spawning does not panic")?;
+            early.extend(forwarder.take());
+            return Ok(Started::Child(child, early));
+        }
+        for signal in forwarder.take() {
+            if TERMINATING.contains(&signal) {
+                return Ok(Started::Interrupted(signal));
+            }
+            early.push(signal);
+        }
+    }
 }
 
 /// Waits for the child, forwarding signals to it through its pidfd and
@@ -226,11 +275,15 @@ fn start(client: &Client, args: &SpawnArgs) -> Result<Child, ClientError> {
 fn supervise(
     mut child: Child,
     forwarder: &SignalForwarder,
+    early: Vec<i32>,
     timeout: Option<Duration>,
 ) -> Result<Outcome, ClientError> {
     let deadline = timeout.map(|t| Instant::now() + t);
+    // Signals that came while the child was starting are forwarded too.
+    for signal in early {
+        child.signal(signal)?;
+    }
     loop {
-        // Signals that came while the child was starting are forwarded too.
         for signal in forwarder.take() {
             child.signal(signal)?;
         }

@@ -12,6 +12,7 @@ mod lifecycle;
 mod pool;
 mod protocol;
 mod python;
+mod replies;
 mod robustness;
 mod security;
 mod soak;

@@ -395,6 +395,20 @@ pub fn threads_of(pid: u32) -> u32 {
         .unwrap()
 }
 
+/// The names (`comm`) of `pid`'s threads. A thread named by std's
+/// `Builder::name` names itself once it runs, so it may show its process's
+/// name for a moment.
+pub fn thread_names(pid: u32) -> Vec<String> {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| fs::read_to_string(t.path().join("comm")).ok())
+        .map(|name| name.trim_end().to_owned())
+        .collect()
+}
+
 /// True while `pid` exists and is not a zombie.
 pub fn is_running(pid: u32) -> bool {
     matches!(state_of(pid), Some(state) if state != 'Z')

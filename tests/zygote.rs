@@ -8,7 +8,9 @@ use std::process::Command;
 use forkserver::client::{Error, ErrorKind, Stdio};
 use serde::Serialize;
 
-use crate::util::{example, failed_start, fds_of, rss_and_pss_kb, threads_of, wait_until, Server};
+use crate::util::{
+    example, failed_start, fds_of, rss_and_pss_kb, thread_names, threads_of, wait_until, Server,
+};
 
 fn zygote(env: &[(&str, &str)]) -> Server {
     Server::launch(&example("test_zygote"), &[], env)
@@ -330,7 +332,11 @@ fn a_server_that_became_multithreaded_refuses_to_fork() {
     let client = server.client();
     assert_eq!(client.worker("answer").output().unwrap().stdout, b"42\n");
     server.signal(libc::SIGUSR2);
-    wait_until("the late thread exists", || threads_of(server.pid()) == 2);
+    wait_until("the late thread exists and has named itself", || {
+        thread_names(server.pid())
+            .iter()
+            .any(|n| n == "late-thread")
+    });
     match client.worker("answer").spawn() {
         Err(Error::SpawnFailed {
             kind: ErrorKind::Threads,
@@ -397,7 +403,12 @@ fn dormant_threads_are_tolerated_until_one_runs_or_a_new_one_starts() {
     let client = server.client();
     assert_eq!(client.worker("answer").output().unwrap().stdout, b"42\n");
     server.signal(libc::SIGUSR2);
-    wait_until("the late thread exists", || threads_of(server.pid()) == 3);
+    // Its name, not just its existence: the guard's message names it.
+    wait_until("the late thread exists and has named itself", || {
+        thread_names(server.pid())
+            .iter()
+            .any(|n| n == "late-thread")
+    });
     let message = refusal(&client);
     assert!(
         message.contains("'late-thread' started after the preloads"),

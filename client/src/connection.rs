@@ -87,8 +87,12 @@ impl Connection {
             Err(e) => return Err(e),
         }
         // The server's limits are not known yet; a Welcome is small.
-        let welcome = receive_after_reset(socket.as_fd(), &Limits::default())?
-            .ok_or_else(|| Error::Disconnected("closed before answering hello".into()))?;
+        let welcome =
+            receive_after_reset(socket.as_fd(), &Limits::default())?.ok_or_else(|| {
+                Error::Disconnected(
+                    "the server closed the connection before answering hello".into(),
+                )
+            })?;
         let info = match welcome.message {
             ServerMessage::Welcome {
                 server_version,
@@ -236,7 +240,7 @@ fn route(state: &mut State, incoming: Incoming) {
             fatal: true,
             ..
         } => {
-            state.broken = Some(message.clone());
+            state.broken = Some(format!("the server closed the connection: {message}"));
             return;
         }
         // A non-fatal error about no request in particular, or a message

@@ -107,9 +107,9 @@ impl fmt::Display for Error {
                 path.display()
             ),
             Error::Io(e) => write!(f, "talking to the forkserver: {e}"),
-            Error::Disconnected(why) => write!(f, "the forkserver closed the connection: {why}"),
+            Error::Disconnected(why) => f.write_str(why),
             Error::Protocol(why) => write!(f, "unexpected reply from the forkserver: {why}"),
-            Error::Refused { message, .. } => write!(f, "the forkserver refused: {message}"),
+            Error::Refused { message, .. } => write!(f, "the server refused: {message}"),
             Error::InvalidInput(message) => f.write_str(message),
             Error::SpawnFailed {
                 program,

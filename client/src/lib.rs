@@ -112,12 +112,21 @@ impl Client {
     }
 
     /// The server's live children this client may see: all of them for root
-    /// and the server's own uid, else those its uid started.
+    /// and the server's own uid, else those its uid started. (The server
+    /// sends a long list in pages; this reads them all.)
     pub fn list(&self) -> Result<Vec<ChildInfo>, Error> {
-        match self.call(|id| ClientMessage::List { id })? {
-            ServerMessage::Children { children, .. } => Ok(children),
-            other => Err(unexpected("children", other)),
-        }
+        let mut all = Vec::new();
+        self.call_pages(
+            |id| ClientMessage::List { id },
+            |reply| match reply {
+                ServerMessage::Children { children, more, .. } => {
+                    all.extend(children);
+                    Ok(more)
+                }
+                other => Err(unexpected("children", other)),
+            },
+        )?;
+        Ok(all)
     }
 
     /// Sends `signal` to the child with `pid`, or to every child this client
@@ -125,10 +134,31 @@ impl Client {
     /// A child started by another uid is refused (`denied`) unless this
     /// client is root or the server's own uid.
     pub fn kill(&self, pid: Option<u32>, signal: i32) -> Result<Vec<u32>, Error> {
-        match self.call(|id| ClientMessage::Kill { id, pid, signal })? {
-            ServerMessage::Killed { pids, .. } => Ok(pids),
-            other => Err(unexpected("killed", other)),
-        }
+        let mut all = Vec::new();
+        self.call_pages(
+            |id| ClientMessage::Kill { id, pid, signal },
+            |reply| match reply {
+                ServerMessage::Killed { pids, more, .. } => {
+                    all.extend(pids);
+                    Ok(more)
+                }
+                other => Err(unexpected("killed", other)),
+            },
+        )?;
+        Ok(all)
+    }
+
+    /// Sends a request whose answer comes in pages and hands each page to
+    /// `page`, which says whether more follow.
+    fn call_pages(
+        &self,
+        request: impl FnOnce(u64) -> ClientMessage,
+        mut page: impl FnMut(ServerMessage) -> Result<bool, Error>,
+    ) -> Result<(), Error> {
+        let id = self.connection.next_id();
+        self.connection.send(&request(id), &[])?;
+        while page(self.reply(id)?)? {}
+        Ok(())
     }
 
     /// Sends a request made with a fresh id and waits for its reply; an
@@ -136,6 +166,12 @@ impl Client {
     fn call(&self, request: impl FnOnce(u64) -> ClientMessage) -> Result<ServerMessage, Error> {
         let id = self.connection.next_id();
         self.connection.send(&request(id), &[])?;
+        self.reply(id)
+    }
+
+    /// The next reply to request `id`; an error reply becomes
+    /// `Error::Refused`.
+    fn reply(&self, id: u64) -> Result<ServerMessage, Error> {
         let reply = self
             .connection
             .take(id, true, |_| true)?

@@ -49,16 +49,63 @@ pub fn encode<T: serde::Serialize>(message: &T) -> Result<Vec<u8>, CodecError> {
     rmp_serde::to_vec_named(message).map_err(|e| CodecError(e.to_string()))
 }
 
-/// How deeply MessagePack values may nest in a message (payloads included).
-/// Messages themselves nest four levels; the bound keeps a hostile message of
-/// nested arrays from overflowing the decoder's stack.
+/// How deeply MessagePack arrays and maps may nest in a message, the
+/// message's own map counted as the first level (a `payload` included).
+/// Messages themselves nest four levels; the bound keeps a hostile message
+/// of nested arrays from overflowing the decoder's stack.
 pub const MAX_NESTING: usize = 64;
 
-/// Decodes one message from a datagram's bytes.
-pub fn decode<'a, T: serde::Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, CodecError> {
-    let mut decoder = rmp_serde::Deserializer::from_read_ref(bytes);
-    decoder.set_max_depth(MAX_NESTING);
-    T::deserialize(&mut decoder).map_err(|e| CodecError(e.to_string()))
+/// Decodes one message from a datagram's bytes, which must hold exactly one
+/// MessagePack value: trailing bytes are an error.
+pub fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
+    let mut decoder = rmp_serde::Deserializer::new(std::io::Cursor::new(bytes));
+    // rmp-serde refuses a container once its depth budget is used up, so a
+    // budget of n admits n - 1 levels.
+    decoder.set_max_depth(MAX_NESTING + 1);
+    let message = T::deserialize(&mut decoder).map_err(|e| CodecError(e.to_string()))?;
+    let used = decoder.position() as usize;
+    if used != bytes.len() {
+        return Err(CodecError(format!(
+            "{} bytes follow the message's {used}",
+            bytes.len() - used
+        )));
+    }
+    Ok(message)
+}
+
+/// The `id` of a message that did not decode (an unknown `type`, a bad
+/// field) or arrived cut short, if its map holds one ahead of the damage,
+/// so that the error about it can name the request. Clients put `id` right
+/// after `type` (protocol/README.md).
+pub fn peek_id(bytes: &[u8]) -> Option<u64> {
+    let mut rest = bytes;
+    let len = map_len(&mut rest)?;
+    for _ in 0..len.min(16) {
+        let key = rmpv::decode::read_value_with_max_depth(&mut rest, MAX_NESTING).ok()?;
+        if key.as_str() == Some("id") {
+            return rmpv::decode::read_value_with_max_depth(&mut rest, MAX_NESTING)
+                .ok()?
+                .as_u64();
+        }
+        rmpv::decode::read_value_with_max_depth(&mut rest, MAX_NESTING).ok()?;
+    }
+    None
+}
+
+/// The length of the map a MessagePack value starts with.
+fn map_len(rest: &mut &[u8]) -> Option<u32> {
+    let (&marker, tail) = rest.split_first()?;
+    let (len, used) = match marker {
+        0x80..=0x8f => (u32::from(marker & 0x0f), 0),
+        0xde => (
+            u32::from(u16::from_be_bytes(tail.get(..2)?.try_into().ok()?)),
+            2,
+        ),
+        0xdf => (u32::from_be_bytes(tail.get(..4)?.try_into().ok()?), 4),
+        _ => return None,
+    };
+    *rest = &tail[used..];
+    Some(len)
 }
 
 /// A message that could not be encoded or decoded; the text says why.
@@ -98,6 +145,77 @@ mod tests {
             documented,
             "README hex dump is stale; now:\n{}",
             hex_dump(&bytes)
+        );
+    }
+
+    /// `n` arrays, each holding the next, the innermost empty.
+    fn nested(n: usize) -> Vec<u8> {
+        let mut bytes = vec![0x91; n - 1];
+        bytes.push(0x90);
+        bytes
+    }
+
+    #[test]
+    fn nesting_is_bounded_at_exactly_max_nesting_levels() {
+        assert!(decode::<rmpv::Value>(&nested(MAX_NESTING)).is_ok());
+        let err = decode::<rmpv::Value>(&nested(MAX_NESTING + 1)).unwrap_err();
+        assert!(err.to_string().contains("depth"), "{err}");
+    }
+
+    #[test]
+    fn trailing_bytes_after_a_message_are_an_error() {
+        let mut bytes = encode(&ClientMessage::Status { id: 3 }).unwrap();
+        assert!(decode::<ClientMessage>(&bytes).is_ok());
+        bytes.push(0xc0);
+        let err = decode::<ClientMessage>(&bytes).unwrap_err();
+        assert!(err.to_string().contains("1 bytes follow"), "{err}");
+    }
+
+    #[test]
+    fn the_id_of_a_damaged_message_can_be_read() {
+        // An unknown type, a bad enum value, a message cut short: the id
+        // that comes before the damage is found.
+        let unknown = encode(&rmpv::Value::Map(vec![
+            ("type".into(), "frobnicate".into()),
+            ("id".into(), 42.into()),
+        ]))
+        .unwrap();
+        assert!(decode::<ClientMessage>(&unknown).is_err());
+        assert_eq!(peek_id(&unknown), Some(42));
+        let spawn = encode(&ClientMessage::Spawn(Spawn::exec(
+            7,
+            "x".repeat(1000),
+            vec![],
+        )))
+        .unwrap();
+        assert_eq!(peek_id(&spawn[..40]), Some(7));
+        assert_eq!(peek_id(&[0xc1]), None);
+        assert_eq!(
+            peek_id(
+                &encode(&ClientMessage::Hello {
+                    protocol: 1,
+                    client: String::new()
+                })
+                .unwrap()
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn hello_may_say_nil_for_its_client() {
+        let hello = encode(&rmpv::Value::Map(vec![
+            ("type".into(), "hello".into()),
+            ("protocol".into(), 1.into()),
+            ("client".into(), rmpv::Value::Nil),
+        ]))
+        .unwrap();
+        assert_eq!(
+            decode::<ClientMessage>(&hello).unwrap(),
+            ClientMessage::Hello {
+                protocol: 1,
+                client: String::new()
+            }
         );
     }
 

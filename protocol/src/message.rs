@@ -22,8 +22,8 @@ pub enum ClientMessage {
     Hello {
         /// The protocol version the client speaks ([`crate::PROTOCOL_VERSION`]).
         protocol: u32,
-        /// A free-form name of the client, for logs.
-        #[serde(default)]
+        /// A free-form name of the client, for logs; absent or nil: `""`.
+        #[serde(default, deserialize_with = "nil_as_default")]
         client: String,
     },
     /// Start a child; answered by [`ServerMessage::Spawned`] or
@@ -154,6 +154,16 @@ fn default_true() -> bool {
     true
 }
 
+/// Reads nil as the type's default (the documented meaning of nil for an
+/// optional field).
+fn nil_as_default<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(deserializer)?.unwrap_or_default())
+}
+
 impl Spawn {
     /// A request to exec `program` with `args` (not including argv\[0\]) and
     /// every other option at its default.
@@ -272,6 +282,11 @@ pub enum ServerMessage {
         workers: Vec<String>,
         /// The limits this server enforces.
         limits: Limits,
+        /// `modules` or `workers` were cut short to keep `welcome` within
+        /// 65536 bytes (the size a client can read before it knows the
+        /// limits); `status` has them all.
+        #[serde(default)]
+        truncated: bool,
     },
     /// The child started: for an exec target, `execve` succeeded.
     /// Attached fds, by the indexes named here: the child's pidfd, then the
@@ -327,15 +342,21 @@ pub enum ServerMessage {
     Children {
         /// The list request's id.
         id: u64,
-        /// The live children the peer may see.
+        /// The live children the peer may see: one page of them.
         children: Vec<ChildInfo>,
+        /// More pages follow, with the same id; the last page says false.
+        #[serde(default)]
+        more: bool,
     },
     /// The answer to `Kill`: the pids signalled.
     Killed {
         /// The kill request's id.
         id: u64,
-        /// Pids that were sent the signal.
+        /// Pids that were sent the signal: one page of them.
         pids: Vec<u32>,
+        /// More pages follow, with the same id; the last page says false.
+        #[serde(default)]
+        more: bool,
     },
     /// A request, or the connection, failed.
     Error {
@@ -409,6 +430,10 @@ pub struct StatusReport {
     /// The prefork pools.
     #[serde(default)]
     pub pools: Vec<PoolInfo>,
+    /// `modules`, `workers` or `pools` were cut short to keep the reply
+    /// within `max_message_bytes`.
+    #[serde(default)]
+    pub truncated: bool,
 }
 
 /// One worker's prefork pool, as `Status` reports it.

@@ -15,6 +15,14 @@ use crate::readiness::Readiness;
 use crate::worker::WorkerContext;
 use crate::{launch, listener, signals, threads, ServeArgs, ServeError, ServeOptions};
 
+/// The smallest `max_message_bytes`: a reply page must hold one child with
+/// a target cut to 4096 bytes, and every error text.
+const MIN_MESSAGE_BYTES: u32 = 16384;
+
+/// The largest: above it a reply may not fit a socket's send buffer, and
+/// requests that large travel as `bulk` files anyway.
+const MAX_MESSAGE_BYTES: u32 = 1 << 20;
+
 /// The entry point for building a server; see [`Server::builder`].
 #[derive(Debug)]
 pub struct Server;
@@ -168,6 +176,12 @@ impl ServerBuilder {
         match options.log_level {
             Some(level) => log::set_level(level),
             None => log::init_from_env(),
+        }
+        let message_bytes = options.limits.max_message_bytes;
+        if !(MIN_MESSAGE_BYTES..=MAX_MESSAGE_BYTES).contains(&message_bytes) {
+            return Err(ServeError::Config(format!(
+                "max_message_bytes must be between {MIN_MESSAGE_BYTES} (a page of children, an error text) and {MAX_MESSAGE_BYTES} (larger requests go as bulk files), not {message_bytes}"
+            )));
         }
         if options.limits.max_fds_per_message as usize + 3 > launch::MAX_MOVES {
             return Err(ServeError::Config(format!(

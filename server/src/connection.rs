@@ -5,10 +5,11 @@ use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
-use forkserver_protocol::{encode, send_datagram, ServerMessage};
+use forkserver_protocol::{encode, send_datagram, ErrorKind, ServerMessage};
 
 use crate::log::{log, Level};
 use crate::peer::Peer;
+use crate::reply_size;
 
 pub(crate) struct Connection {
     socket: OwnedFd,
@@ -22,6 +23,8 @@ pub(crate) struct Connection {
     /// Replies queued beyond this mean the client is not reading; it is
     /// dropped rather than buffered for without bound.
     max_queued: usize,
+    /// No reply is larger (`max_message_bytes`).
+    max_bytes: usize,
     /// The connection is to be closed (peer gone, fatal error, or flooding).
     pub(crate) dead: bool,
 }
@@ -38,7 +41,7 @@ pub(crate) enum Sent {
 }
 
 impl Connection {
-    pub(crate) fn new(socket: OwnedFd, peer: Peer, max_queued: u32) -> Connection {
+    pub(crate) fn new(socket: OwnedFd, peer: Peer, max_queued: u32, max_bytes: u32) -> Connection {
         Connection {
             socket,
             peer,
@@ -46,6 +49,7 @@ impl Connection {
             client: String::new(),
             outbox: VecDeque::new(),
             max_queued: max_queued as usize,
+            max_bytes: max_bytes as usize,
             dead: false,
         }
     }
@@ -56,12 +60,9 @@ impl Connection {
         if self.dead {
             return Sent::Dropped;
         }
-        let bytes = match encode(message) {
-            Ok(bytes) => bytes,
-            Err(e) => {
-                log!(Level::Error, "cannot encode a reply: {e}");
-                return Sent::Dropped;
-            }
+        let bytes = match self.encode(message) {
+            Some(bytes) => bytes,
+            None => return Sent::Dropped,
         };
         if self.outbox.is_empty() {
             match self.write(&bytes, &fds) {
@@ -83,6 +84,43 @@ impl Connection {
         }
         self.outbox.push_back((bytes, fds));
         Sent::Queued
+    }
+
+    /// The reply's bytes, shrunk to `max_bytes` if need be (see
+    /// reply_size.rs); one that cannot shrink is replaced by an error that
+    /// says so, never dropped in silence.
+    fn encode(&self, message: &ServerMessage) -> Option<Vec<u8>> {
+        let bytes = match encode(message) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                log!(Level::Error, "cannot encode a reply: {e}");
+                return None;
+            }
+        };
+        if bytes.len() <= self.max_bytes {
+            return Some(bytes);
+        }
+        let size = bytes.len();
+        match reply_size::fit(message.clone(), self.max_bytes) {
+            Some(fitted) => encode(&fitted).ok(),
+            None => {
+                log!(
+                    Level::Warn,
+                    "a reply to client '{}' was {size} bytes, over max_message_bytes; sending an error instead",
+                    self.client
+                );
+                encode(&ServerMessage::Error {
+                    id: reply_id(message),
+                    kind: ErrorKind::Resource,
+                    message: format!(
+                        "the reply was {size} bytes, over max_message_bytes ({})",
+                        self.max_bytes
+                    ),
+                    fatal: false,
+                })
+                .ok()
+            }
+        }
     }
 
     /// Writes queued replies until the socket is full. Returns true when the
@@ -112,8 +150,47 @@ impl Connection {
         match send_datagram(self.socket.as_fd(), bytes, &borrowed, libc::MSG_DONTWAIT) {
             Ok(()) => Ok(true),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
+            // The socket's send buffer is smaller than the reply (the buffer
+            // is set at accept; a system cap can keep it smaller): the
+            // client is told, in a reply small enough to go.
+            Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE) && !bytes.is_empty() => {
+                log!(
+                    Level::Warn,
+                    "a {}-byte reply does not fit client '{}''s socket buffer: {e}",
+                    bytes.len(),
+                    self.client
+                );
+                let error = ServerMessage::Error {
+                    id: forkserver_protocol::peek_id(bytes),
+                    kind: ErrorKind::Resource,
+                    message: format!(
+                        "a {}-byte reply did not fit the socket's send buffer; lower max_message_bytes",
+                        bytes.len()
+                    ),
+                    fatal: false,
+                };
+                match encode(&error) {
+                    Ok(small) => self.write(&small, &[]),
+                    Err(_) => Ok(true),
+                }
+            }
             Err(e) => {
-                log!(Level::Debug, "client '{}' is gone: {e}", self.client);
+                let gone = matches!(
+                    e.raw_os_error(),
+                    Some(libc::EPIPE | libc::ECONNRESET | libc::ENOTCONN)
+                );
+                if gone {
+                    log!(Level::Debug, "client '{}' is gone: {e}", self.client);
+                } else {
+                    // Not the peer leaving: say why the connection goes.
+                    log!(
+                        Level::Warn,
+                        "cannot send {} bytes to client '{}' ({}): {e}; closing its connection",
+                        bytes.len(),
+                        self.client,
+                        self.peer
+                    );
+                }
                 self.dead = true;
                 self.outbox.clear();
                 Err(())
@@ -125,5 +202,20 @@ impl Connection {
 impl AsFd for Connection {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.socket.as_fd()
+    }
+}
+
+/// The request id a reply answers, if it names one.
+fn reply_id(message: &ServerMessage) -> Option<u64> {
+    match message {
+        ServerMessage::Spawned { id, .. }
+        | ServerMessage::SpawnFailed { id, .. }
+        | ServerMessage::Exited { id, .. }
+        | ServerMessage::Signaled { id, .. }
+        | ServerMessage::Children { id, .. }
+        | ServerMessage::Killed { id, .. } => Some(*id),
+        ServerMessage::Status(report) => Some(report.id),
+        ServerMessage::Error { id, .. } => *id,
+        ServerMessage::Welcome { .. } => None,
     }
 }

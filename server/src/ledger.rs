@@ -96,9 +96,11 @@ pub(crate) struct Ledger {
     by_conn: HashMap<ConnId, Owned>,
     /// Children whose start is not yet reported, on every connection.
     starting: usize,
-    /// Children launched and spawn requests failed, for `Status`.
+    /// Children launched and spawn requests failed, for `Status`: all
+    /// together, and by the requesting peer's uid.
     spawns: u64,
     failures: u64,
+    by_uid: HashMap<u32, (u64, u64)>,
 }
 
 impl Ledger {
@@ -146,6 +148,7 @@ impl Ledger {
         owned.starting += 1;
         self.starting += 1;
         self.spawns += 1;
+        self.by_uid.entry(peer.uid).or_default().0 += 1;
         self.children.insert(
             child.pid,
             ChildRecord {
@@ -167,9 +170,10 @@ impl Ledger {
         );
     }
 
-    /// Counts a spawn request refused before any child existed.
-    pub(crate) fn refused(&mut self) {
+    /// Counts a spawn request of `uid` refused before any child existed.
+    pub(crate) fn refused(&mut self, uid: u32) {
         self.failures += 1;
+        self.by_uid.entry(uid).or_default().1 += 1;
     }
 
     /// The report pipe of a child still starting.
@@ -210,6 +214,7 @@ impl Ledger {
             None => spawned(id, pid, record, client_ends),
             Some(failure) => {
                 self.failures += 1;
+                self.by_uid.entry(record.owner_uid).or_default().1 += 1;
                 let (kind, errno, message) = failure.describe();
                 (
                     ServerMessage::SpawnFailed {
@@ -325,6 +330,11 @@ impl Ledger {
     /// Children launched and spawn requests failed.
     pub(crate) fn counts(&self) -> (u64, u64) {
         (self.spawns, self.failures)
+    }
+
+    /// Children launched and spawn requests failed for peers of `uid`.
+    pub(crate) fn counts_of(&self, uid: u32) -> (u64, u64) {
+        self.by_uid.get(&uid).copied().unwrap_or_default()
     }
 
     /// How many children are being killed because their connection went:

@@ -67,6 +67,7 @@ mod options;
 mod peer;
 mod pool;
 mod readiness;
+mod reply_size;
 mod signals;
 mod sys;
 mod threads;

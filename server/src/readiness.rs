@@ -54,7 +54,10 @@ impl Readiness {
         ));
         if let Some(fd) = self.ready_fd.take() {
             let mut file = std::fs::File::from(fd);
-            if let Err(e) = writeln!(file, "ready {status}") {
+            // One write, so a supervisor that reads once gets the whole
+            // line (a pipe write this short is atomic).
+            let line = format!("ready {status}\n");
+            if let Err(e) = file.write_all(line.as_bytes()) {
                 log!(Level::Warn, "cannot write to --ready-fd: {e}");
             }
         }

@@ -59,7 +59,18 @@ impl EventLoop {
                 }
             };
             let refusal = self.refusal(&peer);
-            let mut conn = Connection::new(socket, peer, self.limits.max_queued_replies);
+            // Room in the send buffer for the largest reply (the kernel may
+            // cap it lower; a reply that then does not fit is reported).
+            let _ = sys::set_send_buffer(
+                socket.as_fd(),
+                2 * self.limits.max_message_bytes as usize + 4096,
+            );
+            let mut conn = Connection::new(
+                socket,
+                peer,
+                self.limits.max_queued_replies,
+                self.limits.max_message_bytes,
+            );
             if let Some((kind, message)) = refusal {
                 log!(Level::Warn, "refused {}: {message}", conn.peer);
                 conn.send(&fatal(kind, message), Vec::new());
@@ -188,9 +199,11 @@ impl EventLoop {
         };
         if let Some(what) = discarded {
             let message = format!("{what} and was discarded");
+            // A cut message usually still holds its id near the start.
+            let request = forkserver_protocol::peek_id(&datagram.bytes);
             self.reply(
                 id,
-                request_error(None, ErrorKind::Limit, message),
+                request_error(request, ErrorKind::Limit, message),
                 Vec::new(),
             );
             return true;
@@ -205,7 +218,8 @@ impl EventLoop {
             Ok(message) => self.handle(id, message, datagram.fds),
             Err(e) => {
                 let error = if conn.greeted {
-                    request_error(None, ErrorKind::Protocol, e.to_string())
+                    let request = forkserver_protocol::peek_id(&datagram.bytes);
+                    request_error(request, ErrorKind::Protocol, e.to_string())
                 } else {
                     fatal(
                         ErrorKind::Protocol,

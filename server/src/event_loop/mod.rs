@@ -37,6 +37,7 @@ use crate::threads::ForkGuard;
 use crate::{sys, ServeError, ServeOptions};
 
 mod connections;
+mod inspect;
 mod requests;
 
 const LISTENER: u64 = 0;

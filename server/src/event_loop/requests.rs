@@ -5,18 +5,18 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::panic::{self, AssertUnwindSafe};
 
 use forkserver_protocol::{
-    ChildInfo, ClientMessage, ErrorKind, OnDisconnect, ServerMessage, Spawn, StatusReport, Target,
-    PROTOCOL_VERSION,
+    ClientMessage, ErrorKind, ServerMessage, Spawn, Target, PROTOCOL_VERSION,
 };
 use nix::sys::epoll::{EpollEvent, EpollFlags};
 
 use super::connections::{fatal, request_error};
 use super::{pipe_token, EventLoop};
 use crate::launch::{describe, LaunchError};
-use crate::ledger::{ChildRecord, ConnId};
+use crate::ledger::ConnId;
 use crate::log::{log, Level};
 use crate::modules::panic_message;
-use crate::peer::{child_credentials, Peer};
+use crate::peer::child_credentials;
+use crate::reply_size;
 use crate::sys;
 
 impl EventLoop {
@@ -42,14 +42,18 @@ impl EventLoop {
             conn.greeted = true;
             log!(Level::Debug, "client '{client}' connected");
             conn.client = client;
-            ServerMessage::Welcome {
+            let welcome = ServerMessage::Welcome {
                 protocol: PROTOCOL_VERSION,
                 server_version: env!("CARGO_PKG_VERSION").into(),
                 pid: std::process::id(),
                 modules: self.launcher.modules.infos.clone(),
                 workers: self.launcher.modules.worker_names(),
                 limits: self.limits,
-            }
+                truncated: false,
+            };
+            // Read before the client knows max_message_bytes.
+            let max = (self.limits.max_message_bytes as usize).min(reply_size::WELCOME_MAX);
+            reply_size::fit(welcome.clone(), max).unwrap_or(welcome)
         };
         self.reply(id, reply, Vec::new());
     }
@@ -80,20 +84,22 @@ impl EventLoop {
             ),
             ClientMessage::Signal { id: child, signal } => self.signal(id, child, signal),
             ClientMessage::Status { id: request } => {
-                let report = self.status(request);
+                let report = self.status(id, request);
                 self.reply(id, ServerMessage::Status(report), Vec::new());
             }
             ClientMessage::List { id: request } => {
-                let reply = self.list(id, request);
-                self.reply(id, reply, Vec::new());
+                for page in self.list(id, request) {
+                    self.reply(id, page, Vec::new());
+                }
             }
             ClientMessage::Kill {
                 id: request,
                 pid,
                 signal,
             } => {
-                let reply = self.kill(id, request, pid, signal);
-                self.reply(id, reply, Vec::new());
+                for page in self.kill(id, request, pid, signal) {
+                    self.reply(id, page, Vec::new());
+                }
             }
         }
     }
@@ -154,7 +160,7 @@ impl EventLoop {
                     errno: error.errno,
                     message: error.message,
                 };
-                self.ledger.refused();
+                self.ledger.refused(conn.peer.uid);
                 self.reply(conn_id, reply, Vec::new());
                 return;
             }
@@ -180,110 +186,6 @@ impl EventLoop {
         }
         let peer = conn.peer.clone();
         self.ledger.launched(conn_id, &peer, &request, launched);
-    }
-
-    pub(super) fn status(&mut self, id: u64) -> StatusReport {
-        let modules = &self.launcher.modules;
-        let (spawns, failures) = self.ledger.counts();
-        StatusReport {
-            id,
-            pid: std::process::id(),
-            server_version: env!("CARGO_PKG_VERSION").into(),
-            uptime_ms: self.started.elapsed().as_millis() as u64,
-            rss_bytes: sys::resident_bytes().unwrap_or(0),
-            modules: modules.infos.clone(),
-            workers: modules.worker_names(),
-            children: self.ledger.len() as u32,
-            connections: self.connections.len() as u32,
-            socket: self
-                .listener
-                .as_ref()
-                .map(|l| l.path().display().to_string())
-                .unwrap_or_default(),
-            spawns,
-            failures,
-            pools: self.pools.info(),
-        }
-    }
-
-    /// Whether a peer may see and signal a child: its own uid's children,
-    /// or all of them for root and the server's own uid.
-    pub(super) fn may_touch(&self, peer: &Peer, record: &ChildRecord) -> bool {
-        peer.uid == 0 || peer.uid == self.server_uid || peer.uid == record.owner_uid
-    }
-
-    pub(super) fn list(&self, conn_id: ConnId, id: u64) -> ServerMessage {
-        let Some(peer) = self.connections.get(&conn_id).map(|c| &c.peer) else {
-            return request_error(Some(id), ErrorKind::Protocol, "no connection".into());
-        };
-        let mut children: Vec<ChildInfo> = self
-            .ledger
-            .iter()
-            .filter(|(_, record)| self.may_touch(peer, record))
-            .map(|(pid, record)| ChildInfo {
-                pid: pid as u32,
-                target: record.target.clone(),
-                owner_pid: record.owner_pid,
-                owner_uid: record.owner_uid,
-                owner_connected: record.owner.is_some(),
-                age_ms: record.started.elapsed().as_millis() as u64,
-                detached: record.on_disconnect == OnDisconnect::Detach,
-            })
-            .collect();
-        children.sort_by_key(|c| c.pid);
-        ServerMessage::Children { id, children }
-    }
-
-    pub(super) fn kill(
-        &self,
-        conn_id: ConnId,
-        id: u64,
-        pid: Option<u32>,
-        signal: i32,
-    ) -> ServerMessage {
-        let Some(peer) = self.connections.get(&conn_id).map(|c| &c.peer) else {
-            return request_error(Some(id), ErrorKind::Protocol, "no connection".into());
-        };
-        if !(1..=libc::SIGRTMAX()).contains(&signal) {
-            return request_error(
-                Some(id),
-                ErrorKind::Invalid,
-                format!("signal {signal} is out of range 1..={}", libc::SIGRTMAX()),
-            );
-        }
-        let targets: Vec<(libc::pid_t, &ChildRecord)> = match pid {
-            Some(pid) => match self.ledger.get(pid as libc::pid_t) {
-                None => {
-                    return request_error(
-                        Some(id),
-                        ErrorKind::NoSuchChild,
-                        format!("pid {pid} is not a live child of this server"),
-                    )
-                }
-                Some(record) if !self.may_touch(peer, record) => {
-                    return request_error(
-                        Some(id),
-                        ErrorKind::Denied,
-                        format!(
-                        "pid {pid} was started by uid {}; uid {} may signal only its own children",
-                        record.owner_uid, peer.uid
-                    ),
-                    )
-                }
-                Some(record) => vec![(pid as libc::pid_t, record)],
-            },
-            None => self
-                .ledger
-                .iter()
-                .filter(|(_, record)| self.may_touch(peer, record))
-                .collect(),
-        };
-        let pids = targets
-            .into_iter()
-            .filter(|(_, record)| sys::pidfd_send_signal(record.pidfd.as_fd(), signal).is_ok())
-            .map(|(pid, _)| pid as u32)
-            .collect();
-        ServerMessage::Killed { id, pids }
     }
 
     pub(super) fn signal(&mut self, conn_id: ConnId, child_id: u64, signal: i32) {

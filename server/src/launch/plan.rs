@@ -136,6 +136,7 @@ impl Launcher {
                 if program.as_bytes().is_empty() {
                     return Err(invalid("target.program is empty".into()));
                 }
+                c_string(program, "target.program")?;
                 check_args(args, limits)?;
                 let mut argv = Vec::with_capacity(args.len() + 1);
                 argv.push(c_string(arg0.as_ref().unwrap_or(program), "target.arg0")?);

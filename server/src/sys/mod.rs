@@ -222,6 +222,23 @@ pub(crate) fn peer_groups(socket: BorrowedFd<'_>) -> io::Result<Vec<u32>> {
     }
 }
 
+/// Asks for a send buffer of `bytes` (`SO_SNDBUF`; the kernel doubles it
+/// and caps it at `net.core.wmem_max`).
+pub(crate) fn set_send_buffer(socket: BorrowedFd<'_>, bytes: usize) -> io::Result<()> {
+    let value = bytes.min(i32::MAX as usize) as libc::c_int;
+    // SAFETY: the option value is a c_int of the length given.
+    cvt(unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    })?;
+    Ok(())
+}
+
 /// A socket's domain, type, and whether it is listening.
 pub(crate) fn socket_kind(fd: RawFd) -> io::Result<(i32, i32, bool)> {
     let option = |name| -> io::Result<i32> {

@@ -1,0 +1,183 @@
+//! The requests that look at the server rather than start a child:
+//! `status`, `list` and `kill`. What a peer sees is filtered by who it is:
+//! root and the server's own uid see everything; anyone else sees the
+//! counts and children of its own uid (and the server-wide facts: version,
+//! modules, workers, pools, memory).
+
+use std::os::fd::AsFd;
+
+use forkserver_protocol::{ChildInfo, ErrorKind, OnDisconnect, ServerMessage, StatusReport};
+
+use super::connections::request_error;
+use super::EventLoop;
+use crate::ledger::{ChildRecord, ConnId};
+use crate::peer::Peer;
+use crate::reply_size::{self, pages, TEXT_MAX};
+use crate::sys;
+
+impl EventLoop {
+    /// Whether a peer sees everything: root, or the server's own uid.
+    fn sees_all(&self, peer: &Peer) -> bool {
+        peer.uid == 0 || peer.uid == self.server_uid
+    }
+
+    /// Whether a peer may see and signal a child: its own uid's children,
+    /// or all of them for root and the server's own uid.
+    fn may_touch(&self, peer: &Peer, record: &ChildRecord) -> bool {
+        self.sees_all(peer) || peer.uid == record.owner_uid
+    }
+
+    pub(super) fn status(&mut self, conn_id: ConnId, id: u64) -> StatusReport {
+        let uid = self
+            .connections
+            .get(&conn_id)
+            .filter(|c| !self.sees_all(&c.peer))
+            .map(|c| c.peer.uid);
+        let modules = &self.launcher.modules;
+        let (children, connections, (spawns, failures)) = match uid {
+            None => (
+                self.ledger.len(),
+                self.connections.len(),
+                self.ledger.counts(),
+            ),
+            Some(uid) => (
+                self.ledger
+                    .iter()
+                    .filter(|(_, r)| r.owner_uid == uid)
+                    .count(),
+                self.connections
+                    .values()
+                    .filter(|c| c.peer.uid == uid)
+                    .count(),
+                self.ledger.counts_of(uid),
+            ),
+        };
+        StatusReport {
+            id,
+            pid: std::process::id(),
+            server_version: env!("CARGO_PKG_VERSION").into(),
+            uptime_ms: self.started.elapsed().as_millis() as u64,
+            rss_bytes: sys::resident_bytes().unwrap_or(0),
+            modules: modules.infos.clone(),
+            workers: modules.worker_names(),
+            children: children as u32,
+            connections: connections as u32,
+            socket: self
+                .listener
+                .as_ref()
+                .map(|l| l.path().display().to_string())
+                .unwrap_or_default(),
+            spawns,
+            failures,
+            pools: self.pools.info(),
+            truncated: false,
+        }
+    }
+
+    /// The children the peer may see, in pages that fit.
+    pub(super) fn list(&self, conn_id: ConnId, id: u64) -> Vec<ServerMessage> {
+        let Some(peer) = self.connections.get(&conn_id).map(|c| &c.peer) else {
+            return vec![request_error(
+                Some(id),
+                ErrorKind::Protocol,
+                "no connection".into(),
+            )];
+        };
+        let mut children: Vec<ChildInfo> = self
+            .ledger
+            .iter()
+            .filter(|(_, record)| self.may_touch(peer, record))
+            .map(|(pid, record)| {
+                let mut target = record.target.clone();
+                reply_size::cut_text(&mut target, TEXT_MAX);
+                ChildInfo {
+                    pid: pid as u32,
+                    target,
+                    owner_pid: record.owner_pid,
+                    owner_uid: record.owner_uid,
+                    owner_connected: record.owner.is_some(),
+                    age_ms: record.started.elapsed().as_millis() as u64,
+                    detached: record.on_disconnect == OnDisconnect::Detach,
+                }
+            })
+            .collect();
+        children.sort_by_key(|c| c.pid);
+        let pages = pages(children, self.limits.max_message_bytes as usize);
+        let last = pages.len() - 1;
+        pages
+            .into_iter()
+            .enumerate()
+            .map(|(i, children)| ServerMessage::Children {
+                id,
+                children,
+                more: i < last,
+            })
+            .collect()
+    }
+
+    /// Signals one child or all the peer may touch; the pids signalled, in
+    /// pages that fit.
+    pub(super) fn kill(
+        &self,
+        conn_id: ConnId,
+        id: u64,
+        pid: Option<u32>,
+        signal: i32,
+    ) -> Vec<ServerMessage> {
+        let Some(peer) = self.connections.get(&conn_id).map(|c| &c.peer) else {
+            return vec![request_error(
+                Some(id),
+                ErrorKind::Protocol,
+                "no connection".into(),
+            )];
+        };
+        if !(1..=libc::SIGRTMAX()).contains(&signal) {
+            return vec![request_error(
+                Some(id),
+                ErrorKind::Invalid,
+                format!("signal {signal} is out of range 1..={}", libc::SIGRTMAX()),
+            )];
+        }
+        let targets: Vec<(libc::pid_t, &ChildRecord)> = match pid {
+            Some(pid) => match self.ledger.get(pid as libc::pid_t) {
+                None => {
+                    return vec![request_error(
+                        Some(id),
+                        ErrorKind::NoSuchChild,
+                        format!("pid {pid} is not a live child of this server"),
+                    )]
+                }
+                Some(record) if !self.may_touch(peer, record) => return vec![request_error(
+                    Some(id),
+                    ErrorKind::Denied,
+                    format!(
+                        "pid {pid} was started by uid {}; uid {} may signal only its own children",
+                        record.owner_uid, peer.uid
+                    ),
+                )],
+                Some(record) => vec![(pid as libc::pid_t, record)],
+            },
+            None => self
+                .ledger
+                .iter()
+                .filter(|(_, record)| self.may_touch(peer, record))
+                .collect(),
+        };
+        let pids: Vec<u32> = targets
+            .into_iter()
+            .filter(|(_, record)| sys::pidfd_send_signal(record.pidfd.as_fd(), signal).is_ok())
+            .map(|(pid, _)| pid as u32)
+            .collect();
+        let pages = pages(pids, self.limits.max_message_bytes as usize);
+        let last = pages.len() - 1;
+        pages
+            .into_iter()
+            .enumerate()
+            .map(|(i, pids)| ServerMessage::Killed {
+                id,
+                pids,
+                more: i < last,
+            })
+            .collect()
+    }
+}
