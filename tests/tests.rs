@@ -9,6 +9,7 @@ mod cli;
 mod dylib;
 mod hygiene;
 mod lifecycle;
+mod live_fuzz;
 mod pool;
 mod protocol;
 mod python;

@@ -147,14 +147,16 @@ impl EventLoop {
                         format!("pid {pid} is not a live child of this server"),
                     )]
                 }
-                Some(record) if !self.may_touch(peer, record) => return vec![request_error(
-                    Some(id),
-                    ErrorKind::Denied,
-                    format!(
+                Some(record) if !self.may_touch(peer, record) => {
+                    return vec![request_error(
+                        Some(id),
+                        ErrorKind::Denied,
+                        format!(
                         "pid {pid} was started by uid {}; uid {} may signal only its own children",
                         record.owner_uid, peer.uid
                     ),
-                )],
+                    )]
+                }
                 Some(record) => vec![(pid as libc::pid_t, record)],
             },
             None => self
