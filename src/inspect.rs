@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Args;
-use forkserver::client::{ChildInfo, Client, Error, StatusReport};
+use forkserver::client::{ChildInfo, Error, StatusReport};
 
 use crate::{failed, SocketArg};
 
@@ -37,8 +37,8 @@ pub(crate) struct KillArgs {
     /// Every child you may touch.
     #[arg(long, conflicts_with = "pid")]
     all: bool,
-    /// The child's pid.
-    #[arg(required_unless_present = "all")]
+    /// The child's pid (or --all for every child you may touch).
+    #[arg(required_unless_present = "all", value_name = "PID|--all")]
     pid: Option<u32>,
 }
 
@@ -69,8 +69,7 @@ fn parse_signal(s: &str) -> Result<i32, String> {
 }
 
 pub(crate) fn status(args: StatusArgs) -> ExitCode {
-    let path = args.socket.path();
-    let report = match Client::connect(&path).and_then(|c| c.status()) {
+    let report = match args.socket.connect().and_then(|c| c.status()) {
         Ok(report) => report,
         Err(e) => return failed(&e),
     };
@@ -126,7 +125,7 @@ fn status_text(r: &StatusReport) -> String {
 }
 
 pub(crate) fn ps(args: PsArgs) -> ExitCode {
-    let children = match Client::connect(args.socket.path()).and_then(|c| c.list()) {
+    let children = match args.socket.connect().and_then(|c| c.list()) {
         Ok(children) => children,
         Err(e) => return failed(&e),
     };
@@ -158,7 +157,10 @@ fn ps_table(children: &[ChildInfo]) -> String {
 }
 
 pub(crate) fn kill(args: KillArgs) -> ExitCode {
-    let result = Client::connect(args.socket.path()).and_then(|c| c.kill(args.pid, args.signal));
+    let result = args
+        .socket
+        .connect()
+        .and_then(|c| c.kill(args.pid, args.signal));
     match result {
         Ok(pids) if pids.is_empty() && args.pid.is_none() => {
             eprintln!("forkserver: no children to signal");

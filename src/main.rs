@@ -6,8 +6,10 @@ mod spawn;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
+use forkserver::client::{Client, Error};
 use forkserver::protocol::default_socket_path;
 use forkserver::server::{serve_main, ServeArgs, Server};
 
@@ -65,9 +67,34 @@ pub(crate) struct SocketArg {
     socket: Option<PathBuf>,
 }
 
+/// How long the client commands wait for a server that is starting (its
+/// socket not there yet, or not listening yet): `forkserver serve &` then a
+/// client command at once is a race a user should not see.
+const CONNECT_WAIT: Duration = Duration::from_secs(3);
+
 impl SocketArg {
     pub(crate) fn path(&self) -> PathBuf {
         self.socket.clone().unwrap_or_else(default_socket_path)
+    }
+
+    /// Connects, waiting up to [`CONNECT_WAIT`] for a server that is
+    /// starting.
+    pub(crate) fn connect(&self) -> Result<Client, Error> {
+        let path = self.path();
+        let deadline = Instant::now() + CONNECT_WAIT;
+        loop {
+            match Client::connect(&path) {
+                Err(Error::Connect { source, .. })
+                    if matches!(
+                        source.raw_os_error(),
+                        Some(libc::ENOENT) | Some(libc::ECONNREFUSED)
+                    ) && Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                other => return other,
+            }
+        }
     }
 }
 
@@ -83,7 +110,7 @@ fn main() -> ExitCode {
 }
 
 /// Reports a client error and picks the exit status.
-pub(crate) fn failed(error: &forkserver::client::Error) -> ExitCode {
+pub(crate) fn failed(error: &Error) -> ExitCode {
     eprintln!("forkserver: {error}");
     ExitCode::from(FAILURE)
 }

@@ -69,9 +69,13 @@ pub(crate) struct SpawnArgs {
     /// Kill the child (SIGKILL) if it runs longer than SECS; exit 124.
     #[arg(long, value_name = "SECS", value_parser = parse_seconds)]
     timeout: Option<Duration>,
-    /// The program and its arguments (with --worker: the worker's arguments).
+    /// The program and its arguments (with --worker: the worker's
+    /// arguments). Everything from the first word that is not a flag of
+    /// `spawn` on is the command, as with env(1) and sudo(8); `--` before it
+    /// is allowed and needed only for a program whose name starts with `-`.
     #[arg(
-        last = true,
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
         required_unless_present = "worker",
         value_name = "PROGRAM ARGS"
     )]
@@ -121,7 +125,7 @@ fn parse_seconds(s: &str) -> Result<Duration, String> {
 
 pub(crate) fn run(args: SpawnArgs) -> ExitCode {
     let outcome = if args.detach {
-        Client::connect(args.socket.path()).and_then(|client| {
+        connect(&args).and_then(|client| {
             let child = command(&client, &args).spawn()?;
             println!("{}", child.id());
             // Dropping the handle leaves a detached child running.
@@ -242,32 +246,50 @@ fn command(client: &Client, args: &SpawnArgs) -> Command {
 }
 
 /// Connects and starts the child on a helper thread while this one
-/// watches for signals: a terminating signal that comes before the child
-/// exists ends this command at once (and the server kills the child if it
-/// started meanwhile: our connection closes). Others are kept for the child.
+/// watches for signals. A terminating signal that comes before the child
+/// exists ends this command with 128+N — after a short grace, since the
+/// child may already run while its `spawned` is on the way (then it gets
+/// the signal, as if it had come a moment later). If the command ends
+/// first, its connection closes and the server kills the child if it
+/// started meanwhile. Other signals are kept for the child.
 fn start(args: SpawnArgs, forwarder: &SignalForwarder) -> Result<Started, ClientError> {
     let (done, started) = UnixStream::pair()?;
     let starter = std::thread::spawn(move || {
-        let child =
-            Client::connect(args.socket.path()).and_then(|client| command(&client, &args).spawn());
+        let child = connect(&args).and_then(|client| command(&client, &args).spawn());
         // Wakes the poll below; the result waits in the join handle.
         let _ = io::Write::write(&mut &done, &[1]);
         child
     });
     let mut early = Vec::new();
+    let mut give_up = None;
     loop {
-        if poll_readable(&[started.as_fd(), forwarder.pipe.as_fd()], None)?[0] {
+        let wait = give_up.map(|at: Instant| at.saturating_duration_since(Instant::now()));
+        let ready = poll_readable(&[started.as_fd(), forwarder.pipe.as_fd()], wait)?;
+        if ready[0] {
             let child = starter.join().expect("spawning does not panic")?;
             early.extend(forwarder.take());
             return Ok(Started::Child(child, early));
         }
-        for signal in forwarder.take() {
-            if TERMINATING.contains(&signal) {
+        if let (Some(at), Some(&signal)) = (give_up, early.iter().find(|s| TERMINATING.contains(s)))
+        {
+            if Instant::now() >= at {
                 return Ok(Started::Interrupted(signal));
+            }
+        }
+        for signal in forwarder.take() {
+            if TERMINATING.contains(&signal) && give_up.is_none() {
+                give_up = Some(Instant::now() + START_GRACE);
             }
             early.push(signal);
         }
     }
+}
+
+/// How long a start may still finish after a terminating signal.
+const START_GRACE: Duration = Duration::from_millis(500);
+
+fn connect(args: &SpawnArgs) -> Result<Client, ClientError> {
+    args.socket.connect()
 }
 
 /// Waits for the child, forwarding signals to it through its pidfd and

@@ -1,16 +1,61 @@
 #!/usr/bin/env bash
 # Every test: the Rust workspace's (cargo test), then the Python package's
-# (pytest), against a fresh build of python/ installed into a virtualenv
-# under target/ (needs python3 with venv and pip, and PyPI for maturin,
-# msgpack, pytest, polars and numpy).
-set -euo pipefail
+# (pytest), against a fresh build of python/ installed into a project-local
+# virtualenv under the cargo target directory (never the system Python).
+# Needs Rust, and python3 with venv and pip; the rest (maturin, msgpack,
+# pytest, polars, numpy) comes from PyPI into the virtualenv.
+#
+# Tests that need root (or a tool the machine lacks) are skipped when it is
+# missing, each saying why; the last line counts them. With
+# FORKSERVER_NO_SKIP=1 (as .ci/run sets) a skip is a failure instead.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 
-cargo test --workspace
+target="${CARGO_TARGET_DIR:-target}"
+mkdir -p "$target"
+target="$(cd "$target" && pwd)"
+venv="$target/python-venv"
+skips="$target/test-skips.log"
+: > "$skips"
 
-venv=target/python-venv
-[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-"$venv/bin/python" -m pip install --quiet --disable-pip-version-check "./python[test]"
+if ! python3 -m venv --help >/dev/null 2>&1; then
+  echo "tests/all.sh: needs python3 with the venv module (Debian: apt-get install python3-venv)" >&2
+  exit 2
+fi
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv" || exit 2
+echo "tests/all.sh: building the Python package into $venv"
+if ! "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "./python[test]"; then
+  echo "tests/all.sh: building the Python package failed (see above)" >&2
+  exit 2
+fi
+
+export FORKSERVER_TEST_PYTHON="$venv/bin/python"
+export FORKSERVER_SKIP_LOG="$skips"
+
+cargo test --workspace 2>&1 | tee "$target/cargo-test.log"
+rust=${PIPESTATUS[0]}
+
 # From the repository root, so python/forkserver (sources without the built
 # extension) does not shadow the installed package.
-"$venv/bin/python" -m pytest -q python/tests
+"$venv/bin/python" -m pytest -q -rs python/tests 2>&1 | tee "$target/pytest.log"
+python=${PIPESTATUS[0]}
+
+# One summary line for both suites. cargo counts a skipped test as passed.
+rust_passed=$(grep -E '^test result:' "$target/cargo-test.log" | grep -oE '[0-9]+ passed' | awk '{n += $1} END {print n + 0}')
+rust_failed=$(grep -E '^test result:' "$target/cargo-test.log" | grep -oE '[0-9]+ failed' | awk '{n += $1} END {print n + 0}')
+rust_skipped=$(wc -l < "$skips")
+py_line=$(tail -n 1 "$target/pytest.log")
+py_passed=$(echo "$py_line" | grep -oE '[0-9]+ passed' | awk '{print $1 + 0}')
+py_failed=$(echo "$py_line" | grep -oE '[0-9]+ (failed|error|errors)' | awk '{n += $1} END {print n + 0}')
+py_skipped=$(echo "$py_line" | grep -oE '[0-9]+ skipped' | awk '{print $1 + 0}')
+if [ "$rust_skipped" -gt 0 ]; then
+  echo "skipped Rust tests:"
+  sed 's/^/  /' "$skips"
+fi
+passed=$(( rust_passed - rust_skipped + ${py_passed:-0} ))
+failed=$(( rust_failed + ${py_failed:-0} ))
+skipped=$(( rust_skipped + ${py_skipped:-0} ))
+[ "$rust" -ne 0 ] && [ "$rust_failed" -eq 0 ] && failed=$(( failed + 1 ))   # a build failure
+[ "$python" -ne 0 ] && [ "${py_failed:-0}" -eq 0 ] && failed=$(( failed + 1 ))
+echo "all: $passed passed, $failed failed, $skipped skipped"
+[ "$rust" -eq 0 ] && [ "$python" -eq 0 ]

@@ -36,7 +36,7 @@ fn server_elsewhere() -> Elsewhere {
     fs::create_dir(&home).unwrap();
     script(&home, "prog.sh", "echo \"the server's prog.sh\"");
     let start = format!(
-        "umask 077 && cd '{}' && exec env -u CALLER_ONLY -u CARGO_MANIFEST_DIR PATH=/usr/bin:/bin \"$@\"",
+        "umask 077 && cd '{}' && exec env -u CALLER_ONLY -u HOME PATH=/usr/bin:/bin \"$@\"",
         home.display()
     );
     let server = Server::launch_in(
@@ -174,15 +174,16 @@ fn own_umask() -> String {
 fn the_rust_client_gives_the_child_this_processs_context() {
     let elsewhere = server_elsewhere();
     let client = elsewhere.server.client();
-    let report = r#"pwd; echo "${CARGO_MANIFEST_DIR-unset}"; umask; echo "$PATH""#;
+    let report = r#"pwd; echo "${HOME-unset}"; umask; echo "$PATH""#;
     let out = client.command("sh").args(["-c", report]).output().unwrap();
     let here = std::env::current_dir().unwrap();
-    let manifest = std::env::var("CARGO_MANIFEST_DIR").unwrap();
+    // The server runs without HOME; the child has this process's.
+    let home = std::env::var("HOME").unwrap_or_else(|_| "unset".into());
     let path = std::env::var("PATH").unwrap();
     let umask = own_umask();
     let expected = [
         here.to_str().unwrap(),
-        manifest.as_str(),
+        home.as_str(),
         umask.as_str(),
         path.as_str(),
     ];

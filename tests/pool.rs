@@ -120,6 +120,9 @@ fn a_pooled_worker_gets_its_fds_env_and_cwd() {
 fn a_pool_child_rechecks_who_it_becomes() {
     // A root server, a pooled worker, a client that is nobody: the pool
     // child (root while idle) must become nobody.
+    if !crate::util::root_or_skip("pool::a_pool_child_rechecks_who_it_becomes") {
+        return;
+    }
     let server = pooled(&["ids=1"], &["--group", "nogroup", "--allow-uid", "nobody"]);
     let cli = crate::util::open_to_nobody(&server);
     wait_full(&server, 1);

@@ -296,6 +296,11 @@ fn running_out_of_fds_is_reported_and_the_server_recovers() {
 
 #[test]
 fn fork_failing_with_eagain_is_reported_and_the_server_recovers() {
+    if !crate::util::root_or_skip(
+        "robustness::fork_failing_with_eagain_is_reported_and_the_server_recovers",
+    ) {
+        return;
+    }
     // RLIMIT_NPROC does not bind root, so this server runs as nobody.
     let dir = new_dir();
     std::os::unix::fs::chown(dir.path(), Some(65534), Some(65534)).unwrap();

@@ -9,26 +9,18 @@ use std::process::{Command, Output};
 
 use crate::util::{Server, FORKSERVER};
 
-#[track_caller]
-fn require_root() {
-    // SAFETY: geteuid cannot fail.
-    let euid = unsafe { libc::geteuid() };
-    assert_eq!(
-        euid, 0,
-        "these tests start a root server and switch to nobody: run them as root (CI does)"
-    );
-}
-
 /// A server that `nobody` can reach: the socket is given to group
 /// `nogroup` (mode 0660) and its directory is opened to others for
 /// traversal. Also returns a copy of the CLI that `nobody` can execute.
-fn server_for_nobody(extra_args: &[&str]) -> (Server, PathBuf) {
-    require_root();
+fn server_for_nobody(test: &str, extra_args: &[&str]) -> Option<(Server, PathBuf)> {
+    if !crate::util::root_or_skip(test) {
+        return None;
+    }
     let mut args = vec!["--group", "nogroup"];
     args.extend_from_slice(extra_args);
     let server = Server::start_with(&args);
     let cli = crate::util::open_to_nobody(&server);
-    (server, cli)
+    Some((server, cli))
 }
 
 /// Runs `CLI spawn --socket S ARGS…` as user nobody.
@@ -42,7 +34,12 @@ fn text(bytes: &[u8]) -> String {
 
 #[test]
 fn the_group_flag_makes_the_socket_0660_for_that_group() {
-    let (server, _) = server_for_nobody(&[]);
+    let Some((server, _)) = server_for_nobody(
+        "security::the_group_flag_makes_the_socket_0660_for_that_group",
+        &[],
+    ) else {
+        return;
+    };
     let meta = std::fs::metadata(&server.socket).unwrap();
     assert_eq!(meta.permissions().mode() & 0o777, 0o660);
     assert_eq!(meta.gid(), 65534);
@@ -50,7 +47,12 @@ fn the_group_flag_makes_the_socket_0660_for_that_group() {
 
 #[test]
 fn a_peer_that_is_not_allowed_is_refused_by_uid_and_logged() {
-    let (server, cli) = server_for_nobody(&[]);
+    let Some((server, cli)) = server_for_nobody(
+        "security::a_peer_that_is_not_allowed_is_refused_by_uid_and_logged",
+        &[],
+    ) else {
+        return;
+    };
     let output = spawn_as_nobody(&server, &cli, &["--", "id", "-u"]);
     assert_eq!(output.status.code(), Some(125));
     let stderr = text(&output.stderr);
@@ -68,7 +70,12 @@ fn a_peer_that_is_not_allowed_is_refused_by_uid_and_logged() {
 
 #[test]
 fn an_allowed_user_s_children_run_as_that_user() {
-    let (server, cli) = server_for_nobody(&["--allow-uid", "nobody"]);
+    let Some((server, cli)) = server_for_nobody(
+        "security::an_allowed_user_s_children_run_as_that_user",
+        &["--allow-uid", "nobody"],
+    ) else {
+        return;
+    };
     let output = spawn_as_nobody(&server, &cli, &["--", "sh", "-c", "id -u; id -g; id -G"]);
     assert!(output.status.success(), "{}", text(&output.stderr));
     assert_eq!(text(&output.stdout), "65534\n65534\n65534\n");
@@ -85,14 +92,21 @@ fn an_allowed_user_s_children_run_as_that_user() {
 
 #[test]
 fn allow_gid_admits_a_group() {
-    let (server, cli) = server_for_nobody(&["--allow-gid", "nogroup"]);
+    let Some((server, cli)) = server_for_nobody(
+        "security::allow_gid_admits_a_group",
+        &["--allow-gid", "nogroup"],
+    ) else {
+        return;
+    };
     let output = spawn_as_nobody(&server, &cli, &["--", "id", "-u"]);
     assert_eq!(text(&output.stdout), "65534\n", "{}", text(&output.stderr));
 }
 
 #[test]
 fn root_may_run_a_child_as_another_user() {
-    require_root();
+    if !crate::util::root_or_skip("security::root_may_run_a_child_as_another_user") {
+        return;
+    }
     let server = Server::start();
     let output = server
         .client()
@@ -188,7 +202,12 @@ fn a_symlink_at_the_socket_path_is_not_followed() {
 
 #[test]
 fn a_user_cannot_see_or_kill_another_user_s_children() {
-    let (server, cli) = server_for_nobody(&["--allow-uid", "nobody"]);
+    let Some((server, cli)) = server_for_nobody(
+        "security::a_user_cannot_see_or_kill_another_user_s_children",
+        &["--allow-uid", "nobody"],
+    ) else {
+        return;
+    };
     let roots = server
         .client()
         .command("sleep")

@@ -32,6 +32,13 @@ fn verify_pair(from: &Path, name: &str, installed_binary: &str) {
 
 #[test]
 fn the_example_units_verify() {
+    if !crate::util::available_or_skip(
+        "systemd_units::the_example_units_verify",
+        crate::util::have("systemd-analyze"),
+        "needs systemd-analyze (Debian package systemd)",
+    ) {
+        return;
+    }
     let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/systemd");
     verify_pair(&examples, "forkserver-system", "/usr/local/bin/forkserver");
     // The per-user pair, checked as system units (no user manager here).

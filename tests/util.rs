@@ -209,6 +209,56 @@ pub fn cli_as_nobody(
         .expect("setpriv (util-linux) must be installed")
 }
 
+/// Whether a test that needs `what` (root, a program, a package) may run:
+/// true if `available`. Otherwise the test is skipped — it says so on
+/// stderr and in `$FORKSERVER_SKIP_LOG` (tests/all.sh counts the lines) —
+/// unless `$FORKSERVER_NO_SKIP` is set (CI sets it: there, nothing may be
+/// skipped), which fails the test instead.
+#[track_caller]
+pub fn available_or_skip(test: &str, available: bool, what: &str) -> bool {
+    if available {
+        return true;
+    }
+    let line = format!("{test}: skipped: {what}");
+    assert!(
+        std::env::var_os("FORKSERVER_NO_SKIP").is_none(),
+        "{line} (FORKSERVER_NO_SKIP is set)"
+    );
+    eprintln!("{line}");
+    if let Some(log) = std::env::var_os("FORKSERVER_SKIP_LOG") {
+        use std::io::Write;
+        let mut file = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        writeln!(file, "{line}").unwrap();
+    }
+    false
+}
+
+/// [`available_or_skip`] for a test that needs root (to switch users, or
+/// to lift limits that bind everyone else).
+#[track_caller]
+pub fn root_or_skip(test: &str) -> bool {
+    // SAFETY: geteuid cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    available_or_skip(
+        test,
+        root,
+        "needs root (it switches users or sets limits); CI runs it as root",
+    )
+}
+
+/// Whether `program` is on PATH, for [`available_or_skip`].
+pub fn have(program: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
 /// A fresh temp dir for a test's server.
 pub fn new_dir() -> TempDir {
     tempfile::Builder::new()

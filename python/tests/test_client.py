@@ -216,8 +216,11 @@ def test_a_closed_stdio_of_ours_becomes_dev_null_for_the_child(server, tmp_path)
 def test_a_rust_zygote_s_embedded_worker(tmp_path):
     """Worker(NAME) starts any worker a server offers: here the Rust test
     zygote's (built by cargo's tests), with string args and a payload."""
-    zygote = os.path.join(os.path.dirname(__file__), "..", "..", "target", "debug", "examples", "test_zygote")
-    assert os.path.exists(zygote), "build the Rust test zygote first: cargo build --examples"
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
+    target = os.environ.get("CARGO_TARGET_DIR") or os.path.join(root, "target")
+    zygote = os.path.join(root, target, "debug", "examples", "test_zygote")
+    if not os.path.exists(zygote):
+        pytest.skip(f"needs the Rust test zygote at {zygote}: cargo build --example test_zygote")
     socket_path = str(tmp_path / "zygote.sock")
     server = subprocess.Popen([zygote, "--socket", socket_path, "-q"], stdin=subprocess.DEVNULL)
     try:
