@@ -2,9 +2,11 @@
 //! one connection, reading each one's output from a pipe.
 //!
 //! ```sh
-//! target/release/examples/zygote --socket /tmp/zygote.sock &
+//! cargo run --release --example zygote -- --socket /tmp/zygote.sock &
 //! cargo run --release --example client -- /tmp/zygote.sock
 //! ```
+//!
+//! The socket is the one argument (no `--socket` flag).
 
 use std::io::Read;
 use std::process::ExitCode;

@@ -7,10 +7,9 @@
 //! work cold, in one process, the way a freshly exec'd program must.
 //!
 //! ```sh
-//! cargo build --release --example zygote --example client
-//! target/release/examples/zygote --socket /tmp/zygote.sock &     # preloads, then serves
+//! cargo run --release --example zygote -- --socket /tmp/zygote.sock &   # preloads, then serves
 //! cargo run --release -- spawn --socket /tmp/zygote.sock --worker pi -- 1000000
-//! target/release/examples/zygote query pi 1000000                 # the cold path
+//! cargo run --release --example zygote -- query pi 1000000              # the cold path
 //! ```
 //!
 //! `ZYGOTE_SIEVE_LIMIT` changes the table size (the tests use a small one).

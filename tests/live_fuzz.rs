@@ -448,14 +448,17 @@ fn live_fuzz_random_sequences_keep_the_server_whole() {
     }
     let started = Instant::now();
     let (sequences, messages) = (Cell::new(0u64), Cell::new(0u64));
-    let mut runner = TestRunner::new(Config {
+    let config = Config {
         cases: 16,
         failure_persistence: None,
         // Each shrink step replays a sequence: keep a failure's report quick.
         max_shrink_iters: 64,
         ..Config::default()
-    });
+    };
     while started.elapsed() < Duration::from_secs(seconds) {
+        // A runner runs its `cases` once; a fresh one (randomly seeded)
+        // for each round.
+        let mut runner = TestRunner::new(config.clone());
         let result = runner.run(&prop::collection::vec(action(), 1..40), |actions| {
             let sent = run_sequence(&server, &actions)?;
             check_invariants(&server, &baseline)?;
