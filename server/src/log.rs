@@ -50,12 +50,11 @@ pub(crate) fn write(level: Level, args: std::fmt::Arguments<'_>) {
         Level::Info => "info",
         Level::Debug => "debug",
     };
-    // A failed write to stderr has nowhere to be reported.
-    let _ = writeln!(
-        std::io::stderr().lock(),
-        "forkserver[{}]: {name} {args}",
-        std::process::id()
-    );
+    // One write per record, so records of processes sharing a stderr (a
+    // journal, a terminal) never interleave mid-line. A failed write to
+    // stderr has nowhere to be reported.
+    let line = format!("forkserver[{}]: {name} {args}\n", std::process::id());
+    let _ = std::io::stderr().lock().write_all(line.as_bytes());
 }
 
 macro_rules! log {
