@@ -58,6 +58,7 @@ impl Server {
         extra_args: &[&str],
         env: &[(&str, &str)],
     ) -> Server {
+        raise_fd_limit();
         let socket = dir.path().join("fs.sock");
         let mut command = serve_command(wrapper, program, &socket, dir.path());
         let process = command
@@ -257,6 +258,27 @@ pub fn have(program: &str) -> bool {
         .stdout(Stdio::null())
         .status()
         .is_ok_and(|s| s.success())
+}
+
+/// Raises this process's soft fd limit to its hard limit, once: the tests
+/// hold thousands of pidfds and pipes at once (the 5,000-children test, the
+/// soak), and servers they start inherit the limit. A login's soft limit is
+/// often 1024.
+pub fn raise_fd_limit() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit/setrlimit read and write the struct given.
+        unsafe {
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+                limit.rlim_cur = limit.rlim_max;
+                libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+            }
+        }
+    });
 }
 
 /// A fresh temp dir for a test's server.

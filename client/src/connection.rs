@@ -304,10 +304,18 @@ fn receive(socket: BorrowedFd<'_>, limits: &Limits, flags: i32) -> Result<Option
     else {
         return Ok(None);
     };
-    if datagram.truncated || datagram.fds_truncated {
-        return Err(Error::Protocol(
-            "the server sent an oversized message".into(),
-        ));
+    if datagram.truncated {
+        return Err(Error::Protocol(format!(
+            "the server sent a message over max_message_bytes ({})",
+            limits.max_message_bytes
+        )));
+    }
+    if datagram.fds_truncated {
+        // The kernel could not install the fds a reply carried here: this
+        // process is (nearly) out of descriptors.
+        return Err(Error::Io(io::Error::other(
+            "a reply's file descriptors could not all be received: this process may have run out of fds (RLIMIT_NOFILE)",
+        )));
     }
     let message = decode(&datagram.bytes).map_err(|e| Error::Protocol(e.to_string()))?;
     Ok(Some(Incoming {

@@ -58,6 +58,22 @@ pub(crate) fn pages<T: Serialize>(items: Vec<T>, max: usize) -> Vec<Vec<T>> {
     pages
 }
 
+/// The messages for a paged list: `page(items, more)` for each page,
+/// `more` on all but the last.
+pub(crate) fn paged<T: Serialize>(
+    items: Vec<T>,
+    max: usize,
+    page: impl Fn(Vec<T>, bool) -> ServerMessage,
+) -> Vec<ServerMessage> {
+    let pages = pages(items, max);
+    let last = pages.len() - 1;
+    pages
+        .into_iter()
+        .enumerate()
+        .map(|(i, items)| page(items, i < last))
+        .collect()
+}
+
 /// Shrinks `message` until its encoding fits in `max` bytes: texts are
 /// cut, `status` and `welcome` lists lose entries from the end and say
 /// `truncated`. None if it cannot be made to fit (a bug: the caller sends

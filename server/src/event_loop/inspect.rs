@@ -12,7 +12,7 @@ use super::connections::request_error;
 use super::EventLoop;
 use crate::ledger::{ChildRecord, ConnId};
 use crate::peer::Peer;
-use crate::reply_size::{self, pages, TEXT_MAX};
+use crate::reply_size::{self, paged, TEXT_MAX};
 use crate::sys;
 
 impl EventLoop {
@@ -102,17 +102,11 @@ impl EventLoop {
             })
             .collect();
         children.sort_by_key(|c| c.pid);
-        let pages = pages(children, self.limits.max_message_bytes as usize);
-        let last = pages.len() - 1;
-        pages
-            .into_iter()
-            .enumerate()
-            .map(|(i, children)| ServerMessage::Children {
-                id,
-                children,
-                more: i < last,
-            })
-            .collect()
+        paged(
+            children,
+            self.limits.max_message_bytes as usize,
+            |children, more| ServerMessage::Children { id, children, more },
+        )
     }
 
     /// Signals one child or all the peer may touch; the pids signalled, in
@@ -170,16 +164,10 @@ impl EventLoop {
             .filter(|(_, record)| sys::pidfd_send_signal(record.pidfd.as_fd(), signal).is_ok())
             .map(|(pid, _)| pid as u32)
             .collect();
-        let pages = pages(pids, self.limits.max_message_bytes as usize);
-        let last = pages.len() - 1;
-        pages
-            .into_iter()
-            .enumerate()
-            .map(|(i, pids)| ServerMessage::Killed {
-                id,
-                pids,
-                more: i < last,
-            })
-            .collect()
+        paged(
+            pids,
+            self.limits.max_message_bytes as usize,
+            |pids, more| ServerMessage::Killed { id, pids, more },
+        )
     }
 }
