@@ -49,9 +49,13 @@ fn five_thousand_children_with_4_kb_paths_are_listed_in_pages() {
     ) {
         return;
     }
+    // 5,000 exits can come at once: room to queue them all for a client
+    // that reads (the default 4096 matches the default 1024 children).
     let server = Server::start_with(&[
         "--limit",
         "max_children_per_connection=5000",
+        "--limit",
+        "max_queued_replies=12000",
         "--limit",
         "max_message_bytes=16384",
     ]);
