@@ -9,6 +9,7 @@ use std::sync::Arc;
 use forkserver_protocol::ServerMessage;
 
 use crate::connection::Connection;
+use crate::spawned::Spawned;
 use crate::Error;
 
 /// A child process started by the server.
@@ -39,41 +40,19 @@ pub struct Child {
 }
 
 impl Child {
-    /// `indexes`: where the pidfd, stdin, stdout and stderr are in `fds`.
-    pub(crate) fn new(
-        connection: Arc<Connection>,
-        id: u64,
-        pid: u32,
-        fds: Vec<OwnedFd>,
-        indexes: [Option<u32>; 4],
-    ) -> Result<Child, Error> {
-        let mut fds: Vec<Option<OwnedFd>> = fds.into_iter().map(Some).collect();
-        let mut take = |index: Option<u32>, what: &str| -> Result<Option<OwnedFd>, Error> {
-            match index {
-                None => Ok(None),
-                Some(i) => fds
-                    .get_mut(i as usize)
-                    .and_then(Option::take)
-                    .map(Some)
-                    .ok_or_else(|| {
-                        Error::Protocol(format!("spawned: no fd at index {i} for {what}"))
-                    }),
-            }
-        };
-        let [pidfd, stdin, stdout, stderr] = indexes;
-        let pidfd = take(pidfd, "the pidfd")?.expect("pidfd index is always present");
-        Ok(Child {
-            stdin: take(stdin, "stdin")?.map(ChildStdin::from),
-            stdout: take(stdout, "stdout")?.map(ChildStdout::from),
-            stderr: take(stderr, "stderr")?.map(ChildStderr::from),
+    pub(crate) fn new(connection: Arc<Connection>, id: u64, spawned: Spawned) -> Child {
+        Child {
+            stdin: spawned.stdin.map(ChildStdin::from),
+            stdout: spawned.stdout.map(ChildStdout::from),
+            stderr: spawned.stderr.map(ChildStderr::from),
             exit: ExitWatch {
                 connection,
                 id,
                 status: None,
             },
-            pid,
-            pidfd,
-        })
+            pid: spawned.pid,
+            pidfd: spawned.pidfd,
+        }
     }
 
     /// The child's pid (in the server's pid namespace).
@@ -98,24 +77,7 @@ impl Child {
         if self.exit.status.is_some() {
             return Ok(());
         }
-        // SAFETY: a null siginfo asks the kernel to fill in SI_USER details;
-        // the pidfd is ours and open.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_pidfd_send_signal,
-                self.pidfd.as_raw_fd(),
-                signal,
-                std::ptr::null::<libc::siginfo_t>(),
-                0,
-            )
-        };
-        if rc == -1 {
-            let err = io::Error::last_os_error();
-            if err.raw_os_error() != Some(libc::ESRCH) {
-                return Err(err);
-            }
-        }
-        Ok(())
+        signal_pidfd(self.pidfd.as_fd(), signal)
     }
 
     /// Waits for the child to exit. Closes the child's stdin first (if
@@ -175,6 +137,29 @@ impl ExitWatch {
         }
         Ok(self.status)
     }
+}
+
+/// `pidfd_send_signal(2)`; Ok if the process has already exited (there is
+/// no process to signal, and no other process can be hit).
+pub(crate) fn signal_pidfd(pidfd: BorrowedFd<'_>, signal: i32) -> io::Result<()> {
+    // SAFETY: a null siginfo asks the kernel to fill in SI_USER details;
+    // the pidfd is open for the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            signal,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if rc == -1 {
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::ESRCH) {
+            return Err(err);
+        }
+    }
+    Ok(())
 }
 
 impl Drop for ExitWatch {

@@ -7,13 +7,12 @@ use std::path::Path;
 use std::process::{ExitStatus, Output};
 use std::sync::Arc;
 
-use forkserver_protocol::{
-    ClientMessage, FdMapping, OnDisconnect, RunAs, ServerMessage, Spawn, Target, WireStr,
-};
+use forkserver_protocol::{ClientMessage, FdMapping, OnDisconnect, RunAs, Spawn, Target, WireStr};
 
 use crate::caller::Context;
 use crate::child::Child;
 use crate::connection::Connection;
+use crate::spawned::{answers_spawn, read_answer};
 use crate::stdio::{stdio_spec, Stdio, StdioKind, INHERIT, NULL, PIPED};
 use crate::Error;
 
@@ -364,59 +363,41 @@ impl Command {
         stdin: &'static StdioKind,
         out: &'static StdioKind,
     ) -> Result<Child, Error> {
-        self.check_nul()?;
         let connection = match &self.connection {
             Some(connection) => connection.clone(),
             None => crate::default_connection()?,
         };
-        let (mut request, mut fds) = self.request(stdin, out);
-        let cwd = self.context.apply(&mut request)?;
+        let (mut request, mut fds, cwd) = self.prepare(stdin, out)?;
         if let Some(dir) = &cwd {
             fds.push(dir.as_fd());
-            request.cwd_fd = Some((fds.len() - 1) as u32);
         }
         let id = connection.next_id();
         request.id = id;
         connection.send(&ClientMessage::Spawn(request), &fds)?;
         let reply = connection
-            .take(id, true, |m| {
-                matches!(
-                    m,
-                    ServerMessage::Spawned { .. }
-                        | ServerMessage::SpawnFailed { .. }
-                        | ServerMessage::Error { .. }
-                )
-            })?
+            .take(id, true, answers_spawn)?
             .expect("a blocking take returns a message or an error");
-        match reply.message {
-            ServerMessage::Spawned {
-                pid,
-                pidfd,
-                stdin,
-                stdout,
-                stderr,
-                ..
-            } => Child::new(
-                connection,
-                id,
-                pid,
-                reply.fds,
-                [Some(pidfd), stdin, stdout, stderr],
-            ),
-            ServerMessage::SpawnFailed {
-                kind,
-                errno,
-                message,
-                ..
-            } => Err(Error::SpawnFailed {
-                program: self.get_program().to_string_lossy().into_owned(),
-                kind,
-                errno,
-                message,
-            }),
-            ServerMessage::Error { kind, message, .. } => Err(Error::Refused { kind, message }),
-            other => Err(Error::Protocol(format!("unexpected reply {other:?}"))),
+        let program = self.get_program().to_string_lossy();
+        let spawned = read_answer(reply.message, reply.fds, &program)?;
+        Ok(Child::new(connection, id, spawned))
+    }
+
+    /// Checks the command and builds its request (id still 0) with the fds
+    /// it refers to by index — all but the working directory's, which the
+    /// third value holds and which the sender attaches last (the request's
+    /// `cwd_fd` already names that index). Unset stdio takes the defaults.
+    pub(crate) fn prepare(
+        &self,
+        stdin: &'static StdioKind,
+        out: &'static StdioKind,
+    ) -> Result<(Spawn, Vec<BorrowedFd<'_>>, Option<OwnedFd>), Error> {
+        self.check_nul()?;
+        let (mut request, fds) = self.request(stdin, out);
+        let cwd = self.context.apply(&mut request)?;
+        if cwd.is_some() {
+            request.cwd_fd = Some(fds.len() as u32);
         }
+        Ok((request, fds, cwd))
     }
 
     /// A NUL byte cannot reach `execve`; std refuses it at spawn with

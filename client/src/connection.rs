@@ -8,16 +8,17 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 
 use forkserver_protocol::{
-    connect_seqpacket, decode, encode, recv_datagram, send_datagram, ClientMessage, Limits,
-    ModuleInfo, ServerMessage, PROTOCOL_VERSION,
+    connect_seqpacket, recv_datagram, send_datagram, ClientMessage, Limits, ModuleInfo,
+    ServerMessage,
 };
 
+use crate::wire::{self, Route};
 use crate::Error;
 
 /// A message and the fds that came with it.
@@ -74,45 +75,15 @@ impl Connection {
             path: path.to_owned(),
             source,
         })?;
-        let hello = ClientMessage::Hello {
-            protocol: PROTOCOL_VERSION,
-            client: client_name.to_owned(),
-        };
         // A server that refuses us (say, our uid) sends its reason and closes
         // at once, so our hello may meet a closed socket: read the reason
         // before reporting the failed send.
-        let hello = encode(&hello).map_err(|e| Error::Protocol(e.to_string()))?;
-        match send_bytes(socket.as_fd(), &hello, &[]) {
+        match send_bytes(socket.as_fd(), &wire::hello(client_name)?, &[]) {
             Ok(()) | Err(Error::Disconnected(_)) => {}
             Err(e) => return Err(e),
         }
         // The server's limits are not known yet; a Welcome is small.
-        let welcome =
-            receive_after_reset(socket.as_fd(), &Limits::default())?.ok_or_else(|| {
-                Error::Disconnected(
-                    "the server closed the connection before answering hello".into(),
-                )
-            })?;
-        let info = match welcome.message {
-            ServerMessage::Welcome {
-                server_version,
-                pid,
-                limits,
-                modules,
-                workers,
-                ..
-            } => ServerInfo {
-                version: server_version,
-                pid,
-                limits,
-                modules,
-                workers,
-            },
-            ServerMessage::Error { kind, message, .. } => {
-                return Err(Error::Refused { kind, message })
-            }
-            other => return Err(Error::Protocol(format!("expected welcome, got {other:?}"))),
-        };
+        let info = wire::server_info(receive_after_reset(socket.as_fd(), &Limits::default())?)?;
         Ok(Connection {
             socket,
             info,
@@ -133,26 +104,9 @@ impl Connection {
         message: &ClientMessage,
         fds: &[BorrowedFd<'_>],
     ) -> Result<(), Error> {
-        let bytes = encode(message).map_err(|e| Error::Protocol(e.to_string()))?;
-        let limits = &self.info.limits;
-        if bytes.len() <= limits.max_message_bytes as usize {
-            return send_bytes(self.socket.as_fd(), &bytes, fds);
-        }
-        if bytes.len() > limits.max_bulk_bytes as usize {
-            return Err(Error::InvalidInput(format!(
-                "the request holds {} bytes; the server's limit max_bulk_bytes is {}",
-                bytes.len(),
-                limits.max_bulk_bytes
-            )));
-        }
-        let file = bulk_file(&bytes)?;
-        let mut with_file = fds.to_vec();
-        with_file.push(file.as_fd());
-        let bulk = ClientMessage::Bulk {
-            fd: (with_file.len() - 1) as u32,
-        };
-        let envelope = encode(&bulk).map_err(|e| Error::Protocol(e.to_string()))?;
-        send_bytes(self.socket.as_fd(), &envelope, &with_file)
+        let outgoing = wire::outgoing(message, fds.len(), &self.info.limits)?;
+        let fds = outgoing.fds(fds);
+        send_bytes(self.socket.as_fd(), &outgoing.bytes, &fds)
     }
 
     /// Whether the connection has failed (every request on it would fail).
@@ -227,25 +181,13 @@ impl Connection {
 
 /// Files a message under its id, or records a fatal error.
 fn route(state: &mut State, incoming: Incoming) {
-    let id = match &incoming.message {
-        ServerMessage::Spawned { id, .. }
-        | ServerMessage::SpawnFailed { id, .. }
-        | ServerMessage::Exited { id, .. }
-        | ServerMessage::Signaled { id, .. }
-        | ServerMessage::Error { id: Some(id), .. } => *id,
-        ServerMessage::Status(report) => report.id,
-        ServerMessage::Children { id, .. } | ServerMessage::Killed { id, .. } => *id,
-        ServerMessage::Error {
-            message,
-            fatal: true,
-            ..
-        } => {
-            state.broken = Some(format!("the server closed the connection: {message}"));
+    let id = match wire::route(&incoming.message) {
+        Route::To(id) => id,
+        Route::Broken(why) => {
+            state.broken = Some(why);
             return;
         }
-        // A non-fatal error about no request in particular, or a message
-        // that has no place after the handshake: nothing waits for it.
-        _ => return,
+        Route::Nowhere => return,
     };
     if state.abandoned.contains(&id) {
         if matches!(incoming.message, ServerMessage::Exited { .. }) {
@@ -256,30 +198,8 @@ fn route(state: &mut State, incoming: Incoming) {
     state.inbox.entry(id).or_default().push_back(incoming);
 }
 
-/// A memfd holding `bytes`, for a `bulk` message.
-fn bulk_file(bytes: &[u8]) -> Result<OwnedFd, Error> {
-    // SAFETY: a NUL-terminated name and flags; returns a new fd or -1.
-    let fd = unsafe { libc::memfd_create(c"forkserver-request".as_ptr(), libc::MFD_CLOEXEC) };
-    if fd == -1 {
-        return Err(Error::Io(io::Error::last_os_error()));
-    }
-    // SAFETY: memfd_create succeeded, so fd is new and ours alone.
-    let mut file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
-    io::Write::write_all(&mut file, bytes)?;
-    Ok(file.into())
-}
-
 fn send_bytes(socket: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> Result<(), Error> {
-    send_datagram(socket, bytes, fds, 0).map_err(|e| match e.raw_os_error() {
-        Some(libc::EPIPE) | Some(libc::ECONNRESET) => {
-            Error::Disconnected("the server closed the connection".into())
-        }
-        Some(libc::EMSGSIZE) => Error::Protocol(format!(
-            "a request of {} bytes is too large for the socket",
-            bytes.len()
-        )),
-        _ => Error::Io(e),
-    })
+    send_datagram(socket, bytes, fds, 0).map_err(|e| wire::send_error(e, bytes.len()))
 }
 
 /// Like a blocking [`receive`], but a server that closed while our request
@@ -298,28 +218,11 @@ fn receive_after_reset(socket: BorrowedFd<'_>, limits: &Limits) -> Result<Option
 }
 
 fn receive(socket: BorrowedFd<'_>, limits: &Limits, flags: i32) -> Result<Option<Incoming>, Error> {
-    // Replies carry at most four fds; room for more only guards against a
-    // misbehaving server (extra fds are closed when dropped).
-    let Some(datagram) = recv_datagram(socket, limits.max_message_bytes as usize, 16, flags)?
-    else {
-        return Ok(None);
-    };
-    if datagram.truncated {
-        return Err(Error::Protocol(format!(
-            "the server sent a message over max_message_bytes ({})",
-            limits.max_message_bytes
-        )));
-    }
-    if datagram.fds_truncated {
-        // The kernel could not install the fds a reply carried here: this
-        // process is (nearly) out of descriptors.
-        return Err(Error::Io(io::Error::other(
-            "a reply's file descriptors could not all be received: this process may have run out of fds (RLIMIT_NOFILE)",
-        )));
-    }
-    let message = decode(&datagram.bytes).map_err(|e| Error::Protocol(e.to_string()))?;
-    Ok(Some(Incoming {
-        message,
-        fds: datagram.fds,
-    }))
+    let datagram = recv_datagram(
+        socket,
+        limits.max_message_bytes as usize,
+        wire::MAX_REPLY_FDS,
+        flags,
+    )?;
+    wire::incoming(datagram, limits)
 }

@@ -47,7 +47,9 @@ mod child;
 mod command;
 mod connection;
 mod error;
+mod spawned;
 mod stdio;
+mod wire;
 
 use std::ffi::OsStr;
 use std::path::Path;
