@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use forkserver::client::tokio::AsyncClient;
 use forkserver::client::{Client, Stdio as FsStdio};
 use forkserver::protocol::{
     connect_seqpacket, listen_seqpacket, recv_datagram, send_datagram, seqpacket_pair,
@@ -302,6 +303,96 @@ fn exec_rows(report: &mut Report, client: &Client, client_kind: &str, runs: usiz
         format!("/bin/true via fork+exec ({client_kind})"),
         runs,
         fork_exec_true,
+    );
+}
+
+/// How many spawns are in flight at once in the async throughput rows.
+const IN_FLIGHT: usize = 32;
+
+/// `/bin/true` spawn+exit cycles per second with [`IN_FLIGHT`] at once:
+/// through the async client (one connection), through the blocking client
+/// (one connection, a thread each), and with tokio::process::Command. The
+/// runtime is gone (its threads joined) before the harness forks again.
+fn async_throughput_rows(report: &mut Report, stock: &Running, duration: Duration) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let count = |name: &str, cycles: &AtomicU64, start: Instant, report: &mut Report| {
+        let per_second = cycles.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64();
+        report.add_samples(
+            "throughput",
+            format!("/bin/true spawn+exit, {IN_FLIGHT} in flight: {name}"),
+            &mut [per_second],
+            "cycles/s",
+        );
+    };
+    let cycles = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    runtime.block_on(async {
+        let client = AsyncClient::connect(&stock.socket).await.unwrap();
+        let tasks: Vec<_> = (0..IN_FLIGHT)
+            .map(|_| {
+                let (client, cycles) = (client.clone(), cycles.clone());
+                tokio::spawn(async move {
+                    while start.elapsed() < duration {
+                        client.command("/bin/true").status().await.unwrap();
+                        cycles.fetch_add(1, Ordering::Relaxed);
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap();
+        }
+    });
+    count("async client, one connection", &cycles, start, report);
+
+    let cycles = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    runtime.block_on(async {
+        let tasks: Vec<_> = (0..IN_FLIGHT)
+            .map(|_| {
+                let cycles = cycles.clone();
+                tokio::spawn(async move {
+                    while start.elapsed() < duration {
+                        tokio::process::Command::new("/bin/true")
+                            .status()
+                            .await
+                            .unwrap();
+                        cycles.fetch_add(1, Ordering::Relaxed);
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap();
+        }
+    });
+    count("tokio::process::Command", &cycles, start, report);
+    drop(runtime);
+
+    let cycles = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let client = stock.client();
+    let threads: Vec<_> = (0..IN_FLIGHT)
+        .map(|_| {
+            let (client, cycles) = (client.clone(), cycles.clone());
+            std::thread::spawn(move || {
+                while start.elapsed() < duration {
+                    client.command("/bin/true").status().unwrap();
+                    cycles.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    threads.into_iter().for_each(|t| t.join().unwrap());
+    count(
+        "blocking client, one connection, a thread each",
+        &cycles,
+        start,
+        report,
     );
 }
 
@@ -685,6 +776,18 @@ fn harness() {
         );
     }
     drop(zygote);
+
+    // 3b. Exec throughput with 32 in flight: the async client on one
+    // connection, the blocking client shared by 32 threads, and
+    // tokio::process::Command, in the same run.
+    let stock = Running::start(std::path::Path::new(env!("CARGO_BIN_EXE_forkserver")), &[]);
+    let duration = if quick {
+        Duration::from_millis(500)
+    } else {
+        Duration::from_secs(3)
+    };
+    async_throughput_rows(&mut report, &stock, duration);
+    drop(stock);
 
     // 4. Memory: 32 idle workers over a 256 MB preload vs 32 cold copies.
     let zygote = Running::zygote(256, false);

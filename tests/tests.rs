@@ -3,6 +3,7 @@
 
 mod util;
 
+mod async_client;
 mod boot;
 mod caller;
 mod cli;

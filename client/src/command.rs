@@ -78,14 +78,15 @@ impl Command {
         Command::with(Some(connection), Spawn::exec(0, program, Vec::new()))
     }
 
-    pub(crate) fn worker_on(connection: Arc<Connection>, name: &str) -> Command {
+    /// A command for worker `name` (on the default connection if None).
+    pub(crate) fn worker_on(connection: Option<Arc<Connection>>, name: &str) -> Command {
         let mut request = Spawn::exec(0, "", Vec::new());
         request.target = Target::Worker {
             name: name.to_owned(),
             args: Vec::new(),
             payload: None,
         };
-        Command::with(Some(connection), request)
+        Command::with(connection, request)
     }
 
     fn with(connection: Option<Arc<Connection>>, request: Spawn) -> Command {

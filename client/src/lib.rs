@@ -49,6 +49,8 @@ mod connection;
 mod error;
 mod spawned;
 mod stdio;
+#[cfg(feature = "tokio")]
+pub mod tokio;
 mod wire;
 
 use std::ffi::OsStr;
@@ -101,7 +103,7 @@ impl Client {
     /// server, without exec: an embedded worker by name (see
     /// [`ServerInfo::workers`]), or `MODULE:SYMBOL` of a dynamic module.
     pub fn worker(&self, name: &str) -> Command {
-        Command::worker_on(self.connection.clone(), name)
+        Command::worker_on(Some(self.connection.clone()), name)
     }
 
     /// The server's pid, version, uptime, socket, RSS, modules with their

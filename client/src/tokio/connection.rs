@@ -1,0 +1,302 @@
+//! The async connection: one socket, one reader task, many waiters.
+//!
+//! The reader task receives every message and files it under its request
+//! id, waking that id's waiter (a `Notify` per id: a thousand children
+//! waiting on one connection do not wake each other). A message stays
+//! filed until a waiter takes it, so a waiting future that is dropped loses
+//! nothing: the next one finds it. When the connection ends, every waiter
+//! is woken and gets the reason.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use ::tokio::io::unix::AsyncFd;
+use ::tokio::sync::{Notify, Semaphore};
+use ::tokio::task::JoinHandle;
+use forkserver_protocol::{
+    connect_seqpacket, recv_datagram, send_datagram, ClientMessage, Limits, ServerMessage,
+};
+
+use crate::connection::{Incoming, ServerInfo};
+use crate::wire::{self, Route};
+use crate::Error;
+
+/// One waiter's messages.
+#[derive(Default)]
+struct Slot {
+    queue: VecDeque<Incoming>,
+    arrived: Arc<Notify>,
+}
+
+#[derive(Default)]
+struct Inbox {
+    slots: HashMap<u64, Slot>,
+    /// Ids whose handles were dropped: their messages are discarded.
+    abandoned: HashSet<u64>,
+    /// Set once the connection failed; every waiter gets it.
+    broken: Option<String>,
+}
+
+struct Shared {
+    socket: AsyncFd<OwnedFd>,
+    info: ServerInfo,
+    next_id: AtomicU64,
+    inbox: Mutex<Inbox>,
+    /// Spawns in flight, at most the server's `max_pending_per_connection`:
+    /// a thousand spawns at once wait here rather than be refused there.
+    starting: Semaphore,
+}
+
+/// A connection and its reader task; the task stops when the last handle
+/// (client, command, child) is dropped, which closes the socket.
+pub(crate) struct AsyncConnection {
+    shared: Arc<Shared>,
+    reader: JoinHandle<()>,
+}
+
+impl std::fmt::Debug for AsyncConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AsyncConnection")
+            .field("server", &self.shared.info)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for AsyncConnection {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+impl AsyncConnection {
+    /// Connects and does the handshake; must run inside a tokio runtime.
+    pub(crate) async fn open(path: &Path, client_name: &str) -> Result<AsyncConnection, Error> {
+        let socket = connect_seqpacket(path).map_err(|source| Error::Connect {
+            path: path.to_owned(),
+            source,
+        })?;
+        set_nonblocking(socket.as_fd())?;
+        // SAFETY: an OwnedFd keeps its one fd open, the same file, for as
+        // long as the AsyncFd that owns it lives.
+        let socket = unsafe { AsyncFd::register(socket) }.map_err(|e| Error::Io(e.into()))?;
+        // As in the blocking client: a refusing server closes at once, so
+        // read its reason even if our hello met a closed socket.
+        match send(&socket, &wire::hello(client_name)?, &[]).await {
+            Ok(()) | Err(Error::Disconnected(_)) => {}
+            Err(e) => return Err(e),
+        }
+        let welcome = match receive(&socket, &Limits::default()).await {
+            Err(Error::Io(e)) if e.raw_os_error() == Some(libc::ECONNRESET) => {
+                receive(&socket, &Limits::default())
+                    .await
+                    .or(Err(Error::Io(e)))?
+            }
+            other => other?,
+        };
+        let info = wire::server_info(welcome)?;
+        let pending = info.limits.max_pending_per_connection.max(1) as usize;
+        let shared = Arc::new(Shared {
+            socket,
+            info,
+            next_id: AtomicU64::new(1),
+            inbox: Mutex::default(),
+            starting: Semaphore::new(pending),
+        });
+        let reader = ::tokio::spawn(read_all(shared.clone()));
+        Ok(AsyncConnection { shared, reader })
+    }
+
+    pub(crate) fn info(&self) -> &ServerInfo {
+        &self.shared.info
+    }
+
+    pub(crate) fn next_id(&self) -> u64 {
+        self.shared.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Waits for room to start one more spawn (see `Shared::starting`).
+    pub(crate) async fn start_permit(&self) -> ::tokio::sync::SemaphorePermit<'_> {
+        self.shared
+            .starting
+            .acquire()
+            .await
+            .expect("the semaphore is never closed")
+    }
+
+    /// Sends `message` with `fds` (a `bulk` file if it is too big).
+    pub(crate) async fn send(
+        &self,
+        message: &ClientMessage,
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<(), Error> {
+        if let Some(why) = self.lock().broken.clone() {
+            return Err(Error::Disconnected(why));
+        }
+        let outgoing = wire::outgoing(message, fds.len(), &self.shared.info.limits)?;
+        let fds = outgoing.fds(fds);
+        send(&self.shared.socket, &outgoing.bytes, &fds).await
+    }
+
+    /// The first message for `id` that `wanted` accepts, waiting for it.
+    /// Cancel-safe: a message is removed only when returned.
+    pub(crate) async fn take(
+        &self,
+        id: u64,
+        wanted: impl Fn(&ServerMessage) -> bool,
+    ) -> Result<Incoming, Error> {
+        loop {
+            let arrived = {
+                let mut inbox = self.lock();
+                if let Some(found) = take_filed(&mut inbox, id, &wanted) {
+                    return Ok(found);
+                }
+                if let Some(why) = &inbox.broken {
+                    return Err(Error::Disconnected(why.clone()));
+                }
+                inbox.slots.entry(id).or_default().arrived.clone()
+            };
+            arrived.notified().await;
+        }
+    }
+
+    /// The first filed message for `id` that `wanted` accepts, if any, or
+    /// the connection's failure.
+    pub(crate) fn try_take(
+        &self,
+        id: u64,
+        wanted: impl Fn(&ServerMessage) -> bool,
+    ) -> Result<Option<Incoming>, Error> {
+        let mut inbox = self.lock();
+        match take_filed(&mut inbox, id, &wanted) {
+            Some(found) => Ok(Some(found)),
+            None => match &inbox.broken {
+                Some(why) => Err(Error::Disconnected(why.clone())),
+                None => Ok(None),
+            },
+        }
+    }
+
+    /// Discards everything filed or still to come for `id`.
+    pub(crate) fn abandon(&self, id: u64) {
+        let mut inbox = self.lock();
+        inbox.slots.remove(&id);
+        inbox.abandoned.insert(id);
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inbox> {
+        lock(&self.shared)
+    }
+}
+
+fn lock(shared: &Shared) -> MutexGuard<'_, Inbox> {
+    // Every update is a single insert or remove: a panic while holding the
+    // lock leaves the inbox consistent, so poisoning is ignored.
+    shared
+        .inbox
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn take_filed(
+    inbox: &mut Inbox,
+    id: u64,
+    wanted: &impl Fn(&ServerMessage) -> bool,
+) -> Option<Incoming> {
+    let slot = inbox.slots.get_mut(&id)?;
+    let at = slot.queue.iter().position(|m| wanted(&m.message))?;
+    slot.queue.remove(at)
+}
+
+/// The reader task: files every message under its id until the connection
+/// ends, then wakes every waiter with the reason.
+async fn read_all(shared: Arc<Shared>) {
+    let why = loop {
+        match receive(&shared.socket, &shared.info.limits).await {
+            Ok(Some(incoming)) => file(&shared, incoming),
+            Ok(None) => break "the server closed the connection".to_owned(),
+            Err(e) => break e.to_string(),
+        }
+        if lock(&shared).broken.is_some() {
+            return wake_all(&shared);
+        }
+    };
+    lock(&shared).broken.get_or_insert(why);
+    wake_all(&shared);
+}
+
+fn file(shared: &Shared, incoming: Incoming) {
+    let mut inbox = lock(shared);
+    let id = match wire::route(&incoming.message) {
+        Route::To(id) => id,
+        Route::Broken(why) => {
+            inbox.broken = Some(why);
+            return;
+        }
+        Route::Nowhere => return,
+    };
+    if inbox.abandoned.contains(&id) {
+        if matches!(incoming.message, ServerMessage::Exited { .. }) {
+            inbox.abandoned.remove(&id);
+        }
+        return;
+    }
+    let slot = inbox.slots.entry(id).or_default();
+    slot.queue.push_back(incoming);
+    // A permit is kept if nobody waits yet: the next wait returns at once.
+    slot.arrived.notify_one();
+}
+
+fn wake_all(shared: &Shared) {
+    for slot in lock(shared).slots.values() {
+        slot.arrived.notify_one();
+    }
+}
+
+async fn send(
+    socket: &AsyncFd<OwnedFd>,
+    bytes: &[u8],
+    fds: &[BorrowedFd<'_>],
+) -> Result<(), Error> {
+    loop {
+        let mut ready = socket.writable().await?;
+        match ready.try_io(|s| send_datagram(s.as_fd(), bytes, fds, libc::MSG_DONTWAIT)) {
+            Ok(result) => return result.map_err(|e| wire::send_error(e, bytes.len())),
+            Err(_would_block) => continue,
+        }
+    }
+}
+
+async fn receive(socket: &AsyncFd<OwnedFd>, limits: &Limits) -> Result<Option<Incoming>, Error> {
+    loop {
+        let mut ready = socket.readable().await?;
+        let received = ready.try_io(|s| {
+            recv_datagram(
+                s.as_fd(),
+                limits.max_message_bytes as usize,
+                wire::MAX_REPLY_FDS,
+                libc::MSG_DONTWAIT,
+            )
+        });
+        match received {
+            Ok(datagram) => return wire::incoming(datagram?, limits),
+            Err(_would_block) => continue,
+        }
+    }
+}
+
+fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: F_GETFL/F_SETFL on an fd we own only change its status flags.
+    unsafe {
+        let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+        if flags == -1 || libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) == -1
+        {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,185 @@
+//! The async client (`forkserver::client::tokio`) against a real server:
+//! many children on one connection, `select!` against a timeout, a
+//! cancelled `wait`, the connection dying under pending futures, workers
+//! with payloads, `kill_on_drop`.
+
+use std::time::Duration;
+
+use forkserver::client::tokio::AsyncClient;
+use forkserver::client::{Error, Stdio};
+
+use crate::util::{example, is_running, raise_fd_limit, wait_until, Server};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_children_share_one_connection() {
+    raise_fd_limit();
+    let server = Server::start();
+    let client = AsyncClient::connect(&server.socket).await.unwrap();
+    let tasks: Vec<_> = (0..1000)
+        .map(|i| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                let output = client
+                    .command("echo")
+                    .arg(format!("child {i}"))
+                    .output()
+                    .await
+                    .unwrap();
+                assert!(output.status.success());
+                assert_eq!(output.stdout, format!("child {i}\n").into_bytes());
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let status = client.status().await.unwrap();
+    assert_eq!(
+        (status.spawns, status.failures, status.children),
+        (1000, 0, 0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_races_a_timeout_and_a_cancelled_wait_loses_nothing() {
+    let server = Server::start();
+    let client = AsyncClient::connect(&server.socket).await.unwrap();
+
+    // select!: the timeout wins, the child is killed and reported so.
+    let mut child = client.command("sleep").arg("30").spawn().await.unwrap();
+    let pid = child.id();
+    tokio::select! {
+        status = child.wait() => panic!("sleep 30 ended early: {status:?}"),
+        _ = tokio::time::sleep(Duration::from_millis(200)) => child.kill().await.unwrap(),
+    }
+    let status = child.wait().await.unwrap();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(libc::SIGKILL)
+    );
+    assert!(!is_running(pid));
+
+    // A wait cancelled before the exit, then another: the status is there.
+    let mut child = client
+        .command("sh")
+        .args(["-c", "sleep 0.3; exit 7"])
+        .spawn()
+        .await
+        .unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(50), child.wait())
+            .await
+            .is_err()
+    );
+    assert_eq!(child.try_wait().unwrap(), None);
+    assert_eq!(child.wait().await.unwrap().code(), Some(7));
+    assert_eq!(child.try_wait().unwrap().and_then(|s| s.code()), Some(7));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_pending_future_fails_when_the_server_dies() {
+    let server = Server::start();
+    let client = AsyncClient::connect(&server.socket).await.unwrap();
+    let mut waits = Vec::new();
+    for _ in 0..10 {
+        let mut child = client.command("sleep").arg("30").spawn().await.unwrap();
+        waits.push(tokio::spawn(async move { child.wait().await }));
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    server.signal(libc::SIGKILL);
+    for wait in waits {
+        match tokio::time::timeout(Duration::from_secs(10), wait).await {
+            Ok(Ok(Err(Error::Disconnected(why)))) => {
+                assert!(why.contains("closed"), "{why}")
+            }
+            other => panic!("expected a disconnection error, got {other:?}"),
+        }
+    }
+    // New requests fail at once, with the same reason.
+    assert!(matches!(
+        client.command("true").status().await,
+        Err(Error::Disconnected(_))
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_payloads_pipes_and_kill_on_drop() {
+    let server = Server::launch(&example("test_zygote"), &[], &[]);
+    let client = AsyncClient::connect(&server.socket).await.unwrap();
+    let output = client
+        .worker("args")
+        .args(["one", "two"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(
+        (output.status.code(), output.stdout),
+        (Some(2), b"one two\n".to_vec())
+    );
+
+    #[derive(serde::Serialize)]
+    struct Order {
+        customer: String,
+        lines: Vec<()>,
+        tags: std::collections::BTreeMap<String, i64>,
+        note: Option<String>,
+    }
+    let order = Order {
+        customer: "ada".into(),
+        lines: vec![],
+        tags: [("rush".to_owned(), 1)].into(),
+        note: None,
+    };
+    let output = client
+        .worker("payload")
+        .payload(&order)
+        .unwrap()
+        .output()
+        .await
+        .unwrap();
+    assert!(String::from_utf8_lossy(&output.stdout).contains("customer: \"ada\""));
+
+    // Pipes both ways, moved out of the child.
+    let mut child = client
+        .command("tr")
+        .args(["a-z", "A-Z"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .await
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut stdin, b"shout\n")
+        .await
+        .unwrap();
+    drop(stdin);
+    let mut out = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut child.stdout.take().unwrap(), &mut out)
+        .await
+        .unwrap();
+    assert_eq!(out, "SHOUT\n");
+    assert!(child.wait().await.unwrap().success());
+    drop(child);
+
+    // kill_on_drop: dropping the handle kills the child.
+    let child = client
+        .command("sleep")
+        .arg("30")
+        .kill_on_drop(true)
+        .spawn()
+        .await
+        .unwrap();
+    let pid = child.id();
+    child.signal(0).unwrap();
+    drop(child);
+    wait_until("the dropped child is killed", || !is_running(pid));
+    // Without it, the child lives on until its connection closes.
+    let child = client.command("sleep").arg("30").spawn().await.unwrap();
+    let pid = child.id();
+    drop(child);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(is_running(pid));
+    // The last handle of the connection goes: the server kills its children.
+    drop(client);
+    wait_until("the connection's children are killed", || !is_running(pid));
+}
