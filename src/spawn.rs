@@ -55,6 +55,22 @@ pub(crate) struct SpawnArgs {
     /// supplementary groups. Only root may ask.
     #[arg(long, value_name = "USER", value_parser = parse_user)]
     user: Option<UserIds>,
+    /// Set a resource limit in the child (repeatable), as prlimit(1):
+    /// NAME=SOFT[:HARD] with NAME one of NOFILE, NPROC, AS, CORE, CPU,
+    /// FSIZE, STACK, MEMLOCK, NICE, … and values a number or `unlimited`
+    /// (HARD defaults to SOFT). `--rlimit self` gives the child all of this
+    /// command's limits; without it the child has the server's.
+    #[arg(long = "rlimit", value_name = "NAME=SOFT[:HARD]|self", value_parser = parse_rlimit)]
+    rlimits: Vec<RlimitArg>,
+    /// The child's nice value (-20..=19; below your own needs root).
+    #[arg(long, value_name = "N", allow_hyphen_values = true)]
+    nice: Option<i32>,
+    /// The CPUs the child may run on, e.g. 0,2-3.
+    #[arg(long, value_name = "LIST", value_parser = parse_cpus)]
+    cpus: Option<CpuList>,
+    /// The child's oom_score_adj (-1000..=1000; below your own needs root).
+    #[arg(long, value_name = "N", allow_hyphen_values = true)]
+    oom_score_adj: Option<i32>,
     /// SIGKILL the child if the server dies.
     #[arg(long)]
     die_with_server: bool,
@@ -106,6 +122,68 @@ fn parse_user(s: &str) -> Result<UserIds, String> {
         gid: user.gid.as_raw(),
         groups: groups.iter().map(|g| g.as_raw()).collect(),
     })
+}
+
+/// One `--rlimit`.
+#[derive(Clone, Debug)]
+enum RlimitArg {
+    /// All of this command's own limits.
+    Caller,
+    Set(String, Option<u64>, Option<u64>),
+}
+
+fn parse_rlimit(s: &str) -> Result<RlimitArg, String> {
+    if s == "self" {
+        return Ok(RlimitArg::Caller);
+    }
+    let (name, values) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected NAME=SOFT[:HARD] or self, got '{s}'"))?;
+    let name = name.to_ascii_uppercase();
+    let name = name.strip_prefix("RLIMIT_").unwrap_or(&name).to_owned();
+    if !forkserver::protocol::RLIMITS
+        .iter()
+        .any(|(n, _)| *n == name)
+    {
+        return Err(format!(
+            "unknown resource '{name}'; one of {}",
+            forkserver::protocol::RLIMITS.map(|(n, _)| n).join(", ")
+        ));
+    }
+    let value = |v: &str| -> Result<Option<u64>, String> {
+        match v {
+            "unlimited" | "infinity" => Ok(None),
+            v => v
+                .parse()
+                .map(Some)
+                .map_err(|_| format!("'{v}' is not a number or unlimited")),
+        }
+    };
+    let (soft, hard) = match values.split_once(':') {
+        Some((soft, hard)) => (value(soft)?, value(hard)?),
+        None => (value(values)?, value(values)?),
+    };
+    Ok(RlimitArg::Set(name, soft, hard))
+}
+
+/// CPU numbers, from a list as taskset(1) writes it: `0,2-3`.
+#[derive(Clone, Debug)]
+struct CpuList(Vec<u32>);
+
+fn parse_cpus(s: &str) -> Result<CpuList, String> {
+    let mut cpus = Vec::new();
+    for part in s.split(',') {
+        let number = |n: &str| {
+            n.trim()
+                .parse::<u32>()
+                .map_err(|_| format!("'{n}' is not a CPU number in '{s}'"))
+        };
+        match part.split_once('-') {
+            Some((from, to)) => cpus.extend(number(from)?..=number(to)?),
+            None => cpus.push(number(part)?),
+        }
+    }
+    Ok(CpuList(cpus))
 }
 
 fn parse_env(s: &str) -> Result<(OsString, OsString), String> {
@@ -234,6 +312,21 @@ fn command(client: &Client, args: &SpawnArgs) -> Command {
     }
     if let Some(user) = &args.user {
         command.user(user.uid, user.gid, &user.groups);
+    }
+    for limit in &args.rlimits {
+        match limit {
+            RlimitArg::Caller => command.caller_rlimits(),
+            RlimitArg::Set(name, soft, hard) => command.rlimit(name, *soft, *hard),
+        };
+    }
+    if let Some(nice) = args.nice {
+        command.nice(nice);
+    }
+    if let Some(CpuList(cpus)) = &args.cpus {
+        command.cpus(cpus);
+    }
+    if let Some(adj) = args.oom_score_adj {
+        command.oom_score_adj(adj);
     }
     command
         .server_env(args.server_env)

@@ -7,6 +7,7 @@ mod async_client;
 mod boot;
 mod caller;
 mod cli;
+mod controls;
 mod dylib;
 mod hygiene;
 mod lifecycle;

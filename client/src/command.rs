@@ -7,7 +7,9 @@ use std::path::Path;
 use std::process::{ExitStatus, Output};
 use std::sync::Arc;
 
-use forkserver_protocol::{ClientMessage, FdMapping, OnDisconnect, RunAs, Spawn, Target, WireStr};
+use forkserver_protocol::{
+    ClientMessage, FdMapping, OnDisconnect, Rlimit, RunAs, Spawn, Target, WireStr, RLIMITS,
+};
 
 use crate::caller::Context;
 use crate::child::Child;
@@ -255,6 +257,59 @@ impl Command {
     pub fn process_group(&mut self, pgid: i32) -> &mut Command {
         self.request.process_group = Some(pgid);
         self.request.new_session = false;
+        self
+    }
+
+    /// Sets resource limit `resource` (as prlimit(1) names it without
+    /// `RLIMIT_`: `NOFILE`, `NPROC`, `AS`, `CORE`, `CPU`, `STACK`, …; None
+    /// for unlimited). The child otherwise has the server's limits, not
+    /// this process's: see [`caller_rlimits`](Command::caller_rlimits). A
+    /// non-root client may not raise a hard limit above its own.
+    pub fn rlimit(&mut self, resource: &str, soft: Option<u64>, hard: Option<u64>) -> &mut Command {
+        self.request.rlimits.retain(|l| l.resource != resource);
+        self.request.rlimits.push(Rlimit {
+            resource: resource.to_owned(),
+            soft,
+            hard,
+        });
+        self
+    }
+
+    /// Gives the child this process's own resource limits, every one of
+    /// them (as a child of this process would inherit them); limits set
+    /// with [`rlimit`](Command::rlimit) after this win.
+    pub fn caller_rlimits(&mut self) -> &mut Command {
+        for (name, resource) in RLIMITS {
+            let mut limit = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            // SAFETY: getrlimit writes the struct given.
+            if unsafe { libc::getrlimit(resource as _, &mut limit) } == 0 {
+                let value = |v| (v != libc::RLIM_INFINITY).then_some(v);
+                self.rlimit(name, value(limit.rlim_cur), value(limit.rlim_max));
+            }
+        }
+        self
+    }
+
+    /// The child's nice value (absolute, -20..=19); below this client's own
+    /// is root's privilege.
+    pub fn nice(&mut self, nice: i32) -> &mut Command {
+        self.request.nice = Some(nice);
+        self
+    }
+
+    /// The CPUs the child may run on (`sched_setaffinity`).
+    pub fn cpus(&mut self, cpus: &[u32]) -> &mut Command {
+        self.request.cpus = Some(cpus.to_vec());
+        self
+    }
+
+    /// The child's `oom_score_adj` (-1000..=1000); below this client's own
+    /// is root's privilege.
+    pub fn oom_score_adj(&mut self, adj: i32) -> &mut Command {
+        self.request.oom_score_adj = Some(adj);
         self
     }
 

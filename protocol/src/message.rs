@@ -105,6 +105,20 @@ pub struct Spawn {
     /// must be in the server's session.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub process_group: Option<i32>,
+    /// Resource limits for the child (`setrlimit`); the server's otherwise.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rlimits: Vec<Rlimit>,
+    /// The child's nice value (`setpriority`), absolute; the server's
+    /// otherwise. Below the peer's own is root's privilege.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nice: Option<i32>,
+    /// The CPUs the child may run on (`sched_setaffinity`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<Vec<u32>>,
+    /// The child's `oom_score_adj` (-1000..=1000). Below the peer's own is
+    /// root's privilege.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oom_score_adj: Option<i32>,
     /// The child's fd 0.
     #[serde(default)]
     pub stdin: StdioSpec,
@@ -136,6 +150,42 @@ pub struct Spawn {
     /// otherwise runs children as the peer's own user.
     #[serde(default)]
     pub user: Option<RunAs>,
+}
+
+/// The resource limits a spawn may set, as prlimit(1) names them without
+/// `RLIMIT_`, with their `RLIMIT_*` numbers.
+// The constants are c_uint on glibc and c_int on musl: the casts are for
+// the latter.
+#[allow(clippy::unnecessary_cast)]
+pub const RLIMITS: [(&str, u32); 16] = [
+    ("AS", libc::RLIMIT_AS as u32),
+    ("CORE", libc::RLIMIT_CORE as u32),
+    ("CPU", libc::RLIMIT_CPU as u32),
+    ("DATA", libc::RLIMIT_DATA as u32),
+    ("FSIZE", libc::RLIMIT_FSIZE as u32),
+    ("LOCKS", libc::RLIMIT_LOCKS as u32),
+    ("MEMLOCK", libc::RLIMIT_MEMLOCK as u32),
+    ("MSGQUEUE", libc::RLIMIT_MSGQUEUE as u32),
+    ("NICE", libc::RLIMIT_NICE as u32),
+    ("NOFILE", libc::RLIMIT_NOFILE as u32),
+    ("NPROC", libc::RLIMIT_NPROC as u32),
+    ("RSS", libc::RLIMIT_RSS as u32),
+    ("RTPRIO", libc::RLIMIT_RTPRIO as u32),
+    ("RTTIME", libc::RLIMIT_RTTIME as u32),
+    ("SIGPENDING", libc::RLIMIT_SIGPENDING as u32),
+    ("STACK", libc::RLIMIT_STACK as u32),
+];
+
+/// One resource limit for a child.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rlimit {
+    /// The resource, as prlimit(1) names it without `RLIMIT_` (one of
+    /// [`RLIMITS`]).
+    pub resource: String,
+    /// The soft limit; nil for unlimited.
+    pub soft: Option<u64>,
+    /// The hard limit; nil for unlimited.
+    pub hard: Option<u64>,
 }
 
 /// Credentials for a child: uid, gid and supplementary groups.
@@ -181,6 +231,10 @@ impl Spawn {
             cwd_fd: None,
             umask: None,
             process_group: None,
+            rlimits: Vec::new(),
+            nice: None,
+            cpus: None,
+            oom_score_adj: None,
             stdin: StdioSpec::Null,
             stdout: StdioSpec::Null,
             stderr: StdioSpec::Null,

@@ -287,6 +287,10 @@ class Client:
         server_env=False,
         server_cwd=False,
         server_umask=False,
+        rlimits=None,
+        nice=None,
+        cpus=None,
+        oom_score_adj=None,
     ):
         """Starts a child and returns its :class:`Child`, like
         ``subprocess.Popen``.
@@ -311,7 +315,11 @@ class Client:
         ``subprocess.Popen``: with ``os.environ`` (or ``env``, the whole
         environment, when given), in this process's working directory (passed
         as a directory fd; a relative ``cwd`` is relative to it) and with its
-        umask. With ``env_clear=False``, ``env`` holds changes instead (a
+        umask. ``rlimits`` maps resource names (``"NOFILE"``, as prlimit(1)
+        has them) to ``(soft, hard)`` (None: unlimited); ``nice``, ``cpus``
+        (CPU numbers) and ``oom_score_adj`` set those for the child; a
+        non-root caller may not ask for more than it has. With
+        ``env_clear=False``, ``env`` holds changes instead (a
         None value removes a variable). ``server_env=True`` starts from the
         server's environment rather than ``os.environ``; ``server_cwd=True`` the server's directory (a relative
         ``cwd`` is then relative to it); ``server_umask=True`` the server's
@@ -386,6 +394,17 @@ class Client:
             message["umask"] = _own_umask()
         if cwd is not None:
             message["cwd"] = _os_string(cwd)
+        if rlimits:
+            message["rlimits"] = [
+                {"resource": name, "soft": soft, "hard": hard}
+                for name, (soft, hard) in rlimits.items()
+            ]
+        if nice is not None:
+            message["nice"] = nice
+        if cpus is not None:
+            message["cpus"] = list(cpus)
+        if oom_score_adj is not None:
+            message["oom_score_adj"] = oom_score_adj
         if detach:
             message["on_disconnect"] = "detach"
         if die_with_server:

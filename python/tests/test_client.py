@@ -287,3 +287,16 @@ with forkserver.Client({server.socket!r}) as client:
         "found on the caller's PATH",
         hashlib.md5(expected_big.encode()).hexdigest(),
     ]
+
+
+def test_resource_limits_nice_cpus_and_oom_score_adj(server):
+    with forkserver.Client(server.socket) as client:
+        child = client.spawn(
+            ["sh", "-c", "ulimit -n; ulimit -Hn; nice; cat /proc/self/oom_score_adj"],
+            rlimits={"NOFILE": (64, 128)}, nice=4, cpus=[0], oom_score_adj=300,
+            stdout=subprocess.PIPE,
+        )
+        out, _ = child.communicate(timeout=10)
+        assert out.decode().split() == ["64", "128", "4", "300"]
+        with pytest.raises(forkserver.SpawnError, match="'FILES' is not one of"):
+            client.spawn("true", rlimits={"FILES": (1, 1)})

@@ -92,6 +92,16 @@ impl AsyncCommand {
         fn uid(uid: u32);
         /// A group id ([`Command::gid`]).
         fn gid(gid: u32);
+        /// A resource limit ([`Command::rlimit`]).
+        fn rlimit(resource: &str, soft: Option<u64>, hard: Option<u64>);
+        /// This process's limits ([`Command::caller_rlimits`]).
+        fn caller_rlimits();
+        /// A nice value ([`Command::nice`]).
+        fn nice(nice: i32);
+        /// CPU affinity ([`Command::cpus`]).
+        fn cpus(cpus: &[u32]);
+        /// `oom_score_adj` ([`Command::oom_score_adj`]).
+        fn oom_score_adj(adj: i32);
     }
 
     /// Adds arguments ([`Command::args`]).

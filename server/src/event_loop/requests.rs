@@ -130,7 +130,7 @@ impl EventLoop {
                         self.launcher
                             .hand_off(child, &request, fds, credentials, &conn.peer)
                     }
-                    None => self.launcher.launch(&request, fds, credentials),
+                    None => self.launcher.launch(&request, &conn.peer, fds, credentials),
                 }))
                 .unwrap_or_else(|panic| {
                     Err(LaunchError::new(

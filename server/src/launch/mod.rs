@@ -28,6 +28,7 @@ use crate::pool::PoolChild;
 use crate::sys;
 use crate::threads::ForkGuard;
 
+mod controls;
 mod fields;
 mod fork;
 mod plan;
@@ -116,17 +117,19 @@ impl Launcher {
         })
     }
 
-    /// Checks `request`, forks a child for it, running as `credentials`.
+    /// Checks `request` from `peer`, forks a child for it, running as
+    /// `credentials`.
     /// `fds` are the fds attached to the request; the ones it references are
     /// installed in the child and all are closed in the server on return.
     pub(crate) fn launch(
         &self,
         request: &Spawn,
+        peer: &Peer,
         fds: Vec<OwnedFd>,
         credentials: Option<RunAs>,
     ) -> Result<Launched, LaunchError> {
         let mut made = plan::PlanFds::default();
-        let plan = self.plan(request, &fds, credentials, &mut made)?;
+        let plan = self.plan(request, peer, &fds, credentials, &mut made)?;
         let forked = self.fork(|reporter| {
             // SAFETY: we are the freshly forked child; every fd in the plan is
             // open (owned by `fds`, `made` or the launcher).
@@ -173,7 +176,7 @@ impl Launcher {
         peer: &Peer,
     ) -> Result<Launched, LaunchError> {
         let mut made = plan::PlanFds::default();
-        self.plan(request, &fds, credentials, &mut made)?;
+        self.plan(request, peer, &fds, credentials, &mut made)?;
         let mut spawn = request.clone();
         let mut pipes = made.child_pipes.into_iter();
         for spec in [&mut spawn.stdin, &mut spawn.stdout, &mut spawn.stderr] {

@@ -12,12 +12,14 @@ use std::ptr;
 
 use forkserver_protocol::{ErrorKind, RunAs, Spawn, StdioSpec, Target};
 
+use super::controls::{controls, Controls};
 use super::fields::{
     c_string, check_args, check_bytes, check_count, exec_candidates, invalid, utf8_args,
 };
 use super::{ClientEnds, LaunchError, Launcher};
 use crate::dylib::EntryPoint;
 use crate::modules::WorkerRef;
+use crate::peer::Peer;
 use crate::sys;
 use crate::worker::{WorkerContext, WorkerFn};
 
@@ -85,6 +87,8 @@ pub(crate) struct ChildPlan<'m> {
     pub(crate) umask: Option<libc::mode_t>,
     /// `setpgid(0, pgid)`.
     pub(crate) process_group: Option<libc::pid_t>,
+    /// Resource limits, nice, CPUs, `oom_score_adj`.
+    pub(crate) controls: Controls,
     /// `(source, target)`: install the server's fd `source` as `target`.
     /// Sorted by target; targets are distinct.
     pub(crate) fd_moves: Vec<(RawFd, RawFd)>,
@@ -108,12 +112,13 @@ pub(crate) struct PlanFds {
 }
 
 impl Launcher {
-    /// Validates `request` and builds the child's plan, running as
-    /// `credentials`. `fds` are the fds attached to the request; pipes the
-    /// request asks for are made here, into `made`.
+    /// Validates `request` from `peer` and builds the child's plan, running
+    /// as `credentials`. `fds` are the fds attached to the request; pipes
+    /// the request asks for are made here, into `made`.
     pub(crate) fn plan(
         &self,
         request: &Spawn,
+        peer: &Peer,
         fds: &[OwnedFd],
         credentials: Option<RunAs>,
         made: &mut PlanFds,
@@ -232,6 +237,7 @@ impl Launcher {
                 return Err(invalid(format!("process_group {pgid} is negative")));
             }
         }
+        let controls = controls(request, peer)?;
         let fd_moves = self.fd_moves(request, fds, made)?;
         Ok(ChildPlan {
             argv: CStringArray::new(argv),
@@ -240,6 +246,7 @@ impl Launcher {
             cwd,
             umask,
             process_group: request.process_group,
+            controls,
             fd_moves,
             new_session: request.new_session,
             credentials,

@@ -8,7 +8,20 @@ use super::fields::exec_candidates;
 use super::plan::{Action, PlanFds};
 use super::Launcher;
 use crate::modules::Modules;
+use crate::peer::Peer;
 use crate::threads::ForkGuard;
+
+/// This test process as a peer.
+fn me() -> Peer {
+    Peer {
+        pid: std::process::id() as i32,
+        // SAFETY: getuid and getgid cannot fail.
+        uid: unsafe { libc::getuid() },
+        // SAFETY: as above.
+        gid: unsafe { libc::getgid() },
+        groups: Vec::new(),
+    }
+}
 
 fn launcher(limits: Limits) -> Launcher {
     Launcher::new(Modules::default(), limits, ForkGuard::Off).unwrap()
@@ -27,13 +40,19 @@ fn path_search_follows_execvp() {
 fn bad_requests_are_refused_before_any_fork() {
     let launcher = launcher(Limits::default());
     let mut request = Spawn::exec(1, "true", vec!["a\0b".into()]);
-    let err = launcher.launch(&request, Vec::new(), None).err().unwrap();
+    let err = launcher
+        .launch(&request, &me(), Vec::new(), None)
+        .err()
+        .unwrap();
     assert_eq!(err.kind, ErrorKind::Invalid);
     assert!(err.message.contains("target.args[0]"), "{}", err.message);
 
     request = Spawn::exec(1, "true", Vec::new());
     request.stdin = StdioSpec::Fd { index: 2 };
-    let err = launcher.launch(&request, Vec::new(), None).err().unwrap();
+    let err = launcher
+        .launch(&request, &me(), Vec::new(), None)
+        .err()
+        .unwrap();
     assert!(err.message.contains("stdin: fd index 2"), "{}", err.message);
 
     request = Spawn::exec(1, "true", vec!["x".into(); 5]);
@@ -41,7 +60,10 @@ fn bad_requests_are_refused_before_any_fork() {
         max_args: 4,
         ..Limits::default()
     });
-    let err = small.launch(&request, Vec::new(), None).err().unwrap();
+    let err = small
+        .launch(&request, &me(), Vec::new(), None)
+        .err()
+        .unwrap();
     assert_eq!(err.kind, ErrorKind::Limit);
     assert!(err.message.contains("max_args is 4"), "{}", err.message);
 
@@ -51,7 +73,10 @@ fn bad_requests_are_refused_before_any_fork() {
         args: Vec::new(),
         payload: None,
     };
-    let err = launcher.launch(&request, Vec::new(), None).err().unwrap();
+    let err = launcher
+        .launch(&request, &me(), Vec::new(), None)
+        .err()
+        .unwrap();
     assert_eq!(err.kind, ErrorKind::UnknownWorker);
     assert!(
         err.message.contains("no worker named 'nope'"),
@@ -82,7 +107,9 @@ fn a_plan_has_argv_env_edits_sorted_fd_moves_and_pipes() {
         target: 9,
     }];
     let mut made = PlanFds::default();
-    let plan = launcher.plan(&request, &fds, None, &mut made).unwrap();
+    let plan = launcher
+        .plan(&request, &me(), &fds, None, &mut made)
+        .unwrap();
 
     let strings = |array: &super::plan::CStringArray| -> Vec<String> {
         (0..array.len())
@@ -131,7 +158,7 @@ fn fd_targets_must_be_distinct_and_in_range() {
         },
     ];
     let err = launcher
-        .plan(&request, &fds, None, &mut PlanFds::default())
+        .plan(&request, &me(), &fds, None, &mut PlanFds::default())
         .err()
         .unwrap();
     assert!(
@@ -145,7 +172,7 @@ fn fd_targets_must_be_distinct_and_in_range() {
         target: 2,
     }];
     let err = launcher
-        .plan(&request, &fds, None, &mut PlanFds::default())
+        .plan(&request, &me(), &fds, None, &mut PlanFds::default())
         .err()
         .unwrap();
     assert!(
@@ -153,4 +180,56 @@ fn fd_targets_must_be_distinct_and_in_range() {
         "{}",
         err.message
     );
+}
+
+#[test]
+fn controls_are_checked_by_name_range_and_right() {
+    let launcher = launcher(Limits::default());
+    let spawn_with = |edit: &dyn Fn(&mut Spawn)| {
+        let mut request = Spawn::exec(1, "true", Vec::new());
+        edit(&mut request);
+        launcher
+            .plan(&request, &me(), &[], None, &mut PlanFds::default())
+            .map(|plan| plan.controls.rlimits.len())
+    };
+    let limit =
+        |resource: &str, soft: Option<u64>, hard: Option<u64>| forkserver_protocol::Rlimit {
+            resource: resource.into(),
+            soft,
+            hard,
+        };
+    assert_eq!(
+        spawn_with(&|r| r.rlimits = vec![limit("NOFILE", Some(64), Some(128))]).unwrap(),
+        1
+    );
+    let err = spawn_with(&|r| r.rlimits = vec![limit("FILES", Some(1), Some(1))]).unwrap_err();
+    assert!(
+        err.message.contains("'FILES' is not one of"),
+        "{}",
+        err.message
+    );
+    let err = spawn_with(&|r| r.rlimits = vec![limit("NOFILE", Some(9), Some(8))]).unwrap_err();
+    assert!(
+        err.message.contains("above its hard limit"),
+        "{}",
+        err.message
+    );
+    let err = spawn_with(&|r| r.nice = Some(40)).unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Invalid);
+    let err = spawn_with(&|r| r.cpus = Some(vec![])).unwrap_err();
+    assert!(err.message.contains("cpus is empty"), "{}", err.message);
+    let err = spawn_with(&|r| r.cpus = Some(vec![100_000])).unwrap_err();
+    assert!(err.message.contains("beyond"), "{}", err.message);
+    let err = spawn_with(&|r| r.oom_score_adj = Some(2000)).unwrap_err();
+    assert!(
+        err.message.contains("outside -1000..=1000"),
+        "{}",
+        err.message
+    );
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        // Raising a hard limit past its own is refused for a non-root peer.
+        let err = spawn_with(&|r| r.rlimits = vec![limit("NOFILE", None, None)]).unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Denied, "{}", err.message);
+    }
 }

@@ -104,7 +104,7 @@ fn become_assigned(
         return setup_failed(libc::EPERM);
     };
     let mut made = PlanFds::default();
-    match launcher.plan(&request, &fds, credentials, &mut made) {
+    match launcher.plan(&request, &assignment.peer, &fds, credentials, &mut made) {
         // SAFETY: a forked, single-threaded pool child with the plan's fds
         // (in `fds`) open, and its signals already reset (above).
         Ok(plan) => unsafe { setup::run_with_default_signals(plan, reporter) },

@@ -6,10 +6,11 @@
 //! - end-of-file with nothing written means the child started: `execve`
 //!   succeeded (close-on-exec closed the pipe), or a worker closed it just
 //!   before its own code ran;
-//! - an 8-byte record means a step failed: the errno (`i32`) then the step
-//!   ([`FailedStep`] as `u32`), both in native byte order (writer and reader
-//!   are the same binary). 8 bytes is below `PIPE_BUF`, so the write is
-//!   atomic and a short read would be a bug.
+//! - a 12-byte record means a step failed: the errno (`i32`), the step
+//!   ([`FailedStep`] as `u32`) and a detail (`u32`: the resource of a
+//!   failed `setrlimit`), in native byte order (writer and reader are the
+//!   same binary). 12 bytes is below `PIPE_BUF`, so the write is atomic and
+//!   a short read would be a bug.
 //!
 //! The child exits 127 after writing, the shell's "cannot run" status.
 
@@ -22,7 +23,7 @@ use forkserver_protocol::ErrorKind;
 use crate::sys;
 
 /// The size of a failure record.
-const RECORD_LEN: usize = 8;
+const RECORD_LEN: usize = 12;
 
 /// Which step of the child's setup failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,6 +39,14 @@ pub(crate) enum FailedStep {
     /// The child panicked before its work began (errno 0). The panic
     /// message went to the child's stderr, the server's own.
     Panic = 4,
+    /// `setrlimit` (the detail is the resource).
+    Rlimit = 5,
+    /// `setpriority`.
+    Nice = 6,
+    /// `sched_setaffinity`.
+    Cpus = 7,
+    /// Writing /proc/self/oom_score_adj.
+    OomScoreAdj = 8,
 }
 
 /// A failed step and its errno.
@@ -45,11 +54,25 @@ pub(crate) enum FailedStep {
 pub(crate) struct Failure {
     pub(crate) step: FailedStep,
     pub(crate) errno: i32,
+    /// For `Rlimit`, the resource.
+    pub(crate) detail: u32,
 }
 
 impl Failure {
     pub(crate) fn new(step: FailedStep, errno: i32) -> Failure {
-        Failure { step, errno }
+        Failure {
+            step,
+            errno,
+            detail: 0,
+        }
+    }
+
+    /// `step` failed with the calling thread's errno, about `detail`.
+    pub(crate) fn last_os_error_about(step: FailedStep, detail: u32) -> Failure {
+        Failure {
+            detail,
+            ..Failure::last_os_error(step)
+        }
     }
 
     /// `step` failed with the calling thread's errno.
@@ -60,20 +83,30 @@ impl Failure {
     fn encode(self) -> [u8; RECORD_LEN] {
         let mut record = [0u8; RECORD_LEN];
         record[..4].copy_from_slice(&self.errno.to_ne_bytes());
-        record[4..].copy_from_slice(&(self.step as u32).to_ne_bytes());
+        record[4..8].copy_from_slice(&(self.step as u32).to_ne_bytes());
+        record[8..].copy_from_slice(&self.detail.to_ne_bytes());
         record
     }
 
     fn decode(record: [u8; RECORD_LEN]) -> Option<Failure> {
         let errno = i32::from_ne_bytes(record[..4].try_into().ok()?);
-        let step = match u32::from_ne_bytes(record[4..].try_into().ok()?) {
+        let step = match u32::from_ne_bytes(record[4..8].try_into().ok()?) {
             1 => FailedStep::Setup,
             2 => FailedStep::Chdir,
             3 => FailedStep::Exec,
             4 => FailedStep::Panic,
+            5 => FailedStep::Rlimit,
+            6 => FailedStep::Nice,
+            7 => FailedStep::Cpus,
+            8 => FailedStep::OomScoreAdj,
             _ => return None,
         };
-        Some(Failure { step, errno })
+        let detail = u32::from_ne_bytes(record[8..].try_into().ok()?);
+        Some(Failure {
+            step,
+            errno,
+            detail,
+        })
     }
 
     /// What the client is told: the `spawn_failed` kind, errno and message.
@@ -94,6 +127,30 @@ impl Failure {
                 ErrorKind::Setup,
                 Some(self.errno),
                 format!("cannot set up the child: {}", errno()),
+            ),
+            FailedStep::Rlimit => (
+                ErrorKind::Setup,
+                Some(self.errno),
+                format!(
+                    "cannot set rlimits {}: {}",
+                    super::controls::resource_name(self.detail),
+                    errno()
+                ),
+            ),
+            FailedStep::Nice => (
+                ErrorKind::Setup,
+                Some(self.errno),
+                format!("cannot set nice: {}", errno()),
+            ),
+            FailedStep::Cpus => (
+                ErrorKind::Setup,
+                Some(self.errno),
+                format!("cannot set cpus (CPU affinity): {}", errno()),
+            ),
+            FailedStep::OomScoreAdj => (
+                ErrorKind::Setup,
+                Some(self.errno),
+                format!("cannot set oom_score_adj: {}", errno()),
             ),
             FailedStep::Panic => (
                 ErrorKind::Setup,
@@ -186,6 +243,10 @@ mod tests {
             FailedStep::Chdir,
             FailedStep::Exec,
             FailedStep::Panic,
+            FailedStep::Rlimit,
+            FailedStep::Nice,
+            FailedStep::Cpus,
+            FailedStep::OomScoreAdj,
         ] {
             let failure = Failure::new(step, libc::ENOENT);
             assert_eq!(Failure::decode(failure.encode()), Some(failure));
@@ -206,10 +267,10 @@ mod tests {
             libc::write(
                 std::os::fd::AsRawFd::as_raw_fd(&write),
                 record.as_ptr().cast(),
-                8,
+                RECORD_LEN,
             )
         };
-        assert_eq!(n, 8);
+        assert_eq!(n, RECORD_LEN as isize);
         assert_eq!(read_outcome(&read), Outcome::Failed(failure));
         drop(write);
         assert_eq!(read_outcome(&read), Outcome::Started);

@@ -23,6 +23,7 @@ use std::os::fd::RawFd;
 use std::panic::{self, AssertUnwindSafe};
 use std::ptr;
 
+use super::controls::Controls;
 use super::plan::{Action, CStringArray, ChildPlan, MAX_MOVES};
 use super::report::{FailedStep, Failure, Reporter};
 use crate::sys::cvt_r;
@@ -63,7 +64,7 @@ pub(crate) unsafe fn run_with_default_signals(plan: ChildPlan<'_>, reporter: &Re
     reporter.fail(failure)
 }
 
-/// Steps 2 to 7. Returns only with the step that failed.
+/// Steps 2 to 8. Returns only with the step that failed.
 ///
 /// # Safety
 /// As [`run_with_default_signals`].
@@ -143,7 +144,14 @@ unsafe fn setup(mut plan: ChildPlan<'_>, reporter: &Reporter) -> Result<Infallib
         close_except(floor, [reporter.fd(), cwd_fd.unwrap_or(-1)]);
     }
 
-    // 5. Credentials, in the only order that works: supplementary groups and
+    // 5. Process controls, while the child still has the server's
+    //    privileges (a higher hard limit, a lower nice or oom_score_adj need
+    //    them; the server checked what this peer may ask for).
+    // SAFETY: the plan's data lives on; these calls change only this
+    // process.
+    unsafe { apply_controls(&plan.controls) }?;
+
+    // 6. Credentials, in the only order that works: supplementary groups and
     //    gid while we still may, uid last; then check the change took.
     if let Some(user) = &plan.credentials {
         // SAFETY: the groups slice is valid for its length; the id calls
@@ -191,7 +199,7 @@ unsafe fn setup(mut plan: ChildPlan<'_>, reporter: &Reporter) -> Result<Infallib
         }
     }
 
-    // 6. Working directory (after the credential change, so the user's own
+    // 7. Working directory (after the credential change, so the user's own
     //    permissions apply): the client's directory fd, then `cwd`, which
     //    may be relative to it. Then the file mode creation mask.
     if let Some(fd) = cwd_fd {
@@ -210,7 +218,7 @@ unsafe fn setup(mut plan: ChildPlan<'_>, reporter: &Reporter) -> Result<Infallib
         unsafe { libc::umask(mask) };
     }
 
-    // 7. Become the program or the worker.
+    // 8. Become the program or the worker.
     match plan.action {
         // SAFETY: the strings were built before the fork and live on.
         Action::Exec { candidates } => Err(unsafe { exec(&candidates, &plan.argv, &plan.envp) }),
@@ -238,6 +246,57 @@ unsafe fn setup(mut plan: ChildPlan<'_>, reporter: &Reporter) -> Result<Infallib
             exit_flushed(code)
         }
     }
+}
+
+/// Resource limits, nice, CPU affinity and `oom_score_adj`, as planned.
+///
+/// # Safety
+/// Only in a forked child: async-signal-safe calls on prepared data.
+// RLIMIT_* is c_uint on glibc and c_int on musl: the cast is for the latter.
+#[allow(clippy::unnecessary_cast)]
+unsafe fn apply_controls(controls: &Controls) -> Result<(), Failure> {
+    for (resource, limit) in &controls.rlimits {
+        // SAFETY: a valid rlimit for a known resource.
+        if unsafe { libc::setrlimit(*resource, limit) } == -1 {
+            return Err(Failure::last_os_error_about(
+                FailedStep::Rlimit,
+                *resource as u32,
+            ));
+        }
+    }
+    if let Some(nice) = controls.nice {
+        // SAFETY: setpriority takes plain integers (who 0: this process).
+        if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) } == -1 {
+            return Err(Failure::last_os_error(FailedStep::Nice));
+        }
+    }
+    if let Some(cpus) = &controls.cpus {
+        // SAFETY: the set and its size describe a cpu_set_t.
+        let rc =
+            unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), cpus) };
+        if rc == -1 {
+            return Err(Failure::last_os_error(FailedStep::Cpus));
+        }
+    }
+    if let Some(value) = &controls.oom_score_adj {
+        // SAFETY: a NUL-terminated path; the fd is ours and closed here.
+        unsafe {
+            let fd = libc::open(
+                c"/proc/self/oom_score_adj".as_ptr(),
+                libc::O_WRONLY | libc::O_CLOEXEC,
+            );
+            let written = fd != -1
+                && libc::write(fd, value.as_ptr().cast(), value.len()) == value.len() as isize;
+            let failure = (!written).then(|| Failure::last_os_error(FailedStep::OomScoreAdj));
+            if fd != -1 {
+                libc::close(fd);
+            }
+            if let Some(failure) = failure {
+                return Err(failure);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Every disposition back to the default, and an empty signal mask.

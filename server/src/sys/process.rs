@@ -156,3 +156,39 @@ pub(crate) fn yield_cpu() {
     // SAFETY: sched_yield has no preconditions and cannot fail on Linux.
     unsafe { libc::sched_yield() };
 }
+
+/// A process's limit for `resource` (`prlimit(2)`; pid 0: this process).
+pub(crate) fn rlimit_of(
+    pid: libc::pid_t,
+    resource: libc::__rlimit_resource_t,
+) -> io::Result<libc::rlimit> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: a null new limit reads only; the old one is written here.
+    cvt(unsafe { libc::prlimit(pid, resource, ptr::null(), &mut limit) })?;
+    Ok(limit)
+}
+
+/// A process's nice value (`getpriority(2)`; pid 0: this process).
+pub(crate) fn nice_of(pid: libc::pid_t) -> io::Result<i32> {
+    // -1 is a valid nice value: errno tells an error from it.
+    // SAFETY: __errno_location points at this thread's errno.
+    unsafe { *libc::__errno_location() = 0 };
+    // SAFETY: getpriority takes plain integers.
+    let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, pid as libc::id_t) };
+    let error = io::Error::last_os_error();
+    if nice == -1 && error.raw_os_error() != Some(0) {
+        return Err(error);
+    }
+    Ok(nice)
+}
+
+/// A process's `oom_score_adj`, from /proc.
+pub(crate) fn oom_score_adj_of(pid: libc::pid_t) -> io::Result<i32> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/oom_score_adj"))?;
+    text.trim()
+        .parse()
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "oom_score_adj is not a number"))
+}

@@ -1,0 +1,149 @@
+//! Per-spawn process controls — resource limits, nice, CPU affinity,
+//! `oom_score_adj` — checked before the fork, applied by the child before
+//! it takes its peer's credentials (raising a hard limit, a nice value
+//! below the current one or a lower `oom_score_adj` needs privilege).
+//!
+//! Who may ask what: root peers anything the kernel allows. Any other peer
+//! may only do what it could do to itself: no hard limit above its own, no
+//! nice value below its own, no `oom_score_adj` below its own (read from
+//! the peer process at request time; if it is gone, from the server's).
+
+use forkserver_protocol::{ErrorKind, Spawn, RLIMITS};
+
+use super::fields::invalid;
+use super::LaunchError;
+use crate::peer::Peer;
+use crate::sys;
+
+pub(crate) type Resource = libc::__rlimit_resource_t;
+
+/// The name of resource `resource`, for messages.
+pub(crate) fn resource_name(resource: u32) -> &'static str {
+    RLIMITS
+        .iter()
+        .find(|(_, r)| *r == resource)
+        .map_or("?", |(name, _)| name)
+}
+
+/// What the child applies, prepared so that it only reads.
+#[derive(Default)]
+pub(crate) struct Controls {
+    pub(crate) rlimits: Vec<(Resource, libc::rlimit)>,
+    pub(crate) nice: Option<i32>,
+    pub(crate) cpus: Option<libc::cpu_set_t>,
+    /// The value to write to /proc/self/oom_score_adj, as text.
+    pub(crate) oom_score_adj: Option<Vec<u8>>,
+}
+
+/// Checks the request's controls against the peer's rights.
+pub(crate) fn controls(request: &Spawn, peer: &Peer) -> Result<Controls, LaunchError> {
+    let privileged = peer.uid == 0;
+    let denied = |message: String| LaunchError::new(ErrorKind::Denied, message);
+    let mut controls = Controls::default();
+    for (i, limit) in request.rlimits.iter().enumerate() {
+        let field = format!("rlimits[{i}]");
+        let Some(&(name, resource)) = RLIMITS.iter().find(|(n, _)| *n == limit.resource) else {
+            return Err(invalid(format!(
+                "{field}.resource '{}' is not one of {}",
+                limit.resource,
+                RLIMITS.map(|(n, _)| n).join(", ")
+            )));
+        };
+        let resource = resource as Resource;
+        let value = |v: Option<u64>| v.unwrap_or(libc::RLIM_INFINITY);
+        let (soft, hard) = (value(limit.soft), value(limit.hard));
+        if soft > hard {
+            return Err(invalid(format!(
+                "{field}: the soft limit of {name} ({soft}) is above its hard limit ({hard})"
+            )));
+        }
+        if !privileged {
+            let own = sys::rlimit_of(peer.pid, resource).or_else(|_| sys::rlimit_of(0, resource));
+            if let Ok(own) = own {
+                if hard > own.rlim_max {
+                    return Err(denied(format!(
+                        "{field}: uid {} may not raise the hard limit of {name} to {} above its own {}",
+                        peer.uid,
+                        shown(hard),
+                        shown(own.rlim_max)
+                    )));
+                }
+            }
+        }
+        controls.rlimits.push((
+            resource,
+            libc::rlimit {
+                rlim_cur: soft,
+                rlim_max: hard,
+            },
+        ));
+    }
+    if let Some(nice) = request.nice {
+        if !(-20..=19).contains(&nice) {
+            return Err(invalid(format!("nice {nice} is outside -20..=19")));
+        }
+        let own = sys::nice_of(peer.pid)
+            .or_else(|_| sys::nice_of(0))
+            .unwrap_or(0);
+        if !privileged && nice < own {
+            return Err(denied(format!(
+                "nice {nice}: uid {} may not raise priority above its own (nice {own})",
+                peer.uid
+            )));
+        }
+        controls.nice = Some(nice);
+    }
+    if let Some(cpus) = &request.cpus {
+        controls.cpus = Some(cpu_set(cpus)?);
+    }
+    if let Some(adj) = request.oom_score_adj {
+        if !(-1000..=1000).contains(&adj) {
+            return Err(invalid(format!(
+                "oom_score_adj {adj} is outside -1000..=1000"
+            )));
+        }
+        let own = sys::oom_score_adj_of(peer.pid)
+            .or_else(|_| sys::oom_score_adj_of(std::process::id() as i32))
+            .unwrap_or(0);
+        if !privileged && adj < own {
+            return Err(denied(format!(
+                "oom_score_adj {adj}: uid {} may only raise it from its own {own}",
+                peer.uid
+            )));
+        }
+        controls.oom_score_adj = Some(adj.to_string().into_bytes());
+    }
+    Ok(controls)
+}
+
+/// A CPU set from CPU numbers; refuses an empty list or a number beyond
+/// what a set holds. (A CPU that is offline or outside the server's cpuset
+/// fails in the child, reported as `cpus`.)
+fn cpu_set(cpus: &[u32]) -> Result<libc::cpu_set_t, LaunchError> {
+    if cpus.is_empty() {
+        return Err(invalid(
+            "cpus is empty: a child must be allowed some CPU".into(),
+        ));
+    }
+    // SAFETY: cpu_set_t is plain data; all zeroes is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    let capacity = 8 * std::mem::size_of::<libc::cpu_set_t>();
+    for &cpu in cpus {
+        if cpu as usize >= capacity {
+            return Err(invalid(format!(
+                "cpus: CPU {cpu} is beyond the {capacity} a CPU set holds"
+            )));
+        }
+        // SAFETY: cpu is below the set's capacity (checked above).
+        unsafe { libc::CPU_SET(cpu as usize, &mut set) };
+    }
+    Ok(set)
+}
+
+fn shown(limit: u64) -> String {
+    if limit == libc::RLIM_INFINITY {
+        "unlimited".into()
+    } else {
+        limit.to_string()
+    }
+}
