@@ -3,6 +3,7 @@
 
 mod inspect;
 mod spawn;
+mod tty;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

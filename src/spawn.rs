@@ -82,6 +82,12 @@ pub(crate) struct SpawnArgs {
     /// outlives this command and its connection).
     #[arg(long, conflicts_with = "timeout")]
     detach: bool,
+    /// Give the child a terminal of its own (a pseudo-terminal, as its
+    /// controlling terminal), relayed to this one, which is put in raw mode
+    /// meanwhile, as `ssh -t` and `docker run -t` do: for shells, editors,
+    /// anything interactive. Window size changes follow.
+    #[arg(short = 't', long = "tty", conflicts_with = "detach")]
+    tty: bool,
     /// Kill the child (SIGKILL) if it runs longer than SECS; exit 124.
     #[arg(long, value_name = "SECS", value_parser = parse_seconds)]
     timeout: Option<Duration>,
@@ -217,6 +223,9 @@ pub(crate) fn run(args: SpawnArgs) -> ExitCode {
             .and_then(|forwarder| {
                 let timeout = args.timeout;
                 match start(args, &forwarder)? {
+                    Started::Child(child, early) if child.pty.is_some() => {
+                        crate::tty::relay(child, &forwarder, early, timeout)
+                    }
                     Started::Child(child, early) => supervise(child, &forwarder, early, timeout),
                     Started::Interrupted(signal) => Ok(Outcome::Interrupted(signal)),
                 }
@@ -239,8 +248,8 @@ pub(crate) fn run(args: SpawnArgs) -> ExitCode {
 }
 
 /// Signal handlers (flags and a self-pipe) for the signals we forward.
-struct SignalForwarder {
-    pipe: UnixStream,
+pub(crate) struct SignalForwarder {
+    pub(crate) pipe: UnixStream,
     flags: Vec<(i32, Arc<AtomicBool>)>,
 }
 
@@ -262,7 +271,7 @@ impl SignalForwarder {
     }
 
     /// Drains the pipe; the signals that arrived since the last call.
-    fn take(&self) -> Vec<i32> {
+    pub(crate) fn take(&self) -> Vec<i32> {
         let mut drain = [0u8; 64];
         while io::Read::read(&mut &self.pipe, &mut drain).is_ok_and(|n| n > 0) {}
         self.flags
@@ -273,7 +282,7 @@ impl SignalForwarder {
     }
 }
 
-enum Outcome {
+pub(crate) enum Outcome {
     Exited(ExitStatus),
     TimedOut,
     Detached,
@@ -327,6 +336,10 @@ fn command(client: &Client, args: &SpawnArgs) -> Command {
     }
     if let Some(adj) = args.oom_score_adj {
         command.oom_score_adj(adj);
+    }
+    if args.tty {
+        let (rows, cols) = crate::tty::size_of_stdin().unwrap_or((24, 80));
+        command.pty(rows, cols);
     }
     command
         .server_env(args.server_env)
@@ -421,7 +434,10 @@ fn supervise(
 }
 
 /// poll(2) for readability, retrying on EINTR; which fds are readable.
-fn poll_readable(fds: &[BorrowedFd<'_>], timeout: Option<Duration>) -> io::Result<Vec<bool>> {
+pub(crate) fn poll_readable(
+    fds: &[BorrowedFd<'_>],
+    timeout: Option<Duration>,
+) -> io::Result<Vec<bool>> {
     let mut pollfds: Vec<libc::pollfd> = fds
         .iter()
         .map(|fd| libc::pollfd {

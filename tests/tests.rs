@@ -21,4 +21,5 @@ mod security;
 mod soak;
 mod spawn;
 mod systemd_units;
+mod tty;
 mod zygote;

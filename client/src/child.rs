@@ -37,6 +37,10 @@ pub struct Child {
     pub stdout: Option<ChildStdout>,
     /// The read end of the child's stderr, if piped.
     pub stderr: Option<ChildStderr>,
+    /// The master end of the child's terminal, if it was given one
+    /// ([`Command::pty`](crate::Command::pty)): what the child writes is
+    /// read here, and what is written here is its input.
+    pub pty: Option<std::fs::File>,
 }
 
 impl Child {
@@ -45,6 +49,7 @@ impl Child {
             stdin: spawned.stdin.map(ChildStdin::from),
             stdout: spawned.stdout.map(ChildStdout::from),
             stderr: spawned.stderr.map(ChildStderr::from),
+            pty: spawned.pty.map(std::fs::File::from),
             exit: ExitWatch {
                 connection,
                 id,

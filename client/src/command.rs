@@ -8,7 +8,7 @@ use std::process::{ExitStatus, Output};
 use std::sync::Arc;
 
 use forkserver_protocol::{
-    ClientMessage, FdMapping, OnDisconnect, Rlimit, RunAs, Spawn, Target, WireStr, RLIMITS,
+    ClientMessage, FdMapping, OnDisconnect, PtySize, Rlimit, RunAs, Spawn, Target, WireStr, RLIMITS,
 };
 
 use crate::caller::Context;
@@ -310,6 +310,19 @@ impl Command {
     /// is root's privilege.
     pub fn oom_score_adj(&mut self, adj: i32) -> &mut Command {
         self.request.oom_score_adj = Some(adj);
+        self
+    }
+
+    /// Gives the child a new pseudo-terminal of `rows` × `cols` as its
+    /// controlling terminal and its stdin, stdout and stderr (a terminal
+    /// session of its own, like `ssh -t`); its master end is
+    /// [`Child::pty`](crate::Child::pty).
+    pub fn pty(&mut self, rows: u16, cols: u16) -> &mut Command {
+        self.request.pty = Some(PtySize { rows, cols });
+        self.request.new_session = true;
+        self.stdin = Some(Stdio::null());
+        self.stdout = Some(Stdio::null());
+        self.stderr = Some(Stdio::null());
         self
     }
 

@@ -14,6 +14,8 @@ pub(crate) struct Spawned {
     pub(crate) stdin: Option<OwnedFd>,
     pub(crate) stdout: Option<OwnedFd>,
     pub(crate) stderr: Option<OwnedFd>,
+    /// The master end of the child's terminal, if it asked for one.
+    pub(crate) pty: Option<OwnedFd>,
 }
 
 /// Whether `message` answers a spawn (for the connection's `take`).
@@ -40,6 +42,7 @@ pub(crate) fn read_answer(
             stdin,
             stdout,
             stderr,
+            pty,
             ..
         } => {
             let mut fds: Vec<Option<OwnedFd>> = fds.into_iter().map(Some).collect();
@@ -61,6 +64,7 @@ pub(crate) fn read_answer(
                 stdin: take(stdin, "stdin")?,
                 stdout: take(stdout, "stdout")?,
                 stderr: take(stderr, "stderr")?,
+                pty: take(pty, "the terminal")?,
             })
         }
         ServerMessage::SpawnFailed {

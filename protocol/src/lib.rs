@@ -33,8 +33,8 @@ use std::fmt;
 pub use fdpass::{recv_datagram, send_datagram, Datagram};
 pub use message::{
     ChildInfo, ChildStatus, ClientMessage, ErrorKind, FdMapping, Limits, ModuleInfo, ModuleKind,
-    OnDisconnect, PoolInfo, Rlimit, RunAs, ServerMessage, Spawn, StatusReport, StdioSpec, Target,
-    RLIMITS,
+    OnDisconnect, PoolInfo, PtySize, Rlimit, RunAs, ServerMessage, Spawn, StatusReport, StdioSpec,
+    Target, RLIMITS,
 };
 pub use rmpv;
 pub use socket::{

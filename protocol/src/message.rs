@@ -105,6 +105,12 @@ pub struct Spawn {
     /// must be in the server's session.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub process_group: Option<i32>,
+    /// Give the child a new pseudo-terminal of this size as its controlling
+    /// terminal and its stdin, stdout and stderr (which must then be left
+    /// `null`); `spawned` carries the terminal's master end (`pty`).
+    /// Needs `new_session` (the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pty: Option<PtySize>,
     /// Resource limits for the child (`setrlimit`); the server's otherwise.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rlimits: Vec<Rlimit>,
@@ -176,6 +182,15 @@ pub const RLIMITS: [(&str, u32); 16] = [
     ("STACK", libc::RLIMIT_STACK as u32),
 ];
 
+/// A terminal's size, in characters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PtySize {
+    /// Rows.
+    pub rows: u16,
+    /// Columns.
+    pub cols: u16,
+}
+
 /// One resource limit for a child.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Rlimit {
@@ -231,6 +246,7 @@ impl Spawn {
             cwd_fd: None,
             umask: None,
             process_group: None,
+            pty: None,
             rlimits: Vec::new(),
             nice: None,
             cpus: None,
@@ -361,6 +377,10 @@ pub enum ServerMessage {
         /// Index of the read end of the child's stderr pipe, if piped.
         #[serde(default)]
         stderr: Option<u32>,
+        /// Index of the master end of the child's terminal, if it asked
+        /// for a `pty`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pty: Option<u32>,
     },
     /// The child could not be started. No `Exited` follows.
     SpawnFailed {

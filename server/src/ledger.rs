@@ -398,6 +398,7 @@ fn spawned(
     let stdin = index(ends.stdin);
     let stdout = index(ends.stdout);
     let stderr = index(ends.stderr);
+    let pty = index(ends.pty);
     let message = ServerMessage::Spawned {
         id,
         pid: pid as u32,
@@ -405,6 +406,7 @@ fn spawned(
         stdin,
         stdout,
         stderr,
+        pty,
     };
     (message, fds)
 }

@@ -81,7 +81,8 @@ fn spawned_comes_before_exited_even_when_the_reaper_is_first() {
             pidfd: 0,
             stdin: None,
             stdout: Some(1),
-            stderr: None
+            stderr: None,
+            pty: None
         }
     ));
     assert_eq!((ledger.len(), ledger.starting()), (0, 0));

@@ -74,6 +74,8 @@ pub(crate) struct ClientEnds {
     pub(crate) stdin: Option<OwnedFd>,
     pub(crate) stdout: Option<OwnedFd>,
     pub(crate) stderr: Option<OwnedFd>,
+    /// The master end of the child's terminal.
+    pub(crate) pty: Option<OwnedFd>,
 }
 
 /// A child forked (or handed a request) for a spawn; whether it started is
@@ -179,6 +181,16 @@ impl Launcher {
         self.plan(request, peer, &fds, credentials, &mut made)?;
         let mut spawn = request.clone();
         let mut pipes = made.child_pipes.into_iter();
+        let controlling_tty = spawn.pty.take().is_some();
+        if controlling_tty {
+            // The terminal made here goes as the child's stdio, and the
+            // child makes it its controlling terminal.
+            fds.push(pipes.next().expect("plan made the terminal's slave end"));
+            let index = (fds.len() - 1) as u32;
+            spawn.stdin = StdioSpec::Fd { index };
+            spawn.stdout = StdioSpec::Fd { index };
+            spawn.stderr = StdioSpec::Fd { index };
+        }
         for spec in [&mut spawn.stdin, &mut spawn.stdout, &mut spawn.stderr] {
             if *spec == StdioSpec::Pipe {
                 fds.push(pipes.next().expect("plan made one pipe per piped stream"));
@@ -191,6 +203,7 @@ impl Launcher {
             spawn,
             peer: peer.clone(),
             server_uid: sys::getuid(),
+            controlling_tty,
         };
         let bytes = forkserver_protocol::encode(&assignment)
             .map_err(|e| LaunchError::new(ErrorKind::Invalid, e.to_string()))?;

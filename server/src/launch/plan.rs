@@ -89,6 +89,8 @@ pub(crate) struct ChildPlan<'m> {
     pub(crate) process_group: Option<libc::pid_t>,
     /// Resource limits, nice, CPUs, `oom_score_adj`.
     pub(crate) controls: Controls,
+    /// Make fd 0 (a terminal) the controlling terminal (`TIOCSCTTY`).
+    pub(crate) controlling_tty: bool,
     /// `(source, target)`: install the server's fd `source` as `target`.
     /// Sorted by target; targets are distinct.
     pub(crate) fd_moves: Vec<(RawFd, RawFd)>,
@@ -247,6 +249,7 @@ impl Launcher {
             umask,
             process_group: request.process_group,
             controls,
+            controlling_tty: request.pty.is_some(),
             fd_moves,
             new_session: request.new_session,
             credentials,
@@ -292,6 +295,56 @@ impl Launcher {
     ) -> Result<Vec<(RawFd, RawFd)>, LaunchError> {
         let passed = |index, field: &str| passed(fds, index, field);
         let mut moves = Vec::with_capacity(3 + request.fds.len());
+        if let Some(size) = request.pty {
+            let stdio_set = [&request.stdin, &request.stdout, &request.stderr]
+                .iter()
+                .any(|s| **s != StdioSpec::Null);
+            if stdio_set || !request.new_session || request.process_group.is_some() {
+                return Err(invalid(
+                    "pty gives the child its stdin, stdout and stderr and a session of its own: leave stdio null, new_session true and process_group unset".into(),
+                ));
+            }
+            let (master, slave) = sys::open_pty(size.rows, size.cols).map_err(|e| {
+                LaunchError::os(ErrorKind::Resource, "opening a pseudo-terminal", e)
+            })?;
+            moves.extend((0..3).map(|target| (slave.as_raw_fd(), target)));
+            made.child_pipes.push(slave);
+            made.client_ends.pty = Some(master);
+        } else {
+            self.stdio_moves(request, fds, made, &mut moves)?;
+        }
+        for (i, mapping) in request.fds.iter().enumerate() {
+            let field = format!("fds[{i}]");
+            if !(3..=MAX_FD_TARGET).contains(&mapping.target) {
+                return Err(invalid(format!(
+                    "{field}.target is {}; it must be between 3 and {MAX_FD_TARGET} (0-2 are set by stdin, stdout and stderr)",
+                    mapping.target
+                )));
+            }
+            if let Some(j) = request.fds[..i]
+                .iter()
+                .position(|m| m.target == mapping.target)
+            {
+                return Err(invalid(format!(
+                    "{field}.target {} is also fds[{j}].target",
+                    mapping.target
+                )));
+            }
+            moves.push((passed(mapping.index, &field)?, mapping.target));
+        }
+        moves.sort_by_key(|&(_, target)| target);
+        Ok(moves)
+    }
+
+    /// The moves for fds 0-2 as the request's stdio specs say.
+    fn stdio_moves(
+        &self,
+        request: &Spawn,
+        fds: &[OwnedFd],
+        made: &mut PlanFds,
+        moves: &mut Vec<(RawFd, RawFd)>,
+    ) -> Result<(), LaunchError> {
+        let passed = |index, field: &str| passed(fds, index, field);
         let stdio = [
             (&request.stdin, &mut made.client_ends.stdin, "stdin"),
             (&request.stdout, &mut made.client_ends.stdout, "stdout"),
@@ -322,27 +375,7 @@ impl Launcher {
             };
             moves.push((source, target as RawFd));
         }
-        for (i, mapping) in request.fds.iter().enumerate() {
-            let field = format!("fds[{i}]");
-            if !(3..=MAX_FD_TARGET).contains(&mapping.target) {
-                return Err(invalid(format!(
-                    "{field}.target is {}; it must be between 3 and {MAX_FD_TARGET} (0-2 are set by stdin, stdout and stderr)",
-                    mapping.target
-                )));
-            }
-            if let Some(j) = request.fds[..i]
-                .iter()
-                .position(|m| m.target == mapping.target)
-            {
-                return Err(invalid(format!(
-                    "{field}.target {} is also fds[{j}].target",
-                    mapping.target
-                )));
-            }
-            moves.push((passed(mapping.index, &field)?, mapping.target));
-        }
-        moves.sort_by_key(|&(_, target)| target);
-        Ok(moves)
+        Ok(())
     }
 }
 

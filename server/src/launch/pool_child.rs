@@ -26,6 +26,9 @@ pub(crate) struct Assignment {
     pub(crate) spawn: Spawn,
     pub(crate) peer: Peer,
     pub(crate) server_uid: u32,
+    /// Its stdio is a terminal the server made, to become the controlling
+    /// terminal (the request's `pty`, already made).
+    pub(crate) controlling_tty: bool,
 }
 
 /// Runs an idle pool child for `worker`, right after `fork()`.
@@ -105,9 +108,12 @@ fn become_assigned(
     };
     let mut made = PlanFds::default();
     match launcher.plan(&request, &assignment.peer, &fds, credentials, &mut made) {
-        // SAFETY: a forked, single-threaded pool child with the plan's fds
-        // (in `fds`) open, and its signals already reset (above).
-        Ok(plan) => unsafe { setup::run_with_default_signals(plan, reporter) },
+        Ok(mut plan) => {
+            plan.controlling_tty |= assignment.controlling_tty;
+            // SAFETY: a forked, single-threaded pool child with the plan's
+            // fds (in `fds`) open, and its signals already reset (above).
+            unsafe { setup::run_with_default_signals(plan, reporter) }
+        }
         Err(_) => setup_failed(libc::EINVAL),
     }
 }

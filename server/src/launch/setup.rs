@@ -144,6 +144,16 @@ unsafe fn setup(mut plan: ChildPlan<'_>, reporter: &Reporter) -> Result<Infallib
         close_except(floor, [reporter.fd(), cwd_fd.unwrap_or(-1)]);
     }
 
+    //    A terminal of its own at 0-2 becomes the controlling terminal of
+    //    the new session (after setsid, as TIOCSCTTY requires).
+    if plan.controlling_tty {
+        // SAFETY: ioctl on fd 0, a terminal; the argument is an int.
+        check(
+            unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) },
+            FailedStep::Setup,
+        )?;
+    }
+
     // 5. Process controls, while the child still has the server's
     //    privileges (a higher hard limit, a lower nice or oom_score_adj need
     //    them; the server checked what this peer may ask for).

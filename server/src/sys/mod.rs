@@ -99,6 +99,43 @@ pub(crate) fn open_rdwr(path: &CStr) -> io::Result<OwnedFd> {
     Ok(owned(fd))
 }
 
+/// A new pseudo-terminal of `rows` × `cols`: (master, slave), both
+/// close-on-exec and neither becoming our controlling terminal.
+pub(crate) fn open_pty(rows: u16, cols: u16) -> io::Result<(OwnedFd, OwnedFd)> {
+    // SAFETY: posix_openpt returns a new fd or -1.
+    let master = owned(cvt(unsafe {
+        libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC)
+    })?);
+    let mut name = [0 as libc::c_char; 64];
+    // SAFETY: calls on our new master; ptsname_r writes at most the length
+    // given into `name`, NUL-terminated.
+    unsafe {
+        cvt(libc::grantpt(master.as_raw_fd()))?;
+        cvt(libc::unlockpt(master.as_raw_fd()))?;
+        let rc = libc::ptsname_r(master.as_raw_fd(), name.as_mut_ptr(), name.len());
+        if rc != 0 {
+            return Err(io::Error::from_raw_os_error(rc));
+        }
+    }
+    // SAFETY: `name` is the NUL-terminated path ptsname_r wrote.
+    let slave = cvt_r(|| unsafe {
+        libc::open(
+            name.as_ptr(),
+            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+        )
+    })?;
+    let slave = owned(slave);
+    let size = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads a winsize.
+    cvt(unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &size) })?;
+    Ok((master, slave))
+}
+
 /// read(2), retried on EINTR; `WouldBlock` on an empty non-blocking fd.
 pub(crate) fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
     // SAFETY: the buffer and its length describe `buf`.
