@@ -62,6 +62,11 @@ pub(crate) struct SpawnArgs {
     /// command's limits; without it the child has the server's.
     #[arg(long = "rlimit", value_name = "NAME=SOFT[:HARD]|self", value_parser = parse_rlimit)]
     rlimits: Vec<RlimitArg>,
+    /// Create the child in this cgroup v2 directory (a path on the cgroup2
+    /// mount), or `self` for this command's own cgroup, so a job's children
+    /// stay in the job. You must be able to write its cgroup.procs.
+    #[arg(long, value_name = "PATH|self")]
+    cgroup: Option<PathBuf>,
     /// The child's nice value (-20..=19; below your own needs root).
     #[arg(long, value_name = "N", allow_hyphen_values = true)]
     nice: Option<i32>,
@@ -97,7 +102,6 @@ pub(crate) struct SpawnArgs {
     /// is allowed and needed only for a program whose name starts with `-`.
     #[arg(
         trailing_var_arg = true,
-        allow_hyphen_values = true,
         required_unless_present = "worker",
         value_name = "PROGRAM ARGS"
     )]
@@ -210,7 +214,7 @@ fn parse_seconds(s: &str) -> Result<Duration, String> {
 pub(crate) fn run(args: SpawnArgs) -> ExitCode {
     let outcome = if args.detach {
         connect(&args).and_then(|client| {
-            let child = command(&client, &args).spawn()?;
+            let child = command(&client, &args)?.spawn()?;
             println!("{}", child.id());
             // Dropping the handle leaves a detached child running.
             Ok(Outcome::Detached)
@@ -301,7 +305,7 @@ enum Started {
 /// Signals after which a shell's job is gone; the others wait for the child.
 const TERMINATING: [i32; 4] = [SIGINT, SIGTERM, SIGHUP, SIGQUIT];
 
-fn command(client: &Client, args: &SpawnArgs) -> Command {
+fn command(client: &Client, args: &SpawnArgs) -> Result<Command, ClientError> {
     let mut command = match &args.worker {
         Some(name) => {
             let mut command = client.worker(name);
@@ -337,6 +341,13 @@ fn command(client: &Client, args: &SpawnArgs) -> Command {
     if let Some(adj) = args.oom_score_adj {
         command.oom_score_adj(adj);
     }
+    if let Some(cgroup) = &args.cgroup {
+        if cgroup.as_os_str() == "self" {
+            command.caller_cgroup()?;
+        } else {
+            command.cgroup(cgroup);
+        }
+    }
     if args.tty {
         let (rows, cols) = crate::tty::size_of_stdin().unwrap_or((24, 80));
         command.pty(rows, cols);
@@ -348,7 +359,7 @@ fn command(client: &Client, args: &SpawnArgs) -> Command {
         .die_with_server(args.die_with_server)
         .no_new_privs(args.no_new_privs)
         .detach(args.detach);
-    command
+    Ok(command)
 }
 
 /// Connects and starts the child on a helper thread while this one
@@ -361,7 +372,7 @@ fn command(client: &Client, args: &SpawnArgs) -> Command {
 fn start(args: SpawnArgs, forwarder: &SignalForwarder) -> Result<Started, ClientError> {
     let (done, started) = UnixStream::pair()?;
     let starter = std::thread::spawn(move || {
-        let child = connect(&args).and_then(|client| command(&client, &args).spawn());
+        let child = connect(&args).and_then(|client| command(&client, &args)?.spawn());
         // Wakes the poll below; the result waits in the join handle.
         let _ = io::Write::write(&mut &done, &[1]);
         child

@@ -6,6 +6,7 @@ mod util;
 mod async_client;
 mod boot;
 mod caller;
+mod cgroups;
 mod cli;
 mod controls;
 mod dylib;

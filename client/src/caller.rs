@@ -4,9 +4,11 @@
 //! a command opts out for the server's own (see [`Context`]).
 
 use std::collections::BTreeMap;
-use std::ffi::CStr;
+use std::ffi::CString;
 use std::io;
 use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
 
 use forkserver_protocol::{Spawn, WireStr};
 
@@ -61,11 +63,17 @@ fn whole_environment(request: &mut Spawn) {
 /// the very directory, however it is named (or renamed) by then, and
 /// wherever the server's mount namespace would resolve a path.
 fn open_cwd() -> io::Result<OwnedFd> {
-    const DOT: &CStr = c".";
-    // SAFETY: DOT is NUL-terminated; open returns a new fd or -1.
+    open_dir(Path::new("."))
+}
+
+/// A directory as an `O_PATH` fd, to pass to the server.
+pub(crate) fn open_dir(dir: &Path) -> io::Result<OwnedFd> {
+    let path = CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL byte in a path"))?;
+    // SAFETY: the path is NUL-terminated; open returns a new fd or -1.
     let fd = unsafe {
         libc::open(
-            DOT.as_ptr(),
+            path.as_ptr(),
             libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
         )
     };
@@ -73,11 +81,34 @@ fn open_cwd() -> io::Result<OwnedFd> {
         let e = io::Error::last_os_error();
         return Err(io::Error::new(
             e.kind(),
-            format!("opening this process's working directory: {e}"),
+            format!("opening the directory {}: {e}", dir.display()),
         ));
     }
     // SAFETY: open succeeded, so fd is new and ours alone.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// This process's cgroup v2 directory: the cgroup2 mount (from
+/// /proc/self/mountinfo) joined with the `0::` line of /proc/self/cgroup.
+pub(crate) fn own_cgroup() -> io::Result<PathBuf> {
+    let missing = |what: &str| io::Error::new(io::ErrorKind::NotFound, what.to_owned());
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
+    // Fields: ID PARENT MAJ:MIN ROOT MOUNT_POINT OPTIONS... - FSTYPE ...
+    let mount = mountinfo
+        .lines()
+        .find(|line| {
+            line.split(" - ")
+                .nth(1)
+                .is_some_and(|tail| tail.starts_with("cgroup2 "))
+        })
+        .and_then(|line| line.split_whitespace().nth(4))
+        .ok_or_else(|| missing("no cgroup v2 file system is mounted here (cgroup v1 only)"))?;
+    let cgroup = std::fs::read_to_string("/proc/self/cgroup")?;
+    let path = cgroup
+        .lines()
+        .find_map(|line| line.strip_prefix("0::"))
+        .ok_or_else(|| missing("this process has no cgroup v2 path (/proc/self/cgroup)"))?;
+    Ok(Path::new(mount).join(path.trim_start_matches('/')))
 }
 
 /// This process's umask, read without changing it (`Umask:` in

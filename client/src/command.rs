@@ -3,7 +3,7 @@
 use std::ffi::OsStr;
 use std::fmt;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Output};
 use std::sync::Arc;
 
@@ -56,6 +56,8 @@ pub struct Command {
     stderr: Option<Stdio>,
     fds: Vec<(i32, OwnedFd)>,
     context: Context,
+    /// The cgroup v2 directory the child belongs in, opened at spawn.
+    cgroup: Option<PathBuf>,
 }
 
 impl Command {
@@ -100,6 +102,7 @@ impl Command {
             stderr: None,
             fds: Vec::new(),
             context: Context::default(),
+            cgroup: None,
         }
     }
 
@@ -313,6 +316,24 @@ impl Command {
         self
     }
 
+    /// Creates the child in the cgroup v2 directory `dir` (a path on the
+    /// cgroup2 mount, opened at spawn and passed as a directory fd), as
+    /// systemd-run's `--slice` places units: it is created there by
+    /// `clone3(CLONE_INTO_CGROUP)` (a worker moves itself in before its
+    /// code runs). This process must be able to write the cgroup's
+    /// `cgroup.procs` (a delegated cgroup); the server checks.
+    pub fn cgroup(&mut self, dir: impl AsRef<Path>) -> &mut Command {
+        self.cgroup = Some(dir.as_ref().to_owned());
+        self
+    }
+
+    /// Creates the child in this process's own cgroup (v2), so a job's
+    /// children stay in the job; see [`cgroup`](Command::cgroup).
+    pub fn caller_cgroup(&mut self) -> Result<&mut Command, Error> {
+        self.cgroup = Some(crate::caller::own_cgroup()?);
+        Ok(self)
+    }
+
     /// Gives the child a new pseudo-terminal of `rows` × `cols` as its
     /// controlling terminal and its stdin, stdout and stderr (a terminal
     /// session of its own, like `ssh -t`); its master end is
@@ -436,10 +457,8 @@ impl Command {
             Some(connection) => connection.clone(),
             None => crate::default_connection()?,
         };
-        let (mut request, mut fds, cwd) = self.prepare(stdin, out)?;
-        if let Some(dir) = &cwd {
-            fds.push(dir.as_fd());
-        }
+        let (mut request, mut fds, extra) = self.prepare(stdin, out)?;
+        fds.extend(extra.iter().map(|fd| fd.as_fd()));
         let id = connection.next_id();
         request.id = id;
         connection.send(&ClientMessage::Spawn(request), &fds)?;
@@ -452,21 +471,27 @@ impl Command {
     }
 
     /// Checks the command and builds its request (id still 0) with the fds
-    /// it refers to by index — all but the working directory's, which the
-    /// third value holds and which the sender attaches last (the request's
-    /// `cwd_fd` already names that index). Unset stdio takes the defaults.
+    /// it refers to by index — all but the ones opened here (the working
+    /// directory, the cgroup), which the third value holds and which the
+    /// sender attaches last, in that order (the request already names their
+    /// indexes). Unset stdio takes the defaults.
     pub(crate) fn prepare(
         &self,
         stdin: &'static StdioKind,
         out: &'static StdioKind,
-    ) -> Result<(Spawn, Vec<BorrowedFd<'_>>, Option<OwnedFd>), Error> {
+    ) -> Result<(Spawn, Vec<BorrowedFd<'_>>, Vec<OwnedFd>), Error> {
         self.check_nul()?;
         let (mut request, fds) = self.request(stdin, out);
-        let cwd = self.context.apply(&mut request)?;
-        if cwd.is_some() {
-            request.cwd_fd = Some(fds.len() as u32);
+        let mut extra = Vec::new();
+        if let Some(cwd) = self.context.apply(&mut request)? {
+            request.cwd_fd = Some((fds.len() + extra.len()) as u32);
+            extra.push(cwd);
         }
-        Ok((request, fds, cwd))
+        if let Some(dir) = &self.cgroup {
+            request.cgroup = Some((fds.len() + extra.len()) as u32);
+            extra.push(crate::caller::open_dir(dir)?);
+        }
+        Ok((request, fds, extra))
     }
 
     /// A NUL byte cannot reach `execve`; std refuses it at spawn with

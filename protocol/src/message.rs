@@ -105,6 +105,11 @@ pub struct Spawn {
     /// must be in the server's session.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub process_group: Option<i32>,
+    /// A passed fd (by index) of a cgroup v2 directory the child is
+    /// created in (`clone3` with `CLONE_INTO_CGROUP`) or moves itself into
+    /// before its work. The peer must be able to write its `cgroup.procs`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<u32>,
     /// Give the child a new pseudo-terminal of this size as its controlling
     /// terminal and its stdin, stdout and stderr (which must then be left
     /// `null`); `spawned` carries the terminal's master end (`pty`).
@@ -246,6 +251,7 @@ impl Spawn {
             cwd_fd: None,
             umask: None,
             process_group: None,
+            cgroup: None,
             pty: None,
             rlimits: Vec::new(),
             nice: None,
@@ -547,6 +553,9 @@ pub struct ChildInfo {
     pub age_ms: u64,
     /// Whether it outlives its connection (`on_disconnect: detach`).
     pub detached: bool,
+    /// Its cgroup v2 path (the `0::` line of /proc/PID/cgroup), if known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<String>,
 }
 
 /// How a child ended, as `waitpid` reported it.

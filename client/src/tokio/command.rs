@@ -102,6 +102,8 @@ impl AsyncCommand {
         fn cpus(cpus: &[u32]);
         /// `oom_score_adj` ([`Command::oom_score_adj`]).
         fn oom_score_adj(adj: i32);
+        /// A cgroup ([`Command::cgroup`]).
+        fn cgroup(dir: impl AsRef<Path>);
     }
 
     /// Adds arguments ([`Command::args`]).
@@ -184,10 +186,8 @@ impl AsyncCommand {
         let permit = connection.start_permit().await;
         let id = connection.next_id();
         {
-            let (mut request, mut fds, cwd) = self.inner.prepare(stdin, out)?;
-            if let Some(dir) = &cwd {
-                fds.push(dir.as_fd());
-            }
+            let (mut request, mut fds, extra) = self.inner.prepare(stdin, out)?;
+            fds.extend(extra.iter().map(|fd| fd.as_fd()));
             request.id = id;
             connection
                 .send(&ClientMessage::Spawn(request), &fds)

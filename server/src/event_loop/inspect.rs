@@ -98,6 +98,7 @@ impl EventLoop {
                     owner_connected: record.owner.is_some(),
                     age_ms: record.started.elapsed().as_millis() as u64,
                     detached: record.on_disconnect == OnDisconnect::Detach,
+                    cgroup: sys::cgroup_of(pid),
                 }
             })
             .collect();

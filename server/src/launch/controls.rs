@@ -8,6 +8,8 @@
 //! nice value below its own, no `oom_score_adj` below its own (read from
 //! the peer process at request time; if it is gone, from the server's).
 
+use std::os::fd::BorrowedFd;
+
 use forkserver_protocol::{ErrorKind, Spawn, RLIMITS};
 
 use super::fields::invalid;
@@ -114,6 +116,41 @@ pub(crate) fn controls(request: &Spawn, peer: &Peer) -> Result<Controls, LaunchE
         controls.oom_score_adj = Some(adj.to_string().into_bytes());
     }
     Ok(controls)
+}
+
+/// Whether `peer` may place a child in the cgroup v2 directory `dir`: it
+/// must be one, and the peer must be able to write its `cgroup.procs`
+/// (owner, group or other write bit, as cgroup delegation works; root
+/// always). The kernel also checks the server's own right when it places
+/// the child.
+pub(crate) fn check_cgroup(dir: BorrowedFd<'_>, peer: &Peer) -> Result<(), LaunchError> {
+    let os = |doing: &str, e| LaunchError::os(ErrorKind::Invalid, doing, e);
+    if !sys::is_cgroup2(dir).map_err(|e| os("cgroup: reading the directory's file system", e))? {
+        return Err(invalid(
+            "cgroup: the fd is not a directory of a cgroup v2 file system (cgroup2)".into(),
+        ));
+    }
+    let procs = sys::stat_at(dir, c"cgroup.procs")
+        .map_err(|e| os("cgroup: reading its cgroup.procs", e))?;
+    let mode = procs.st_mode;
+    let in_group = peer.gid == procs.st_gid || peer.groups.contains(&procs.st_gid);
+    let writable = peer.uid == 0
+        || (peer.uid == procs.st_uid && mode & 0o200 != 0)
+        || (in_group && mode & 0o020 != 0)
+        || mode & 0o002 != 0;
+    if !writable {
+        return Err(LaunchError::new(
+            ErrorKind::Denied,
+            format!(
+                "cgroup: uid {} may not write that cgroup's cgroup.procs (owner {}, group {}, mode {:o}); its owner can delegate it with chown",
+                peer.uid,
+                procs.st_uid,
+                procs.st_gid,
+                mode & 0o777
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// A CPU set from CPU numbers; refuses an empty list or a number beyond

@@ -1,13 +1,15 @@
 //! The fork itself, shared by every child the server makes.
 
+use std::cell::Cell;
 use std::convert::Infallible;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::panic::{self, AssertUnwindSafe};
 
 use forkserver_protocol::ErrorKind;
 
 use super::report::{FailedStep, Failure, Reporter};
 use super::{LaunchError, Launcher};
+use crate::log::{log, Level};
 use crate::sys;
 
 /// A new child, as the server holds it.
@@ -16,12 +18,15 @@ pub(super) struct Forked {
     pub(super) pidfd: OwnedFd,
     /// The read end of its report pipe.
     pub(super) report: OwnedFd,
+    /// It was created in the cgroup asked for (by clone3).
+    pub(super) placed: bool,
 }
 
 impl Launcher {
     /// Forks, after the thread guard, with every signal blocked across the
     /// fork, and runs `in_child` in the child with the write end of a
-    /// close-on-exec report pipe.
+    /// close-on-exec report pipe, and whether the child was created in
+    /// `cgroup` already (by clone3; else it must move itself, if asked).
     ///
     /// The unwind barrier: should `in_child` panic (a pool child decodes and
     /// plans before it sets up), the child reports [`FailedStep::Panic`] and
@@ -30,7 +35,8 @@ impl Launcher {
     /// and exits 101.
     pub(super) fn fork(
         &self,
-        in_child: impl FnOnce(&Reporter) -> Infallible,
+        cgroup: Option<BorrowedFd<'_>>,
+        in_child: impl FnOnce(&Reporter, bool) -> Infallible,
     ) -> Result<Forked, LaunchError> {
         self.fork_guard
             .check()
@@ -39,21 +45,44 @@ impl Launcher {
             .map_err(|e| LaunchError::os(ErrorKind::Resource, "creating the report pipe", e))?;
         let old_mask = sys::block_all_signals()
             .map_err(|e| LaunchError::os(ErrorKind::Resource, "blocking signals", e))?;
-        let child = || {
+        // One of the two forks below runs it, once, in its child.
+        let in_child = Cell::new(Some(in_child));
+        let child = |placed: bool| {
             let reporter = Reporter::new(report_write.as_raw_fd());
-            let _ = panic::catch_unwind(AssertUnwindSafe(|| in_child(&reporter)));
+            let in_child = in_child.take().expect("a child runs its work once");
+            let _ = panic::catch_unwind(AssertUnwindSafe(|| in_child(&reporter, placed)));
             reporter.fail(Failure::new(FailedStep::Panic, 0))
         };
-        // SAFETY: the thread guard has just confirmed the process is
-        // single-threaded (or the operator allowed otherwise), and the
-        // child keeps to the after-fork rules of setup.rs.
-        let forked = unsafe { sys::fork(child) };
+        // SAFETY (both forks): the thread guard has just confirmed the
+        // process is single-threaded (or the operator allowed otherwise),
+        // and the child keeps to the after-fork rules of setup.rs; a child
+        // made by clone3 only execs (the caller passes a cgroup only then).
+        let mut placed = false;
+        let mut forked = Err(std::io::Error::from_raw_os_error(libc::ENOSYS));
+        if let Some(cgroup) = cgroup {
+            forked = unsafe { sys::fork_into_cgroup(cgroup, || child(true)) };
+            placed = forked.is_ok();
+            if let Err(e) = &forked {
+                log!(
+                    Level::Debug,
+                    "clone3(CLONE_INTO_CGROUP) failed ({e}); the child will move itself (cgroup.procs)"
+                );
+            }
+        }
+        if !placed {
+            forked = unsafe { sys::fork(|| child(false)) };
+        }
         sys::restore_signal_mask(&old_mask);
         let pid = forked.map_err(|e| LaunchError::os(ErrorKind::Resource, "fork failed", e))?;
         // Our copy of the write end must go now, or EOF would never come.
         drop(report_write);
         match sys::pidfd_open(pid) {
-            Ok(pidfd) => Ok(Forked { pid, pidfd, report }),
+            Ok(pidfd) => Ok(Forked {
+                pid,
+                pidfd,
+                report,
+                placed,
+            }),
             Err(e) => {
                 // Without a pidfd we cannot hand the child out safely.
                 sys::kill_and_reap(pid);

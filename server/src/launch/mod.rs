@@ -17,11 +17,12 @@
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 
 use forkserver_protocol::{ErrorKind, Limits, RunAs, Spawn, StdioSpec, Target};
 
+use crate::log::{log, Level};
 use crate::modules::Modules;
 use crate::peer::Peer;
 use crate::pool::PoolChild;
@@ -131,12 +132,29 @@ impl Launcher {
         credentials: Option<RunAs>,
     ) -> Result<Launched, LaunchError> {
         let mut made = plan::PlanFds::default();
-        let plan = self.plan(request, peer, &fds, credentials, &mut made)?;
-        let forked = self.fork(|reporter| {
+        let mut plan = self.plan(request, peer, &fds, credentials, &mut made)?;
+        // Only a child that execs may be made by clone3 (see
+        // sys::fork_into_cgroup); a worker moves itself.
+        let cgroup = plan
+            .cgroup
+            .filter(|_| matches!(plan.action, plan::Action::Exec { .. }))
+            // SAFETY: the fd is one of `fds`, open until this returns.
+            .map(|fd| unsafe { BorrowedFd::borrow_raw(fd) });
+        let wants_cgroup = plan.cgroup.is_some();
+        let forked = self.fork(cgroup, |reporter, placed| {
+            plan.cgroup_placed = placed;
             // SAFETY: we are the freshly forked child; every fd in the plan is
             // open (owned by `fds`, `made` or the launcher).
             unsafe { setup::run(plan, reporter) }
         })?;
+        if wants_cgroup {
+            let how = if forked.placed {
+                "created in its cgroup by clone3"
+            } else {
+                "moves itself into its cgroup (cgroup.procs)"
+            };
+            log!(Level::Debug, "pid {} {how}", forked.pid);
+        }
         Ok(Launched {
             pid: forked.pid,
             pidfd: forked.pidfd,
@@ -152,7 +170,7 @@ impl Launcher {
         let (control, child_end) = forkserver_protocol::seqpacket_pair().map_err(|e| {
             LaunchError::os(ErrorKind::Resource, "creating a pool control socket", e)
         })?;
-        let forked = self.fork(|reporter| {
+        let forked = self.fork(None, |reporter, _| {
             // SAFETY: we are the freshly forked child; the control socket and
             // /dev/null are open.
             unsafe { pool_child::run(self, worker, child_end.as_raw_fd(), reporter) }

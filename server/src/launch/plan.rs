@@ -12,7 +12,7 @@ use std::ptr;
 
 use forkserver_protocol::{ErrorKind, RunAs, Spawn, StdioSpec, Target};
 
-use super::controls::{controls, Controls};
+use super::controls::{check_cgroup, controls, Controls};
 use super::fields::{
     c_string, check_args, check_bytes, check_count, exec_candidates, invalid, utf8_args,
 };
@@ -91,6 +91,10 @@ pub(crate) struct ChildPlan<'m> {
     pub(crate) controls: Controls,
     /// Make fd 0 (a terminal) the controlling terminal (`TIOCSCTTY`).
     pub(crate) controlling_tty: bool,
+    /// A cgroup v2 directory (a passed fd) the child belongs in.
+    pub(crate) cgroup: Option<RawFd>,
+    /// The child was created in `cgroup` (by clone3); else it moves itself.
+    pub(crate) cgroup_placed: bool,
     /// `(source, target)`: install the server's fd `source` as `target`.
     /// Sorted by target; targets are distinct.
     pub(crate) fd_moves: Vec<(RawFd, RawFd)>,
@@ -240,6 +244,15 @@ impl Launcher {
             }
         }
         let controls = controls(request, peer)?;
+        let cgroup = match request.cgroup {
+            Some(index) => {
+                let fd = passed(fds, index, "cgroup")?;
+                // SAFETY: the fd is one of `fds`, open for this call.
+                check_cgroup(unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }, peer)?;
+                Some(fd)
+            }
+            None => None,
+        };
         let fd_moves = self.fd_moves(request, fds, made)?;
         Ok(ChildPlan {
             argv: CStringArray::new(argv),
@@ -250,6 +263,8 @@ impl Launcher {
             process_group: request.process_group,
             controls,
             controlling_tty: request.pty.is_some(),
+            cgroup,
+            cgroup_placed: false,
             fd_moves,
             new_session: request.new_session,
             credentials,

@@ -47,6 +47,8 @@ pub(crate) enum FailedStep {
     Cpus = 7,
     /// Writing /proc/self/oom_score_adj.
     OomScoreAdj = 8,
+    /// Writing the cgroup's `cgroup.procs`.
+    Cgroup = 9,
 }
 
 /// A failed step and its errno.
@@ -99,6 +101,7 @@ impl Failure {
             6 => FailedStep::Nice,
             7 => FailedStep::Cpus,
             8 => FailedStep::OomScoreAdj,
+            9 => FailedStep::Cgroup,
             _ => return None,
         };
         let detail = u32::from_ne_bytes(record[8..].try_into().ok()?);
@@ -151,6 +154,11 @@ impl Failure {
                 ErrorKind::Setup,
                 Some(self.errno),
                 format!("cannot set oom_score_adj: {}", errno()),
+            ),
+            FailedStep::Cgroup => (
+                ErrorKind::Setup,
+                Some(self.errno),
+                format!("cannot join the cgroup: {}", errno()),
             ),
             FailedStep::Panic => (
                 ErrorKind::Setup,
@@ -247,12 +255,13 @@ mod tests {
             FailedStep::Nice,
             FailedStep::Cpus,
             FailedStep::OomScoreAdj,
+            FailedStep::Cgroup,
         ] {
             let failure = Failure::new(step, libc::ENOENT);
             assert_eq!(Failure::decode(failure.encode()), Some(failure));
         }
         let mut bad = Failure::new(FailedStep::Exec, 2).encode();
-        bad[4] = 9;
+        bad[4] = 99;
         assert_eq!(Failure::decode(bad), None);
     }
 

@@ -102,6 +102,15 @@ unsafe fn setup(mut plan: ChildPlan<'_>, reporter: &Reporter) -> Result<Infallib
     // SAFETY: F_DUPFD_CLOEXEC duplicates an fd we hold; no memory effects.
     let moved = unsafe { libc::fcntl(reporter.fd(), libc::F_DUPFD_CLOEXEC, floor) };
     reporter.moved_to(check(moved, FailedStep::Setup)?);
+    // The cgroup directory, if the child must move itself into it.
+    let cgroup_fd = match plan.cgroup.filter(|_| !plan.cgroup_placed) {
+        // SAFETY: as above; the fd is open (the caller guarantees).
+        Some(fd) => Some(check(
+            unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, floor) },
+            FailedStep::Setup,
+        )?),
+        None => None,
+    };
     let cwd_fd = match plan.cwd_fd {
         // SAFETY: as above; the directory fd is open (the caller guarantees).
         Some(fd) => Some(check(
@@ -141,7 +150,10 @@ unsafe fn setup(mut plan: ChildPlan<'_>, reporter: &Reporter) -> Result<Infallib
         if next < floor {
             close_range(next, floor - 1);
         }
-        close_except(floor, [reporter.fd(), cwd_fd.unwrap_or(-1)]);
+        close_except(
+            floor,
+            [reporter.fd(), cwd_fd.unwrap_or(-1), cgroup_fd.unwrap_or(-1)],
+        );
     }
 
     //    A terminal of its own at 0-2 becomes the controlling terminal of
@@ -160,6 +172,10 @@ unsafe fn setup(mut plan: ChildPlan<'_>, reporter: &Reporter) -> Result<Infallib
     // SAFETY: the plan's data lives on; these calls change only this
     // process.
     unsafe { apply_controls(&plan.controls) }?;
+    if let Some(dir) = cgroup_fd {
+        // SAFETY: our own fd; the write moves only this process.
+        unsafe { join_cgroup(dir) }?;
+    }
 
     // 6. Credentials, in the only order that works: supplementary groups and
     //    gid while we still may, uid last; then check the change took.
@@ -307,6 +323,44 @@ unsafe fn apply_controls(controls: &Controls) -> Result<(), Failure> {
         }
     }
     Ok(())
+}
+
+/// Moves this process into the cgroup whose directory is `dir`, by
+/// writing its pid to `cgroup.procs`, then closes `dir`.
+///
+/// # Safety
+/// Only in a forked child: `dir` is its own fd.
+unsafe fn join_cgroup(dir: RawFd) -> Result<(), Failure> {
+    // The pid in decimal, without allocating.
+    // SAFETY: getpid cannot fail.
+    let mut pid = unsafe { libc::getpid() } as u32;
+    let mut digits = [0u8; 10];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (pid % 10) as u8;
+        pid /= 10;
+        if pid == 0 {
+            break;
+        }
+    }
+    // SAFETY: a NUL-terminated name relative to our fd; a local buffer.
+    unsafe {
+        let procs = libc::openat(
+            dir,
+            c"cgroup.procs".as_ptr(),
+            libc::O_WRONLY | libc::O_CLOEXEC,
+        );
+        let len = digits.len() - at;
+        let written =
+            procs != -1 && libc::write(procs, digits[at..].as_ptr().cast(), len) == len as isize;
+        let failure = (!written).then(|| Failure::last_os_error(FailedStep::Cgroup));
+        if procs != -1 {
+            libc::close(procs);
+        }
+        libc::close(dir);
+        failure.map_or(Ok(()), Err)
+    }
 }
 
 /// Every disposition back to the default, and an empty signal mask.

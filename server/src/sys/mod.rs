@@ -136,6 +136,31 @@ pub(crate) fn open_pty(rows: u16, cols: u16) -> io::Result<(OwnedFd, OwnedFd)> {
     Ok((master, slave))
 }
 
+/// Whether `dir` is on a cgroup v2 file system (`fstatfs`).
+pub(crate) fn is_cgroup2(dir: BorrowedFd<'_>) -> io::Result<bool> {
+    // SAFETY: statfs is plain data that fstatfs fills in.
+    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: the buffer is a statfs.
+    cvt(unsafe { libc::fstatfs(dir.as_raw_fd(), &mut fs) })?;
+    Ok(fs.f_type == libc::CGROUP2_SUPER_MAGIC)
+}
+
+/// `fstatat(dir, name)`, not following a final symlink.
+pub(crate) fn stat_at(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<libc::stat> {
+    // SAFETY: stat is plain data that fstatat fills in.
+    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated name relative to our fd; the buffer is a stat.
+    cvt(unsafe {
+        libc::fstatat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            &mut stat,
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })?;
+    Ok(stat)
+}
+
 /// read(2), retried on EINTR; `WouldBlock` on an empty non-blocking fd.
 pub(crate) fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
     // SAFETY: the buffer and its length describe `buf`.

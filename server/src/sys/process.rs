@@ -192,3 +192,69 @@ pub(crate) fn oom_score_adj_of(pid: libc::pid_t) -> io::Result<i32> {
         .parse()
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "oom_score_adj is not a number"))
 }
+
+/// A process's cgroup v2 path (the `0::` line of /proc/PID/cgroup).
+pub(crate) fn cgroup_of(pid: libc::pid_t) -> Option<String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    text.lines()
+        .find_map(|line| line.strip_prefix("0::"))
+        .map(str::to_owned)
+}
+
+/// `CLONE_INTO_CGROUP` (Linux 5.7), not in every libc crate version.
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+/// `struct clone_args` of clone3(2), as far as `cgroup` (version 2).
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+/// Like [`fork`], but the child is created in the cgroup whose directory
+/// `cgroup` is (`clone3` with `CLONE_INTO_CGROUP`, Linux 5.7). Errors with
+/// the kernel's errno (ENOSYS on older kernels) before any child exists.
+///
+/// glibc's fork bookkeeping does not run (no atfork handlers, and the
+/// child's cached thread id is its parent's): only for a child that execs
+/// after the setup's plain system calls, never one that runs the server's
+/// code as a worker.
+///
+/// # Safety
+/// As [`fork`], and `in_child` must end in exec or `_exit`.
+pub(crate) unsafe fn fork_into_cgroup(
+    cgroup: BorrowedFd<'_>,
+    in_child: impl FnOnce() -> Infallible,
+) -> io::Result<libc::pid_t> {
+    let args = CloneArgs {
+        flags: CLONE_INTO_CGROUP,
+        exit_signal: libc::SIGCHLD as u64,
+        cgroup: cgroup.as_raw_fd() as u64,
+        ..CloneArgs::default()
+    };
+    // SAFETY: clone3 with a valid args struct and no new stack forks as
+    // fork does; the caller guarantees a single-threaded process.
+    let pid = cvt(unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &args as *const CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    })? as libc::pid_t;
+    if pid == 0 {
+        let _ = panic::catch_unwind(AssertUnwindSafe(in_child));
+        // SAFETY: _exit ends this child at once.
+        unsafe { libc::_exit(127) }
+    }
+    Ok(pid)
+}
