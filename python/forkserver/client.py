@@ -291,6 +291,8 @@ class Client:
         nice=None,
         cpus=None,
         oom_score_adj=None,
+        cgroup=None,
+        pty=None,
     ):
         """Starts a child and returns its :class:`Child`, like
         ``subprocess.Popen``.
@@ -318,7 +320,11 @@ class Client:
         umask. ``rlimits`` maps resource names (``"NOFILE"``, as prlimit(1)
         has them) to ``(soft, hard)`` (None: unlimited); ``nice``, ``cpus``
         (CPU numbers) and ``oom_score_adj`` set those for the child; a
-        non-root caller may not ask for more than it has. With
+        non-root caller may not ask for more than it has. ``cgroup``: a
+        cgroup v2 directory the child is created in (the caller must be able
+        to write its ``cgroup.procs``). ``pty=(rows, cols)``: the child gets
+        a terminal of its own as its stdin, stdout and stderr; its master end
+        is ``child.pty``. With
         ``env_clear=False``, ``env`` holds changes instead (a
         None value removes a variable). ``server_env=True`` starts from the
         server's environment rather than ``os.environ``; ``server_cwd=True`` the server's directory (a relative
@@ -381,6 +387,9 @@ class Client:
                 stdout = stderr = write_end
             else:
                 stderr = stdout if stdout is not None else 1
+        if pty is not None:
+            message["pty"] = {"rows": pty[0], "cols": pty[1]}
+            stdin = stdout = stderr = DEVNULL
         message["stdin"] = stdio(stdin, 0, "stdin")
         message["stdout"] = stdio(stdout, 1, "stdout")
         message["stderr"] = stdio(stderr, 2, "stderr")
@@ -401,6 +410,10 @@ class Client:
             ]
         if nice is not None:
             message["nice"] = nice
+        if cgroup is not None:
+            directory = os.open(cgroup, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            keep_open.append(directory)
+            message["cgroup"] = attach(directory)
         if cpus is not None:
             message["cpus"] = list(cpus)
         if oom_score_adj is not None:
@@ -458,6 +471,8 @@ class Child:
         self.stdin = stream(reply.get("stdin"), "w")
         self.stdout = stream(reply.get("stdout"), "r")
         self.stderr = stream(reply.get("stderr"), "r")
+        # The master end of the child's terminal, if it asked for one.
+        self.pty = None if reply.get("pty") is None else open(fds[reply["pty"]], "r+b", buffering=0)
         if shared_stdout is not None:
             raw = open(shared_stdout, "rb")
             self.stdout = io.TextIOWrapper(raw) if text else raw

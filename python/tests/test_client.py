@@ -300,3 +300,20 @@ def test_resource_limits_nice_cpus_and_oom_score_adj(server):
         assert out.decode().split() == ["64", "128", "4", "300"]
         with pytest.raises(forkserver.SpawnError, match="'FILES' is not one of"):
             client.spawn("true", rlimits={"FILES": (1, 1)})
+
+
+def test_a_terminal_of_its_own(server):
+    with forkserver.Client(server.socket) as client:
+        child = client.spawn(["sh", "-c", "tty; stty size"], pty=(30, 100))
+        out = b""
+        while True:
+            try:
+                chunk = os.read(child.pty.fileno(), 4096)
+            except OSError:  # EIO: the child's side is closed
+                break
+            if not chunk:
+                break
+            out += chunk
+        assert child.wait(10) == 0
+        lines = out.decode().split()
+        assert lines[0].startswith("/dev/pts/") and lines[1:] == ["30", "100"], out
