@@ -162,20 +162,16 @@ pub(crate) enum Route {
 }
 
 pub(crate) fn route(message: &ServerMessage) -> Route {
-    match message {
-        ServerMessage::Spawned { id, .. }
-        | ServerMessage::SpawnFailed { id, .. }
-        | ServerMessage::Exited { id, .. }
-        | ServerMessage::Signaled { id, .. }
-        | ServerMessage::Children { id, .. }
-        | ServerMessage::Killed { id, .. }
-        | ServerMessage::Error { id: Some(id), .. } => Route::To(*id),
-        ServerMessage::Status(report) => Route::To(report.id),
-        ServerMessage::Error {
-            message,
-            fatal: true,
-            ..
-        } => Route::Broken(format!("the server closed the connection: {message}")),
+    match (message, message.request_id()) {
+        (_, Some(id)) => Route::To(id),
+        (
+            ServerMessage::Error {
+                message,
+                fatal: true,
+                ..
+            },
+            None,
+        ) => Route::Broken(format!("the server closed the connection: {message}")),
         _ => Route::Nowhere,
     }
 }

@@ -558,6 +558,24 @@ pub struct ChildInfo {
     pub cgroup: Option<String>,
 }
 
+impl ServerMessage {
+    /// The id of the request this message answers or is about, if it names
+    /// one (`welcome` and an error about no request in particular do not).
+    pub fn request_id(&self) -> Option<u64> {
+        match self {
+            ServerMessage::Spawned { id, .. }
+            | ServerMessage::SpawnFailed { id, .. }
+            | ServerMessage::Exited { id, .. }
+            | ServerMessage::Signaled { id, .. }
+            | ServerMessage::Children { id, .. }
+            | ServerMessage::Killed { id, .. } => Some(*id),
+            ServerMessage::Status(report) => Some(report.id),
+            ServerMessage::Error { id, .. } => *id,
+            ServerMessage::Welcome { .. } => None,
+        }
+    }
+}
+
 /// How a child ended, as `waitpid` reported it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]

@@ -110,7 +110,7 @@ impl Connection {
                     self.client
                 );
                 encode(&ServerMessage::Error {
-                    id: reply_id(message),
+                    id: message.request_id(),
                     kind: ErrorKind::Resource,
                     message: format!(
                         "the reply was {size} bytes, over max_message_bytes ({})",
@@ -202,20 +202,5 @@ impl Connection {
 impl AsFd for Connection {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.socket.as_fd()
-    }
-}
-
-/// The request id a reply answers, if it names one.
-fn reply_id(message: &ServerMessage) -> Option<u64> {
-    match message {
-        ServerMessage::Spawned { id, .. }
-        | ServerMessage::SpawnFailed { id, .. }
-        | ServerMessage::Exited { id, .. }
-        | ServerMessage::Signaled { id, .. }
-        | ServerMessage::Children { id, .. }
-        | ServerMessage::Killed { id, .. } => Some(*id),
-        ServerMessage::Status(report) => Some(report.id),
-        ServerMessage::Error { id, .. } => *id,
-        ServerMessage::Welcome { .. } => None,
     }
 }
