@@ -181,21 +181,11 @@ impl Connection {
 
 /// Files a message under its id, or records a fatal error.
 fn route(state: &mut State, incoming: Incoming) {
-    let id = match wire::route(&incoming.message) {
-        Route::To(id) => id,
-        Route::Broken(why) => {
-            state.broken = Some(why);
-            return;
-        }
-        Route::Nowhere => return,
-    };
-    if state.abandoned.contains(&id) {
-        if matches!(incoming.message, ServerMessage::Exited { .. }) {
-            state.abandoned.remove(&id);
-        }
-        return;
+    match wire::route(&incoming.message, &mut state.abandoned) {
+        Route::To(id) => state.inbox.entry(id).or_default().push_back(incoming),
+        Route::Broken(why) => state.broken = Some(why),
+        Route::Nowhere => {}
     }
-    state.inbox.entry(id).or_default().push_back(incoming);
 }
 
 fn send_bytes(socket: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> Result<(), Error> {

@@ -2,6 +2,7 @@
 //! handshake's messages, the choice between a datagram and a `bulk` file,
 //! reading a datagram, and where an incoming message goes.
 
+use std::collections::HashSet;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
 
@@ -156,13 +157,16 @@ pub(crate) enum Route {
     To(u64),
     /// Nowhere: the server is closing the connection, for this reason.
     Broken(String),
-    /// Nowhere: a non-fatal error about no request in particular, or a
-    /// message that has no place after the handshake.
+    /// Nowhere: a non-fatal error about no request in particular, a message
+    /// that has no place after the handshake, or one about an id whose
+    /// handle was dropped (`abandoned`: forgotten once its `exited` comes).
     Nowhere,
 }
 
-pub(crate) fn route(message: &ServerMessage) -> Route {
+pub(crate) fn route(message: &ServerMessage, abandoned: &mut HashSet<u64>) -> Route {
     match (message, message.request_id()) {
+        (ServerMessage::Exited { .. }, Some(id)) if abandoned.remove(&id) => Route::Nowhere,
+        (_, Some(id)) if abandoned.contains(&id) => Route::Nowhere,
         (_, Some(id)) => Route::To(id),
         (
             ServerMessage::Error {

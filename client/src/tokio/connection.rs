@@ -230,24 +230,17 @@ async fn read_all(shared: Arc<Shared>) {
 
 fn file(shared: &Shared, incoming: Incoming) {
     let mut inbox = lock(shared);
-    let id = match wire::route(&incoming.message) {
-        Route::To(id) => id,
-        Route::Broken(why) => {
-            inbox.broken = Some(why);
-            return;
+    match wire::route(&incoming.message, &mut inbox.abandoned) {
+        Route::To(id) => {
+            let slot = inbox.slots.entry(id).or_default();
+            slot.queue.push_back(incoming);
+            // A permit is kept if nobody waits yet: the next wait returns
+            // at once.
+            slot.arrived.notify_one();
         }
-        Route::Nowhere => return,
-    };
-    if inbox.abandoned.contains(&id) {
-        if matches!(incoming.message, ServerMessage::Exited { .. }) {
-            inbox.abandoned.remove(&id);
-        }
-        return;
+        Route::Broken(why) => inbox.broken = Some(why),
+        Route::Nowhere => {}
     }
-    let slot = inbox.slots.entry(id).or_default();
-    slot.queue.push_back(incoming);
-    // A permit is kept if nobody waits yet: the next wait returns at once.
-    slot.arrived.notify_one();
 }
 
 fn wake_all(shared: &Shared) {

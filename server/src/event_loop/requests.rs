@@ -184,8 +184,8 @@ impl EventLoop {
                 launched.pid
             );
         }
-        let peer = conn.peer.clone();
-        self.ledger.launched(conn_id, &peer, &request, launched);
+        self.ledger
+            .launched(conn_id, &conn.peer, &request, launched);
     }
 
     pub(super) fn signal(&mut self, conn_id: ConnId, child_id: u64, signal: i32) {

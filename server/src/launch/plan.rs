@@ -147,14 +147,14 @@ impl Launcher {
                 if program.as_bytes().is_empty() {
                     return Err(invalid("target.program is empty".into()));
                 }
-                c_string(program, "target.program")?;
+                // First, so that a NUL in the program is named as the program.
+                let candidates = exec_candidates(program.as_bytes(), env.get(&b"PATH"[..]))?;
                 check_args(args, limits)?;
                 let mut argv = Vec::with_capacity(args.len() + 1);
                 argv.push(c_string(arg0.as_ref().unwrap_or(program), "target.arg0")?);
                 for (i, arg) in args.iter().enumerate() {
                     argv.push(c_string(arg, &format!("target.args[{i}]"))?);
                 }
-                let candidates = exec_candidates(program.as_bytes(), env.get(&b"PATH"[..]))?;
                 (argv, None, Action::Exec { candidates })
             }
             Target::Worker {

@@ -114,58 +114,31 @@ impl Failure {
 
     /// What the client is told: the `spawn_failed` kind, errno and message.
     pub(crate) fn describe(self) -> (ErrorKind, Option<i32>, String) {
-        let errno = || io::Error::from_raw_os_error(self.errno);
-        match self.step {
-            FailedStep::Exec => (
-                ErrorKind::Exec,
-                Some(self.errno),
-                format!("cannot run the program: {}", errno()),
-            ),
-            FailedStep::Chdir => (
-                ErrorKind::Chdir,
-                Some(self.errno),
-                format!("cannot change to the directory: {}", errno()),
-            ),
-            FailedStep::Setup => (
-                ErrorKind::Setup,
-                Some(self.errno),
-                format!("cannot set up the child: {}", errno()),
-            ),
+        let (kind, doing) = match self.step {
+            FailedStep::Exec => (ErrorKind::Exec, "cannot run the program".to_owned()),
+            FailedStep::Chdir => (ErrorKind::Chdir, "cannot change to the directory".into()),
+            FailedStep::Setup => (ErrorKind::Setup, "cannot set up the child".into()),
             FailedStep::Rlimit => (
                 ErrorKind::Setup,
-                Some(self.errno),
                 format!(
-                    "cannot set rlimits {}: {}",
-                    super::controls::resource_name(self.detail),
-                    errno()
+                    "cannot set rlimits {}",
+                    super::controls::resource_name(self.detail)
                 ),
             ),
-            FailedStep::Nice => (
-                ErrorKind::Setup,
-                Some(self.errno),
-                format!("cannot set nice: {}", errno()),
-            ),
-            FailedStep::Cpus => (
-                ErrorKind::Setup,
-                Some(self.errno),
-                format!("cannot set cpus (CPU affinity): {}", errno()),
-            ),
-            FailedStep::OomScoreAdj => (
-                ErrorKind::Setup,
-                Some(self.errno),
-                format!("cannot set oom_score_adj: {}", errno()),
-            ),
-            FailedStep::Cgroup => (
-                ErrorKind::Setup,
-                Some(self.errno),
-                format!("cannot join the cgroup: {}", errno()),
-            ),
-            FailedStep::Panic => (
-                ErrorKind::Setup,
-                None,
-                "cannot set up the child: it panicked before its work began (the server's log has the panic message)".into(),
-            ),
-        }
+            FailedStep::Nice => (ErrorKind::Setup, "cannot set nice".into()),
+            FailedStep::Cpus => (ErrorKind::Setup, "cannot set cpus (CPU affinity)".into()),
+            FailedStep::OomScoreAdj => (ErrorKind::Setup, "cannot set oom_score_adj".into()),
+            FailedStep::Cgroup => (ErrorKind::Setup, "cannot join the cgroup".into()),
+            FailedStep::Panic => {
+                return (
+                    ErrorKind::Setup,
+                    None,
+                    "cannot set up the child: it panicked before its work began (the server's log has the panic message)".into(),
+                )
+            }
+        };
+        let error = io::Error::from_raw_os_error(self.errno);
+        (kind, Some(self.errno), format!("{doing}: {error}"))
     }
 }
 
