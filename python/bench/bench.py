@@ -48,9 +48,9 @@ def context_for(method):
     import multiprocessing
 
     if method == "forkserver-rs":
-        import forkserver
+        import forkserver_rs
 
-        return forkserver.get_context(preload=["polars"])
+        return forkserver_rs.get_context(preload=["polars"])
     ctx = multiprocessing.get_context(method)
     if method == "forkserver":
         ctx.set_forkserver_preload(["polars"])

@@ -1,12 +1,12 @@
-//! `forkserver._native`: the Rust server, driven from Python.
+//! `forkserver_rs._native`: the Rust server, driven from Python.
 //!
-//! `python -m forkserver serve` calls [`serve`], which imports each
-//! `--preload` module through `forkserver._server.preload` (one forkserver
+//! `python -m forkserver_rs serve` calls [`serve`], which imports each
+//! `--preload` module through `forkserver_rs._server.preload` (one forkserver
 //! preload per module, so the thread guard runs after each), then serves
 //! with the ordinary event loop. Targets named `py:MODULE:FUNCTION` are a
 //! worker family: the server checks the name before forking
-//! (`forkserver._server.check_target`), and the child calls
-//! `forkserver._worker.run`, which calls the function.
+//! (`forkserver_rs._server.check_target`), and the child calls
+//! `forkserver_rs._worker.run`, which calls the function.
 //!
 //! The whole serve runs on the thread that called it, holding the GIL: the
 //! server is single-threaded, so nothing else needs the GIL, and a forked
@@ -19,12 +19,12 @@ use forkserver_server::{exit, serve_main, ServeArgs, Server, WorkerContext};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
-/// The command line of `python -m forkserver serve`.
+/// The command line of `python -m forkserver_rs serve`.
 #[derive(Parser)]
 #[command(
-    name = "python -m forkserver serve",
+    name = "python -m forkserver_rs serve",
     about = "Import Python modules once, then fork workers from this warm, single-threaded process",
-    after_help = "Clients start a function with the target py:MODULE:FUNCTION (see forkserver.Client)."
+    after_help = "Clients start a function with the target py:MODULE:FUNCTION (see forkserver_rs.Client)."
 )]
 struct PythonServe {
     /// Import these modules before serving, in order (comma-separated;
@@ -44,7 +44,7 @@ struct PythonServe {
 /// SIGINT or its lifeline closes; returns the process exit status.
 #[pyfunction]
 fn serve(argv: Vec<String>) -> i32 {
-    let args = std::iter::once("python -m forkserver serve".to_owned()).chain(argv);
+    let args = std::iter::once("python -m forkserver_rs serve".to_owned()).chain(argv);
     let command = match PythonServe::try_parse_from(args) {
         Ok(command) => command,
         Err(e) => {
@@ -55,12 +55,12 @@ fn serve(argv: Vec<String>) -> i32 {
     };
     // The helpers (and what every child runs through) are imported once,
     // here, before the preloads and the thread guard.
-    if let Err(e) = Python::attach(|py| py.import("forkserver._server").map(drop)) {
-        eprintln!("forkserver: importing forkserver._server: {e}");
+    if let Err(e) = Python::attach(|py| py.import("forkserver_rs._server").map(drop)) {
+        eprintln!("forkserver: importing forkserver_rs._server: {e}");
         return exit::FAILED.into();
     }
     for script in &command.precompile {
-        if let Err(message) = call_helper("forkserver._server", "precompile", script) {
+        if let Err(message) = call_helper("forkserver_rs._server", "precompile", script) {
             eprintln!("forkserver: --precompile {script}: {message} (children will compile it)");
         }
     }
@@ -75,16 +75,16 @@ fn serve(argv: Vec<String>) -> i32 {
     serve_main(builder, &command.serve).into()
 }
 
-/// Imports `module` (through `forkserver._server.preload`, which also
+/// Imports `module` (through `forkserver_rs._server.preload`, which also
 /// flushes what the import printed and names any Python threads it
 /// started); Err carries the exception as text.
 fn preload(module: &str) -> Result<(), String> {
-    call_helper("forkserver._server", "preload", module)
+    call_helper("forkserver_rs._server", "preload", module)
 }
 
 /// The server-side check of a `py:MODULE:FUNCTION` name, before the fork.
 fn check_target(target: &str) -> Result<(), String> {
-    call_helper("forkserver._server", "check_target", target)
+    call_helper("forkserver_rs._server", "check_target", target)
 }
 
 /// Calls `helper(arg)` in `module`, which returns None when all is well or a
@@ -120,7 +120,7 @@ fn after_fork_in_child() {
 }
 
 /// In an idle pool child of a `py:` worker: catch up with the fork and walk
-/// the start path once (`forkserver._worker.prewarm`), so a request does
+/// the start path once (`forkserver_rs._worker.prewarm`), so a request does
 /// not wait for the memory that copies.
 fn prewarm(worker: &str) {
     if !worker.starts_with("py:") {
@@ -129,7 +129,7 @@ fn prewarm(worker: &str) {
     after_fork_in_child();
     Python::attach(|py| {
         let outcome = py
-            .import("forkserver._worker")
+            .import("forkserver_rs._worker")
             .and_then(|m| m.getattr("prewarm"))
             .and_then(|prewarm| prewarm.call1((worker,)));
         if let Err(e) = outcome {
@@ -150,7 +150,7 @@ fn run_worker(context: &mut WorkerContext<'_>) -> i32 {
         let environ: Vec<(std::ffi::OsString, std::ffi::OsString)> = std::env::vars_os().collect();
         let args = (context.target(), payload, context.args().to_vec(), environ);
         let outcome = py
-            .import("forkserver._worker")
+            .import("forkserver_rs._worker")
             .and_then(|m| m.getattr("run"))
             .and_then(|run| run.call1(args))
             .and_then(|code| code.extract::<i32>());

@@ -1,4 +1,4 @@
-"""Fixtures: real servers (`python -m forkserver serve`) on sockets in a
+"""Fixtures: real servers (`python -m forkserver_rs serve`) on sockets in a
 temporary directory, started and stopped around each test that needs one."""
 
 import os
@@ -11,7 +11,7 @@ import time
 import pytest
 
 try:
-    import forkserver._native  # noqa: F401 (the server the tests start)
+    import forkserver_rs._native  # noqa: F401 (the server the tests start)
 except ImportError as exc:  # pragma: no cover
     raise ImportError(
         "forkserver is not built: run tests/all.sh, or `pip install ./python` "
@@ -22,14 +22,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 class Server:
-    """A `python -m forkserver serve` process; `start` waits for its
+    """A `python -m forkserver_rs serve` process; `start` waits for its
     --ready-fd line, or returns its exit status and stderr if it fails."""
 
     def __init__(self, socket, args):
         self.socket = socket
         read_end, write_end = os.pipe()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "forkserver", "serve", "--socket", socket,
+            [sys.executable, "-m", "forkserver_rs", "serve", "--socket", socket,
              "--ready-fd", str(write_end), *args],
             pass_fds=(write_end,),
             stdin=subprocess.DEVNULL,

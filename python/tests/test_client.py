@@ -1,4 +1,4 @@
-"""forkserver.Client against a real server: spawn, wait, kill, exit codes,
+"""forkserver_rs.Client against a real server: spawn, wait, kill, exit codes,
 exceptions, stdio, fds, environment, and errors that leave the server
 serving."""
 
@@ -11,12 +11,12 @@ import sys
 
 import pytest
 
-import forkserver
+import forkserver_rs
 from conftest import run_script, wait_until
 
 
 def test_exec_with_piped_stdout(server):
-    with forkserver.Client(server.socket) as client:
+    with forkserver_rs.Client(server.socket) as client:
         child = client.spawn(["echo", "hello", "world"], stdout=subprocess.PIPE)
         assert child.stdout.read() == b"hello world\n"
         assert child.wait(10) == 0
@@ -24,7 +24,7 @@ def test_exec_with_piped_stdout(server):
 
 
 def test_python_worker_gets_args_and_kwargs(server):
-    with forkserver.Client(server.socket) as client:
+    with forkserver_rs.Client(server.socket) as client:
         child = client.spawn(
             "py:workers:args_and_kwargs", args=[1, "two", [3.0]], kwargs={"k": None},
             stdout=subprocess.PIPE,
@@ -46,13 +46,13 @@ def test_python_worker_gets_args_and_kwargs(server):
     ],
 )
 def test_exit_codes(server, target, args, code):
-    with forkserver.Client(server.socket) as client:
+    with forkserver_rs.Client(server.socket) as client:
         child = client.spawn(target, args=args, stdout=subprocess.DEVNULL)
         assert child.wait(10) == code
 
 
 def test_an_exception_exits_1_with_its_traceback_on_stderr(server):
-    with forkserver.Client(server.socket) as client:
+    with forkserver_rs.Client(server.socket) as client:
         child = client.spawn("py:workers:fail", args=["no good"], stderr=subprocess.PIPE)
         _, err = child.communicate(timeout=10)
         assert child.returncode == 1
@@ -60,14 +60,14 @@ def test_an_exception_exits_1_with_its_traceback_on_stderr(server):
 
 
 def test_a_non_int_result_is_printed_and_exits_1(server):
-    with forkserver.Client(server.socket) as client:
+    with forkserver_rs.Client(server.socket) as client:
         child = client.spawn("py:workers:say", args=["bad input"], stderr=subprocess.PIPE)
         _, err = child.communicate(timeout=10)
         assert (child.returncode, err) == (1, b"bad input\n")
 
 
 def test_kill_terminate_and_send_signal(server):
-    with forkserver.Client(server.socket) as client:
+    with forkserver_rs.Client(server.socket) as client:
         sleepers = [client.spawn("py:workers:sleep", args=[60]) for _ in range(3)]
         assert all(s.poll() is None for s in sleepers)
         sleepers[0].kill()
@@ -78,13 +78,13 @@ def test_kill_terminate_and_send_signal(server):
 
 
 def test_sigint_raises_keyboard_interrupt_in_a_python_worker(server):
-    with forkserver.Client(server.socket) as client:
+    with forkserver_rs.Client(server.socket) as client:
         child = client.spawn("py:workers:sigint_is_keyboard_interrupt")
         assert child.wait(10) == 42
 
 
 def test_wait_timeout_and_poll(server):
-    with forkserver.Client(server.socket) as client:
+    with forkserver_rs.Client(server.socket) as client:
         child = client.spawn("py:workers:sleep", args=[0.5])
         with pytest.raises(subprocess.TimeoutExpired):
             child.wait(0.05)
@@ -94,7 +94,7 @@ def test_wait_timeout_and_poll(server):
 
 
 def test_stdin_pipe_and_communicate(server):
-    with forkserver.Client(server.socket) as client:
+    with forkserver_rs.Client(server.socket) as client:
         child = client.spawn("py:workers:echo_stdin", stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         out, err = child.communicate(b"shout this" * 10000, timeout=10)
         assert out == b"SHOUT THIS" * 10000 and err is None
@@ -102,7 +102,7 @@ def test_stdin_pipe_and_communicate(server):
 
 
 def test_stderr_to_stdout_shares_one_pipe(server):
-    with forkserver.Client(server.socket) as client:
+    with forkserver_rs.Client(server.socket) as client:
         child = client.spawn(
             ["sh", "-c", "echo out; echo err >&2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
         )
@@ -112,7 +112,7 @@ def test_stderr_to_stdout_shares_one_pipe(server):
 
 def test_pass_fds_env_and_cwd(server, tmp_path):
     read_end, write_end = os.pipe()
-    with forkserver.Client(server.socket) as client:
+    with forkserver_rs.Client(server.socket) as client:
         child = client.spawn("py:workers:write_fd", args=[write_end, "through a passed fd"],
                              pass_fds=[write_end])
         os.close(write_end)
@@ -128,22 +128,22 @@ def test_pass_fds_env_and_cwd(server, tmp_path):
 
 
 def test_text_mode(server):
-    with forkserver.Client(server.socket) as client:
+    with forkserver_rs.Client(server.socket) as client:
         child = client.spawn(["printf", "é\\n"], stdout=subprocess.PIPE, text=True)
         assert child.communicate(timeout=10) == ("é\n", None)
 
 
 def test_errors_name_the_problem_and_the_server_keeps_serving(server):
-    with forkserver.Client(server.socket) as client:
-        with pytest.raises(forkserver.SpawnError) as missing_module:
+    with forkserver_rs.Client(server.socket) as client:
+        with pytest.raises(forkserver_rs.SpawnError) as missing_module:
             client.spawn("py:no_such_module_here:main")
         assert missing_module.value.kind == "unknown_worker"
         assert "no Python module named 'no_such_module_here'" in str(missing_module.value)
-        with pytest.raises(forkserver.SpawnError, match="has no 'nothing_here'"):
+        with pytest.raises(forkserver_rs.SpawnError, match="has no 'nothing_here'"):
             client.spawn("py:workers:nothing_here")
-        with pytest.raises(forkserver.SpawnError, match="not py:MODULE:FUNCTION"):
+        with pytest.raises(forkserver_rs.SpawnError, match="not py:MODULE:FUNCTION"):
             client.spawn("py:workers")
-        with pytest.raises(forkserver.SpawnError) as missing_program:
+        with pytest.raises(forkserver_rs.SpawnError) as missing_program:
             client.spawn("/no/such/program")
         assert missing_program.value.errno == errno.ENOENT
         assert missing_program.value.kind == "exec"
@@ -152,12 +152,12 @@ def test_errors_name_the_problem_and_the_server_keeps_serving(server):
 
 
 def test_no_server_is_a_clear_connection_error(tmp_path):
-    with pytest.raises(ConnectionError, match="no forkserver is listening on .*python -m forkserver serve"):
-        forkserver.Client(str(tmp_path / "nothing.sock"))
+    with pytest.raises(ConnectionError, match="no forkserver is listening on .*python -m forkserver_rs serve"):
+        forkserver_rs.Client(str(tmp_path / "nothing.sock"))
 
 
 def test_children_are_reaped_and_killed_when_the_client_goes(server):
-    client = forkserver.Client(server.socket)
+    client = forkserver_rs.Client(server.socket)
     for _ in range(5):
         assert client.spawn("py:workers:exit_with", args=[0]).wait(10) == 0
     sleeper = client.spawn("py:workers:sleep", args=[60])
@@ -167,7 +167,7 @@ def test_children_are_reaped_and_killed_when_the_client_goes(server):
 
 
 def test_status_lists_the_preload_and_the_family(server):
-    with forkserver.Client(server.socket) as client:
+    with forkserver_rs.Client(server.socket) as client:
         status = client.status()
         assert [m["name"] for m in status["modules"]] == ["workers"]
         assert status["workers"] == ["py:*"]
@@ -177,7 +177,7 @@ def test_status_lists_the_preload_and_the_family(server):
 def test_concurrent_waits_from_threads_share_one_connection(server):
     import threading
 
-    with forkserver.Client(server.socket) as client:
+    with forkserver_rs.Client(server.socket) as client:
         children = [client.spawn("py:workers:exit_with", args=[i]) for i in range(16)]
         codes = {}
 
@@ -195,7 +195,7 @@ def test_concurrent_waits_from_threads_share_one_connection(server):
 def test_a_worker_is_a_fork_of_the_warm_server(server):
     """The preloaded module was imported once, in the server: the worker's
     copy remembers the server's pid, and the server is its parent."""
-    with forkserver.Client(server.socket) as client:
+    with forkserver_rs.Client(server.socket) as client:
         child = client.spawn("py:workers:where_loaded", stdout=subprocess.PIPE)
         out, _ = child.communicate(timeout=10)
         assert out.decode().split() == [str(server.pid), str(server.pid)]
@@ -203,8 +203,8 @@ def test_a_worker_is_a_fork_of_the_warm_server(server):
 
 def test_a_closed_stdio_of_ours_becomes_dev_null_for_the_child(server, tmp_path):
     done = run_script(tmp_path, "closed_stdout.py", """
-        import os, sys, forkserver
-        client = forkserver.Client(sys.argv[1])
+        import os, sys, forkserver_rs
+        client = forkserver_rs.Client(sys.argv[1])
         os.close(1)
         show = "import os, sys; sys.stderr.write(os.readlink('/proc/self/fd/1'))"
         child = client.spawn([sys.executable, '-c', show], stderr=2)
@@ -225,17 +225,17 @@ def test_a_rust_zygote_s_embedded_worker(tmp_path):
     server = subprocess.Popen([zygote, "--socket", socket_path, "-q"], stdin=subprocess.DEVNULL)
     try:
         assert wait_until(lambda: os.path.exists(socket_path))
-        with forkserver.Client(socket_path) as client:
+        with forkserver_rs.Client(socket_path) as client:
             assert "args" in client.welcome["workers"]
-            child = client.spawn(forkserver.Worker("args", ["one", "two"]), stdout=subprocess.PIPE)
+            child = client.spawn(forkserver_rs.Worker("args", ["one", "two"]), stdout=subprocess.PIPE)
             out, _ = child.communicate(timeout=10)
             assert (child.returncode, out) == (2, b"one two\n")  # it exits with len(args)
             order = {"customer": "ada", "lines": [], "tags": {"rush": 1}, "note": None}
-            child = client.spawn(forkserver.Worker("payload", payload=order), stdout=subprocess.PIPE)
+            child = client.spawn(forkserver_rs.Worker("payload", payload=order), stdout=subprocess.PIPE)
             out, _ = child.communicate(timeout=10)
             assert child.returncode == 0 and b'customer: "ada"' in out
-            with pytest.raises(forkserver.SpawnError, match="no worker named 'nope'"):
-                client.spawn(forkserver.Worker("nope"))
+            with pytest.raises(forkserver_rs.SpawnError, match="no worker named 'nope'"):
+                client.spawn(forkserver_rs.Worker("nope"))
     finally:
         server.terminate()
         server.wait(10)
@@ -253,12 +253,12 @@ def test_the_child_gets_this_process_s_directory_environment_and_umask(server, t
     only_here.chmod(0o755)
     script = f"""
 import os, subprocess, sys
-import forkserver
+import forkserver_rs
 os.umask(0o027)
 os.environ["CALLER_ONLY"] = "yes"
 os.environ["PATH"] = {str(here / "bin")!r} + ":" + os.environ["PATH"]
 report = 'pwd; echo "${{CALLER_ONLY-unset}}"; umask'
-with forkserver.Client({server.socket!r}) as client:
+with forkserver_rs.Client({server.socket!r}) as client:
     for options in ({{}}, {{"cwd": "sub"}},
                     {{"server_env": True, "server_cwd": True, "server_umask": True}}):
         child = client.spawn(["sh", "-c", report], stdout=subprocess.PIPE, **options)
@@ -275,7 +275,7 @@ with forkserver.Client({server.socket!r}) as client:
     )
     assert result.returncode == 0, result.stderr
     # The server inherited this test process's umask.
-    server_umask = forkserver.client._own_umask()
+    server_umask = forkserver_rs.client._own_umask()
     expected_big = "".join(
         f"BIG_{i:03}={chr(97 + i % 26) * 4096}\n" for i in range(256)
     )
@@ -290,7 +290,7 @@ with forkserver.Client({server.socket!r}) as client:
 
 
 def test_resource_limits_nice_cpus_and_oom_score_adj(server):
-    with forkserver.Client(server.socket) as client:
+    with forkserver_rs.Client(server.socket) as client:
         child = client.spawn(
             ["sh", "-c", "ulimit -n; ulimit -Hn; nice; cat /proc/self/oom_score_adj"],
             rlimits={"NOFILE": (64, 128)}, nice=4, cpus=[0], oom_score_adj=300,
@@ -298,12 +298,12 @@ def test_resource_limits_nice_cpus_and_oom_score_adj(server):
         )
         out, _ = child.communicate(timeout=10)
         assert out.decode().split() == ["64", "128", "4", "300"]
-        with pytest.raises(forkserver.SpawnError, match="'FILES' is not one of"):
+        with pytest.raises(forkserver_rs.SpawnError, match="'FILES' is not one of"):
             client.spawn("true", rlimits={"FILES": (1, 1)})
 
 
 def test_a_terminal_of_its_own(server):
-    with forkserver.Client(server.socket) as client:
+    with forkserver_rs.Client(server.socket) as client:
         child = client.spawn(["sh", "-c", "tty; stty size"], pty=(30, 100))
         out = b""
         while True:

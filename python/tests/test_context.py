@@ -1,4 +1,4 @@
-"""forkserver.get_context(): multiprocessing's Process, Pool, Queue and
+"""forkserver_rs.get_context(): multiprocessing's Process, Pool, Queue and
 concurrent.futures' ProcessPoolExecutor with processes our server starts."""
 
 import os
@@ -6,7 +6,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 
-import forkserver
+import forkserver_rs
 from conftest import run_script, wait_until
 
 
@@ -28,7 +28,7 @@ def raise_error():
 
 @pytest.fixture(scope="module")
 def ctx():
-    return forkserver.get_context(preload=["json"])
+    return forkserver_rs.get_context(preload=["json"])
 
 
 def test_pool_map(ctx):
@@ -93,7 +93,7 @@ def test_a_broken_pool_is_detected(ctx):
 
 
 def test_a_preload_failure_is_an_exception_naming_the_module():
-    broken = forkserver.get_context(preload=["no_such_module_for_context"])
+    broken = forkserver_rs.get_context(preload=["no_such_module_for_context"])
     with pytest.raises(RuntimeError) as failure:
         broken.Process(target=print).start()
     message = str(failure.value)
@@ -103,13 +103,13 @@ def test_a_preload_failure_is_an_exception_naming_the_module():
 
 def test_the_server_it_started_stops_with_the_parent(tmp_path):
     done = run_script(tmp_path, "parent.py", """
-        import forkserver
+        import forkserver_rs
 
         def double(x):
             return 2 * x
 
         if __name__ == "__main__":
-            ctx = forkserver.get_context(preload=["json"])
+            ctx = forkserver_rs.get_context(preload=["json"])
             with ctx.Pool(2) as pool:
                 assert pool.map(double, [1, 2, 3]) == [2, 4, 6]
             print(ctx.client().status()["pid"], flush=True)
@@ -122,7 +122,7 @@ def test_the_server_it_started_stops_with_the_parent(tmp_path):
 def test_a_server_at_a_given_socket_is_used(start_server):
     server = start_server("--preload", "json")
     assert server.ready
-    ctx = forkserver.get_context(socket=server.socket)
+    ctx = forkserver_rs.get_context(socket=server.socket)
     with ctx.Pool(2) as pool:
         assert {parent for _, parent in pool.map(whoami, range(4))} == {server.pid}
 
@@ -133,7 +133,7 @@ def test_children_rerun_the_main_script_and_see_it_change(tmp_path):
     run the new version, as spawn's children would."""
     body = """
         import os, sys, time
-        import forkserver
+        import forkserver_rs
 
         VALUE = {value}
 
@@ -141,7 +141,7 @@ def test_children_rerun_the_main_script_and_see_it_change(tmp_path):
             return VALUE
 
         if __name__ == "__main__":
-            ctx = forkserver.get_context()
+            ctx = forkserver_rs.get_context()
             with ctx.Pool(1) as pool:
                 print(pool.map(value, [0])[0], flush=True)
             text = open(__file__).read().replace("VALUE = {value}", "VALUE = {value} + 1")
@@ -158,7 +158,7 @@ def test_children_rerun_the_main_script_and_see_it_change(tmp_path):
 def test_many_starts_leave_no_fds_or_zombies_in_the_server(start_server):
     server = start_server("--preload", "json")
     assert server.ready
-    ctx = forkserver.get_context(socket=server.socket)
+    ctx = forkserver_rs.get_context(socket=server.socket)
 
     def server_fds():
         return sorted(os.listdir(f"/proc/{server.pid}/fd"), key=int)
@@ -181,13 +181,13 @@ def test_many_starts_leave_no_fds_or_zombies_in_the_server(start_server):
 def test_an_os_fork_child_of_the_parent_does_not_stop_its_server(tmp_path):
     done = run_script(tmp_path, "forks.py", """
         import os, sys
-        import forkserver
+        import forkserver_rs
 
         def double(x):
             return 2 * x
 
         if __name__ == "__main__":
-            ctx = forkserver.get_context()
+            ctx = forkserver_rs.get_context()
             with ctx.Pool(1) as pool:
                 assert pool.map(double, [1]) == [2]
             pid = os.fork()
@@ -195,7 +195,7 @@ def test_an_os_fork_child_of_the_parent_does_not_stop_its_server(tmp_path):
                 sys.exit(0)  # runs the exit handlers, in the child
             os.waitpid(pid, 0)
             # The socket is still there: a new client connects.
-            forkserver.Client(ctx.client().path).close()
+            forkserver_rs.Client(ctx.client().path).close()
             with ctx.Pool(1) as pool:
                 print(pool.map(double, [21])[0], flush=True)
     """)

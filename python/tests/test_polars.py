@@ -7,7 +7,7 @@ from concurrent.futures import ProcessPoolExecutor
 import polars as pl
 import pytest
 
-import forkserver
+import forkserver_rs
 
 WORKERS = 8
 
@@ -36,7 +36,7 @@ def busy_parent(tmp_path):
 
 
 def test_eight_polars_workers_through_the_context_none_hangs(busy_parent):
-    ctx = forkserver.get_context(preload=["polars"])
+    ctx = forkserver_rs.get_context(preload=["polars"])
     with ProcessPoolExecutor(max_workers=WORKERS, mp_context=ctx) as executor:
         futures = {seed: executor.submit(filter_frame, seed) for seed in range(WORKERS)}
         results = {seed: future.result(timeout=10) for seed, future in futures.items()}
@@ -44,7 +44,7 @@ def test_eight_polars_workers_through_the_context_none_hangs(busy_parent):
 
 
 def test_eight_polars_processes_through_pool(busy_parent):
-    ctx = forkserver.get_context(preload=["polars"])
+    ctx = forkserver_rs.get_context(preload=["polars"])
     with ctx.Pool(WORKERS) as pool:
         outcome = pool.map_async(filter_frame, range(WORKERS))
         assert outcome.get(timeout=10) == [expected(seed) for seed in range(WORKERS)]

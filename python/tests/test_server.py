@@ -1,10 +1,10 @@
-"""`python -m forkserver serve`: preload failures and the thread guard."""
+"""`python -m forkserver_rs serve`: preload failures and the thread guard."""
 
 import subprocess
 import sys
 import time
 
-import forkserver
+import forkserver_rs
 from conftest import wait_until
 
 
@@ -43,7 +43,7 @@ def test_a_dormant_thread_that_wakes_now_and_then_is_tolerated(start_server, mon
     monkeypatch.setenv("WAKES_LATER_SECONDS", "1")
     server = start_server("--preload", "workers,wakes_later", "--allow-dormant-threads")
     assert server.ready, server.failure()
-    with forkserver.Client(server.socket) as client:
+    with forkserver_rs.Client(server.socket) as client:
         assert client.spawn("py:workers:exit_with", args=[4]).wait(10) == 4
         time.sleep(1.5)  # the thread now wakes every 5 ms
         for i in range(20):
@@ -58,7 +58,7 @@ def test_numpy_threads_are_stopped_by_their_fork_handler(start_server):
     threaded again, so no flag is needed, and workers use numpy."""
     server = start_server("--preload", "numpy")
     assert server.ready, server.failure()
-    with forkserver.Client(server.socket) as client:
+    with forkserver_rs.Client(server.socket) as client:
         child = client.spawn("py:workers:numpy_dot", args=[[1, 2, 3], [4, 5, 6]])
         assert child.wait(10) == 32  # the dot product, as the exit status
     log = server.stop()
@@ -67,7 +67,7 @@ def test_numpy_threads_are_stopped_by_their_fork_handler(start_server):
 
 def test_serve_help_lists_preload_and_the_serve_flags():
     out = subprocess.run(
-        [sys.executable, "-m", "forkserver", "serve", "--help"],
+        [sys.executable, "-m", "forkserver_rs", "serve", "--help"],
         capture_output=True, text=True, check=True,
     ).stdout
     for flag in ("--preload", "--socket", "--allow-dormant-threads", "--lifeline-fd", "--pool"):
@@ -77,7 +77,7 @@ def test_serve_help_lists_preload_and_the_serve_flags():
 def test_a_pool_of_python_workers(start_server):
     server = start_server("--preload", "workers", "--pool", "py:workers:exit_with=2")
     assert server.ready, server.failure()
-    with forkserver.Client(server.socket) as client:
+    with forkserver_rs.Client(server.socket) as client:
         assert wait_until(lambda: client.status()["pools"][0]["idle"] == 2)
         assert [client.spawn("py:workers:exit_with", args=[i]).wait(10) for i in (1, 2, 3)] == [1, 2, 3]
         assert client.status()["pools"][0]["hits"] >= 2

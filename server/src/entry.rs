@@ -1,6 +1,6 @@
 //! [`serve_main`]: the one front door of every server process — the stock
 //! `forkserver serve`, a zygote's [`ServerBuilder::run`], and
-//! `python -m forkserver serve` — so the same bad option or failure ends
+//! `python -m forkserver_rs serve` — so the same bad option or failure ends
 //! each of them the same way.
 
 use crate::{ServeArgs, ServerBuilder};

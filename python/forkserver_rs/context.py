@@ -9,7 +9,7 @@ the preloads already imported:
 
 1. the parent pickles the preparation data and the Process object exactly as
    ``spawn`` does (so the same things must be picklable);
-2. it asks the server for ``py:forkserver.context:_start_child`` with the fds
+2. it asks the server for ``py:forkserver_rs.context:_start_child`` with the fds
    ``spawn`` would pass (the data pipe, the resource tracker's fd, pipes and
    fds of queues and connections), installed at the same numbers, the
    parent's stdout and stderr, and the parent's environment;
@@ -39,7 +39,7 @@ from .client import Client, ServerError
 
 __all__ = ["get_context", "ForkserverContext"]
 
-_CHILD_TARGET = "py:forkserver.context:_start_child"
+_CHILD_TARGET = "py:forkserver_rs.context:_start_child"
 
 
 def get_context(preload=(), socket=None, *, pool=2, allow_dormant_threads=True, server_args=()):
@@ -252,7 +252,7 @@ class _ServerHandle:
     def _connect(self):
         if self.socket is not None:
             try:
-                return Client(self.socket, name="forkserver.context")
+                return Client(self.socket, name="forkserver_rs.context")
             except ConnectionError:
                 pass  # nothing listens there yet: start one
         path = self.socket
@@ -260,14 +260,14 @@ class _ServerHandle:
             self._directory = tempfile.mkdtemp(prefix="forkserver-")
             path = os.path.join(self._directory, "forkserver.sock")
         self._start(path)
-        return Client(path, name="forkserver.context")
+        return Client(path, name="forkserver_rs.context")
 
     def _start(self, path):
-        """Starts ``python -m forkserver serve`` at `path` and waits until it
+        """Starts ``python -m forkserver_rs serve`` at `path` and waits until it
         is ready; raises RuntimeError with its error output if it fails."""
         lifeline_r, lifeline_w = os.pipe()
         ready_r, ready_w = os.pipe()
-        command = [sys.executable, "-m", "forkserver", "serve", "--socket", path]
+        command = [sys.executable, "-m", "forkserver_rs", "serve", "--socket", path]
         if not {"-v", "--verbose", "-q", "--quiet", "-qq"} & set(self.server_args):
             command.append("-q")  # warnings and errors only, unless asked otherwise
         command += ["--lifeline-fd", str(lifeline_r), "--ready-fd", str(ready_w)]

@@ -1,4 +1,4 @@
-"""``python -m forkserver serve [--preload MODULES] [serve flags]``: the
+"""``python -m forkserver_rs serve [--preload MODULES] [serve flags]``: the
 server, with Python modules preloaded and ``py:MODULE:FUNCTION`` workers."""
 
 import sys
@@ -7,8 +7,8 @@ import sys
 def main(argv):
     if len(argv) < 1 or argv[0] != "serve":
         print(
-            "usage: python -m forkserver serve [--preload MODULE,...] [--socket PATH] [...]\n"
-            "       python -m forkserver serve --help   (every flag)",
+            "usage: python -m forkserver_rs serve [--preload MODULE,...] [--socket PATH] [...]\n"
+            "       python -m forkserver_rs serve --help   (every flag)",
             file=sys.stderr,
         )
         return 2

@@ -104,7 +104,7 @@ class Client:
     (b'hi\\n', 0)
     """
 
-    def __init__(self, path=None, *, name="forkserver.py"):
+    def __init__(self, path=None, *, name="forkserver_rs.py"):
         self.path = os.fspath(path) if path is not None else default_socket_path()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:
@@ -113,7 +113,7 @@ class Client:
             sock.close()
             raise ConnectionError(
                 f"no forkserver is listening on {self.path} ({exc.strerror}); "
-                "start one with `python -m forkserver serve --socket PATH`"
+                "start one with `python -m forkserver_rs serve --socket PATH`"
             ) from exc
         self._sock = sock
         self.limits = dict(_HELLO_LIMITS)
@@ -478,7 +478,7 @@ class Child:
             self.stdout = io.TextIOWrapper(raw) if text else raw
 
     def __repr__(self):
-        return f"<forkserver.Child pid={self.pid} returncode={self.returncode}>"
+        return f"<forkserver_rs.Child pid={self.pid} returncode={self.returncode}>"
 
     def __enter__(self):
         return self

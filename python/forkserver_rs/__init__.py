@@ -1,7 +1,7 @@
 """forkserver for Python: start workers from a preloaded, single-threaded
 server instead of paying for ``spawn`` or risking ``fork``.
 
-- ``python -m forkserver serve --preload numpy,polars`` runs a server that
+- ``python -m forkserver_rs serve --preload numpy,polars`` runs a server that
   imported those modules once; clients start ``py:MODULE:FUNCTION`` workers
   (forked, already warm) or any program.
 - :class:`Client` speaks the wire protocol (protocol/README.md);
