@@ -125,10 +125,20 @@ def _finish(code):
     except Exception:  # pragma: no cover - interpreter internals differ by version
         traceback.print_exc()
     atexit._run_exitfuncs()
+    return _flush_std_streams(code)
+
+
+def _flush_std_streams(code):
+    """As the interpreter flushes at exit (``flush_std_files`` in CPython's
+    pylifecycle.c): a stream set to None or closed is skipped, and any
+    failure to flush makes the status 120, whatever it was."""
     for stream in (sys.stdout, sys.stderr):
+        if stream is None or getattr(stream, "closed", False):
+            continue
         try:
             stream.flush()
-        except (OSError, ValueError):
-            if code == 0:
-                code = 120  # what Python exits with when flushing stdout fails
+        except Exception:  # whatever a replacement stream's flush raises
+            if stream is sys.stdout and sys.stderr is not None:
+                traceback.print_exc()
+            code = 120
     return code

@@ -267,10 +267,15 @@ class _ServerHandle:
         is ready; raises RuntimeError with its error output if it fails."""
         lifeline_r, lifeline_w = os.pipe()
         ready_r, ready_w = os.pipe()
+        # The server's stderr is a pipe until it is ready (what it prints
+        # while importing goes into a failure's RuntimeError), then our own
+        # fd 2, as for the children: nothing here has to relay it.
+        later_stderr = _duplicate_stderr()
         command = [sys.executable, "-m", "forkserver_rs", "serve", "--socket", path]
         if not {"-v", "--verbose", "-q", "--quiet", "-qq"} & set(self.server_args):
             command.append("-q")  # warnings and errors only, unless asked otherwise
         command += ["--lifeline-fd", str(lifeline_r), "--ready-fd", str(ready_w)]
+        command += ["--stderr-after-ready", str(later_stderr)]
         if self.preload:
             command += ["--preload", ",".join(self.preload)]
         if self.allow_dormant_threads:
@@ -284,7 +289,7 @@ class _ServerHandle:
         try:
             server = subprocess.Popen(
                 command,
-                pass_fds=(lifeline_r, ready_w),
+                pass_fds=(lifeline_r, ready_w, later_stderr),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
@@ -296,22 +301,25 @@ class _ServerHandle:
         finally:
             os.close(lifeline_r)
             os.close(ready_w)
+            os.close(later_stderr)
         ready, early_errors = _await_ready(ready_r, server.stderr)
         if not ready:
             server.wait()
-            early_errors += server.stderr.read().decode(errors="replace")
+            server.stderr.close()
             os.close(lifeline_w)
             raise RuntimeError(
                 f"the forkserver for preload={list(self.preload)} did not start "
                 f"(exit status {server.returncode}):\n{early_errors.strip()}"
             )
+        # Past ready the server writes to our fd 2 instead; a process a
+        # preload started may still hold the pipe, but nobody reads it now.
+        server.stderr.close()
         self._process = server
         self._lifeline = lifeline_w
-        # Its warnings and errors go on to our stderr (where a notebook shows them).
-        sys.stderr.write(early_errors)
-        threading.Thread(
-            target=_forward, args=(server.stderr,), name="forkserver-stderr", daemon=True
-        ).start()
+        # What it printed while starting (preload warnings), where this
+        # process's Python output goes (a notebook shows sys.stderr).
+        if early_errors and sys.stderr is not None:
+            sys.stderr.write(early_errors)
         # After multiprocessing's own exit handler has joined or terminated
         # the children (it runs finalizers of negative priority last). A
         # Finalize runs only in the process that made it, so an os.fork()
@@ -352,9 +360,24 @@ def _await_ready(ready_r, stderr):
             else:
                 streams.remove(fd)
     os.close(ready_r)
+    # The rest of what it printed before the ready line (it switched its
+    # stderr before writing it), without waiting for an end-of-file that a
+    # process a preload started could hold back.
+    os.set_blocking(stderr.fileno(), False)
+    while stderr.fileno() in streams:
+        try:
+            chunk = os.read(stderr.fileno(), 65536)
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        printed.append(chunk)
     return ready, b"".join(printed).decode(errors="replace")
 
 
-def _forward(stream):
-    for line in iter(stream.readline, b""):
-        sys.stderr.write(line.decode(errors="replace"))
+def _duplicate_stderr():
+    """A new fd for our stderr (fd 2), or for /dev/null if it is closed."""
+    try:
+        return os.dup(2)
+    except OSError:
+        return os.open(os.devnull, os.O_WRONLY)

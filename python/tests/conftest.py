@@ -113,7 +113,8 @@ def run_script(directory, name, source, *args):
     (text stdout and stderr)."""
     script = directory / name
     script.write_text(textwrap.dedent(source))
-    done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-X", "dev", "-W", "error::ResourceWarning", str(script), *args],
+                          capture_output=True, text=True,
                           timeout=60, cwd=directory)
     assert done.returncode == 0, done.stderr
     return done

@@ -204,11 +204,11 @@ def test_a_worker_is_a_fork_of_the_warm_server(server):
 def test_a_closed_stdio_of_ours_becomes_dev_null_for_the_child(server, tmp_path):
     done = run_script(tmp_path, "closed_stdout.py", """
         import os, sys, forkserver_rs
-        client = forkserver_rs.Client(sys.argv[1])
-        os.close(1)
-        show = "import os, sys; sys.stderr.write(os.readlink('/proc/self/fd/1'))"
-        child = client.spawn([sys.executable, '-c', show], stderr=2)
-        sys.exit(child.wait(10))
+        with forkserver_rs.Client(sys.argv[1]) as client:
+            os.close(1)
+            show = "import os, sys; sys.stderr.write(os.readlink('/proc/self/fd/1'))"
+            child = client.spawn([sys.executable, '-c', show], stderr=2)
+            sys.exit(child.wait(10))
     """, server.socket)
     assert done.stderr == "/dev/null"
 

@@ -101,6 +101,52 @@ def test_a_preload_failure_is_an_exception_naming_the_module():
     assert "ModuleNotFoundError: No module named 'no_such_module_for_context'" in message
 
 
+def break_stream(name, how):
+    import io
+    import sys
+
+    stream = None
+    if how == "closed":
+        stream = io.StringIO()
+        stream.close()
+    setattr(sys, name, stream)
+
+
+@pytest.mark.parametrize("name", ["stdout", "stderr"])
+@pytest.mark.parametrize("how", ["None", "closed"])
+def test_a_child_that_drops_its_stdio_exits_0(ctx, name, how):
+    # As a python child does: the interpreter skips a stream that is None
+    # or closed when it flushes at exit (CPython's
+    # test_error_on_stdio_flush_2).
+    process = ctx.Process(target=break_stream, args=(name, how))
+    process.start()
+    process.join(10)
+    assert process.exitcode == 0
+
+
+def test_using_a_context_leaves_no_thread_and_no_unclosed_file(tmp_path):
+    # What a test runner (CPython's regrtest) checks after every test: no
+    # thread left running, no ResourceWarning. The server's output after it
+    # is ready reaches our stderr with nothing relaying it.
+    done = run_script(tmp_path, "hygiene.py", """
+        import threading
+        import forkserver_rs
+
+        if __name__ == "__main__":
+            ctx = forkserver_rs.get_context(preload=["json"], server_args=("-v",))
+            with ctx.Pool(2) as pool:
+                assert pool.map(abs, [-1, -2]) == [1, 2]
+            left = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
+            assert not left, left
+            print("done", flush=True)
+    """)
+    assert "ResourceWarning" not in done.stderr, done.stderr
+    assert done.stdout.strip() == "done"
+    # The -v server logged, after it was ready, the spawns and its stop.
+    assert 'spawn 1 of "py:forkserver_rs.context:_start_child"' in done.stderr, done.stderr
+    assert "stopped" in done.stderr, done.stderr
+
+
 def test_the_server_it_started_stops_with_the_parent(tmp_path):
     done = run_script(tmp_path, "parent.py", """
         import forkserver_rs

@@ -60,6 +60,12 @@ pub struct ServeArgs {
     /// and the server never outlives that process.
     #[arg(long, value_name = "FD")]
     pub lifeline_fd: Option<i32>,
+    /// Once started (just before the --ready-fd line), make FD the server's
+    /// stderr and close it. A starter can read the start-up output from a
+    /// pipe, to quote it if the start fails, while what the server logs
+    /// afterwards goes to FD (its own stderr, say) with nothing relaying it.
+    #[arg(long, value_name = "FD")]
+    pub stderr_after_ready: Option<i32>,
     /// Log more: -v logs every spawn and exit (as FORKSERVER_LOG=debug).
     #[arg(short, long, action = clap::ArgAction::Count, conflicts_with = "quiet")]
     pub verbose: u8,
@@ -150,6 +156,7 @@ impl ServeArgs {
         options.group = self.group;
         options.ready_fd = self.ready_fd;
         options.lifeline_fd = self.lifeline_fd;
+        options.stderr_after_ready = self.stderr_after_ready;
         options.pools = self.pools.clone();
         // The flags win over FORKSERVER_LOG, which is read otherwise.
         options.log_level = match (self.verbose, self.quiet) {

@@ -3,6 +3,7 @@
 use std::any::Any;
 use std::ffi::OsString;
 use std::fmt::Display;
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -13,7 +14,7 @@ use crate::log::{self, log, Level};
 use crate::modules::{ModuleSpecs, Modules, WorkerFamily};
 use crate::readiness::Readiness;
 use crate::worker::WorkerContext;
-use crate::{launch, listener, signals, threads, ServeArgs, ServeError, ServeOptions};
+use crate::{launch, listener, signals, sys, threads, ServeArgs, ServeError, ServeOptions};
 
 /// The smallest `max_message_bytes`: a reply page must hold one child with
 /// a target cut to 4096 bytes, and every error text.
@@ -210,6 +211,12 @@ impl ServerBuilder {
         let mut options = options.clone();
         options.pools.extend(self.pools);
         let mut event_loop = EventLoop::new(listener, signals, modules, &options)?;
+        if let Some(fd) = options.stderr_after_ready {
+            // SAFETY: the operator passed this fd for this purpose
+            // (--stderr-after-ready); we are its only user.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            sys::replace_stderr(fd).map_err(|e| ServeError::Setup("--stderr-after-ready", e))?;
+        }
         log!(Level::Info, "{summary}");
         readiness.ready(&summary);
         event_loop.run(&readiness)?;

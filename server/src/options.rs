@@ -30,6 +30,8 @@ pub struct ServeOptions {
     pub ready_fd: Option<i32>,
     /// Stop once this fd (a pipe's read end) reports end-of-file.
     pub lifeline_fd: Option<i32>,
+    /// Once started, make this fd the server's stderr (and close it).
+    pub stderr_after_ready: Option<i32>,
     /// How much to log; `FORKSERVER_LOG` (default info) if None.
     pub log_level: Option<Level>,
     /// Prefork pools: `(worker, number of idle children to keep)`.
@@ -49,6 +51,7 @@ impl ServeOptions {
             group: None,
             ready_fd: None,
             lifeline_fd: None,
+            stderr_after_ready: None,
             log_level: None,
             pools: Vec::new(),
         }

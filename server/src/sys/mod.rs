@@ -92,6 +92,19 @@ pub(crate) fn set_cloexec_nonblocking(fd: RawFd) -> io::Result<()> {
     set_nonblocking(fd)
 }
 
+/// Makes `fd` the process's stderr (fd 2), closing `fd`.
+pub(crate) fn replace_stderr(fd: OwnedFd) -> io::Result<()> {
+    if fd.as_raw_fd() == libc::STDERR_FILENO {
+        // Already there; dropping it would close stderr.
+        let _ = std::os::fd::IntoRawFd::into_raw_fd(fd);
+        return Ok(());
+    }
+    // SAFETY: dup2 onto fd 2 replaces it atomically; `fd` is ours and
+    // stays open (until dropped) for the call.
+    cvt_r(|| unsafe { libc::dup2(fd.as_raw_fd(), libc::STDERR_FILENO) })?;
+    Ok(())
+}
+
 /// Opens `path` read-write and close-on-exec.
 pub(crate) fn open_rdwr(path: &CStr) -> io::Result<OwnedFd> {
     // SAFETY: path is NUL-terminated.
