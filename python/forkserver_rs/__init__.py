@@ -8,10 +8,13 @@ server instead of paying for ``spawn`` or risking ``fork``.
   ``Client.spawn`` returns a ``subprocess.Popen``-like :class:`Child`.
 - :func:`get_context` is a ``multiprocessing`` context whose processes the
   server starts: ``Pool``, ``Process``, ``ProcessPoolExecutor`` unchanged.
+- :func:`register` makes such a context a start method by name
+  (``multiprocessing.set_start_method(name)``, Dask's and joblib's
+  settings), in this process and the processes it starts.
 """
 
 from .client import Child, Client, ServerError, SpawnError, Worker, default_socket_path
-from .context import ForkserverContext, get_context
+from .context import ForkserverContext, get_context, register
 
 __all__ = [
     "Child",
@@ -22,4 +25,5 @@ __all__ = [
     "Worker",
     "default_socket_path",
     "get_context",
+    "register",
 ]

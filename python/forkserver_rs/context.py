@@ -18,9 +18,23 @@ the preloads already imported:
 
 Its sentinel is the child's pidfd (readable once it ends); its exit status
 comes from the server, over one connection the context shares.
+
+``register(name, ...)`` also makes the context a start method by name
+(``multiprocessing.get_context(name)``, ``set_start_method(name)``): it is
+added to multiprocessing's table of contexts and written, with the socket
+of its server once one runs, to the environment variable
+``FORKSERVER_RS_CONTEXTS``, which every child (ours or any other process
+started afterwards) inherits. An interpreter that imports ``forkserver_rs``
+registers what that variable names, and so does our child before it runs
+``spawn._main`` (whose ``prepare`` sets the parent's start method by name);
+an interpreter that never imports it can still resolve the names with the
+opt-in ``.pth`` hook (``python -m forkserver_rs install-hook``).
 """
 
+import dataclasses
+import functools
 import io
+import json
 import os
 import pickle
 import runpy
@@ -33,16 +47,60 @@ import threading
 import types
 
 from multiprocessing import context as mp_context
+from multiprocessing import pool as mp_pool
 from multiprocessing import popen_fork, popen_spawn_posix, process, reduction, spawn, util
 
 from .client import Client, ServerError
 
-__all__ = ["get_context", "ForkserverContext"]
+__all__ = ["get_context", "register", "ForkserverContext"]
 
 _CHILD_TARGET = "py:forkserver_rs.context:_start_child"
 
+#: The environment variable that carries registered names to children.
+ENVIRONMENT_VARIABLE = "FORKSERVER_RS_CONTEXTS"
 
-def get_context(preload=(), socket=None, *, pool=2, allow_dormant_threads=True, server_args=()):
+#: The start methods multiprocessing defines itself.
+_STOCK_METHODS = ("fork", "spawn", "forkserver")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What a context's server is: its preloads, where it listens, its
+    flags, and how processes and tasks are pickled."""
+
+    preload: tuple = ()
+    socket: "str | None" = None
+    pool: int = 2
+    allow_dormant_threads: bool = True
+    server_args: tuple = ()
+    pickler: str = "pickle"
+
+    def __post_init__(self):
+        if self.pickler not in ("pickle", "cloudpickle"):
+            raise ValueError(f"pickler must be 'pickle' or 'cloudpickle', not {self.pickler!r}")
+        if self.pickler == "cloudpickle":
+            try:
+                import cloudpickle  # noqa: F401
+            except ImportError:
+                raise ValueError(
+                    "pickler='cloudpickle' needs the cloudpickle package: pip install cloudpickle"
+                ) from None
+
+    def to_json(self):
+        return {**dataclasses.asdict(self), "preload": list(self.preload),
+                "server_args": list(self.server_args)}
+
+    @classmethod
+    def from_json(cls, fields):
+        known = {field.name for field in dataclasses.fields(cls)}
+        fields = {name: value for name, value in fields.items() if name in known}
+        fields["preload"] = tuple(fields.get("preload", ()))
+        fields["server_args"] = tuple(fields.get("server_args", ()))
+        return cls(**fields)
+
+
+def get_context(preload=(), socket=None, *, pool=2, allow_dormant_threads=True, server_args=(),
+                pickler="pickle"):
     """A multiprocessing context backed by a forkserver.
 
     ``preload``: modules the server imports once (``["numpy", "polars"]``).
@@ -53,40 +111,211 @@ def get_context(preload=(), socket=None, *, pool=2, allow_dormant_threads=True, 
     import; the server then forks only while they sleep). ``pool``: how
     many children a server started here keeps forked and warmed up ahead
     (``--pool``; 0 for none). ``server_args``: more ``serve`` flags for it.
+    ``pickler``: ``"pickle"`` (as ``spawn``), or ``"cloudpickle"`` to send
+    what only cloudpickle can (lambdas, local functions) as Process
+    targets and arguments and as Pool tasks (needs the cloudpickle package
+    in the parent and importable by the server).
+
+    The context is not registered; :func:`register` makes one selectable by
+    name.
     """
-    if pool:
-        server_args = ("--pool", f"{_CHILD_TARGET}={pool}", *server_args)
-    return ForkserverContext(tuple(preload), socket, allow_dormant_threads, tuple(server_args))
+    settings = _settings(preload, socket, pool, allow_dormant_threads, server_args, pickler)
+    return ForkserverContext("forkserver-rs", settings)
+
+
+def _settings(preload, socket, pool, allow_dormant_threads, server_args, pickler):
+    preload = tuple(preload)
+    if pickler == "cloudpickle" and "cloudpickle" not in preload:
+        # Every child unpickles with it: import it once, in the server.
+        preload += ("cloudpickle",)
+    return Settings(preload, socket, pool, allow_dormant_threads, tuple(server_args), pickler)
+
+
+def register(name="forkserver-rs", preload=(), socket=None, *, pool=2, allow_dormant_threads=True,
+             server_args=(), pickler="pickle"):
+    """Makes a context (the settings are :func:`get_context`'s) a start method
+    named `name`, here and in every process started from here on; returns
+    `name`.
+
+    Then ``multiprocessing.get_context(name)``,
+    ``multiprocessing.set_start_method(name)`` (with ``multiprocessing.Process``
+    and ``Pool``), and anything configured by start-method name (Dask's
+    ``distributed.worker.multiprocessing-method``, ``JOBLIB_START_METHOD``)
+    use it. Registering the same name again with the same settings does
+    nothing; with other settings it is an error (choose another name).
+    """
+    if name in _STOCK_METHODS:
+        raise ValueError(f"{name!r} is one of multiprocessing's own start methods; choose another name")
+    settings = _settings(preload, socket, pool, allow_dormant_threads, server_args, pickler)
+    existing = mp_context._concrete_contexts.get(name)
+    if isinstance(existing, ForkserverContext):
+        if existing._settings == settings:
+            return name
+        raise ValueError(
+            f"the start method {name!r} is already registered with other settings "
+            f"({existing._settings}); register these under another name"
+        )
+    if existing is not None:
+        raise ValueError(f"multiprocessing already has a start method {name!r}; choose another name")
+    mp_context._concrete_contexts[name] = ForkserverContext(name, settings)
+    _export_registrations()
+    return name
+
+
+def _export_registrations():
+    """Writes every registered context to ENVIRONMENT_VARIABLE, with the
+    socket of the server it uses once that runs (children share it)."""
+    registered = {
+        name: {**ctx._settings.to_json(), "running": ctx._running_socket()}
+        for name, ctx in mp_context._concrete_contexts.items()
+        if isinstance(ctx, ForkserverContext)
+    }
+    if registered:
+        os.environ[ENVIRONMENT_VARIABLE] = json.dumps(registered, separators=(",", ":"))
+
+
+def _register_from_environment():
+    """Registers the contexts ENVIRONMENT_VARIABLE names (as the process
+    that started us registered them); a malformed value is ignored with a
+    warning, since it must not stop an interpreter from starting."""
+    value = os.environ.get(ENVIRONMENT_VARIABLE)
+    if not value:
+        return
+    try:
+        registered = {name: (Settings.from_json(fields), fields.get("running"))
+                      for name, fields in json.loads(value).items()}
+    except (ValueError, TypeError, AttributeError) as exc:
+        import warnings
+
+        warnings.warn(f"forkserver_rs: ignoring {ENVIRONMENT_VARIABLE}: {exc}", RuntimeWarning)
+        return
+    for name, (settings, running) in registered.items():
+        existing = mp_context._concrete_contexts.get(name)
+        if name in _STOCK_METHODS or (existing is not None and not isinstance(existing, ForkserverContext)):
+            continue
+        if existing is not None and existing._settings == settings:
+            existing._adopt(running)
+            continue
+        mp_context._concrete_contexts[name] = ForkserverContext(name, settings, running)
 
 
 class ForkserverContext(mp_context.BaseContext):
-    _name = "forkserver-rs"
+    """A multiprocessing context whose processes a forkserver starts; see
+    :func:`get_context` and :func:`register`. ``ctx.Process`` is a Process
+    class of its own, as in multiprocessing's contexts."""
 
-    def __init__(self, preload, socket, allow_dormant_threads, server_args):
-        self._server = _ServerHandle.get(preload, socket, allow_dormant_threads, server_args)
+    def __init__(self, name, settings, running=None):
+        self._name = name
+        self._settings = settings
+        self._running = running
+        self._handle = None
+        self.Process = type(
+            "ForkserverProcess", (ForkserverProcess,), {"_context": self, "__module__": __name__}
+        )
 
-    def Process(self, *args, **kwargs):
-        """A ``multiprocessing.Process`` this context's server starts."""
-        started = ForkserverProcess(*args, **kwargs)
-        started._forkserver_key = self._server.key
-        return started
+    @property
+    def _server(self):
+        if self._handle is None:
+            self._handle = _ServerHandle.get(self._settings)
+            self._handle.adopt(self._running)
+        return self._handle
+
+    def _adopt(self, running):
+        self._running = running
+        if self._handle is not None:
+            self._handle.adopt(running)
+
+    def _running_socket(self):
+        return self._handle.running_socket() if self._handle is not None else self._running
 
     def client(self):
         """The connection to this context's server (started if need be)."""
         return self._server.client()
 
+    def Pool(self, processes=None, initializer=None, initargs=(), maxtasksperchild=None):
+        """A ``multiprocessing.Pool`` of this context's processes (with
+        ``pickler="cloudpickle"``, its tasks are sent with cloudpickle)."""
+        pool_class = _CloudpicklePool if self._settings.pickler == "cloudpickle" else mp_pool.Pool
+        return pool_class(processes, initializer, initargs, maxtasksperchild, context=self)
+
+    def set_forkserver_preload(self, module_names):
+        """The modules a server this context starts imports first, as
+        CPython's forkserver context has it: it changes nothing for a server
+        already in use."""
+        if self._handle is not None and self._handle.in_use():
+            return
+        self._settings = dataclasses.replace(self._settings, preload=tuple(module_names))
+        self._handle = None
+        if mp_context._concrete_contexts.get(self._name) is self:
+            _export_registrations()
+
 
 class ForkserverProcess(process.BaseProcess):
-    """A Process started by a forkserver (pickled by reference, so it lives
-    at module level; the server it uses is named by `_forkserver_key`)."""
+    """A Process a forkserver starts. Each context has a subclass bound to
+    it (``ctx.Process``); an instance pickles as this class, which a child
+    unpickles without knowing the context."""
 
     # None: the child keeps the start method the parent's preparation data
     # names (``spawn._main`` sets it).
     _start_method = None
+    _context = None
 
-    @staticmethod
-    def _Popen(process_obj):
-        return Popen(process_obj, _ServerHandle.get(*process_obj._forkserver_key))
+    @classmethod
+    def _Popen(cls, process_obj):
+        return Popen(process_obj, cls._context)
+
+    def __reduce__(self):
+        return (_new_process, (), self.__dict__)
+
+
+def _new_process():
+    return ForkserverProcess.__new__(ForkserverProcess)
+
+
+@functools.lru_cache(maxsize=None)
+def _cloudpickler():
+    """cloudpickle's Pickler with multiprocessing's reducers (connections,
+    sockets, fds: ForkingPickler's), for ``pickler="cloudpickle"``."""
+    import collections
+
+    import cloudpickle
+
+    class CloudForkingPickler(cloudpickle.Pickler):
+        # A class attribute: the C pickler reads it once, in __init__, and
+        # cloudpickle's own class attribute hides the instance slot that
+        # ForkingPickler assigns to.
+        dispatch_table = collections.ChainMap(
+            reduction.ForkingPickler._extra_reducers, cloudpickle.Pickler.dispatch_table
+        )
+
+    return CloudForkingPickler
+
+
+def _cloudpickle_dump(obj, file):
+    _cloudpickler()(file).dump(obj)
+
+
+def _cloudpickle_dumps(obj):
+    buffer = io.BytesIO()
+    _cloudpickle_dump(obj, buffer)
+    return buffer.getbuffer()
+
+
+class _CloudpickleSender:
+    """What a Pool puts its tasks with (``Pool._quick_put``), cloudpickling
+    them; the workers unpickle them with plain pickle."""
+
+    def __init__(self, connection):
+        self._connection = connection
+
+    def __call__(self, task):
+        self._connection.send_bytes(_cloudpickle_dumps(task))
+
+
+class _CloudpicklePool(mp_pool.Pool):
+    def _setup_queues(self):
+        super()._setup_queues()
+        self._quick_put = _CloudpickleSender(self._inqueue._writer)
 
 
 class Popen(popen_fork.Popen):
@@ -95,9 +324,9 @@ class Popen(popen_fork.Popen):
     method = "forkserver-rs"
     DupFd = popen_spawn_posix._DupFd
 
-    def __init__(self, process_obj, server):
+    def __init__(self, process_obj, context):
         self._fds = []
-        self._server = server
+        self._context = context
         self._child = None
         super().__init__(process_obj)
 
@@ -113,15 +342,22 @@ class Popen(popen_fork.Popen):
         self._fds.append(tracker_fd)
         prep_data = spawn.get_preparation_data(process_obj._name)
         data = io.BytesIO()
+        dump = _cloudpickle_dump if self._context._settings.pickler == "cloudpickle" else reduction.dump
         mp_context.set_spawning_popen(self)
         try:
-            reduction.dump(prep_data, data)
-            reduction.dump(process_obj, data)
+            dump(prep_data, data)
+            dump(process_obj, data)
         finally:
             mp_context.set_spawning_popen(None)
+        server = self._context._server
+        started_here = not server.in_use()
+        client = server.client()
+        if started_here and mp_context._concrete_contexts.get(self._context._name) is self._context:
+            # Children (and any process started later) share its socket.
+            _export_registrations()
         child_r, parent_w = os.pipe()
         try:
-            self._child = self._server.client().spawn(
+            self._child = client.spawn(
                 _CHILD_TARGET,
                 args=(child_r, tracker_fd),
                 stdin=subprocess.DEVNULL,
@@ -163,6 +399,8 @@ def _start_child(pipe_handle, tracker_fd):
     """In the forked child: what ``spawn.spawn_main`` does after exec."""
     from multiprocessing import resource_tracker
 
+    # The parent's names, before spawn.prepare sets its start method.
+    _register_from_environment()
     resource_tracker._resource_tracker._fd = tracker_fd
     parent_sentinel = os.dup(pipe_handle)
     spawn._fixup_main_from_path = _fixup_main_from_precompiled_path
@@ -217,31 +455,46 @@ def _fixup_main_from_precompiled_path(main_path):
 
 
 class _ServerHandle:
-    """One server per (preload, socket, flags) in this process: found at
+    """One server per server settings (the pickler aside) in this process:
+    the one the process that started us uses (`adopt`), or found at
     `socket`, or started on first use and stopped when this process exits."""
 
     _handles = {}
     _handles_lock = threading.Lock()
 
     @classmethod
-    def get(cls, preload, socket, allow_dormant_threads, server_args):
-        key = (preload, socket, allow_dormant_threads, server_args)
+    def get(cls, settings):
+        key = dataclasses.replace(settings, pickler="pickle")
         with cls._handles_lock:
             if key not in cls._handles:
-                cls._handles[key] = cls(*key)
+                cls._handles[key] = cls(key)
             return cls._handles[key]
 
-    def __init__(self, preload, socket, allow_dormant_threads, server_args):
-        self.key = (preload, socket, allow_dormant_threads, server_args)
-        self.preload = preload
-        self.socket = socket
-        self.allow_dormant_threads = allow_dormant_threads
-        self.server_args = server_args
+    def __init__(self, settings):
+        self.preload = settings.preload
+        self.socket = settings.socket
+        self.allow_dormant_threads = settings.allow_dormant_threads
+        self.server_args = settings.server_args
+        if settings.pool:
+            self.server_args = ("--pool", f"{_CHILD_TARGET}={settings.pool}", *self.server_args)
         self._lock = threading.Lock()
+        self._adopted = None
+        self._connected = None
         self._client = None
         self._process = None
         self._lifeline = None
         self._directory = None
+
+    def adopt(self, running):
+        """The socket of the server the process that started us used (tried
+        first; it stops with that process)."""
+        self._adopted = running
+
+    def in_use(self):
+        return self._client is not None
+
+    def running_socket(self):
+        return self._connected or self._adopted or self.socket
 
     def client(self):
         with self._lock:
@@ -250,16 +503,20 @@ class _ServerHandle:
             return self._client
 
     def _connect(self):
-        if self.socket is not None:
-            try:
-                return Client(self.socket, name="forkserver_rs.context")
-            except ConnectionError:
-                pass  # nothing listens there yet: start one
+        for path in (self._adopted, self.socket):
+            if path is not None:
+                try:
+                    client = Client(path, name="forkserver_rs.context")
+                except (ConnectionError, FileNotFoundError):
+                    continue  # gone, or nothing listens there yet
+                self._connected = path
+                return client
         path = self.socket
         if path is None:
             self._directory = tempfile.mkdtemp(prefix="forkserver-")
             path = os.path.join(self._directory, "forkserver.sock")
         self._start(path)
+        self._connected = path
         return Client(path, name="forkserver_rs.context")
 
     def _start(self, path):
@@ -381,3 +638,7 @@ def _duplicate_stderr():
         return os.dup(2)
     except OSError:
         return os.open(os.devnull, os.O_WRONLY)
+
+
+# The names the process that started this interpreter registered.
+_register_from_environment()
