@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every test: the Rust workspace's (cargo test), then the Python package's
-# (pytest), against a fresh build of python/ installed into a project-local
+# (pytest) and CPython's multiprocessing suite with its start method, against a fresh build of python/ installed into a project-local
 # virtualenv under the cargo target directory (never the system Python).
 # Needs Rust, and python3 with venv and pip; the rest (maturin, msgpack,
 # pytest, polars, numpy) comes from PyPI into the virtualenv.
@@ -40,7 +40,24 @@ rust=${PIPESTATUS[0]}
 "$venv/bin/python" -m pytest -q -rs python/tests 2>&1 | tee "$target/pytest.log"
 python=${PIPESTATUS[0]}
 
-# One summary line for both suites. cargo counts a skipped test as passed.
+# CPython's multiprocessing test suite against the registered start method
+# (its own summary counts the tests; env changed, i.e. a dangling thread or
+# process, fails it too).
+tests/cpython_multiprocessing.sh "$venv/bin/python" -j2 -u all 2>&1 | tee "$target/cpython-suite.log"
+cpython=${PIPESTATUS[0]}
+suite_line=$(grep -E '^Total tests: run=' "$target/cpython-suite.log" | tail -n 1)
+suite_run=$(echo "$suite_line" | grep -oE 'run=[0-9]+' | grep -oE '[0-9]+')
+suite_failed=$(echo "$suite_line" | grep -oE '(failures|errors)=[0-9]+' | grep -oE '[0-9]+' | awk '{n += $1} END {print n + 0}')
+suite_skipped=$(echo "$suite_line" | grep -oE 'skipped=[0-9]+' | grep -oE '[0-9]+')
+if [ "$cpython" -eq 2 ]; then
+  # The Python has no test package: say so, as a skip (a failure in CI).
+  echo "skipped: CPython's multiprocessing suite: $venv/bin/python has no test package (see above)"
+  suite_skipped=1
+  cpython=0
+  [ "${FORKSERVER_NO_SKIP:-0}" = 1 ] && cpython=1
+fi
+
+# One summary line for all suites. cargo counts a skipped test as passed.
 rust_passed=$(grep -E '^test result:' "$target/cargo-test.log" | grep -oE '[0-9]+ passed' | awk '{n += $1} END {print n + 0}')
 rust_failed=$(grep -E '^test result:' "$target/cargo-test.log" | grep -oE '[0-9]+ failed' | awk '{n += $1} END {print n + 0}')
 rust_skipped=$(wc -l < "$skips")
@@ -52,10 +69,11 @@ if [ "$rust_skipped" -gt 0 ]; then
   echo "skipped Rust tests:"
   sed 's/^/  /' "$skips"
 fi
-passed=$(( rust_passed - rust_skipped + ${py_passed:-0} ))
-failed=$(( rust_failed + ${py_failed:-0} ))
-skipped=$(( rust_skipped + ${py_skipped:-0} ))
+passed=$(( rust_passed - rust_skipped + ${py_passed:-0} + ${suite_run:-0} - ${suite_failed:-0} - ${suite_skipped:-0} ))
+failed=$(( rust_failed + ${py_failed:-0} + ${suite_failed:-0} ))
+skipped=$(( rust_skipped + ${py_skipped:-0} + ${suite_skipped:-0} ))
 [ "$rust" -ne 0 ] && [ "$rust_failed" -eq 0 ] && failed=$(( failed + 1 ))   # a build failure
 [ "$python" -ne 0 ] && [ "${py_failed:-0}" -eq 0 ] && failed=$(( failed + 1 ))
+[ "$cpython" -ne 0 ] && [ "${suite_failed:-0}" -eq 0 ] && failed=$(( failed + 1 ))   # env changed, a crash
 echo "all: $passed passed, $failed failed, $skipped skipped"
-[ "$rust" -eq 0 ] && [ "$python" -eq 0 ]
+[ "$rust" -eq 0 ] && [ "$python" -eq 0 ] && [ "$cpython" -eq 0 ]

@@ -21,14 +21,15 @@ comes from the server, over one connection the context shares.
 
 ``register(name, ...)`` also makes the context a start method by name
 (``multiprocessing.get_context(name)``, ``set_start_method(name)``): it is
-added to multiprocessing's table of contexts and written, with the socket
-of its server once one runs, to the environment variable
-``FORKSERVER_RS_CONTEXTS``, which every child (ours or any other process
-started afterwards) inherits. An interpreter that imports ``forkserver_rs``
-registers what that variable names, and so does our child before it runs
-``spawn._main`` (whose ``prepare`` sets the parent's start method by name);
-an interpreter that never imports it can still resolve the names with the
-opt-in ``.pth`` hook (``python -m forkserver_rs install-hook``).
+added to multiprocessing's table of contexts and its settings are written
+to the environment variable ``FORKSERVER_RS_CONTEXTS``, which any process
+started afterwards inherits. An interpreter that imports ``forkserver_rs``
+registers what that variable names; an interpreter that never imports it
+can still resolve the names with the opt-in ``.pth`` hook (``python -m
+forkserver_rs install-hook``). Our own children get the variable with the
+socket of the server in use added, and register it before ``spawn._main``
+(whose ``prepare`` sets the parent's start method by name), so they and
+their children share that server.
 """
 
 import dataclasses
@@ -132,7 +133,7 @@ def _settings(preload, socket, pool, allow_dormant_threads, server_args, pickler
 
 
 def register(name="forkserver-rs", preload=(), socket=None, *, pool=2, allow_dormant_threads=True,
-             server_args=(), pickler="pickle"):
+             server_args=(), pickler="pickle", export=True):
     """Makes a context (the settings are :func:`get_context`'s) a start method
     named `name`, here and in every process started from here on; returns
     `name`.
@@ -143,6 +144,12 @@ def register(name="forkserver-rs", preload=(), socket=None, *, pool=2, allow_dor
     ``distributed.worker.multiprocessing-method``, ``JOBLIB_START_METHOD``)
     use it. Registering the same name again with the same settings does
     nothing; with other settings it is an error (choose another name).
+
+    ``export``: also write the settings to ``os.environ``
+    (``FORKSERVER_RS_CONTEXTS``), so that processes started by other means
+    (``subprocess``, the ``spawn`` method) know the name too: when they
+    import forkserver_rs, or always with the ``.pth`` hook. Our own
+    children know it either way.
     """
     if name in _STOCK_METHODS:
         raise ValueError(f"{name!r} is one of multiprocessing's own start methods; choose another name")
@@ -157,21 +164,22 @@ def register(name="forkserver-rs", preload=(), socket=None, *, pool=2, allow_dor
         )
     if existing is not None:
         raise ValueError(f"multiprocessing already has a start method {name!r}; choose another name")
-    mp_context._concrete_contexts[name] = ForkserverContext(name, settings)
-    _export_registrations()
+    ForkserverContext(name, settings)._register()
+    if export:
+        os.environ[ENVIRONMENT_VARIABLE] = _registrations(with_running=False)
     return name
 
 
-def _export_registrations():
-    """Writes every registered context to ENVIRONMENT_VARIABLE, with the
-    socket of the server it uses once that runs (children share it)."""
+def _registrations(with_running):
+    """Every registered context, as ENVIRONMENT_VARIABLE carries them; with
+    the socket of the server each uses, for our own children, which share
+    it; None if there are none."""
     registered = {
-        name: {**ctx._settings.to_json(), "running": ctx._running_socket()}
+        name: {**ctx._settings.to_json(), **({"running": ctx._running_socket()} if with_running else {})}
         for name, ctx in mp_context._concrete_contexts.items()
         if isinstance(ctx, ForkserverContext)
     }
-    if registered:
-        os.environ[ENVIRONMENT_VARIABLE] = json.dumps(registered, separators=(",", ":"))
+    return json.dumps(registered, separators=(",", ":")) if registered else None
 
 
 def _register_from_environment():
@@ -196,7 +204,7 @@ def _register_from_environment():
         if existing is not None and existing._settings == settings:
             existing._adopt(running)
             continue
-        mp_context._concrete_contexts[name] = ForkserverContext(name, settings, running)
+        ForkserverContext(name, settings, running)._register()
 
 
 class ForkserverContext(mp_context.BaseContext):
@@ -212,6 +220,10 @@ class ForkserverContext(mp_context.BaseContext):
         self.Process = type(
             "ForkserverProcess", (ForkserverProcess,), {"_context": self, "__module__": __name__}
         )
+
+    def _register(self):
+        mp_context._concrete_contexts[self._name] = self
+        self.Process._start_method = self._name
 
     @property
     def _server(self):
@@ -246,8 +258,9 @@ class ForkserverContext(mp_context.BaseContext):
             return
         self._settings = dataclasses.replace(self._settings, preload=tuple(module_names))
         self._handle = None
-        if mp_context._concrete_contexts.get(self._name) is self:
-            _export_registrations()
+        self._running = None
+        if os.environ.get(ENVIRONMENT_VARIABLE) and mp_context._concrete_contexts.get(self._name) is self:
+            os.environ[ENVIRONMENT_VARIABLE] = _registrations(with_running=False)
 
 
 class ForkserverProcess(process.BaseProcess):
@@ -255,17 +268,19 @@ class ForkserverProcess(process.BaseProcess):
     it (``ctx.Process``); an instance pickles as this class, which a child
     unpickles without knowing the context."""
 
-    # None: the child keeps the start method the parent's preparation data
-    # names (``spawn._main`` sets it).
-    _start_method = None
     _context = None
+    # The child's default start method, as a stock context's Process sets
+    # it (BaseProcess._bootstrap): a registered context's name (the child
+    # knows it), else None: the parent's default, which spawn.prepare sets.
+    _start_method = None
 
     @classmethod
     def _Popen(cls, process_obj):
         return Popen(process_obj, cls._context)
 
     def __reduce__(self):
-        return (_new_process, (), self.__dict__)
+        # The child's instance carries the start method its class had here.
+        return (_new_process, (), {**self.__dict__, "_start_method": self._start_method})
 
 
 def _new_process():
@@ -349,12 +364,11 @@ class Popen(popen_fork.Popen):
             dump(process_obj, data)
         finally:
             mp_context.set_spawning_popen(None)
-        server = self._context._server
-        started_here = not server.in_use()
-        client = server.client()
-        if started_here and mp_context._concrete_contexts.get(self._context._name) is self._context:
-            # Children (and any process started later) share its socket.
-            _export_registrations()
+        client = self._context._server.client()
+        environ = dict(os.environ)
+        registered = _registrations(with_running=True)
+        if registered:
+            environ[ENVIRONMENT_VARIABLE] = registered
         child_r, parent_w = os.pipe()
         try:
             self._child = client.spawn(
@@ -362,7 +376,7 @@ class Popen(popen_fork.Popen):
                 args=(child_r, tracker_fd),
                 stdin=subprocess.DEVNULL,
                 pass_fds=sorted(set(self._fds + [child_r])),
-                env=dict(os.environ),
+                env=environ,
                 # Like a spawned process, it outlives the parent's handle.
                 detach=True,
             )
