@@ -232,6 +232,10 @@ class Client:
                 if remaining is not None and remaining <= 0 and timeout != 0:
                     return False
                 if self._reading:
+                    if timeout == 0:
+                        # Another thread reads (and may block there for
+                        # long): a poll must not wait for it.
+                        return done()
                     self._cond.wait(remaining)
                     continue
                 self._reading = True

@@ -192,6 +192,27 @@ def test_concurrent_waits_from_threads_share_one_connection(server):
         assert codes == {i: i for i in range(16)}
 
 
+def test_a_poll_does_not_wait_for_another_thread_s_wait(server):
+    # multiprocessing's Process.start polls every child (process._cleanup)
+    # while another thread may be in join(): found by Dask under -X dev.
+    import threading
+    import time
+
+    with forkserver_rs.Client(server.socket) as client:
+        long = client.spawn([sys.executable, "-c", "import time; time.sleep(3)"])
+        running = client.spawn([sys.executable, "-c", "import time; time.sleep(60)"])
+        waiter = threading.Thread(target=long.wait, args=(10,))
+        waiter.start()
+        time.sleep(0.3)  # the waiter is now the connection's reader, blocked
+        started = time.monotonic()
+        assert running.poll() is None
+        assert time.monotonic() - started < 1.0, "poll() waited for the other thread's wait()"
+        running.kill()
+        assert running.wait(10) == -9
+        waiter.join(10)
+        assert long.returncode == 0
+
+
 def test_a_worker_is_a_fork_of_the_warm_server(server):
     """The preloaded module was imported once, in the server: the worker's
     copy remembers the server's pid, and the server is its parent."""
