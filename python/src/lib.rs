@@ -71,7 +71,8 @@ fn serve(argv: Vec<String>) -> i32 {
     }
     let builder = builder
         .worker_family("py:", check_target, run_worker)
-        .pool_prewarm(prewarm);
+        .pool_prewarm(prewarm)
+        .fork_hooks(before_fork, after_fork_in_parent);
     serve_main(builder, &command.serve).into()
 }
 
@@ -102,6 +103,23 @@ fn call_helper(module: &str, helper: &str, arg: &str) -> Result<(), String> {
             Err(e) => Err(format!("{module}.{helper} failed: {e}")),
         }
     })
+}
+
+/// Before every fork, in the server: what `os.fork()` does first (takes the
+/// import lock, runs `os.register_at_fork(before=...)` handlers). Python
+/// 3.13's `PyOS_AfterFork_Child` releases that lock and aborts if it is not
+/// held.
+fn before_fork() {
+    // SAFETY: called on the server's only thread, which holds the GIL for
+    // the whole serve (see the module comment), as PyOS_BeforeFork requires.
+    unsafe { pyo3::ffi::PyOS_BeforeFork() };
+}
+
+/// After every fork, in the server: releases what [`before_fork`] took and
+/// runs the `after_in_parent` handlers.
+fn after_fork_in_parent() {
+    // SAFETY: as for before_fork; paired with the PyOS_BeforeFork just made.
+    unsafe { pyo3::ffi::PyOS_AfterFork_Parent() };
 }
 
 /// Set in a child once PyOS_AfterFork_Child has run (by the pool warm-up or

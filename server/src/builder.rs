@@ -11,7 +11,7 @@ use clap::Parser;
 
 use crate::event_loop::EventLoop;
 use crate::log::{self, log, Level};
-use crate::modules::{ModuleSpecs, Modules, WorkerFamily};
+use crate::modules::{ForkHooks, ModuleSpecs, Modules, WorkerFamily};
 use crate::readiness::Readiness;
 use crate::worker::WorkerContext;
 use crate::{launch, listener, signals, sys, threads, ServeArgs, ServeError, ServeOptions};
@@ -139,6 +139,24 @@ impl ServerBuilder {
     /// start path once.
     pub fn pool_prewarm(mut self, prewarm: impl Fn(&str) + 'static) -> Self {
         self.specs.prewarm = Some(Box::new(prewarm));
+        self
+    }
+
+    /// Runs `before()` in the server just before every fork and
+    /// `after_in_parent()` just after it (whether the fork worked or not),
+    /// as `pthread_atfork`'s prepare and parent handlers would. An embedded
+    /// interpreter needs them: Python 3.13's `PyOS_AfterFork_Child` releases
+    /// the import lock that `PyOS_BeforeFork` took in the parent, and
+    /// Python's own `os.register_at_fork` handlers run in them.
+    pub fn fork_hooks(
+        mut self,
+        before: impl Fn() + 'static,
+        after_in_parent: impl Fn() + 'static,
+    ) -> Self {
+        self.specs.fork_hooks = Some(ForkHooks {
+            before: Box::new(before),
+            after_in_parent: Box::new(after_in_parent),
+        });
         self
     }
 

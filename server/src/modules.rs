@@ -28,6 +28,13 @@ pub(crate) type NameCheck = Box<dyn Fn(&str) -> Result<(), String>>;
 /// [`ServerBuilder::pool_prewarm`](crate::ServerBuilder::pool_prewarm).
 pub(crate) type PrewarmFn = Box<dyn Fn(&str)>;
 
+/// Runs in the server around every fork; see
+/// [`ServerBuilder::fork_hooks`](crate::ServerBuilder::fork_hooks).
+pub(crate) struct ForkHooks {
+    pub(crate) before: Box<dyn Fn()>,
+    pub(crate) after_in_parent: Box<dyn Fn()>,
+}
+
 /// Workers for every target name starting with `prefix`; see
 /// [`ServerBuilder::worker_family`](crate::ServerBuilder::worker_family).
 pub(crate) struct WorkerFamily {
@@ -43,6 +50,7 @@ pub(crate) struct ModuleSpecs {
     pub(crate) workers: Vec<(String, WorkerFn)>,
     pub(crate) families: Vec<WorkerFamily>,
     pub(crate) prewarm: Option<PrewarmFn>,
+    pub(crate) fork_hooks: Option<ForkHooks>,
     pub(crate) dylibs: Vec<(String, PathBuf)>,
 }
 
@@ -53,6 +61,7 @@ pub(crate) struct Modules {
     pub(crate) workers: HashMap<String, WorkerFn>,
     families: Vec<WorkerFamily>,
     prewarm: Option<PrewarmFn>,
+    fork_hooks: Option<ForkHooks>,
     dylibs: HashMap<String, Dylib>,
     pub(crate) infos: Vec<ModuleInfo>,
 }
@@ -100,6 +109,7 @@ impl Modules {
         modules.workers = specs.workers.into_iter().collect();
         modules.families = specs.families;
         modules.prewarm = specs.prewarm;
+        modules.fork_hooks = specs.fork_hooks;
         Ok(modules)
     }
 
@@ -165,6 +175,20 @@ impl Modules {
     pub(crate) fn prewarm(&self, worker: &str) {
         if let Some(prewarm) = &self.prewarm {
             prewarm(worker);
+        }
+    }
+
+    /// Runs the builder's before-fork hook, if there is one.
+    pub(crate) fn before_fork(&self) {
+        if let Some(hooks) = &self.fork_hooks {
+            (hooks.before)();
+        }
+    }
+
+    /// Runs the builder's after-fork hook for the parent, if there is one.
+    pub(crate) fn after_fork_in_parent(&self) {
+        if let Some(hooks) = &self.fork_hooks {
+            (hooks.after_in_parent)();
         }
     }
 

@@ -45,6 +45,9 @@ impl Launcher {
             .map_err(|e| LaunchError::os(ErrorKind::Resource, "creating the report pipe", e))?;
         let old_mask = sys::block_all_signals()
             .map_err(|e| LaunchError::os(ErrorKind::Resource, "blocking signals", e))?;
+        // The embedder's prepare handler (an interpreter takes its locks);
+        // its parent handler runs below, whatever the fork did.
+        self.modules.before_fork();
         // One of the two forks below runs it, once, in its child.
         let in_child = Cell::new(Some(in_child));
         let child = |placed: bool| {
@@ -72,6 +75,7 @@ impl Launcher {
         if !placed {
             forked = unsafe { sys::fork(|| child(false)) };
         }
+        self.modules.after_fork_in_parent();
         sys::restore_signal_mask(&old_mask);
         let pid = forked.map_err(|e| LaunchError::os(ErrorKind::Resource, "fork failed", e))?;
         // Our copy of the write end must go now, or EOF would never come.
