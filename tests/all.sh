@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Every test: the Rust workspace's (cargo test), then the Python package's
-# (pytest) and CPython's multiprocessing suite with its start method, against a fresh build of python/ installed into a project-local
-# virtualenv under the cargo target directory (never the system Python).
-# Needs Rust, and python3 with venv and pip; the rest (maturin, msgpack,
-# pytest, polars, numpy) comes from PyPI into the virtualenv.
+# (pytest) and CPython's multiprocessing suite with its start method,
+# against a fresh build of python/ installed into a project-local
+# virtualenv under the cargo target directory (never the system Python),
+# then the wheel in each CPython it claims (tests/wheel.sh). Needs Rust, and
+# python3 with venv and pip; the rest (maturin, msgpack, pytest, polars,
+# numpy, ...) comes from PyPI into virtualenvs.
 #
 # Tests that need root (or a tool the machine lacks) are skipped when it is
 # missing, each saying why; the last line counts them. With
@@ -57,6 +59,14 @@ if [ "$cpython" -eq 2 ]; then
   [ "${FORKSERVER_NO_SKIP:-0}" = 1 ] && cpython=1
 fi
 
+# The wheel, installed without Rust into each CPython the package claims.
+tests/wheel.sh 2>&1 | tee "$target/wheel.log"
+wheel=${PIPESTATUS[0]}
+wheel_line=$(grep -E '^wheel: [0-9]+ passed' "$target/wheel.log" | tail -n 1)
+wheel_passed=$(echo "$wheel_line" | grep -oE '[0-9]+ passed' | awk '{print $1 + 0}')
+wheel_failed=$(echo "$wheel_line" | grep -oE '[0-9]+ failed' | awk '{print $1 + 0}')
+wheel_skipped=$(echo "$wheel_line" | grep -oE '[0-9]+ skipped' | awk '{print $1 + 0}')
+
 # One summary line for all suites. cargo counts a skipped test as passed.
 rust_passed=$(grep -E '^test result:' "$target/cargo-test.log" | grep -oE '[0-9]+ passed' | awk '{n += $1} END {print n + 0}')
 rust_failed=$(grep -E '^test result:' "$target/cargo-test.log" | grep -oE '[0-9]+ failed' | awk '{n += $1} END {print n + 0}')
@@ -69,11 +79,12 @@ if [ "$rust_skipped" -gt 0 ]; then
   echo "skipped Rust tests:"
   sed 's/^/  /' "$skips"
 fi
-passed=$(( rust_passed - rust_skipped + ${py_passed:-0} + ${suite_run:-0} - ${suite_failed:-0} - ${suite_skipped:-0} ))
-failed=$(( rust_failed + ${py_failed:-0} + ${suite_failed:-0} ))
-skipped=$(( rust_skipped + ${py_skipped:-0} + ${suite_skipped:-0} ))
+passed=$(( rust_passed - rust_skipped + ${py_passed:-0} + ${suite_run:-0} - ${suite_failed:-0} - ${suite_skipped:-0} + ${wheel_passed:-0} ))
+failed=$(( rust_failed + ${py_failed:-0} + ${suite_failed:-0} + ${wheel_failed:-0} ))
+skipped=$(( rust_skipped + ${py_skipped:-0} + ${suite_skipped:-0} + ${wheel_skipped:-0} ))
 [ "$rust" -ne 0 ] && [ "$rust_failed" -eq 0 ] && failed=$(( failed + 1 ))   # a build failure
 [ "$python" -ne 0 ] && [ "${py_failed:-0}" -eq 0 ] && failed=$(( failed + 1 ))
 [ "$cpython" -ne 0 ] && [ "${suite_failed:-0}" -eq 0 ] && failed=$(( failed + 1 ))   # env changed, a crash
+[ "$wheel" -ne 0 ] && [ "${wheel_failed:-0}" -eq 0 ] && failed=$(( failed + 1 ))    # the build, or a skip in CI
 echo "all: $passed passed, $failed failed, $skipped skipped"
-[ "$rust" -eq 0 ] && [ "$python" -eq 0 ] && [ "$cpython" -eq 0 ]
+[ "$rust" -eq 0 ] && [ "$python" -eq 0 ] && [ "$cpython" -eq 0 ] && [ "$wheel" -eq 0 ]
