@@ -171,3 +171,60 @@ fn ready_fd_gets_a_line_when_ready() {
     assert!(line.starts_with("ready listening on "), "{line}");
     assert!(Client::connect(&socket).is_ok(), "ready, but not accepting");
 }
+
+#[test]
+fn stderr_after_ready_moves_the_log_once_ready() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("fs.sock");
+    let log_path = dir.path().join("later.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut server = KillOnDrop(
+        Command::new(FORKSERVER)
+            .args(["serve", "-v", "--stderr-after-ready", "1", "--socket"])
+            .arg(&socket)
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    // The start-up stderr (a pipe) reaches its end while the server runs:
+    // the server holds it no longer, and nothing relays it.
+    let mut early = String::new();
+    std::io::Read::read_to_string(&mut server.0.stderr.take().unwrap(), &mut early).unwrap();
+    assert!(
+        server.0.try_wait().unwrap().is_none(),
+        "the server exited: {early}"
+    );
+    Client::connect(&socket).unwrap();
+    wait_until("the server logs the connection to the file", || {
+        std::fs::read_to_string(&log_path).is_ok_and(|later| later.contains("connected"))
+    });
+    let later = std::fs::read_to_string(&log_path).unwrap();
+    assert!(later.contains("listening on"), "{later}");
+    assert!(!early.contains("listening on"), "{early}");
+}
+
+#[test]
+fn an_fd_flag_naming_a_closed_fd_fails_naming_the_flag() {
+    for flag in ["--stderr-after-ready", "--ready-fd", "--lifeline-fd"] {
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new(FORKSERVER)
+            .args(["serve", flag, "999999", "--socket"])
+            .arg(dir.path().join("fs.sock"))
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        // Exit 1 with the reason, not an abort (a debug build aborts when
+        // a closed fd is owned and dropped).
+        assert_eq!(out.status.code(), Some(1), "{flag}: {stderr}");
+        assert!(
+            stderr.contains(flag) && stderr.contains("Bad file descriptor"),
+            "{flag}: {stderr}"
+        );
+        assert!(
+            !dir.path().join("fs.sock").exists(),
+            "{flag}: the socket file was left behind"
+        );
+    }
+}

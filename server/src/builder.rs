@@ -3,7 +3,6 @@
 use std::any::Any;
 use std::ffi::OsString;
 use std::fmt::Display;
-use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -214,7 +213,12 @@ impl ServerBuilder {
         let modules = Modules::load(self.specs, options.threads)?;
         let signals = signals::SignalPipe::install()
             .map_err(|e| ServeError::Setup("installing signal handlers", e))?;
-        let mut readiness = Readiness::from_env(options.ready_fd);
+        let ready_fd = options
+            .ready_fd
+            .map(sys::inherited_fd)
+            .transpose()
+            .map_err(|e| ServeError::Setup("--ready-fd", e))?;
+        let mut readiness = Readiness::from_env(ready_fd);
         let listener = match listener::Listener::from_systemd()? {
             Some(inherited) => inherited,
             None => listener::Listener::bind(&options.socket, options.group)?,
@@ -230,10 +234,9 @@ impl ServerBuilder {
         options.pools.extend(self.pools);
         let mut event_loop = EventLoop::new(listener, signals, modules, &options)?;
         if let Some(fd) = options.stderr_after_ready {
-            // SAFETY: the operator passed this fd for this purpose
-            // (--stderr-after-ready); we are its only user.
-            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-            sys::replace_stderr(fd).map_err(|e| ServeError::Setup("--stderr-after-ready", e))?;
+            sys::inherited_fd(fd)
+                .and_then(sys::replace_stderr)
+                .map_err(|e| ServeError::Setup("--stderr-after-ready", e))?;
         }
         log!(Level::Info, "{summary}");
         readiness.ready(&summary);

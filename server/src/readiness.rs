@@ -4,7 +4,7 @@
 //! (`--ready-fd N`).
 
 use std::io::Write;
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::OwnedFd;
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
 
@@ -17,8 +17,8 @@ pub(crate) struct Readiness {
 
 impl Readiness {
     /// Reads (and removes, so children do not inherit it) `NOTIFY_SOCKET`;
-    /// takes ownership of `ready_fd`.
-    pub(crate) fn from_env(ready_fd: Option<RawFd>) -> Readiness {
+    /// keeps `ready_fd` for the ready line.
+    pub(crate) fn from_env(ready_fd: Option<OwnedFd>) -> Readiness {
         let path = std::env::var_os("NOTIFY_SOCKET");
         // SAFETY: the server is single-threaded; nothing reads the
         // environment concurrently.
@@ -38,12 +38,7 @@ impl Readiness {
                 }
             }
         });
-        Readiness {
-            notify,
-            // SAFETY: the operator passed this fd to us for this purpose
-            // (--ready-fd); we are its only user.
-            ready_fd: ready_fd.map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
-        }
+        Readiness { notify, ready_fd }
     }
 
     /// Everything is preloaded and the socket is listening.

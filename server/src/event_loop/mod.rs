@@ -17,7 +17,7 @@
 //! by the nearest timer) and non-blocking reads.
 
 use std::collections::HashMap;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use forkserver_protocol::{ChildStatus, Limits};
@@ -100,10 +100,8 @@ impl EventLoop {
             .map_err(setup("watching the signal pipe"))?;
         let lifeline = match options.lifeline_fd {
             Some(fd) => {
-                // SAFETY: the operator passed this fd for this purpose
-                // (--lifeline-fd); we are its only user from here on.
-                let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-                sys::set_cloexec_nonblocking(fd.as_raw_fd())
+                let fd = sys::inherited_fd(fd)
+                    .and_then(|fd| sys::set_cloexec_nonblocking(fd.as_raw_fd()).map(|()| fd))
                     .map_err(|e| ServeError::Setup("--lifeline-fd", e))?;
                 epoll
                     .add(&fd, EpollEvent::new(EpollFlags::EPOLLIN, LIFELINE))

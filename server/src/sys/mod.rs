@@ -92,6 +92,18 @@ pub(crate) fn set_cloexec_nonblocking(fd: RawFd) -> io::Result<()> {
     set_nonblocking(fd)
 }
 
+/// Takes ownership of an fd the operator passed by number (`--ready-fd`,
+/// `--lifeline-fd`, `--stderr-after-ready`), after checking that it is
+/// open: owning a closed number would close someone else's fd later (and
+/// abort a debug build, whose I/O-safety check catches it).
+pub(crate) fn inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: F_GETFD only reads the fd's flags; EBADF if it is not open.
+    cvt(unsafe { libc::fcntl(fd, libc::F_GETFD) })?;
+    // SAFETY: the fd is open, and the operator passed it for us to use;
+    // nothing else in this process owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 /// Makes `fd` the process's stderr (fd 2), closing `fd`.
 pub(crate) fn replace_stderr(fd: OwnedFd) -> io::Result<()> {
     if fd.as_raw_fd() == libc::STDERR_FILENO {
