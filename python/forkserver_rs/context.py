@@ -164,10 +164,16 @@ def register(name="forkserver-rs", preload=(), socket=None, *, pool=2, allow_dor
         )
     if existing is not None:
         raise ValueError(f"multiprocessing already has a start method {name!r}; choose another name")
-    ForkserverContext(name, settings)._register()
+    context = ForkserverContext(name, settings)
+    context._register()
     if export:
-        os.environ[ENVIRONMENT_VARIABLE] = _registrations(with_running=False)
+        context._exported = True
+        _export_settings()
     return name
+
+
+def _export_settings():
+    os.environ[ENVIRONMENT_VARIABLE] = _registrations(with_running=False)
 
 
 def _registrations(with_running):
@@ -217,6 +223,8 @@ class ForkserverContext(mp_context.BaseContext):
         self._settings = settings
         self._running = running
         self._handle = None
+        # register(export=True) wrote its settings to os.environ.
+        self._exported = False
         self.Process = type(
             "ForkserverProcess", (ForkserverProcess,), {"_context": self, "__module__": __name__}
         )
@@ -259,8 +267,8 @@ class ForkserverContext(mp_context.BaseContext):
         self._settings = dataclasses.replace(self._settings, preload=tuple(module_names))
         self._handle = None
         self._running = None
-        if os.environ.get(ENVIRONMENT_VARIABLE) and mp_context._concrete_contexts.get(self._name) is self:
-            os.environ[ENVIRONMENT_VARIABLE] = _registrations(with_running=False)
+        if self._exported:
+            _export_settings()
 
 
 class ForkserverProcess(process.BaseProcess):
