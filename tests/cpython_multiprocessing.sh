@@ -35,6 +35,11 @@ hook=$("$python" -m forkserver_rs install-hook) || exit 2
 trap '"$python" -m forkserver_rs install-hook --remove >/dev/null' EXIT
 echo "tests/cpython_multiprocessing.sh: $hook"
 
+# Some tests send SIGINT to the test process and expect KeyboardInterrupt.
+# A shell without job control starts background jobs with SIGINT ignored,
+# and Python keeps an ignored SIGINT ignored: so the suite starts from a
+# default SIGINT, whatever started this script.
 cd python/cpython_suite
-"$python" -W error::ResourceWarning -m test --testdir . "$@" \
+"$python" -c 'import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])' \
+  "$python" -W error::ResourceWarning -m test --testdir . "$@" \
   test_forkserver_rs_processes test_forkserver_rs_threads test_forkserver_rs_manager test_forkserver_rs_misc

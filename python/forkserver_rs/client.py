@@ -499,13 +499,18 @@ class Child:
             os.close(pidfd)
             self.pidfd = None
 
-    def _exited(self):
-        return self._id in self._client._exits
-
-    def _take_status(self):
-        if self.returncode is None and self._exited():
-            self.returncode = _returncode(self._client._exits.pop(self._id))
-        return self.returncode
+    def _collect(self):
+        """Takes this child's exit status from the client once its report
+        has come; True once the child has a return code. Called with the
+        client's condition held (as `_wait_for` calls it), so two threads
+        that poll or wait on one child at once (multiprocessing's pool does)
+        cannot both take the status: the second sees the first's return
+        code instead of waiting for a report that was already taken."""
+        if self.returncode is None:
+            status = self._client._exits.pop(self._id, None)
+            if status is not None:
+                self.returncode = _returncode(status)
+        return self.returncode is not None
 
     def poll(self):
         """The return code if the child has ended, else None. Does not block,
@@ -514,17 +519,14 @@ class Child:
         if self.returncode is None:
             ended = select.select([self.pidfd], [], [], 0)[0] if self.pidfd is not None else True
             # Once the pidfd says the process is gone, the report is on its way.
-            self._client._wait_for(self._exited, None if ended else 0)
-            self._take_status()
+            self._client._wait_for(self._collect, None if ended else 0)
         return self.returncode
 
     def wait(self, timeout=None):
         """Waits for the child to end and returns its return code; raises
         ``subprocess.TimeoutExpired`` after `timeout` seconds."""
-        if self.returncode is None:
-            if not self._client._wait_for(self._exited, timeout):
-                raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout)
-            self._take_status()
+        if self.returncode is None and not self._client._wait_for(self._collect, timeout):
+            raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout)
         return self.returncode
 
     def communicate(self, input=None, timeout=None):

@@ -213,6 +213,35 @@ def test_a_poll_does_not_wait_for_another_thread_s_wait(server):
         assert long.returncode == 0
 
 
+def test_threads_polling_one_child_all_see_its_return_code(server):
+    # multiprocessing's pool polls a worker from its worker-handler thread
+    # while the main thread polls the same worker (is_alive): the thread
+    # that lost the race for the exit report once waited for it forever
+    # (CPython's test_pool_worker_lifetime hung so).
+    import socket
+    import threading
+
+    with forkserver_rs.Client(server.socket) as client:
+        for round in range(20):
+            child = client.spawn("py:workers:exit_with", args=[round % 7])
+            seen = []
+
+            def poll_until_ended(child=child, seen=seen):
+                while child.poll() is None:
+                    pass
+                seen.append(child.returncode)
+
+            threads = [threading.Thread(target=poll_until_ended, daemon=True) for _ in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(10)
+            if any(t.is_alive() for t in threads):
+                client._sock.shutdown(socket.SHUT_RDWR)  # frees the stuck thread
+                pytest.fail(f"round {round}: a poll() never returned after the child ended")
+            assert seen == [round % 7] * 4
+
+
 def test_a_worker_is_a_fork_of_the_warm_server(server):
     """The preloaded module was imported once, in the server: the worker's
     copy remembers the server's pid, and the server is its parent."""
