@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::ffi::CString;
-use std::io;
+use std::io::{self, Read};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -114,16 +114,28 @@ pub(crate) fn own_cgroup() -> io::Result<PathBuf> {
 /// This process's umask, read without changing it (`Umask:` in
 /// /proc/self/status, Linux 4.7+): setting and restoring it would race with
 /// other threads creating files.
+///
+/// One `read` of the file's start: `Umask:` is its second line, after
+/// `Name:` (at most ~70 bytes). `read_to_string` would grow its buffer from
+/// 32 bytes, one `read` per doubling, nine in all: on every spawn.
 fn own_umask() -> io::Result<u32> {
-    let status = std::fs::read_to_string("/proc/self/status")?;
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("Umask:"))
-        .and_then(|value| u32::from_str_radix(value.trim(), 8).ok())
-        .ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::Unsupported,
-                "this kernel does not show the umask in /proc/self/status; use server_umask(true)",
-            )
-        })
+    let unsupported = || {
+        io::Error::new(
+            io::ErrorKind::Unsupported,
+            "this kernel does not show the umask in /proc/self/status; use server_umask(true)",
+        )
+    };
+    let mut start = [0u8; 512];
+    let read = std::fs::File::open("/proc/self/status")?.read(&mut start)?;
+    // Bytes, not text: the name on the line before is the process's, in
+    // whatever bytes it chose.
+    let start = &start[..read];
+    let value = start
+        .windows(7)
+        .position(|w| w == b"\nUmask:")
+        .map(|at| &start[at + 7..])
+        .and_then(|rest| rest.split(|&b| b == b'\n').next())
+        .and_then(|value| std::str::from_utf8(value).ok())
+        .and_then(|value| u32::from_str_radix(value.trim(), 8).ok());
+    value.ok_or_else(unsupported)
 }

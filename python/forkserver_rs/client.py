@@ -608,9 +608,16 @@ def _environment(env, env_clear, server_env):
 
 
 def _own_umask():
-    """This process's umask, read without changing it (Linux 4.7+)."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
+    """This process's umask, read without changing it (Linux 4.7+): the
+    `Umask:` line, second in /proc/self/status after the process's name,
+    from one read of the file's start (no file object: this runs on every
+    spawn)."""
+    fd = os.open("/proc/self/status", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        start = os.read(fd, 512)
+    finally:
+        os.close(fd)
+    at = start.find(b"\nUmask:")
+    if at != -1:
+        return int(start[at + 7 :].split(b"\n", 1)[0], 8)
     raise OSError("this kernel does not show the umask; pass server_umask=True")

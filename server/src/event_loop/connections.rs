@@ -5,7 +5,9 @@ use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::time::{Duration, Instant};
 
-use forkserver_protocol::{decode, recv_datagram, ClientMessage, ErrorKind, Limits, ServerMessage};
+use forkserver_protocol::{
+    decode_client_message, recv_datagram, ClientMessage, ErrorKind, Limits, ServerMessage,
+};
 use nix::sys::epoll::{EpollEvent, EpollFlags};
 
 use super::{conn_token, EventLoop, LISTENER};
@@ -208,7 +210,7 @@ impl EventLoop {
             );
             return true;
         }
-        match decode::<ClientMessage>(&datagram.bytes) {
+        match decode_client_message(&datagram.bytes) {
             Ok(ClientMessage::Bulk { fd }) => match unbulk(fd, datagram.fds, &limits) {
                 Ok((message, fds)) => self.handle(id, message, fds),
                 Err((kind, message)) => {
@@ -314,7 +316,7 @@ fn unbulk(
             };
             (kind, format!("bulk: reading the message's file: {e}"))
         })?;
-    match decode::<ClientMessage>(&bytes) {
+    match decode_client_message(&bytes) {
         Ok(ClientMessage::Bulk { .. }) => Err((
             ErrorKind::Protocol,
             "bulk: a bulk message cannot hold another".into(),
