@@ -202,17 +202,18 @@ mod tests {
         spawn.env.insert("B".into(), None);
         spawn.umask = Some(0o22);
         let good = encode(&ClientMessage::Spawn(spawn.clone())).unwrap();
+        type Fields = Vec<(Value, Value)>;
         let fields = |bytes: &[u8]| match decode::<Value>(bytes).unwrap() {
             Value::Map(fields) => fields,
             _ => unreachable!(),
         };
-        let with = |edit: &dyn Fn(&mut Vec<(Value, Value)>)| {
+        let with = |edit: &dyn Fn(&mut Fields)| {
             let mut map = fields(&good);
             edit(&mut map);
             encode(&Value::Map(map)).unwrap()
         };
         let set = |key: &'static str, value: Value| {
-            move |map: &mut Vec<(Value, Value)>| {
+            move |map: &mut Fields| {
                 map.iter_mut()
                     .find(|(k, _)| k.as_str() == Some(key))
                     .unwrap()
