@@ -720,6 +720,20 @@ fn harness() {
     let n = report.runs(300);
     exec_rows(&mut report, &client, "small client", n);
     {
+        // The same exec asked of a zygote holding a 512 MB preload: a fork
+        // of it would copy the page tables of all 512 MB.
+        let zygote = Running::zygote(512, false);
+        let client = zygote.client();
+        report.time(
+            "exec",
+            "/bin/true via a 512 MB zygote (small client)".into(),
+            report.runs(100),
+            || {
+                client.command("/bin/true").status().unwrap();
+            },
+        );
+    }
+    {
         // A big client: 4 GB touched and 8 busy threads.
         let big: Vec<u8> = (0..4usize << 30).map(|i| i as u8).collect();
         let stop = Arc::new(AtomicBool::new(false));

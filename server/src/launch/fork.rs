@@ -7,8 +7,9 @@ use std::panic::{self, AssertUnwindSafe};
 
 use forkserver_protocol::ErrorKind;
 
+use super::plan::ChildPlan;
 use super::report::{FailedStep, Failure, Reporter};
-use super::{LaunchError, Launcher};
+use super::{setup, LaunchError, Launcher};
 use crate::log::{log, Level};
 use crate::sys;
 
@@ -80,6 +81,44 @@ impl Launcher {
         let pid = forked.map_err(|e| LaunchError::os(ErrorKind::Resource, "fork failed", e))?;
         // Our copy of the write end must go now, or EOF would never come.
         drop(report_write);
+        Self::with_pidfd(pid, report, placed)
+    }
+
+    /// Starts a child that execs `plan` as `posix_spawn` would: made by
+    /// `clone(CLONE_VM | CLONE_VFORK)`, it sets itself up in the server's
+    /// memory and execs, so nothing of the server's is copied (the cost of a
+    /// fork grows with the server's memory; this does not). Only for a plan
+    /// that execs, with no credentials and no cgroup
+    /// (`setup::run_exec_sharing_memory` says why); the thread guard still
+    /// applies, so that the same requests are refused as by [`Self::fork`].
+    /// The embedder's fork hooks do not run: no code of the server's runs
+    /// in the child.
+    pub(super) fn exec_sharing_memory(&self, plan: &ChildPlan<'_>) -> Result<Forked, LaunchError> {
+        self.fork_guard
+            .check()
+            .map_err(|why| LaunchError::new(ErrorKind::Threads, why))?;
+        let (report, report_write) = sys::pipe(true)
+            .map_err(|e| LaunchError::os(ErrorKind::Resource, "creating the report pipe", e))?;
+        let old_mask = sys::block_all_signals()
+            .map_err(|e| LaunchError::os(ErrorKind::Resource, "blocking signals", e))?;
+        let in_child = || {
+            let reporter = Reporter::new(report_write.as_raw_fd());
+            // SAFETY: we are that child; every fd of the plan and the
+            // report pipe are open, and the plan execs (the caller checked).
+            unsafe { setup::run_exec_sharing_memory(plan, &reporter) }
+        };
+        // SAFETY: the child only reads the plan and writes its own stack
+        // (run_exec_sharing_memory's rules); signals are blocked.
+        let spawned = unsafe { sys::spawn_sharing_memory(&in_child) };
+        sys::restore_signal_mask(&old_mask);
+        let pid = spawned.map_err(|e| LaunchError::os(ErrorKind::Resource, "fork failed", e))?;
+        drop(report_write);
+        Self::with_pidfd(pid, report, false)
+    }
+
+    /// A started child's pidfd, or the child killed and reaped if none can
+    /// be had.
+    fn with_pidfd(pid: libc::pid_t, report: OwnedFd, placed: bool) -> Result<Forked, LaunchError> {
         match sys::pidfd_open(pid) {
             Ok(pidfd) => Ok(Forked {
                 pid,

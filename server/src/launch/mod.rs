@@ -141,12 +141,19 @@ impl Launcher {
             // SAFETY: the fd is one of `fds`, open until this returns.
             .map(|fd| unsafe { BorrowedFd::borrow_raw(fd) });
         let wants_cgroup = plan.cgroup.is_some();
-        let forked = self.fork(cgroup, |reporter, placed| {
-            plan.cgroup_placed = placed;
-            // SAFETY: we are the freshly forked child; every fd in the plan is
-            // open (owned by `fds`, `made` or the launcher).
-            unsafe { setup::run(plan, reporter) }
-        })?;
+        let forked = if matches!(plan.action, plan::Action::Exec { .. })
+            && plan.credentials.is_none()
+            && !wants_cgroup
+        {
+            self.exec_sharing_memory(&plan)?
+        } else {
+            self.fork(cgroup, |reporter, placed| {
+                plan.cgroup_placed = placed;
+                // SAFETY: we are the freshly forked child; every fd in the
+                // plan is open (owned by `fds`, `made` or the launcher).
+                unsafe { setup::run(plan, reporter) }
+            })?
+        };
         if wants_cgroup {
             let how = if forked.placed {
                 "created in its cgroup by clone3"

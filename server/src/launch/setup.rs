@@ -15,6 +15,10 @@
 //! The server blocks every signal before forking, so a signal sent to the
 //! child early (say, SIGTERM because its client went away) stays pending
 //! until the child has put every disposition back to the default.
+//!
+//! A child that only execs may instead share the server's memory until its
+//! exec (`clone(CLONE_VM | CLONE_VFORK)`, as `posix_spawn`): it runs
+//! [`run_exec_sharing_memory`], under stricter rules written there.
 
 use std::convert::Infallible;
 use std::ffi::CString;
@@ -64,11 +68,55 @@ pub(crate) unsafe fn run_with_default_signals(plan: ChildPlan<'_>, reporter: &Re
     reporter.fail(failure)
 }
 
+/// Runs in a child made by `clone(CLONE_VM | CLONE_VFORK)` for a plan
+/// that execs ([`Launcher::exec_sharing_memory`](super::Launcher)): resets
+/// the signals, sets the process up and execs, as [`run`] does. Never
+/// returns; a failed step is reported through `reporter`.
+///
+/// This child runs in the server's memory, on a stack of its own, while the
+/// server's thread waits for it to exec or exit. On top of the rules above:
+/// it writes no memory but its own stack, and takes the plan by reference,
+/// so nothing of the server's is moved, dropped or freed here (the server
+/// drops the plan once the child has gone); and it makes no C library call
+/// that consults the server's threads (the `setuid` family broadcasts to
+/// every thread of the process it thinks it is in), which is why a plan
+/// with credentials or a cgroup is forked instead.
+///
+/// # Safety
+/// Call only in such a child, with every fd in `plan.fd_moves` and the
+/// reporter's pipe open, and `plan.action` an [`Action::Exec`].
+pub(crate) unsafe fn run_exec_sharing_memory(plan: &ChildPlan<'_>, reporter: &Reporter) -> ! {
+    // SAFETY: a fresh child, as the caller guarantees; sigaction and
+    // sigprocmask change only this process's signal state.
+    unsafe { reset_signals() };
+    // SAFETY: as the caller guarantees.
+    if let Err(failure) = unsafe { prepare(plan, reporter) } {
+        reporter.fail(failure)
+    }
+    let Action::Exec { candidates } = &plan.action else {
+        reporter.fail(Failure::new(FailedStep::Setup, libc::EINVAL))
+    };
+    // SAFETY: the strings were built before the clone and live on.
+    reporter.fail(unsafe { exec(candidates, &plan.argv, &plan.envp) })
+}
+
 /// Steps 2 to 8. Returns only with the step that failed.
 ///
 /// # Safety
 /// As [`run_with_default_signals`].
-unsafe fn setup(mut plan: ChildPlan<'_>, reporter: &Reporter) -> Result<Infallible, Failure> {
+unsafe fn setup(plan: ChildPlan<'_>, reporter: &Reporter) -> Result<Infallible, Failure> {
+    // SAFETY: as the caller guarantees.
+    unsafe { prepare(&plan, reporter) }?;
+    // SAFETY: as the caller guarantees.
+    unsafe { become_target(plan, reporter) }
+}
+
+/// Steps 2 to 7: session, fds, terminal, controls, credentials, directory
+/// and umask, reading the plan only. Returns the step that failed.
+///
+/// # Safety
+/// As [`run_with_default_signals`].
+unsafe fn prepare(plan: &ChildPlan<'_>, reporter: &Reporter) -> Result<(), Failure> {
     let check = |rc: libc::c_int, step| {
         if rc == -1 {
             Err(Failure::last_os_error(step))
@@ -243,8 +291,18 @@ unsafe fn setup(mut plan: ChildPlan<'_>, reporter: &Reporter) -> Result<Infallib
         // SAFETY: umask cannot fail and has no memory effects.
         unsafe { libc::umask(mask) };
     }
+    Ok(())
+}
 
-    // 8. Become the program or the worker.
+/// Step 8: become the program or the worker. Returns only with the failure
+/// of an exec.
+///
+/// # Safety
+/// As [`run_with_default_signals`], after [`prepare`].
+unsafe fn become_target(
+    mut plan: ChildPlan<'_>,
+    reporter: &Reporter,
+) -> Result<Infallible, Failure> {
     match plan.action {
         // SAFETY: the strings were built before the fork and live on.
         Action::Exec { candidates } => Err(unsafe { exec(&candidates, &plan.argv, &plan.envp) }),

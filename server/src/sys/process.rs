@@ -32,6 +32,60 @@ pub(crate) unsafe fn fork(in_child: impl FnOnce() -> Infallible) -> io::Result<l
     Ok(pid)
 }
 
+/// The stack of a child made by [`spawn_sharing_memory`]: its setup needs a
+/// few KiB; the rest is never touched (a private mapping costs only the
+/// pages used).
+const SHARED_MEMORY_CHILD_STACK: usize = 256 * 1024;
+
+/// A child that runs in this process's memory until it execs, as
+/// `posix_spawn` makes one: `clone(CLONE_VM | CLONE_VFORK)` on a stack of its
+/// own. No page table is copied, so the cost does not grow with the
+/// server's memory (a fork copies the tables of every mapped page: ~20 ms
+/// at 512 MB), and no page of the server's becomes copy-on-write. The
+/// calling thread waits until the child has exec'd or exited; other threads
+/// run on. Returns the child's pid.
+///
+/// `in_child` runs in the child and must end in exec or `_exit`; a panic is
+/// caught there and exits 127.
+///
+/// # Safety
+/// `in_child` must write no memory but its own stack (the server's memory is
+/// its memory: a drop, a free or a moved value there would be the server's
+/// too), and call nothing that takes a lock another thread of the server may
+/// hold or that consults the C library's thread state (see
+/// `launch::setup::run_exec_sharing_memory`). Signals should be blocked
+/// across the call, so that none of the server's handlers runs in the
+/// child before it resets them.
+pub(crate) unsafe fn spawn_sharing_memory(
+    in_child: &dyn Fn() -> Infallible,
+) -> io::Result<libc::pid_t> {
+    extern "C" fn start(arg: *mut libc::c_void) -> libc::c_int {
+        // SAFETY: `arg` is the `&dyn Fn` below, alive while the parent waits.
+        let in_child = unsafe { &*(arg as *const &dyn Fn() -> Infallible) };
+        let _ = panic::catch_unwind(AssertUnwindSafe(in_child));
+        // SAFETY: _exit ends this child at once, without the server's
+        // atexit handlers.
+        unsafe { libc::_exit(127) }
+    }
+    let stack = super::map_anonymous(SHARED_MEMORY_CHILD_STACK)?;
+    // SAFETY: the stack is ours and unused; the stack grows down from its
+    // end (16-byte aligned: the mapping is page aligned). CLONE_VFORK keeps
+    // this thread, and so `in_child` and the stack, waiting until the child
+    // has exec'd or exited.
+    let pid = unsafe {
+        libc::clone(
+            start,
+            stack.cast::<u8>().add(SHARED_MEMORY_CHILD_STACK).cast(),
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            &in_child as *const &dyn Fn() -> Infallible as *mut libc::c_void,
+        )
+    };
+    let result = cvt(pid);
+    // SAFETY: the child no longer runs on it (it exec'd or exited).
+    unsafe { super::unmap(stack, SHARED_MEMORY_CHILD_STACK) };
+    result
+}
+
 /// waitpid(2) for one child, blocking, retried on EINTR.
 pub(crate) fn wait_for(pid: libc::pid_t) -> io::Result<()> {
     let mut status = 0;
