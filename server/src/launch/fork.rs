@@ -39,13 +39,7 @@ impl Launcher {
         cgroup: Option<BorrowedFd<'_>>,
         in_child: impl FnOnce(&Reporter, bool) -> Infallible,
     ) -> Result<Forked, LaunchError> {
-        self.fork_guard
-            .check()
-            .map_err(|why| LaunchError::new(ErrorKind::Threads, why))?;
-        let (report, report_write) = sys::pipe(true)
-            .map_err(|e| LaunchError::os(ErrorKind::Resource, "creating the report pipe", e))?;
-        let old_mask = sys::block_all_signals()
-            .map_err(|e| LaunchError::os(ErrorKind::Resource, "blocking signals", e))?;
+        let (report, report_write, old_mask) = self.before_a_child()?;
         // The embedder's prepare handler (an interpreter takes its locks);
         // its parent handler runs below, whatever the fork did.
         self.modules.before_fork();
@@ -94,13 +88,7 @@ impl Launcher {
     /// The embedder's fork hooks do not run: no code of the server's runs
     /// in the child.
     pub(super) fn exec_sharing_memory(&self, plan: &ChildPlan<'_>) -> Result<Forked, LaunchError> {
-        self.fork_guard
-            .check()
-            .map_err(|why| LaunchError::new(ErrorKind::Threads, why))?;
-        let (report, report_write) = sys::pipe(true)
-            .map_err(|e| LaunchError::os(ErrorKind::Resource, "creating the report pipe", e))?;
-        let old_mask = sys::block_all_signals()
-            .map_err(|e| LaunchError::os(ErrorKind::Resource, "blocking signals", e))?;
+        let (report, report_write, old_mask) = self.before_a_child()?;
         let in_child = || {
             let reporter = Reporter::new(report_write.as_raw_fd());
             // SAFETY: we are that child; every fd of the plan and the
@@ -114,6 +102,20 @@ impl Launcher {
         let pid = spawned.map_err(|e| LaunchError::os(ErrorKind::Resource, "fork failed", e))?;
         drop(report_write);
         Self::with_pidfd(pid, report, false)
+    }
+
+    /// What every new child needs first: the thread guard's consent, its
+    /// report pipe (read end, write end), and every signal blocked (the old
+    /// mask returned, to restore once the child exists).
+    fn before_a_child(&self) -> Result<(OwnedFd, OwnedFd, libc::sigset_t), LaunchError> {
+        self.fork_guard
+            .check()
+            .map_err(|why| LaunchError::new(ErrorKind::Threads, why))?;
+        let (report, report_write) = sys::pipe(true)
+            .map_err(|e| LaunchError::os(ErrorKind::Resource, "creating the report pipe", e))?;
+        let old_mask = sys::block_all_signals()
+            .map_err(|e| LaunchError::os(ErrorKind::Resource, "blocking signals", e))?;
+        Ok((report, report_write, old_mask))
     }
 
     /// A started child's pidfd, or the child killed and reaped if none can
