@@ -143,7 +143,10 @@ impl ServerBuilder {
 
     /// Runs `before()` in the server just before every fork and
     /// `after_in_parent()` just after it (whether the fork worked or not),
-    /// as `pthread_atfork`'s prepare and parent handlers would. An embedded
+    /// as `pthread_atfork`'s prepare and parent handlers would. Not around
+    /// an exec spawn made without a fork (no code of the server's runs in
+    /// that child; see ARCHITECTURE.md, "Fork"), as `posix_spawn` runs no
+    /// atfork handlers either. An embedded
     /// interpreter needs them: Python 3.13's `PyOS_AfterFork_Child` releases
     /// the import lock that `PyOS_BeforeFork` took in the parent, and
     /// Python's own `os.register_at_fork` handlers run in them.
