@@ -75,7 +75,7 @@ pub(super) fn c_string(s: &WireStr, field: &str) -> Result<CString, LaunchError>
 /// meaning the current directory, as execvp has it).
 pub(super) fn exec_candidates(
     program: &[u8],
-    path: Option<&Vec<u8>>,
+    path: Option<&[u8]>,
 ) -> Result<Vec<CString>, LaunchError> {
     let to_c = |bytes: Vec<u8>| {
         CString::new(bytes).map_err(|_| invalid("target.program contains a NUL byte".into()))
@@ -83,7 +83,7 @@ pub(super) fn exec_candidates(
     if program.contains(&b'/') {
         return Ok(vec![to_c(program.to_vec())?]);
     }
-    let path = path.map_or(DEFAULT_PATH, |p| p.as_slice());
+    let path = path.unwrap_or(DEFAULT_PATH);
     path.split(|&b| b == b':')
         .map(|dir| {
             let dir = if dir.is_empty() { b"." as &[u8] } else { dir };

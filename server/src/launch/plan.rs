@@ -148,7 +148,8 @@ impl Launcher {
                     return Err(invalid("target.program is empty".into()));
                 }
                 // First, so that a NUL in the program is named as the program.
-                let candidates = exec_candidates(program.as_bytes(), env.get(&b"PATH"[..]))?;
+                let candidates =
+                    exec_candidates(program.as_bytes(), env.get(&b"PATH"[..]).copied())?;
                 check_args(args, limits)?;
                 let mut argv = Vec::with_capacity(args.len() + 1);
                 argv.push(c_string(arg0.as_ref().unwrap_or(program), "target.arg0")?);
@@ -209,12 +210,15 @@ impl Launcher {
         };
         let envp = env
             .into_iter()
-            .map(|(mut k, v)| {
-                k.push(b'=');
-                k.extend_from_slice(&v);
+            .map(|(k, v)| {
+                // One allocation per entry, sized for CString's NUL too.
+                let mut entry = Vec::with_capacity(k.len() + v.len() + 2);
+                entry.extend_from_slice(k);
+                entry.push(b'=');
+                entry.extend_from_slice(v);
                 // Keys and values were checked for NUL in environment() (the
                 // server's own environment cannot contain one).
-                CString::new(k).expect("environment entries have no NUL")
+                CString::new(entry).expect("environment entries have no NUL")
             })
             .collect();
         let cwd = match &request.cwd {
@@ -276,12 +280,21 @@ impl Launcher {
     }
 
     /// The child's environment: the server's (unless cleared) with the
-    /// request's changes.
-    fn environment(&self, request: &Spawn) -> Result<BTreeMap<Vec<u8>, Vec<u8>>, LaunchError> {
-        let mut env = if request.env_clear {
+    /// request's changes, borrowed from both: a request carries the
+    /// caller's whole environment, and copying each variable into a map of
+    /// its own before building `envp` doubled the allocations of every
+    /// spawn (each a heap page written, copy-on-write after a fork).
+    fn environment<'a>(
+        &'a self,
+        request: &'a Spawn,
+    ) -> Result<BTreeMap<&'a [u8], &'a [u8]>, LaunchError> {
+        let mut env: BTreeMap<&[u8], &[u8]> = if request.env_clear {
             BTreeMap::new()
         } else {
-            self.base_env.clone()
+            self.base_env
+                .iter()
+                .map(|(k, v)| (k.as_slice(), v.as_slice()))
+                .collect()
         };
         for (key, value) in &request.env {
             let k = key.as_bytes();
@@ -294,7 +307,7 @@ impl Launcher {
                 Some(v) if v.as_bytes().contains(&0) => {
                     return Err(invalid(format!("env value of {key:?} contains a NUL byte")))
                 }
-                Some(v) => env.insert(k.to_vec(), v.as_bytes().to_vec()),
+                Some(v) => env.insert(k, v.as_bytes()),
                 None => env.remove(k),
             };
         }

@@ -29,7 +29,7 @@ fn launcher(limits: Limits) -> Launcher {
 
 #[test]
 fn path_search_follows_execvp() {
-    let got = exec_candidates(b"ls", Some(&b"/a::/b".to_vec())).unwrap();
+    let got = exec_candidates(b"ls", Some(b"/a::/b")).unwrap();
     let got: Vec<&[u8]> = got.iter().map(|c| c.as_bytes()).collect();
     assert_eq!(got, [&b"/a/ls"[..], b"./ls", b"/b/ls"]);
     let direct = exec_candidates(b"./x", None).unwrap();
