@@ -80,7 +80,8 @@ pub(crate) unsafe fn run_with_default_signals(plan: ChildPlan<'_>, reporter: &Re
 /// drops the plan once the child has gone); and it makes no C library call
 /// that consults the server's threads (the `setuid` family broadcasts to
 /// every thread of the process it thinks it is in), which is why a plan
-/// with credentials or a cgroup is forked instead.
+/// with credentials is forked instead (as is one with a cgroup, which
+/// needs `clone3`).
 ///
 /// # Safety
 /// Call only in such a child, with every fd in `plan.fd_moves` and the
