@@ -44,8 +44,9 @@ python=${PIPESTATUS[0]}
 
 # CPython's multiprocessing test suite against the registered start method
 # (its own summary counts the tests; env changed, i.e. a dangling thread or
-# process, fails it too). A test file that runs 20 minutes (a whole run takes
-# about 5) has hung: regrtest then dumps every thread's stack and fails it.
+# process, fails it too). A test file that runs 20 minutes has hung (a whole
+# run takes 1 minute, or 6 when CPython's own thread-pool test_terminate
+# waits out a 300 s sleep): regrtest then dumps every stack and fails it.
 tests/cpython_multiprocessing.sh "$venv/bin/python" -j2 -u all --timeout 1200 2>&1 | tee "$target/cpython-suite.log"
 cpython=${PIPESTATUS[0]}
 suite_line=$(grep -E '^Total tests: run=' "$target/cpython-suite.log" | tail -n 1)

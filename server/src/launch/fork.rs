@@ -97,7 +97,7 @@ impl Launcher {
         };
         // SAFETY: the child only reads the plan and writes its own stack
         // (run_exec_sharing_memory's rules); signals are blocked.
-        let spawned = unsafe { sys::spawn_sharing_memory(&in_child) };
+        let spawned = unsafe { sys::spawn_sharing_memory(&self.exec_stack, &in_child) };
         sys::restore_signal_mask(&old_mask);
         let pid = spawned.map_err(|e| LaunchError::os(ErrorKind::Resource, "fork failed", e))?;
         drop(report_write);

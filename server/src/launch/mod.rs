@@ -101,6 +101,9 @@ pub(crate) struct Launcher {
     base_env: BTreeMap<Vec<u8>, Vec<u8>>,
     /// The thread guard, checked before every fork.
     fork_guard: ForkGuard,
+    /// What an exec spawn's child runs on until its exec
+    /// ([`Launcher::exec_sharing_memory`]).
+    exec_stack: sys::ChildStack,
 }
 
 impl Launcher {
@@ -117,6 +120,7 @@ impl Launcher {
                 .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
                 .collect(),
             fork_guard,
+            exec_stack: sys::ChildStack::new()?,
         })
     }
 

@@ -32,10 +32,39 @@ pub(crate) unsafe fn fork(in_child: impl FnOnce() -> Infallible) -> io::Result<l
     Ok(pid)
 }
 
-/// The stack of a child made by [`spawn_sharing_memory`]: its setup needs a
-/// few KiB; the rest is never touched (a private mapping costs only the
-/// pages used).
-const SHARED_MEMORY_CHILD_STACK: usize = 256 * 1024;
+/// The stack children made by [`spawn_sharing_memory`] run on, mapped once
+/// and reused: `CLONE_VFORK` holds the calling thread until its child has
+/// exec'd or exited, so one child at a time runs on it, and a raw pointer
+/// keeps the type to one thread. The setup needs a few KiB; the rest of the
+/// private mapping is never touched and costs nothing.
+pub(crate) struct ChildStack {
+    base: *mut libc::c_void,
+}
+
+impl ChildStack {
+    const SIZE: usize = 256 * 1024;
+
+    pub(crate) fn new() -> io::Result<ChildStack> {
+        Ok(ChildStack {
+            base: super::map_anonymous(Self::SIZE)?,
+        })
+    }
+
+    /// The initial stack pointer: the stack grows down from the end of the
+    /// mapping (page aligned, so 16-byte aligned as the ABI wants).
+    fn top(&self) -> *mut libc::c_void {
+        // SAFETY: one past the end of our own mapping.
+        unsafe { self.base.cast::<u8>().add(Self::SIZE).cast() }
+    }
+}
+
+impl Drop for ChildStack {
+    fn drop(&mut self) {
+        // SAFETY: our own mapping; no child runs on it once a
+        // spawn_sharing_memory call has returned.
+        unsafe { super::unmap(self.base, Self::SIZE) };
+    }
+}
 
 /// A child that runs in this process's memory until it execs, as
 /// `posix_spawn` makes one: `clone(CLONE_VM | CLONE_VFORK)` on a stack of its
@@ -57,6 +86,7 @@ const SHARED_MEMORY_CHILD_STACK: usize = 256 * 1024;
 /// across the call, so that none of the server's handlers runs in the
 /// child before it resets them.
 pub(crate) unsafe fn spawn_sharing_memory(
+    stack: &ChildStack,
     in_child: &dyn Fn() -> Infallible,
 ) -> io::Result<libc::pid_t> {
     extern "C" fn start(arg: *mut libc::c_void) -> libc::c_int {
@@ -67,23 +97,17 @@ pub(crate) unsafe fn spawn_sharing_memory(
         // atexit handlers.
         unsafe { libc::_exit(127) }
     }
-    let stack = super::map_anonymous(SHARED_MEMORY_CHILD_STACK)?;
-    // SAFETY: the stack is ours and unused; the stack grows down from its
-    // end (16-byte aligned: the mapping is page aligned). CLONE_VFORK keeps
-    // this thread, and so `in_child` and the stack, waiting until the child
-    // has exec'd or exited.
-    let pid = unsafe {
+    // SAFETY: the stack is ours, and no other child runs on it (see
+    // ChildStack). CLONE_VFORK keeps this thread, and so `in_child` and the
+    // stack, waiting until the child has exec'd or exited.
+    cvt(unsafe {
         libc::clone(
             start,
-            stack.cast::<u8>().add(SHARED_MEMORY_CHILD_STACK).cast(),
+            stack.top(),
             libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
             &in_child as *const &dyn Fn() -> Infallible as *mut libc::c_void,
         )
-    };
-    let result = cvt(pid);
-    // SAFETY: the child no longer runs on it (it exec'd or exited).
-    unsafe { super::unmap(stack, SHARED_MEMORY_CHILD_STACK) };
-    result
+    })
 }
 
 /// waitpid(2) for one child, blocking, retried on EINTR.
