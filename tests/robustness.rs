@@ -7,10 +7,11 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use forkserver::client::{Child, Error, ErrorKind, Stdio};
-use forkserver::protocol::{encode, ClientMessage, ServerMessage, Spawn, WireStr};
+use forkserver::protocol::{encode, ClientMessage, ServerMessage, Spawn, Target, WireStr};
 
 use crate::util::{
-    assert_no_new_fds, fd_table, is_running, new_dir, wait_until, RawConnection, Server, FORKSERVER,
+    assert_no_new_fds, example, fd_table, is_running, new_dir, wait_until, RawConnection, Server,
+    FORKSERVER,
 };
 
 #[track_caller]
@@ -113,13 +114,28 @@ fn connections_per_uid_are_limited() {
 
 #[test]
 fn pending_spawns_per_connection_are_limited() {
-    let server = Server::start_with(&["--limit", "max_pending_per_connection=1"]);
+    let server = Server::launch(
+        &example("test_zygote"),
+        &["--limit", "max_pending_per_connection=1"],
+        &[],
+    );
     let conn = RawConnection::greeted(&server);
-    // Stop the server so both requests are read in one wake-up, before the
-    // first child's exec is reported.
+    // Workers: a forked child's start is reported through its report pipe,
+    // in a later turn of the loop (an exec's is known as it is made). Stop
+    // the server so both requests are read in one wake-up, before the
+    // first child's start is reported.
+    let worker = |id| {
+        let mut spawn = Spawn::exec(id, "unused", vec![]);
+        spawn.target = Target::Worker {
+            name: "answer".into(),
+            args: Vec::new(),
+            payload: None,
+        };
+        ClientMessage::Spawn(spawn)
+    };
     server.signal(libc::SIGSTOP);
-    conn.send(&ClientMessage::Spawn(Spawn::exec(1, "true", vec![])), &[]);
-    conn.send(&ClientMessage::Spawn(Spawn::exec(2, "true", vec![])), &[]);
+    conn.send(&worker(1), &[]);
+    conn.send(&worker(2), &[]);
     server.signal(libc::SIGCONT);
     let mut refused = None;
     for _ in 0..3 {

@@ -109,20 +109,73 @@ const QUIET_WAIT_LIMIT: Duration = Duration::from_millis(200);
 /// The check made before every fork, armed once the preloads are done.
 #[derive(Debug)]
 pub(crate) enum ForkGuard {
-    Strict,
+    Strict(ThreadCount),
     /// The threads tolerated and their context-switch counts when last
     /// seen quiet.
-    Dormant(RefCell<Vec<ThreadState>>),
+    Dormant(ThreadCount, RefCell<Vec<ThreadState>>),
     Off,
+}
+
+/// This process's number of threads, as the `num_threads` field of
+/// `/proc/self/stat` (proc(5)) says, read through a file opened once: one
+/// pread(2) per check. Listing `/proc/self/task` instead costs an open, two
+/// getdents and a close, and an allocation per entry, before every child
+/// the server makes. Only "one thread, yes or no" is read this way; the
+/// names in an error still come from the listing.
+#[derive(Debug)]
+pub(crate) struct ThreadCount {
+    /// None if /proc could not be opened: then every check lists the
+    /// threads, as [`ensure_single_threaded`] does.
+    stat: Option<fs::File>,
+}
+
+impl ThreadCount {
+    pub(crate) fn open() -> ThreadCount {
+        ThreadCount {
+            stat: fs::File::open("/proc/self/stat").ok(),
+        }
+    }
+
+    /// Ok when this process has exactly one thread.
+    pub(crate) fn ensure_one(&self) -> Result<(), MultiThreaded> {
+        match self.stat.as_ref().and_then(num_threads) {
+            Some(1) => Ok(()),
+            _ => ensure_single_threaded(),
+        }
+    }
+}
+
+/// `num_threads` of a `/proc/PID/stat`, read afresh (a read at offset 0
+/// makes the kernel generate the line again).
+fn num_threads(stat: &fs::File) -> Option<u64> {
+    use std::os::unix::fs::FileExt;
+    // The line is about 300 bytes; the command name in it at most 64.
+    let mut line = [0u8; 1024];
+    let len = stat.read_at(&mut line, 0).ok()?;
+    parse_num_threads(&line[..len])
+}
+
+/// The 20th field of a `/proc/PID/stat` line. The name (field 2, in
+/// parentheses) may hold spaces and parentheses itself, so the fields are
+/// counted from the last ')'.
+fn parse_num_threads(line: &[u8]) -> Option<u64> {
+    let after_name = &line[line.iter().rposition(|&b| b == b')')? + 1..];
+    let field = after_name
+        .split(|&b| b == b' ')
+        .filter(|f| !f.is_empty())
+        .nth(20 - 3)?;
+    std::str::from_utf8(field).ok()?.parse().ok()
 }
 
 impl ForkGuard {
     /// The guard for `policy`, recording the dormant threads now.
     pub(crate) fn arm(policy: ThreadPolicy) -> Result<ForkGuard, String> {
         Ok(match policy {
-            ThreadPolicy::Refuse => ForkGuard::Strict,
+            ThreadPolicy::Refuse => ForkGuard::Strict(ThreadCount::open()),
             ThreadPolicy::Allow => ForkGuard::Off,
-            ThreadPolicy::AllowDormant => ForkGuard::Dormant(RefCell::new(sleeping_threads()?)),
+            ThreadPolicy::AllowDormant => {
+                ForkGuard::Dormant(ThreadCount::open(), RefCell::new(sleeping_threads()?))
+            }
         })
     }
 
@@ -136,12 +189,12 @@ impl ForkGuard {
     /// is why it is bounded. A thread that appeared after the preloads is
     /// never tolerated.
     pub(crate) fn check(&self) -> Result<(), String> {
-        let armed = match self {
+        let (count, armed) = match self {
             ForkGuard::Off => return Ok(()),
-            ForkGuard::Strict => return ensure_single_threaded().map_err(|e| e.to_string()),
-            ForkGuard::Dormant(armed) => armed,
+            ForkGuard::Strict(count) => return count.ensure_one().map_err(|e| e.to_string()),
+            ForkGuard::Dormant(count, armed) => (count, armed),
         };
-        if ensure_single_threaded().is_ok() {
+        if count.ensure_one().is_ok() {
             return Ok(());
         }
         let mut armed = armed.borrow_mut();

@@ -33,3 +33,22 @@ fn a_thread_that_outlives_a_fork_still_counts() {
     drop(tx);
     handle.join().unwrap();
 }
+
+#[test]
+fn num_threads_is_counted_from_the_last_parenthesis() {
+    // A command name may hold ") " itself (prctl(PR_SET_NAME) takes any
+    // bytes); fields 3..19 here are 3..19, num_threads 7.
+    let line = b"4242 (a) b (c) 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 7 21 22\n";
+    assert_eq!(parse_num_threads(line), Some(7));
+    assert_eq!(parse_num_threads(b"4242 (no closing"), None);
+    assert_eq!(parse_num_threads(b"4242 (short) S 1 2"), None);
+}
+
+#[test]
+fn the_open_stat_file_reads_this_process() {
+    // Its exact value moves with the test harness's threads; a process
+    // always has at least this one.
+    let count = ThreadCount::open();
+    let threads = num_threads(count.stat.as_ref().expect("/proc/self/stat opens"));
+    assert!(threads.is_some_and(|n| n >= 1), "{threads:?}");
+}

@@ -8,7 +8,7 @@ use std::panic::{self, AssertUnwindSafe};
 use forkserver_protocol::ErrorKind;
 
 use super::plan::ChildPlan;
-use super::report::{FailedStep, Failure, Reporter};
+use super::report::{self, FailedStep, Failure, Outcome, Reporter};
 use super::{setup, LaunchError, Launcher};
 use crate::log::{log, Level};
 use crate::sys;
@@ -21,6 +21,9 @@ pub(super) struct Forked {
     pub(super) report: OwnedFd,
     /// It was created in the cgroup asked for (by clone3).
     pub(super) placed: bool,
+    /// How its start went, when that was known as it was made (a child
+    /// made by clone(CLONE_VFORK)); else its report pipe will say.
+    pub(super) outcome: Option<Outcome>,
 }
 
 impl Launcher {
@@ -86,7 +89,8 @@ impl Launcher {
     /// (`setup::run_exec_sharing_memory` says why); the thread guard still
     /// applies, so that the same requests are refused as by [`Self::fork`].
     /// The embedder's fork hooks do not run: no code of the server's runs
-    /// in the child.
+    /// in the child. The child's start is known when this returns
+    /// ([`report::outcome_after_vfork`]).
     pub(super) fn exec_sharing_memory(&self, plan: &ChildPlan<'_>) -> Result<Forked, LaunchError> {
         let (report, report_write, old_mask) = self.before_a_child()?;
         let in_child = || {
@@ -99,9 +103,16 @@ impl Launcher {
         // (run_exec_sharing_memory's rules); signals are blocked.
         let spawned = unsafe { sys::spawn_sharing_memory(&self.exec_stack, &in_child) };
         sys::restore_signal_mask(&old_mask);
-        let pid = spawned.map_err(|e| LaunchError::os(ErrorKind::Resource, "fork failed", e))?;
+        let (pid, pidfd) =
+            spawned.map_err(|e| LaunchError::os(ErrorKind::Resource, "fork failed", e))?;
         drop(report_write);
-        Self::with_pidfd(pid, report, false)
+        Ok(Forked {
+            pid,
+            pidfd,
+            outcome: Some(report::outcome_after_vfork(&report)),
+            report,
+            placed: false,
+        })
     }
 
     /// What every new child needs first: the thread guard's consent, its
@@ -127,6 +138,7 @@ impl Launcher {
                 pidfd,
                 report,
                 placed,
+                outcome: None,
             }),
             Err(e) => {
                 // Without a pidfd we cannot hand the child out safely.

@@ -72,7 +72,8 @@ impl Drop for ChildStack {
 /// server's memory (a fork copies the tables of every mapped page: ~20 ms
 /// at 512 MB), and no page of the server's becomes copy-on-write. The
 /// calling thread waits until the child has exec'd or exited; other threads
-/// run on. Returns the child's pid.
+/// run on. Returns the child's pid and a pidfd for it, made by the same
+/// call (CLONE_PIDFD), close-on-exec.
 ///
 /// `in_child` runs in the child and must end in exec or `_exit`; a panic is
 /// caught there and exits 127.
@@ -88,7 +89,7 @@ impl Drop for ChildStack {
 pub(crate) unsafe fn spawn_sharing_memory(
     stack: &ChildStack,
     in_child: &dyn Fn() -> Infallible,
-) -> io::Result<libc::pid_t> {
+) -> io::Result<(libc::pid_t, OwnedFd)> {
     extern "C" fn start(arg: *mut libc::c_void) -> libc::c_int {
         // SAFETY: `arg` is the `&dyn Fn` below, alive while the parent waits.
         let in_child = unsafe { &*(arg as *const &dyn Fn() -> Infallible) };
@@ -97,17 +98,28 @@ pub(crate) unsafe fn spawn_sharing_memory(
         // atexit handlers.
         unsafe { libc::_exit(127) }
     }
+    let mut pidfd: libc::c_int = -1;
     // SAFETY: the stack is ours, and no other child runs on it (see
     // ChildStack). CLONE_VFORK keeps this thread, and so `in_child` and the
-    // stack, waiting until the child has exec'd or exited.
-    cvt(unsafe {
+    // stack, waiting until the child has exec'd or exited. With CLONE_PIDFD
+    // the kernel writes the pidfd to the parent-tid argument, `pidfd`.
+    let pid = cvt(unsafe {
         libc::clone(
             start,
             stack.top(),
-            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PIDFD | libc::SIGCHLD,
             &in_child as *const &dyn Fn() -> Infallible as *mut libc::c_void,
+            &mut pidfd as *mut libc::c_int,
         )
-    })
+    })?;
+    // Kernels before 5.2 ignore the flag and leave -1 (then pidfd_open,
+    // which is 5.3, fails as it would for a fork, and the caller says so).
+    let pidfd = if pidfd >= 0 {
+        owned(pidfd)
+    } else {
+        pidfd_open(pid).inspect_err(|_| kill_and_reap(pid))?
+    };
+    Ok((pid, pidfd))
 }
 
 /// waitpid(2) for one child, blocking, retried on EINTR.
