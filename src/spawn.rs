@@ -4,18 +4,16 @@
 
 use std::ffi::OsString;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::{ExitCode, ExitStatus};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Args;
 use forkserver::client::{Child, Client, Command, Error as ClientError, ErrorKind};
-use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2, SIGWINCH};
+use libc::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2, SIGWINCH};
 
 use crate::{SocketArg, FAILURE};
 
@@ -251,38 +249,71 @@ pub(crate) fn run(args: SpawnArgs) -> ExitCode {
     }
 }
 
-/// Signal handlers (flags and a self-pipe) for the signals we forward.
+/// The signals we forward, blocked and read from a signalfd(2): two system
+/// calls to set up, where a handler and a self-pipe per signal take six
+/// each. Blocked, they cannot end this command before it has passed them
+/// on; they are pending until [`take`](Self::take) reads them, and a
+/// signal sent twice before that counts once, as with handlers. Threads
+/// started later (the starter in `start`) inherit the mask, so no thread
+/// runs a default action either. The mask matters to nothing else: the
+/// child is the server's, and this command execs nothing.
 pub(crate) struct SignalForwarder {
-    pub(crate) pipe: UnixStream,
-    flags: Vec<(i32, Arc<AtomicBool>)>,
+    signalfd: OwnedFd,
 }
 
 impl SignalForwarder {
     fn install() -> io::Result<SignalForwarder> {
-        let (pipe, write_end) = UnixStream::pair()?;
-        pipe.set_nonblocking(true)?;
-        write_end.set_nonblocking(true)?;
-        let flags = FORWARDED
-            .iter()
-            .map(|&signal| {
-                let flag = Arc::new(AtomicBool::new(false));
-                signal_hook::flag::register(signal, flag.clone())?;
-                signal_hook::low_level::pipe::register_raw(signal, write_end.try_clone()?.into())?;
-                Ok((signal, flag))
-            })
-            .collect::<io::Result<_>>()?;
-        Ok(SignalForwarder { pipe, flags })
+        // SAFETY: sigset_t is plain data; sigemptyset initialises it.
+        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `set` is a valid sigset_t; the signals are valid numbers.
+        unsafe {
+            libc::sigemptyset(&mut set);
+            for signal in FORWARDED {
+                libc::sigaddset(&mut set, signal);
+            }
+        }
+        // SAFETY: `set` is initialised; no old mask is asked for.
+        let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+        if rc != 0 {
+            return Err(io::Error::from_raw_os_error(rc));
+        }
+        // SAFETY: -1 asks for a new signalfd for the initialised `set`.
+        let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: signalfd returned a new fd that nothing else owns.
+        let signalfd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(SignalForwarder { signalfd })
     }
 
-    /// Drains the pipe; the signals that arrived since the last call.
+    /// Readable when a forwarded signal is pending.
+    pub(crate) fn fd(&self) -> BorrowedFd<'_> {
+        self.signalfd.as_fd()
+    }
+
+    /// The signals that arrived since the last call, in order.
     pub(crate) fn take(&self) -> Vec<i32> {
-        let mut drain = [0u8; 64];
-        while io::Read::read(&mut &self.pipe, &mut drain).is_ok_and(|n| n > 0) {}
-        self.flags
-            .iter()
-            .filter(|(_, flag)| flag.swap(false, Ordering::SeqCst))
-            .map(|&(signal, _)| signal)
-            .collect()
+        let mut signals = Vec::new();
+        loop {
+            // SAFETY: signalfd_siginfo is plain data, filled in by read.
+            let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+            let size = std::mem::size_of::<libc::signalfd_siginfo>();
+            // SAFETY: `info` is a writable buffer of `size` bytes.
+            let n = unsafe {
+                libc::read(
+                    self.signalfd.as_raw_fd(),
+                    (&mut info as *mut libc::signalfd_siginfo).cast(),
+                    size,
+                )
+            };
+            if n != size as isize {
+                // EAGAIN: none left (EINTR cannot happen: the fd is
+                // non-blocking).
+                return signals;
+            }
+            signals.push(info.ssi_signo as i32);
+        }
     }
 }
 
@@ -381,7 +412,7 @@ fn start(args: SpawnArgs, forwarder: &SignalForwarder) -> Result<Started, Client
     let mut give_up = None;
     loop {
         let wait = give_up.map(|at: Instant| at.saturating_duration_since(Instant::now()));
-        let ready = poll_readable(&[started.as_fd(), forwarder.pipe.as_fd()], wait)?;
+        let ready = poll_readable(&[started.as_fd(), forwarder.fd()], wait)?;
         if ready[0] {
             let child = starter.join().expect("spawning does not panic")?;
             early.extend(forwarder.take());
@@ -437,7 +468,7 @@ fn supervise(
             );
             return Ok(Outcome::TimedOut);
         }
-        if poll_readable(&[child.pidfd(), forwarder.pipe.as_fd()], wait)?[0] {
+        if poll_readable(&[child.pidfd(), forwarder.fd()], wait)?[0] {
             // The child ended; its status is on the way from the server.
             return Ok(Outcome::Exited(child.wait()?));
         }

@@ -9,7 +9,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::time::{Duration, Instant};
 
 use forkserver::client::{Child, Error as ClientError};
-use signal_hook::consts::SIGWINCH;
+use libc::SIGWINCH;
 
 use crate::spawn::{poll_readable, Outcome, SignalForwarder};
 
@@ -86,7 +86,7 @@ pub(crate) fn relay(
             child.wait()?;
             return Ok(Outcome::TimedOut);
         }
-        let mut fds = vec![child.pidfd(), forwarder.pipe.as_fd()];
+        let mut fds = vec![child.pidfd(), forwarder.fd()];
         if master_open {
             fds.push(master.as_fd());
         }

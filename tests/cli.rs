@@ -128,6 +128,46 @@ fn signals_sent_to_the_cli_reach_the_child() {
     assert_eq!(cli.wait().unwrap().code(), Some(42));
 }
 
+/// The signals a process no longer leaves to their default action: those
+/// it blocks or catches (the `SigBlk` and `SigCgt` masks of
+/// /proc/PID/status).
+fn handled_signals(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let mask = |key: &str| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(key))
+            .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+            .unwrap_or(0)
+    };
+    mask("SigBlk:") | mask("SigCgt:")
+}
+
+#[test]
+fn an_interrupt_while_the_server_does_not_answer_ends_the_cli_with_130() {
+    let server = Server::start();
+    // A stopped server accepts connections (the kernel queues them) but
+    // answers nothing: the CLI waits for its welcome.
+    server.signal(libc::SIGSTOP);
+    let mut cli = server.cli_spawn(&["--", "sleep", "30"]).spawn().unwrap();
+    crate::util::wait_until("the CLI catches SIGINT to forward it", || {
+        handled_signals(cli.id()) & (1 << (libc::SIGINT - 1)) != 0
+    });
+    let asked = std::time::Instant::now();
+    // SAFETY: kill on our own unreaped child's pid.
+    unsafe { libc::kill(cli.id() as i32, libc::SIGINT) };
+    let status = cli.wait().unwrap();
+    // As a shell reports a job that SIGINT ended, after the CLI's grace
+    // for a start already on its way (half a second).
+    assert_eq!(status.code(), Some(130));
+    assert!(asked.elapsed() >= std::time::Duration::from_millis(400));
+    server.signal(libc::SIGCONT);
+    // The server then reads a request from a connection that has gone:
+    // whatever it started is killed, and it serves on.
+    let output = run(server.cli_spawn(&["--", "echo", "served"]), b"");
+    assert_eq!(output.stdout, b"served\n");
+}
+
 #[test]
 fn a_terminal_reaches_the_child_as_a_terminal() {
     let server = Server::start();
