@@ -4,7 +4,7 @@
 
 use forkserver::client::Stdio;
 
-use crate::util::{children_of, example, fds_of, wait_until, zombie_children_of, Server};
+use crate::util::{children_of, comm_of, example, fds_of, wait_until, zombie_children_of, Server};
 
 fn pooled(pools: &[&str], extra: &[&str]) -> Server {
     let mut args = Vec::new();
@@ -15,7 +15,15 @@ fn pooled(pools: &[&str], extra: &[&str]) -> Server {
     Server::launch(&example("test_zygote"), &args, &[])
 }
 
-/// The idle pool children: the server's children that no client owns.
+/// The server's forker (the child that forks its pool children), if any.
+fn forker_of(server: &Server) -> Option<u32> {
+    children_of(server.pid())
+        .into_iter()
+        .find(|&pid| comm_of(pid).as_deref() == Some("forker"))
+}
+
+/// The idle pool children: the server's children that no client owns, but
+/// the forker.
 fn idle_children(server: &Server) -> Vec<u32> {
     let owned: Vec<u32> = server
         .client()
@@ -24,9 +32,10 @@ fn idle_children(server: &Server) -> Vec<u32> {
         .iter()
         .map(|c| c.pid)
         .collect();
+    let forker = forker_of(server);
     children_of(server.pid())
         .into_iter()
-        .filter(|pid| !owned.contains(pid))
+        .filter(|&pid| !owned.contains(&pid) && Some(pid) != forker)
         .collect()
 }
 
@@ -158,6 +167,62 @@ fn a_dead_idle_child_is_replaced_and_sighup_flushes_the_pool() {
         b"42\n"
     );
     assert!(crate::util::zombie_children_of(server.pid()).is_empty());
+}
+
+#[test]
+fn a_forker_makes_the_pool_s_children_as_the_server_s_own_and_sighup_replaces_it() {
+    let server = pooled(&["answer=2"], &[]);
+    wait_full(&server, 2);
+    let forker = forker_of(&server).expect("the server started a forker");
+    let server_name = comm_of(server.pid()).unwrap();
+    // Its children are the server's (clone3 with CLONE_PARENT), with the
+    // server's name back.
+    for pid in idle_children(&server) {
+        assert_eq!(comm_of(pid).as_deref(), Some(server_name.as_str()));
+    }
+    assert!(server.log().contains(&format!("forker {forker} forks")));
+    server.signal(libc::SIGHUP);
+    wait_until("a new forker replaces the old one, which exits", || {
+        forker_of(&server).is_some_and(|new| new != forker) && comm_of(forker).is_none()
+    });
+    wait_full(&server, 2);
+    assert_eq!(
+        server.client().worker("answer").output().unwrap().stdout,
+        b"42\n"
+    );
+    assert!(zombie_children_of(server.pid()).is_empty());
+}
+
+#[test]
+fn without_its_forker_the_server_forks_the_pool_itself() {
+    let server = pooled(&["answer=2"], &[]);
+    wait_full(&server, 2);
+    let forker = forker_of(&server).unwrap();
+    // SAFETY: kill by pid of the server's child we just found (unreaped
+    // until the server reaps it).
+    unsafe { libc::kill(forker as i32, libc::SIGKILL) };
+    // Seen at its socket's end-of-file or its exit, whichever comes first.
+    wait_until("the server notices", || {
+        server.log().contains(&format!("the forker (pid {forker})"))
+    });
+    let client = server.client();
+    for _ in 0..4 {
+        assert_eq!(client.worker("answer").output().unwrap().stdout, b"42\n");
+    }
+    wait_full(&server, 2);
+    assert!(server.log().contains("pool 'answer': forked idle child"));
+    assert_eq!(forker_of(&server), None);
+    assert!(zombie_children_of(server.pid()).is_empty());
+}
+
+#[test]
+fn the_forker_ends_with_the_server() {
+    let mut server = pooled(&["answer=1"], &[]);
+    wait_full(&server, 1);
+    let forker = forker_of(&server).unwrap();
+    server.signal(libc::SIGTERM);
+    server.wait_exit();
+    wait_until("the forker is gone", || comm_of(forker).is_none());
 }
 
 #[test]

@@ -52,6 +52,8 @@ struct Pool {
     worker: String,
     size: usize,
     idle: VecDeque<PoolChild>,
+    /// Children asked of the forker and not answered yet.
+    asked: usize,
     hits: u64,
     misses: u64,
 }
@@ -71,6 +73,7 @@ impl Pools {
                     worker: worker.clone(),
                     size: *size as usize,
                     idle: VecDeque::new(),
+                    asked: 0,
                     hits: 0,
                     misses: 0,
                 })
@@ -94,17 +97,41 @@ impl Pools {
         child
     }
 
-    /// A worker whose pool is below its size, if any.
+    /// A worker whose pool is below its size, counting the children asked
+    /// of the forker, if any.
     pub(crate) fn short(&self) -> Option<&str> {
         self.pools
             .iter()
-            .find(|p| p.idle.len() < p.size)
+            .find(|p| p.idle.len() + p.asked < p.size)
             .map(|p| p.worker.as_str())
     }
 
     pub(crate) fn add(&mut self, worker: &str, child: PoolChild) {
         if let Some(pool) = self.pools.iter_mut().find(|p| p.worker == worker) {
             pool.idle.push_back(child);
+        }
+    }
+
+    /// A child for `worker` was asked of the forker.
+    pub(crate) fn asked(&mut self, worker: &str) {
+        if let Some(pool) = self.pools.iter_mut().find(|p| p.worker == worker) {
+            pool.asked += 1;
+        }
+    }
+
+    /// The forker answered one of `worker`'s: with the child, or without
+    /// (it failed).
+    pub(crate) fn answered(&mut self, worker: &str, child: Option<PoolChild>) {
+        if let Some(pool) = self.pools.iter_mut().find(|p| p.worker == worker) {
+            pool.asked = pool.asked.saturating_sub(1);
+            pool.idle.extend(child);
+        }
+    }
+
+    /// The forker is gone, and with it every answer still owed.
+    pub(crate) fn forget_asked(&mut self) {
+        for pool in &mut self.pools {
+            pool.asked = 0;
         }
     }
 

@@ -6,7 +6,9 @@
 //! - the lifeline fd, if any ([`LIFELINE`]) — shut down at its end-of-file;
 //! - each connection (`conn_token`) — read requests, flush queued replies;
 //! - each starting child's report pipe (`pipe_token`) — EOF means it
-//!   started (`Spawned`), a record means it failed (`SpawnFailed`).
+//!   started (`Spawned`), a record means it failed (`SpawnFailed`);
+//! - the forker's socket, if there is a forker ([`FORKER`]) — the pool
+//!   children it made for us.
 //!
 //! Connections are accepted, read and written in `connections.rs`; each
 //! request kind has its handler in `requests.rs`. Children are made by the
@@ -24,6 +26,7 @@ use forkserver_protocol::{ChildStatus, Limits};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 
 use crate::connection::Connection;
+use crate::launch::forker::Forker;
 use crate::launch::{report, Launcher};
 use crate::ledger::{ConnId, Ledger, Reply, Settled};
 use crate::listener::Listener;
@@ -44,6 +47,8 @@ const LISTENER: u64 = 0;
 const SIGNALS: u64 = 1;
 /// `4 & 3` is no tag, and no connection or pipe token equals 4.
 const LIFELINE: u64 = 4;
+/// As for [`LIFELINE`], `8 & 3` is no tag.
+const FORKER: u64 = 8;
 const TAG_CONN: u64 = 2;
 const TAG_PIPE: u64 = 3;
 
@@ -78,6 +83,9 @@ pub(crate) struct EventLoop {
     refill_paused_until: Option<Instant>,
     /// The CPU was yielded since the last events, so a refill may fork now.
     yielded_for_refill: bool,
+    /// Forks the pools' children, if there are pools and it could start;
+    /// else the server forks them itself.
+    forker: Option<Forker>,
     /// Our own uid (a root server runs children as their peer).
     server_uid: u32,
     started: Instant,
@@ -119,7 +127,7 @@ impl EventLoop {
             .map_err(|why| ServeError::Config(format!("--allow-dormant-threads: {why}")))?;
         let launcher = Launcher::new(modules, options.limits, fork_guard)
             .map_err(|e| ServeError::Setup("opening /dev/null", e))?;
-        Ok(EventLoop {
+        let mut event_loop = EventLoop {
             epoll,
             listener: Some(listener),
             signals,
@@ -136,9 +144,95 @@ impl EventLoop {
             pools: Pools::new(&options.pools),
             refill_paused_until: None,
             yielded_for_refill: false,
+            forker: None,
             server_uid: sys::getuid(),
             started: Instant::now(),
-        })
+        };
+        if !options.pools.is_empty() {
+            event_loop.start_forker();
+        }
+        Ok(event_loop)
+    }
+
+    /// Forks a forker from the server as it is now (replacing any old one,
+    /// which then exits); without one, pool children are forked here.
+    fn start_forker(&mut self) {
+        self.drop_forker();
+        match self.launcher.start_forker() {
+            Ok(Some(forker)) => {
+                match self
+                    .epoll
+                    .add(&forker, EpollEvent::new(EpollFlags::EPOLLIN, FORKER))
+                {
+                    Ok(()) => {
+                        log!(
+                            Level::Debug,
+                            "forker {} forks the pools' children",
+                            forker.pid()
+                        );
+                        self.forker = Some(forker);
+                    }
+                    Err(e) => log!(
+                        Level::Warn,
+                        "cannot watch the forker's socket ({e}); the server forks pool children itself"
+                    ),
+                }
+            }
+            Ok(None) => log!(
+                Level::Info,
+                "no forker (glibc's thread descriptor was not found): the server forks pool children itself"
+            ),
+            Err(e) => log!(
+                Level::Warn,
+                "cannot start the forker ({}): the server forks pool children itself",
+                e.message
+            ),
+        }
+    }
+
+    /// Lets the forker go (it exits at its socket's end-of-file), with the
+    /// children still owed.
+    fn drop_forker(&mut self) {
+        if let Some(forker) = self.forker.take() {
+            let _ = self.epoll.delete(&forker);
+            self.pools.forget_asked();
+        }
+    }
+
+    /// The forker's socket is readable: children it made, or its end.
+    fn forker_ready(&mut self) {
+        let Some(forker) = &mut self.forker else {
+            return;
+        };
+        match forker.answers() {
+            Ok(answers) => {
+                for (worker, child) in answers {
+                    match child {
+                        Ok(child) => {
+                            log!(
+                                Level::Debug,
+                                "pool '{worker}': forker made idle child {}",
+                                child.pid
+                            );
+                            self.pools.answered(&worker, Some(child));
+                            self.refill_paused_until = None;
+                        }
+                        Err(e) => {
+                            self.pools.answered(&worker, None);
+                            self.refill_failed(&worker, &e.message);
+                        }
+                    }
+                }
+            }
+            Err(why) => {
+                log!(
+                    Level::Warn,
+                    "the forker (pid {}) {why}; the server forks pool children itself",
+                    forker.pid()
+                );
+                self.drop_forker();
+            }
+        }
     }
 
     /// Serves until SIGTERM or SIGINT, then drains: stops listening, closes
@@ -212,12 +306,20 @@ impl EventLoop {
         }
     }
 
-    /// Forks one pool child for a pool below its size. Called only when no
-    /// event is waiting, so a refill never delays a request.
+    /// Asks the forker for one pool child for a pool below its size, or
+    /// forks it here. Called only when no event is waiting, so a refill
+    /// never delays a request.
     fn refill_one(&mut self) {
         let Some(worker) = self.pools.short().map(str::to_owned) else {
             return;
         };
+        if let Some(forker) = &mut self.forker {
+            match forker.ask(&worker) {
+                Ok(()) => self.pools.asked(&worker),
+                Err(e) => self.refill_failed(&worker, &e.message),
+            }
+            return;
+        }
         match self.launcher.prefork(&worker) {
             Ok(child) => {
                 log!(
@@ -228,15 +330,16 @@ impl EventLoop {
                 self.pools.add(&worker, child);
                 self.refill_paused_until = None;
             }
-            Err(e) => {
-                log!(
-                    Level::Warn,
-                    "pool '{worker}': refill failed, retrying in 1 s: {}",
-                    e.message
-                );
-                self.refill_paused_until = Some(Instant::now() + Duration::from_secs(1));
-            }
+            Err(e) => self.refill_failed(&worker, &e.message),
         }
+    }
+
+    fn refill_failed(&mut self, worker: &str, why: &str) {
+        log!(
+            Level::Warn,
+            "pool '{worker}': refill failed, retrying in 1 s: {why}"
+        );
+        self.refill_paused_until = Some(Instant::now() + Duration::from_secs(1));
     }
 
     fn dispatch(&mut self, token: u64, flags: EpollFlags) {
@@ -244,6 +347,7 @@ impl EventLoop {
             (LISTENER, _) => self.accept(),
             (SIGNALS, _) => self.handle_signals(),
             (LIFELINE, _) => self.lifeline_ready(),
+            (FORKER, _) => self.forker_ready(),
             (_, TAG_CONN) => self.connection_ready(token >> 2, flags),
             (_, TAG_PIPE) => self.report_ready((token >> 2) as libc::pid_t),
             _ => log!(Level::Error, "event for unknown token {token}"),
@@ -270,6 +374,13 @@ impl EventLoop {
                 Level::Warn,
                 "idle pool child {pid} died ({status:?}); refilling"
             ),
+            None if self.forker.as_ref().is_some_and(|f| f.pid() == pid) => {
+                log!(
+                    Level::Warn,
+                    "the forker (pid {pid}) ended ({status:?}); the server forks pool children itself"
+                );
+                self.drop_forker();
+            }
             None => log!(Level::Debug, "reaped pid {pid} that was not ours to report"),
         }
     }
@@ -301,6 +412,10 @@ impl EventLoop {
                 "SIGHUP: flushing the prefork pools; they refill from the current state"
             );
             self.pools.flush();
+            if self.forker.is_some() {
+                // The old one is the server as it was when it started.
+                self.start_forker();
+            }
         }
         if arrived.terminate && self.listener.is_some() {
             self.stop_requested = true;
@@ -340,6 +455,7 @@ impl EventLoop {
             self.kill_grace
         );
         self.pools.flush();
+        self.drop_forker();
         // Dropping the listener removes the socket file.
         if let Some(listener) = self.listener.take() {
             let _ = self.epoll.delete(&listener);

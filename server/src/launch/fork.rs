@@ -26,6 +26,13 @@ pub(super) struct Forked {
     pub(super) outcome: Option<Outcome>,
 }
 
+/// Runs a new child's work; should it panic, reports [`FailedStep::Panic`]
+/// and exits 127 (see [`Launcher::fork`]).
+pub(super) fn unwind_barrier(reporter: &Reporter, work: impl FnOnce() -> Infallible) -> Infallible {
+    let _ = panic::catch_unwind(AssertUnwindSafe(work));
+    reporter.fail(Failure::new(FailedStep::Panic, 0))
+}
+
 impl Launcher {
     /// Forks, after the thread guard, with every signal blocked across the
     /// fork, and runs `in_child` in the child with the write end of a
@@ -51,8 +58,7 @@ impl Launcher {
         let child = |placed: bool| {
             let reporter = Reporter::new(report_write.as_raw_fd());
             let in_child = in_child.take().expect("a child runs its work once");
-            let _ = panic::catch_unwind(AssertUnwindSafe(|| in_child(&reporter, placed)));
-            reporter.fail(Failure::new(FailedStep::Panic, 0))
+            unwind_barrier(&reporter, || in_child(&reporter, placed))
         };
         // SAFETY (both forks): the thread guard has just confirmed the
         // process is single-threaded (or the operator allowed otherwise),

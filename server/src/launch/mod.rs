@@ -7,6 +7,7 @@
 //! | `setup.rs` | child | signals, fds, credentials, directory, then exec or the worker |
 //! | `report.rs` | both | the exec report: the child's failure record, the server's reading of it |
 //! | `pool_child.rs` | child | a prefork pool child: warm up, wait, take its [`Assignment`](pool_child::Assignment) |
+//! | `forker.rs` | both | the forker, a copy of the server that forks the pool children (its loop runs in it) |
 //!
 //! [`Launcher`] is what the event loop calls: [`launch`](Launcher::launch)
 //! forks a child for a request, [`prefork`](Launcher::prefork) forks an idle
@@ -33,6 +34,7 @@ use crate::threads::ForkGuard;
 mod controls;
 mod fields;
 mod fork;
+pub(crate) mod forker;
 mod plan;
 mod pool_child;
 pub(crate) mod report;

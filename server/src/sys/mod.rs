@@ -4,8 +4,9 @@
 //! exec and keep to async-signal-safe calls.)
 //!
 //! This file holds the error helpers and fds, pipes and sockets;
-//! `process.rs` fork, reaping, pidfds and signals; `memory.rs` mappings
-//! and the dynamic loader.
+//! `process.rs` fork, reaping, pidfds and signals; `sibling.rs` the fork
+//! whose child is the caller's sibling; `memory.rs` mappings and the
+//! dynamic loader.
 //!
 //! One style throughout: a `-1`/errno return goes through [`cvt`] (or
 //! [`cvt_r`], which retries on `EINTR`), and every new descriptor is wrapped
@@ -19,9 +20,11 @@ use std::ptr;
 
 mod memory;
 mod process;
+mod sibling;
 
 pub(crate) use memory::*;
 pub(crate) use process::*;
+pub(crate) use sibling::*;
 
 /// Turns a `-1` return into the thread's `errno` as an `io::Error`.
 pub(crate) fn cvt<T: IsMinusOne>(ret: T) -> io::Result<T> {

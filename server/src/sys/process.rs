@@ -173,6 +173,37 @@ pub(crate) fn pidfd_open(pid: libc::pid_t) -> io::Result<OwnedFd> {
     Ok(owned(fd as RawFd))
 }
 
+/// The calling thread's name (`comm`, as `ps` and `top` show it), NUL
+/// padded.
+pub(crate) fn thread_name() -> [u8; 16] {
+    let mut name = [0u8; 16];
+    // SAFETY: PR_GET_NAME writes at most 16 bytes into the buffer.
+    unsafe { libc::prctl(libc::PR_GET_NAME, name.as_mut_ptr()) };
+    name
+}
+
+/// Names the calling thread (at most 15 bytes are kept).
+pub(crate) fn set_thread_name(name: &[u8; 16]) {
+    let mut terminated = *name;
+    terminated[15] = 0;
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16
+    // bytes, which `terminated` is.
+    unsafe { libc::prctl(libc::PR_SET_NAME, terminated.as_ptr()) };
+}
+
+/// Whether the process a pidfd refers to has exited (its pidfd is readable
+/// from then on, reaped or not).
+pub(crate) fn has_exited(pidfd: BorrowedFd<'_>) -> bool {
+    let mut poll = libc::pollfd {
+        fd: pidfd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, no wait.
+    let ready = unsafe { libc::poll(&mut poll, 1, 0) };
+    ready == 1 && poll.revents & libc::POLLIN != 0
+}
+
 /// pidfd_send_signal(2).
 pub(crate) fn pidfd_send_signal(pidfd: BorrowedFd<'_>, signal: i32) -> io::Result<()> {
     // SAFETY: a null siginfo asks the kernel to fill in SI_USER details.
@@ -297,18 +328,18 @@ const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 /// `struct clone_args` of clone3(2), as far as `cgroup` (version 2).
 #[repr(C)]
 #[derive(Default)]
-struct CloneArgs {
-    flags: u64,
-    pidfd: u64,
-    child_tid: u64,
-    parent_tid: u64,
-    exit_signal: u64,
-    stack: u64,
-    stack_size: u64,
-    tls: u64,
-    set_tid: u64,
-    set_tid_size: u64,
-    cgroup: u64,
+pub(super) struct CloneArgs {
+    pub(super) flags: u64,
+    pub(super) pidfd: u64,
+    pub(super) child_tid: u64,
+    pub(super) parent_tid: u64,
+    pub(super) exit_signal: u64,
+    pub(super) stack: u64,
+    pub(super) stack_size: u64,
+    pub(super) tls: u64,
+    pub(super) set_tid: u64,
+    pub(super) set_tid_size: u64,
+    pub(super) cgroup: u64,
 }
 
 /// Like [`fork`], but the child is created in the cgroup whose directory
