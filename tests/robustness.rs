@@ -120,10 +120,9 @@ fn pending_spawns_per_connection_are_limited() {
         &[],
     );
     let conn = RawConnection::greeted(&server);
-    // Workers: a forked child's start is reported through its report pipe,
-    // in a later turn of the loop (an exec's is known as it is made). Stop
-    // the server so both requests are read in one wake-up, before the
-    // first child's start is reported.
+    // Stop the server so both requests are read in one wake-up, before the
+    // first child's start is reported (through its report pipe, in a later
+    // turn of the loop).
     let worker = |id| {
         let mut spawn = Spawn::exec(id, "unused", vec![]);
         spawn.target = Target::Worker {

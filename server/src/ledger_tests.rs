@@ -36,7 +36,6 @@ fn launch(ledger: &mut Ledger, pid: libc::pid_t, id: u64) -> OwnedFd {
             ..ClientEnds::default()
         },
         pool_control: None,
-        outcome: None,
     };
     ledger.launched(CONN, &peer(), &request, child);
     write

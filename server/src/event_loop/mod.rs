@@ -28,7 +28,7 @@ use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTime
 use crate::connection::Connection;
 use crate::launch::forker::Forker;
 use crate::launch::{report, Launcher};
-use crate::ledger::{ConnId, Ledger, Reply, Settled};
+use crate::ledger::{ConnId, Ledger, Settled};
 use crate::listener::Listener;
 use crate::log::{log, Level};
 use crate::modules::Modules;
@@ -390,11 +390,7 @@ impl EventLoop {
         if let Some(report) = settled.report {
             let _ = self.epoll.delete(&report);
         }
-        self.send_replies(settled.replies);
-    }
-
-    fn send_replies(&mut self, replies: Vec<Reply>) {
-        for reply in replies {
+        for reply in settled.replies {
             self.reply(reply.conn, reply.message, reply.fds);
         }
     }

@@ -172,24 +172,20 @@ impl EventLoop {
             describe(&request),
             launched.pid
         );
-        let (pid, known) = (launched.pid, launched.outcome);
-        if known.is_none() {
-            if let Err(e) = self.epoll.add(
-                &launched.report,
-                EpollEvent::new(EpollFlags::EPOLLIN, pipe_token(pid)),
-            ) {
-                // Cannot happen short of memory exhaustion; the reaper still
-                // settles the child when it exits, but say so.
-                log!(Level::Error, "cannot watch pid {pid}'s report pipe: {e}");
-            }
+        if let Err(e) = self.epoll.add(
+            &launched.report,
+            EpollEvent::new(EpollFlags::EPOLLIN, pipe_token(launched.pid)),
+        ) {
+            // Cannot happen short of memory exhaustion; the reaper still
+            // settles the child when it exits, but say so.
+            log!(
+                Level::Error,
+                "cannot watch pid {}'s report pipe: {e}",
+                launched.pid
+            );
         }
         self.ledger
             .launched(conn_id, &conn.peer, &request, launched);
-        if let Some(outcome) = known {
-            // Answered now, without a trip through epoll for the pipe.
-            let settled = self.ledger.start_reported(pid, outcome);
-            self.send_replies(settled.replies);
-        }
     }
 
     pub(super) fn signal(&mut self, conn_id: ConnId, child_id: u64, signal: i32) {

@@ -8,7 +8,7 @@ use std::panic::{self, AssertUnwindSafe};
 use forkserver_protocol::ErrorKind;
 
 use super::plan::ChildPlan;
-use super::report::{self, FailedStep, Failure, Outcome, Reporter};
+use super::report::{FailedStep, Failure, Reporter};
 use super::{setup, LaunchError, Launcher};
 use crate::log::{log, Level};
 use crate::sys;
@@ -21,9 +21,6 @@ pub(super) struct Forked {
     pub(super) report: OwnedFd,
     /// It was created in the cgroup asked for (by clone3).
     pub(super) placed: bool,
-    /// How its start went, when that was known as it was made (a child
-    /// made by clone(CLONE_VFORK)); else its report pipe will say.
-    pub(super) outcome: Option<Outcome>,
 }
 
 /// Runs a new child's work; should it panic, reports [`FailedStep::Panic`]
@@ -95,8 +92,7 @@ impl Launcher {
     /// (`setup::run_exec_sharing_memory` says why); the thread guard still
     /// applies, so that the same requests are refused as by [`Self::fork`].
     /// The embedder's fork hooks do not run: no code of the server's runs
-    /// in the child. The child's start is known when this returns
-    /// ([`report::outcome_after_vfork`]).
+    /// in the child.
     pub(super) fn exec_sharing_memory(&self, plan: &ChildPlan<'_>) -> Result<Forked, LaunchError> {
         let (report, report_write, old_mask) = self.before_a_child()?;
         let in_child = || {
@@ -115,7 +111,6 @@ impl Launcher {
         Ok(Forked {
             pid,
             pidfd,
-            outcome: Some(report::outcome_after_vfork(&report)),
             report,
             placed: false,
         })
@@ -144,7 +139,6 @@ impl Launcher {
                 pidfd,
                 report,
                 placed,
-                outcome: None,
             }),
             Err(e) => {
                 // Without a pidfd we cannot hand the child out safely.

@@ -12,9 +12,8 @@
 //! [`Launcher`] is what the event loop calls: [`launch`](Launcher::launch)
 //! forks a child for a request, [`prefork`](Launcher::prefork) forks an idle
 //! pool child, [`hand_off`](Launcher::hand_off) gives a request to one. Each
-//! returns a [`Launched`] child whose report pipe the event loop watches
-//! (or, for a child that shared the server's memory until its exec, with
-//! its start known already); the ledger takes it from there.
+//! returns a [`Launched`] child whose report pipe the event loop watches;
+//! the ledger takes it from there.
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
@@ -93,10 +92,6 @@ pub(crate) struct Launched {
     /// A pool child's control socket, kept until its start is reported
     /// (see the ledger's `Stage::Starting`).
     pub(crate) pool_control: Option<OwnedFd>,
-    /// How its start went, if that is known already (a child that shared
-    /// the server's memory until its exec): then the report pipe need not
-    /// be watched.
-    pub(crate) outcome: Option<report::Outcome>,
 }
 
 /// Makes children for requests, from the server's warm state.
@@ -179,7 +174,6 @@ impl Launcher {
             report: forked.report,
             client_ends: made.client_ends,
             pool_control: None,
-            outcome: forked.outcome,
         })
     }
 
@@ -264,7 +258,6 @@ impl Launcher {
             report: child.report,
             client_ends: made.client_ends,
             pool_control: Some(child.control),
-            outcome: None,
         })
     }
 }

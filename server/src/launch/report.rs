@@ -213,20 +213,6 @@ pub(crate) fn read_outcome(pipe: &OwnedFd) -> Outcome {
     }
 }
 
-/// The outcome of a child made by `clone(CLONE_VFORK)`, read as soon as
-/// the clone returns. The parent resumes only once the child has exec'd
-/// (past the point of no return) or exited, and a failing child writes its
-/// record before it exits, so a record is there now or never. What cannot be
-/// relied on yet is EOF: the kernel closes the child's close-on-exec fds
-/// after it lets the parent go. So no record means started, as `posix_spawn`
-/// concludes from the same wait.
-pub(crate) fn outcome_after_vfork(pipe: &OwnedFd) -> Outcome {
-    match read_outcome(pipe) {
-        Outcome::Pending => Outcome::Started,
-        known => known,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -250,26 +236,6 @@ mod tests {
         let mut bad = Failure::new(FailedStep::Exec, 2).encode();
         bad[4] = 99;
         assert_eq!(Failure::decode(bad), None);
-    }
-
-    #[test]
-    fn after_vfork_no_record_is_a_start_even_before_eof() {
-        // The write end still open stands for the exec'd child's copy that
-        // the kernel has not closed yet.
-        let (read, write) = sys::pipe(true).unwrap();
-        assert_eq!(outcome_after_vfork(&read), Outcome::Started);
-        let failure = Failure::new(FailedStep::Exec, libc::ENOENT);
-        let record = failure.encode();
-        // SAFETY: writing a local buffer to our own pipe.
-        let n = unsafe {
-            libc::write(
-                std::os::fd::AsRawFd::as_raw_fd(&write),
-                record.as_ptr().cast(),
-                RECORD_LEN,
-            )
-        };
-        assert_eq!(n, RECORD_LEN as isize);
-        assert_eq!(outcome_after_vfork(&read), Outcome::Failed(failure));
     }
 
     #[test]
