@@ -204,34 +204,31 @@ impl EventLoop {
         let Some(forker) = &mut self.forker else {
             return;
         };
-        match forker.answers() {
-            Ok(answers) => {
-                for (worker, child) in answers {
-                    match child {
-                        Ok(child) => {
-                            log!(
-                                Level::Debug,
-                                "pool '{worker}': forker made idle child {}",
-                                child.pid
-                            );
-                            self.pools.answered(&worker, Some(child));
-                            self.refill_paused_until = None;
-                        }
-                        Err(e) => {
-                            self.pools.answered(&worker, None);
-                            self.refill_failed(&worker, &e.message);
-                        }
-                    }
+        let pid = forker.pid();
+        let (answers, end) = forker.answers();
+        for (worker, child) in answers {
+            match child {
+                Ok(child) => {
+                    log!(
+                        Level::Debug,
+                        "pool '{worker}': forker made idle child {}",
+                        child.pid
+                    );
+                    self.pools.answered(&worker, Some(child));
+                    self.refill_paused_until = None;
+                }
+                Err(e) => {
+                    self.pools.answered(&worker, None);
+                    self.refill_failed(&worker, &e.message);
                 }
             }
-            Err(why) => {
-                log!(
-                    Level::Warn,
-                    "the forker (pid {}) {why}; the server forks pool children itself",
-                    forker.pid()
-                );
-                self.drop_forker();
-            }
+        }
+        if let Some(why) = end {
+            log!(
+                Level::Warn,
+                "the forker (pid {pid}) {why}; the server forks pool children itself"
+            );
+            self.drop_forker();
         }
     }
 

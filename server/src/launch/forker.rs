@@ -25,8 +25,8 @@
 //! a copy of the state one fork of the server would have copied. It ends at
 //! the end-of-file of its socket: when the server drops it (shutdown,
 //! SIGHUP, which starts a new one from the server's state then) or dies.
-//! Without one (it could not be started, or died), the server forks its
-//! pool children itself, as before.
+//! Without one (it could not be started, died, or failed a fork), the
+//! server forks its pool children itself, as before.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -115,35 +115,38 @@ impl Forker {
     }
 
     /// The children asked for that have been made since the last call,
-    /// with their workers' names; Err if the forker is gone (what it was
-    /// still asked for is dropped: a child made meanwhile reads the
-    /// end-of-file of its control socket and exits).
-    pub(crate) fn answers(&mut self) -> Result<Vec<Answer>, String> {
+    /// with their workers' names, and why the forker is no use any more, if
+    /// it is not: it is gone, or its fork failed (clone3 may be refused
+    /// where fork is not, by a seccomp filter; the server's own forks say
+    /// whether the failure was the system's). What it was still asked for
+    /// is then lost: a child made meanwhile reads the end-of-file of its
+    /// control socket and exits.
+    pub(crate) fn answers(&mut self) -> (Vec<Answer>, Option<String>) {
         let mut answers = Vec::new();
         loop {
             let datagram = match recv_datagram(self.socket.as_fd(), 4, 1, libc::MSG_DONTWAIT) {
                 Ok(Some(datagram)) => datagram,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(answers),
-                Ok(None) => return Err("closed its socket".to_owned()),
-                Err(e) => return Err(format!("cannot be read from: {e}")),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return (answers, None),
+                Ok(None) => return (answers, Some("closed its socket".to_owned())),
+                Err(e) => return (answers, Some(format!("cannot be read from: {e}"))),
             };
             let Some(asked) = self.asked.pop_front() else {
-                return Err("answered what was not asked".to_owned());
+                return (answers, Some("answered what was not asked".to_owned()));
             };
             let Ok(bytes) = <[u8; 4]>::try_from(datagram.bytes.as_slice()) else {
-                return Err("sent a malformed answer".to_owned());
+                return (answers, Some("sent a malformed answer".to_owned()));
             };
             let answer = i32::from_ne_bytes(bytes);
-            let worker = asked.worker.clone();
-            let child = match datagram.fds.into_iter().next() {
-                Some(pidfd) if answer > 0 => asked.child(answer, pidfd),
-                _ => Err(LaunchError::os(
-                    ErrorKind::Resource,
-                    "the forker's fork failed",
-                    std::io::Error::from_raw_os_error(answer.saturating_neg()),
-                )),
-            };
-            answers.push((worker, child));
+            match datagram.fds.into_iter().next() {
+                Some(pidfd) if answer > 0 => {
+                    let worker = asked.worker.clone();
+                    answers.push((worker, asked.child(answer, pidfd)));
+                }
+                _ => {
+                    let error = std::io::Error::from_raw_os_error(answer.saturating_neg());
+                    return (answers, Some(format!("could not fork: {error}")));
+                }
+            }
         }
     }
 }
