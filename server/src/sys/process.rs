@@ -342,6 +342,24 @@ pub(super) struct CloneArgs {
     pub(super) cgroup: u64,
 }
 
+/// clone3(2) with no new stack: it forks as fork does, returning 0 in the
+/// child and the child's pid in the caller.
+///
+/// # Safety
+/// As [`fork`]; `args` must not ask for a new stack, and every pointer in
+/// it must be valid.
+pub(super) unsafe fn clone3(args: &CloneArgs) -> io::Result<libc::pid_t> {
+    // SAFETY: a valid args struct of its own size, as the caller guarantees.
+    let pid = cvt(unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            args as *const CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    })?;
+    Ok(pid as libc::pid_t)
+}
+
 /// Like [`fork`], but the child is created in the cgroup whose directory
 /// `cgroup` is (`clone3` with `CLONE_INTO_CGROUP`, Linux 5.7). Errors with
 /// the kernel's errno (ENOSYS on older kernels) before any child exists.
@@ -363,15 +381,8 @@ pub(crate) unsafe fn fork_into_cgroup(
         cgroup: cgroup.as_raw_fd() as u64,
         ..CloneArgs::default()
     };
-    // SAFETY: clone3 with a valid args struct and no new stack forks as
-    // fork does; the caller guarantees a single-threaded process.
-    let pid = cvt(unsafe {
-        libc::syscall(
-            libc::SYS_clone3,
-            &args as *const CloneArgs,
-            std::mem::size_of::<CloneArgs>(),
-        )
-    })? as libc::pid_t;
+    // SAFETY: no new stack; the caller guarantees a single-threaded process.
+    let pid = unsafe { clone3(&args) }?;
     if pid == 0 {
         let _ = panic::catch_unwind(AssertUnwindSafe(in_child));
         // SAFETY: _exit ends this child at once.

@@ -17,7 +17,7 @@ use std::io;
 use std::os::fd::OwnedFd;
 use std::panic::{self, AssertUnwindSafe};
 
-use super::{cvt, dlsym, owned, CloneArgs};
+use super::{clone3, cvt, dlsym, owned, CloneArgs};
 
 /// Where glibc keeps the calling thread's id, and the thread's robust-futex
 /// list, as [`fork_sibling`] must set them in its child.
@@ -110,16 +110,9 @@ pub(crate) unsafe fn fork_sibling(
         exit_signal: 0,
         ..CloneArgs::default()
     };
-    // SAFETY: clone3 with a valid args struct and no new stack forks as
-    // fork does, copying this thread's stack; the caller guarantees the
-    // rest (above).
-    let pid = cvt(unsafe {
-        libc::syscall(
-            libc::SYS_clone3,
-            &args as *const CloneArgs,
-            std::mem::size_of::<CloneArgs>(),
-        )
-    })? as libc::pid_t;
+    // SAFETY: no new stack (the child runs on a copy of this thread's);
+    // `pidfd` and the tid field are valid; the caller guarantees the rest.
+    let pid = unsafe { clone3(&args) }?;
     if pid == 0 {
         // SAFETY: the list head is this thread's own (copied) list, as
         // glibc's fork registers it in its child.
