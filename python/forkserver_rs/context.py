@@ -378,6 +378,17 @@ class Popen(popen_fork.Popen):
         if registered:
             environ[ENVIRONMENT_VARIABLE] = registered
         child_r, parent_w = os.pipe()
+        payload = data.getbuffer()
+        # The child reads the process object as soon as it is set up: what
+        # fits in the pipe goes in before the spawn, so that the child need
+        # not wait for this process to hear it started and write then (a
+        # wake-up on each side). The rest, if any, is written after.
+        os.set_blocking(parent_w, False)
+        try:
+            written = os.write(parent_w, payload)
+        except BlockingIOError:
+            written = 0
+        os.set_blocking(parent_w, True)
         try:
             self._child = client.spawn(
                 _CHILD_TARGET,
@@ -390,8 +401,9 @@ class Popen(popen_fork.Popen):
             )
             self.pid = self._child.pid
             self.sentinel = self._child.pidfd
-            with open(parent_w, "wb", closefd=False) as pipe:
-                pipe.write(data.getbuffer())
+            if written < len(payload):
+                with open(parent_w, "wb", closefd=False) as pipe:
+                    pipe.write(payload[written:])
         finally:
             # The child holds its copy of child_r; parent_w stays open until
             # this Popen is finalized: its end-of-file tells the child the

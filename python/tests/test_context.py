@@ -26,6 +26,12 @@ def raise_error():
     raise KeyError("from the child")
 
 
+def exit_with_digest(blob, expected):
+    import hashlib
+
+    raise SystemExit(0 if hashlib.sha256(blob).hexdigest() == expected else 3)
+
+
 @pytest.fixture(scope="module")
 def ctx():
     return forkserver_rs.get_context(preload=["json"])
@@ -55,6 +61,21 @@ def test_process_queue_environment_and_exit_codes(ctx, tmp_path, monkeypatch):
     failing.start()
     failing.join(10)
     assert failing.exitcode == 1
+
+
+@pytest.mark.parametrize("size", [10, 60_000, 3_000_000])
+def test_a_process_object_of_any_size_reaches_the_child(ctx, size):
+    # The pickled process object goes through a pipe: what fits before the
+    # spawn, the rest after it (a pipe holds 64 KiB).
+    import hashlib
+
+    blob = os.urandom(size)
+    process = ctx.Process(
+        target=exit_with_digest, args=(blob, hashlib.sha256(blob).hexdigest())
+    )
+    process.start()
+    process.join(30)
+    assert process.exitcode == 0
 
 
 def test_terminate_kill_and_sentinel(ctx):
