@@ -19,11 +19,11 @@
 //! The forker is the server as it was when it forked it, and stays so: it
 //! runs only this loop, keeps every signal blocked (as the fork left it)
 //! and no fd but its socket, /dev/null and stdio. `ps` shows it as a child
-//! of the server named `forker`. The embedder's fork hooks
-//! ran around that one fork (a Python server's `PyOS_BeforeFork` then, its
+//! of the server named `forker`. The embedder's fork hooks ran around that
+//! one fork (a Python server's `PyOS_BeforeFork` then, its
 //! `PyOS_AfterFork_Child` in each idle child's warm-up), so every child is
-//! a copy of the state one fork of the server would have copied. It ends at
-//! the end-of-file of its socket: when the server drops it (shutdown,
+//! a copy of the state one fork of the server would have copied. It ends
+//! at the end-of-file of its socket: when the server drops it (shutdown,
 //! SIGHUP, which starts a new one from the server's state then) or dies.
 //! Without one (it could not be started, died, or failed a fork), the
 //! server forks its pool children itself, as before.
