@@ -26,6 +26,21 @@ def raise_error():
     raise KeyError("from the child")
 
 
+def main_thread_clocks(queue):
+    import threading
+    import time
+
+    # Burn 50 ms of this thread's CPU, then read it two ways: the kernel's
+    # "calling thread" clock, and the clock glibc picks by the thread id it
+    # caches for pthread_self(), which is what a fork made by hand (not by
+    # glibc's fork) could leave as the forker's.
+    end = time.thread_time() + 0.05
+    while time.thread_time() < end:
+        pass
+    by_pthread = time.clock_gettime(time.pthread_getcpuclockid(threading.get_ident()))
+    queue.put((by_pthread, time.thread_time()))
+
+
 def exit_with_digest(blob, expected):
     import hashlib
 
@@ -61,6 +76,19 @@ def test_process_queue_environment_and_exit_codes(ctx, tmp_path, monkeypatch):
     failing.start()
     failing.join(10)
     assert failing.exitcode == 1
+
+
+def test_a_pooled_child_s_main_thread_is_its_own_for_pthread_functions(ctx):
+    # Pool children are made by the server's forker with clone3, not
+    # glibc's fork; glibc's cached thread id must still be the child's.
+    for _ in range(3):
+        queue = ctx.Queue()
+        process = ctx.Process(target=main_thread_clocks, args=(queue,))
+        process.start()
+        by_pthread, by_kernel = queue.get(timeout=10)
+        process.join(10)
+        assert by_kernel >= 0.05
+        assert abs(by_pthread - by_kernel) < 0.02, (by_pthread, by_kernel)
 
 
 @pytest.mark.parametrize("size", [10, 60_000, 3_000_000])
