@@ -121,6 +121,9 @@ fn status_text(r: &StatusReport) -> String {
             pool.worker, pool.idle, pool.size, pool.ready, pool.hits, pool.misses
         );
     }
+    if let Some(pid) = r.forker_pid {
+        text += &format!("  forker: pid {pid} (forks the pools' children)\n");
+    }
     text
 }
 

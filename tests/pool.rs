@@ -174,6 +174,7 @@ fn a_forker_makes_the_pool_s_children_as_the_server_s_own_and_sighup_replaces_it
     let server = pooled(&["answer=2"], &[]);
     wait_full(&server, 2);
     let forker = forker_of(&server).expect("the server started a forker");
+    assert_eq!(server.client().status().unwrap().forker_pid, Some(forker));
     let server_name = comm_of(server.pid()).unwrap();
     // Its children are the server's (clone3 with CLONE_PARENT), with the
     // server's name back.
@@ -212,6 +213,7 @@ fn without_its_forker_the_server_forks_the_pool_itself() {
     wait_full(&server, 2);
     assert!(server.log().contains("pool 'answer': forked idle child"));
     assert_eq!(forker_of(&server), None);
+    assert_eq!(server.client().status().unwrap().forker_pid, None);
     assert!(zombie_children_of(server.pid()).is_empty());
 }
 

@@ -510,6 +510,10 @@ pub struct StatusReport {
     /// The prefork pools.
     #[serde(default)]
     pub pools: Vec<PoolInfo>,
+    /// The forker's pid: the copy of the server that forks the pools'
+    /// children, if there is one (there are pools, and it runs).
+    #[serde(default)]
+    pub forker_pid: Option<u32>,
     /// `modules`, `workers` or `pools` were cut short to keep the reply
     /// within `max_message_bytes`.
     #[serde(default)]

@@ -70,6 +70,7 @@ impl EventLoop {
             spawns,
             failures,
             pools: self.pools.info(),
+            forker_pid: self.forker.as_ref().map(|f| f.pid() as u32),
             truncated: false,
         }
     }
