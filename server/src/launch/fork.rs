@@ -23,6 +23,18 @@ pub(super) struct Forked {
     pub(super) placed: bool,
 }
 
+/// A child's report pipe: the read end (non-blocking, for the event loop)
+/// and the write end, both close-on-exec.
+pub(super) fn report_pipe() -> Result<(OwnedFd, OwnedFd), LaunchError> {
+    sys::pipe(true).map_err(|e| LaunchError::os(ErrorKind::Resource, "creating the report pipe", e))
+}
+
+/// A pool child's control socket: the server's end and the child's.
+pub(super) fn control_socket() -> Result<(OwnedFd, OwnedFd), LaunchError> {
+    forkserver_protocol::seqpacket_pair()
+        .map_err(|e| LaunchError::os(ErrorKind::Resource, "creating a pool control socket", e))
+}
+
 /// Runs a new child's work; should it panic, reports [`FailedStep::Panic`]
 /// and exits 127 (see [`Launcher::fork`]).
 pub(super) fn unwind_barrier(reporter: &Reporter, work: impl FnOnce() -> Infallible) -> Infallible {
@@ -123,8 +135,7 @@ impl Launcher {
         self.fork_guard
             .check()
             .map_err(|why| LaunchError::new(ErrorKind::Threads, why))?;
-        let (report, report_write) = sys::pipe(true)
-            .map_err(|e| LaunchError::os(ErrorKind::Resource, "creating the report pipe", e))?;
+        let (report, report_write) = report_pipe()?;
         let old_mask = sys::block_all_signals()
             .map_err(|e| LaunchError::os(ErrorKind::Resource, "blocking signals", e))?;
         Ok((report, report_write, old_mask))

@@ -34,7 +34,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 
 use forkserver_protocol::{recv_datagram, send_datagram, seqpacket_pair, ErrorKind};
 
-use super::fork::unwind_barrier;
+use super::fork::{control_socket, report_pipe, unwind_barrier};
 use super::report::Reporter;
 use super::setup::close_except;
 use super::{pool_child, LaunchError, Launcher};
@@ -94,11 +94,8 @@ impl Forker {
     /// Asks for an idle child for `worker`'s pool; it comes with
     /// [`answers`](Self::answers).
     pub(crate) fn ask(&mut self, worker: &str) -> Result<(), LaunchError> {
-        let (control, child_end) = seqpacket_pair().map_err(|e| {
-            LaunchError::os(ErrorKind::Resource, "creating a pool control socket", e)
-        })?;
-        let (report, report_write) = sys::pipe(true)
-            .map_err(|e| LaunchError::os(ErrorKind::Resource, "creating the report pipe", e))?;
+        let (control, child_end) = control_socket()?;
+        let (report, report_write) = report_pipe()?;
         send_datagram(
             self.socket.as_fd(),
             worker.as_bytes(),
@@ -139,8 +136,12 @@ impl Forker {
             let answer = i32::from_ne_bytes(bytes);
             match datagram.fds.into_iter().next() {
                 Some(pidfd) if answer > 0 => {
-                    let worker = asked.worker.clone();
-                    answers.push((worker, asked.child(answer, pidfd)));
+                    let Asked {
+                        worker,
+                        control,
+                        report,
+                    } = asked;
+                    answers.push((worker, idle_child(answer, pidfd, control, report)));
                 }
                 _ => {
                     let error = std::io::Error::from_raw_os_error(answer.saturating_neg());
@@ -157,24 +158,28 @@ impl AsFd for Forker {
     }
 }
 
-impl Asked {
-    /// The idle child `pid`, unless it has died already: then the server
-    /// may have reaped it before it knew it was one of its pool's.
-    fn child(self, pid: libc::pid_t, pidfd: OwnedFd) -> Result<PoolChild, LaunchError> {
-        if sys::has_exited(pidfd.as_fd()) {
-            return Err(LaunchError::new(
-                ErrorKind::Resource,
-                format!("idle child {pid} died as it started"),
-            ));
-        }
-        Ok(PoolChild {
-            pid,
-            pidfd,
-            control: self.control,
-            report: self.report,
-            ready: false,
-        })
+/// The idle child `pid` with the server's ends of its sockets, unless it
+/// has died already: then the server may have reaped it before it knew it
+/// was one of its pool's.
+fn idle_child(
+    pid: libc::pid_t,
+    pidfd: OwnedFd,
+    control: OwnedFd,
+    report: OwnedFd,
+) -> Result<PoolChild, LaunchError> {
+    if sys::has_exited(pidfd.as_fd()) {
+        return Err(LaunchError::new(
+            ErrorKind::Resource,
+            format!("idle child {pid} died as it started"),
+        ));
     }
+    Ok(PoolChild {
+        pid,
+        pidfd,
+        control,
+        report,
+        ready: false,
+    })
 }
 
 /// The forker's life, in the forker: keep only its socket (and stdio,

@@ -180,9 +180,7 @@ impl Launcher {
     /// Forks a prefork pool child for `worker`: it warms up, then waits for
     /// an [`Assignment`](pool_child::Assignment) on its control socket.
     pub(crate) fn prefork(&self, worker: &str) -> Result<PoolChild, LaunchError> {
-        let (control, child_end) = forkserver_protocol::seqpacket_pair().map_err(|e| {
-            LaunchError::os(ErrorKind::Resource, "creating a pool control socket", e)
-        })?;
+        let (control, child_end) = fork::control_socket()?;
         let forked = self.fork(None, |reporter, _| {
             // SAFETY: we are the freshly forked child; the control socket and
             // /dev/null are open.

@@ -24,12 +24,18 @@ pub(crate) unsafe fn fork(in_child: impl FnOnce() -> Infallible) -> io::Result<l
     // SAFETY: the caller guarantees a single-threaded process.
     let pid = cvt(unsafe { libc::fork() })?;
     if pid == 0 {
-        let _ = panic::catch_unwind(AssertUnwindSafe(in_child));
-        // SAFETY: _exit ends this child without running the parent's
-        // atexit handlers or destructors.
-        unsafe { libc::_exit(127) }
+        run_child(in_child)
     }
     Ok(pid)
+}
+
+/// A new child's end, for every way this module makes one: `in_child`
+/// under an unwind barrier, then `_exit(127)` should it unwind (a panic),
+/// without the parent's atexit handlers or destructors.
+pub(super) fn run_child(in_child: impl FnOnce() -> Infallible) -> ! {
+    let _ = panic::catch_unwind(AssertUnwindSafe(in_child));
+    // SAFETY: _exit ends this child at once.
+    unsafe { libc::_exit(127) }
 }
 
 /// The stack children made by [`spawn_sharing_memory`] run on, mapped once
@@ -93,10 +99,7 @@ pub(crate) unsafe fn spawn_sharing_memory(
     extern "C" fn start(arg: *mut libc::c_void) -> libc::c_int {
         // SAFETY: `arg` is the `&dyn Fn` below, alive while the parent waits.
         let in_child = unsafe { &*(arg as *const &dyn Fn() -> Infallible) };
-        let _ = panic::catch_unwind(AssertUnwindSafe(in_child));
-        // SAFETY: _exit ends this child at once, without the server's
-        // atexit handlers.
-        unsafe { libc::_exit(127) }
+        run_child(in_child)
     }
     let mut pidfd: libc::c_int = -1;
     // SAFETY: the stack is ours, and no other child runs on it (see
@@ -384,9 +387,7 @@ pub(crate) unsafe fn fork_into_cgroup(
     // SAFETY: no new stack; the caller guarantees a single-threaded process.
     let pid = unsafe { clone3(&args) }?;
     if pid == 0 {
-        let _ = panic::catch_unwind(AssertUnwindSafe(in_child));
-        // SAFETY: _exit ends this child at once.
-        unsafe { libc::_exit(127) }
+        run_child(in_child)
     }
     Ok(pid)
 }

@@ -15,9 +15,8 @@
 use std::convert::Infallible;
 use std::io;
 use std::os::fd::OwnedFd;
-use std::panic::{self, AssertUnwindSafe};
 
-use super::{clone3, cvt, dlsym, owned, CloneArgs};
+use super::{clone3, cvt, dlsym, owned, run_child, CloneArgs};
 
 /// Where glibc keeps the calling thread's id, and the thread's robust-futex
 /// list, as [`fork_sibling`] must set them in its child.
@@ -123,9 +122,7 @@ pub(crate) unsafe fn fork_sibling(
                 thread.robust_len,
             )
         };
-        let _ = panic::catch_unwind(AssertUnwindSafe(in_child));
-        // SAFETY: _exit ends this child without the atexit handlers.
-        unsafe { libc::_exit(127) }
+        run_child(in_child)
     }
     Ok((pid, owned(pidfd)))
 }
