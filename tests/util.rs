@@ -66,6 +66,13 @@ impl Server {
             .envs(env.iter().copied())
             .spawn()
             .expect("start the server");
+        Server::adopt(process, dir, socket)
+    }
+
+    /// A server process started by the caller (with `serve_command`, say),
+    /// once it accepts connections on `socket`.
+    #[track_caller]
+    pub fn adopt(process: Child, dir: TempDir, socket: PathBuf) -> Server {
         let mut server = Server {
             process,
             dir,

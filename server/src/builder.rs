@@ -233,6 +233,7 @@ impl ServerBuilder {
             env!("CARGO_PKG_VERSION"),
             modules.infos.len()
         );
+        leave_controlling_terminal();
         let mut options = options.clone();
         options.pools.extend(self.pools);
         let mut event_loop = EventLoop::new(listener, signals, modules, &options)?;
@@ -246,5 +247,28 @@ impl ServerBuilder {
         event_loop.run(&readiness)?;
         log!(Level::Info, "stopped");
         Ok(())
+    }
+}
+
+/// Gives up the server's controlling terminal, if it was started from one:
+/// a child in the server's session (`new_session: false`) could otherwise
+/// open it as `/dev/tty` and read from it or type into it (`TIOCSTI`). Only
+/// the server's own uid and root may ask for that session (peer.rs), and
+/// after this even their children find no terminal there.
+fn leave_controlling_terminal() {
+    match sys::leave_controlling_terminal() {
+        Ok(sys::Terminal::None) => {}
+        Ok(sys::Terminal::Left) => log!(
+            Level::Debug,
+            "gave up the controlling terminal (children in the server's session have none)"
+        ),
+        Ok(sys::Terminal::KeptAsSessionLeader) => log!(
+            Level::Info,
+            "the server leads its session and keeps its controlling terminal; children asking for new_session: false (the server's own uid and root only) can reach it"
+        ),
+        Err(e) => log!(
+            Level::Warn,
+            "cannot give up the controlling terminal: {e}; children asking for new_session: false (the server's own uid and root only) can reach it"
+        ),
     }
 }

@@ -13,7 +13,7 @@ use std::fmt;
 use std::io;
 use std::os::fd::BorrowedFd;
 
-use forkserver_protocol::RunAs;
+use forkserver_protocol::{RunAs, Spawn};
 use serde::{Deserialize, Serialize};
 
 use crate::sys;
@@ -86,6 +86,27 @@ impl PeerPolicy {
     }
 }
 
+/// What a child that `peer` asks for with `request` may be, on a server
+/// running as `server_uid`: the credentials it runs with
+/// ([`child_credentials`]), once the request asks for nothing only the
+/// server's own user may have. That is the server's session
+/// (`new_session: false`): its controlling terminal, when it has one, is
+/// the operator's, and a child in the server's session could open it as
+/// `/dev/tty` and type into it (`TIOCSTI`) or read from it.
+pub(crate) fn child_rights(
+    peer: &Peer,
+    request: &Spawn,
+    server_uid: u32,
+) -> Result<Option<RunAs>, String> {
+    if !request.new_session && peer.uid != server_uid && peer.uid != 0 {
+        return Err(format!(
+            "new_session: false: uid {} may not start a child in the server's session (only uid {server_uid}, the server's own, and root may); leave new_session true, the default",
+            peer.uid
+        ));
+    }
+    child_credentials(peer, request.user.as_ref(), server_uid)
+}
+
 /// The credentials a child of `peer` must run with, on a server running as
 /// `server_uid`:
 /// - a root server runs a non-root peer's children as that peer (uid, gid,
@@ -93,7 +114,7 @@ impl PeerPolicy {
 /// - only a root peer may name another user (`requested`); anyone may name
 ///   their own uid and gid, which changes nothing;
 /// - otherwise the child keeps the server's credentials (None).
-pub(crate) fn child_credentials(
+fn child_credentials(
     peer: &Peer,
     requested: Option<&RunAs>,
     server_uid: u32,

@@ -15,7 +15,7 @@ use crate::launch::{describe, LaunchError};
 use crate::ledger::ConnId;
 use crate::log::{log, Level};
 use crate::modules::panic_message;
-use crate::peer::child_credentials;
+use crate::peer::child_rights;
 use crate::reply_size;
 use crate::sys;
 
@@ -112,7 +112,7 @@ impl EventLoop {
             .ledger
             .admit(conn_id, request.id, &self.limits)
             .and_then(|()| {
-                child_credentials(&conn.peer, request.user.as_ref(), self.server_uid)
+                child_rights(&conn.peer, &request, self.server_uid)
                     .map_err(|message| (ErrorKind::Denied, message))
             })
             .map_err(|(kind, message)| LaunchError::new(kind, message))

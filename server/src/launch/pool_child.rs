@@ -17,7 +17,7 @@ use super::plan::PlanFds;
 use super::report::{FailedStep, Failure, Reporter};
 use super::setup::{self, close_except};
 use super::Launcher;
-use crate::peer::{child_credentials, Peer};
+use crate::peer::{child_rights, Peer};
 
 /// What the server sends a pool child: the request (pipes already replaced
 /// by passed fds) and who asked, for the child's own credential check.
@@ -99,11 +99,7 @@ fn become_assigned(
         return setup_failed(libc::EPROTO);
     };
     let request = assignment.spawn;
-    let Ok(credentials) = child_credentials(
-        &assignment.peer,
-        request.user.as_ref(),
-        assignment.server_uid,
-    ) else {
+    let Ok(credentials) = child_rights(&assignment.peer, &request, assignment.server_uid) else {
         return setup_failed(libc::EPERM);
     };
     let mut made = PlanFds::default();

@@ -127,6 +127,47 @@ pub(crate) fn open_rdwr(path: &CStr) -> io::Result<OwnedFd> {
     Ok(owned(fd))
 }
 
+/// What [`leave_controlling_terminal`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Terminal {
+    /// The process had no controlling terminal.
+    None,
+    /// It had one and gave it up.
+    Left,
+    /// It leads its session, whose controlling terminal it keeps: giving
+    /// it up would hang up the terminal's foreground process group.
+    KeptAsSessionLeader,
+}
+
+/// Gives up this process's controlling terminal (`TIOCNOTTY`, see
+/// tty_ioctl(4)) unless it leads its session. The process stays in its
+/// process group, so the terminal's job-control signals (Ctrl-C, a shell's
+/// `kill %1`) still reach it; what goes is `/dev/tty` for it and for every
+/// process it forks afterwards.
+pub(crate) fn leave_controlling_terminal() -> io::Result<Terminal> {
+    // SAFETY: the path is NUL-terminated; O_NOCTTY never acquires one.
+    let tty = cvt_r(|| unsafe {
+        libc::open(
+            c"/dev/tty".as_ptr(),
+            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+        )
+    });
+    let tty = match tty {
+        Ok(fd) => owned(fd),
+        // ENXIO: no controlling terminal. (EACCES and the like would mean
+        // a /dev/tty we cannot open, hence one we cannot leave either.)
+        Err(e) if e.raw_os_error() == Some(libc::ENXIO) => return Ok(Terminal::None),
+        Err(e) => return Err(e),
+    };
+    // SAFETY: getsid and getpid take plain integers.
+    if unsafe { libc::getsid(0) == libc::getpid() } {
+        return Ok(Terminal::KeptAsSessionLeader);
+    }
+    // SAFETY: TIOCNOTTY takes no argument.
+    cvt(unsafe { libc::ioctl(tty.as_raw_fd(), libc::TIOCNOTTY) })?;
+    Ok(Terminal::Left)
+}
+
 /// A new pseudo-terminal of `rows` × `cols`: (master, slave), both
 /// close-on-exec and neither becoming our controlling terminal.
 pub(crate) fn open_pty(rows: u16, cols: u16) -> io::Result<(OwnedFd, OwnedFd)> {

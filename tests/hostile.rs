@@ -1,0 +1,187 @@
+//! A hostile peer of a root server: what a user allowed to connect must not
+//! reach (the server's terminal, rights it does not have) and must not take
+//! from other users. The server runs as root (as CI does); the peer is user
+//! `nobody`, played with setpriv(1) running the example `test_peer` or the
+//! CLI.
+
+use std::fs;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::util::{self, Server, FORKSERVER};
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Copies the example `test_peer` where nobody can run it (beside the
+/// server's socket, whose directory `open_to_nobody` opened).
+fn peer_program(server: &Server) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let copy = server.dir.path().join("test_peer");
+    fs::copy(util::example("test_peer"), &copy).unwrap();
+    fs::set_permissions(&copy, fs::Permissions::from_mode(0o755)).unwrap();
+    copy
+}
+
+/// Runs `[PREFIX...] test_peer SOCKET ARGS...` as nobody; returns its stdout.
+fn as_nobody(server: &Server, prefix: &[&str], args: &[&str]) -> String {
+    let output = Command::new("setpriv")
+        .args(["--reuid=nobody", "--regid=nogroup", "--init-groups", "--"])
+        .args(prefix)
+        .arg(peer_program(server))
+        .arg(&server.socket)
+        .args(args)
+        .current_dir("/")
+        .output()
+        .expect("setpriv (util-linux) must be installed");
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    text(&output.stdout)
+}
+
+/// A pseudo-terminal pair (master, slave) for the test to hold.
+fn pty() -> (OwnedFd, OwnedFd) {
+    // SAFETY: plain libc calls on a new master; ptsname_r writes at most
+    // `name.len()` bytes, NUL-terminated.
+    unsafe {
+        let master = libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC);
+        assert!(master >= 0, "posix_openpt");
+        let master = OwnedFd::from_raw_fd(master);
+        assert_eq!(libc::grantpt(master.as_raw_fd()), 0);
+        assert_eq!(libc::unlockpt(master.as_raw_fd()), 0);
+        let mut name = [0 as libc::c_char; 64];
+        assert_eq!(
+            libc::ptsname_r(master.as_raw_fd(), name.as_mut_ptr(), name.len()),
+            0
+        );
+        let slave = libc::open(
+            name.as_ptr(),
+            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+        );
+        assert!(slave >= 0, "open the pty's slave");
+        (master, OwnedFd::from_raw_fd(slave))
+    }
+}
+
+/// What the terminal's master end reads within `wait`.
+fn read_terminal(master: &OwnedFd, wait: Duration) -> String {
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + wait;
+    while Instant::now() < deadline {
+        let mut poll = libc::pollfd {
+            fd: master.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one pollfd, valid for the call.
+        if unsafe { libc::poll(&mut poll, 1, 50) } == 1 {
+            let mut buf = [0u8; 4096];
+            // SAFETY: buf is writable for its length.
+            let n = unsafe { libc::read(master.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            if n <= 0 {
+                break;
+            }
+            seen.extend_from_slice(&buf[..n as usize]);
+        }
+    }
+    text(&seen)
+}
+
+/// The server process started by a shell in the background, as an
+/// operator's `forkserver serve &` is: the shell leads a session whose
+/// controlling terminal is the test's pty, and the server is in it without
+/// leading it. Killed on drop.
+struct ServerOnTerminal {
+    server: Server,
+    pid_file: PathBuf,
+}
+
+impl Drop for ServerOnTerminal {
+    fn drop(&mut self) {
+        if let Some(pid) = fs::read_to_string(&self.pid_file)
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+        {
+            // SAFETY: kill takes plain integers.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
+fn server_on_terminal(slave: &OwnedFd, args: &[&str]) -> ServerOnTerminal {
+    let dir = util::new_dir();
+    let socket = dir.path().join("fs.sock");
+    let pid_file = dir.path().join("server.pid");
+    let script = format!(
+        "echo on-the-terminal > /dev/tty; \"$@\" & echo $! > {}; wait",
+        pid_file.display()
+    );
+    let mut command = util::serve_command(
+        &["setsid", "--ctty", "sh", "-c", &script, "sh"],
+        Path::new(FORKSERVER),
+        &socket,
+        dir.path(),
+    );
+    command
+        .args(["--group", "nogroup", "--allow-uid", "nobody"])
+        .args(args)
+        .stdin(Stdio::from(slave.try_clone().unwrap()))
+        .stdout(Stdio::from(slave.try_clone().unwrap()));
+    let server = Server::adopt(command.spawn().unwrap(), dir, socket);
+    util::open_to_nobody(&server);
+    ServerOnTerminal { server, pid_file }
+}
+
+#[test]
+fn a_peer_s_child_never_reaches_the_server_s_terminal() {
+    if !util::root_or_skip("hostile::a_peer_s_child_never_reaches_the_server_s_terminal") {
+        return;
+    }
+    let (master, slave) = pty();
+    let on_terminal = server_on_terminal(&slave, &[]);
+    let server = &on_terminal.server;
+    // The session's terminal is the pty: its leader's line arrives.
+    assert!(
+        read_terminal(&master, Duration::from_millis(300)).contains("on-the-terminal"),
+        "the test's pty is not the server's controlling terminal"
+    );
+    let write_tty = "echo INJECTED > /dev/tty";
+    // A peer that is not the server's user may not share its session...
+    let refused = as_nobody(server, &[], &["same-session", "sh", "-c", write_tty]);
+    assert!(
+        refused.contains("may not start a child in the server's session"),
+        "{refused}"
+    );
+    // ...and in a session of its own has no terminal.
+    let own_session = util::cli_as_nobody(
+        server,
+        &server.dir.path().join("forkserver-cli"),
+        "spawn",
+        &["--", "sh", "-c", write_tty],
+    );
+    assert_ne!(own_session.status.code(), Some(0));
+    // Root may share the server's session, but the server gave up the
+    // terminal, so its children find none there either.
+    let status = server
+        .client()
+        .command("sh")
+        .args(["-c", write_tty])
+        .new_session(false)
+        .stderr(forkserver::client::Stdio::null())
+        .status()
+        .unwrap();
+    assert_ne!(
+        status.code(),
+        Some(0),
+        "/dev/tty opened in the server's session"
+    );
+    let seen = read_terminal(&master, Duration::from_millis(300));
+    assert!(!seen.contains("INJECTED"), "reached the terminal: {seen:?}");
+    assert!(
+        server.log().contains("gave up the controlling terminal"),
+        "{}",
+        server.log()
+    );
+}
