@@ -28,17 +28,47 @@ fn peer_program(server: &Server) -> PathBuf {
 
 /// Runs `[PREFIX...] test_peer SOCKET ARGS...` as nobody; returns its stdout.
 fn as_nobody(server: &Server, prefix: &[&str], args: &[&str]) -> String {
-    let output = Command::new("setpriv")
-        .args(["--reuid=nobody", "--regid=nogroup", "--init-groups", "--"])
-        .args(prefix)
-        .arg(peer_program(server))
-        .arg(&server.socket)
-        .args(args)
-        .current_dir("/")
-        .output()
-        .expect("setpriv (util-linux) must be installed");
+    let output = run_as_nobody(prefix, &peer_program(server), server, args);
     assert!(output.status.success(), "{}", text(&output.stderr));
     text(&output.stdout)
+}
+
+/// Runs `[PREFIX...] PROGRAM SOCKET_ARGS ARGS...` as nobody, where
+/// SOCKET_ARGS are `--socket S` for the CLI and `S` for test_peer. The
+/// PREFIX (prlimit, nice, choom) runs as nobody too, so it can only lower
+/// what nobody has.
+fn run_as_nobody(
+    prefix: &[&str],
+    program: &Path,
+    server: &Server,
+    args: &[&str],
+) -> std::process::Output {
+    let mut command = Command::new("setpriv");
+    command
+        .args(["--reuid=nobody", "--regid=nogroup", "--init-groups", "--"])
+        .args(prefix)
+        .arg(program);
+    if program.ends_with("forkserver-cli") {
+        command.arg(args[0]).arg("--socket").arg(&server.socket);
+        command.args(&args[1..]);
+    } else {
+        command.arg(&server.socket).args(args);
+    }
+    command
+        .current_dir("/")
+        .output()
+        .expect("setpriv (util-linux) must be installed")
+}
+
+/// A root server that nobody may use, and its CLI copied where nobody can
+/// run it.
+fn server_for_nobody(test: &str) -> Option<(Server, PathBuf)> {
+    if !util::root_or_skip(test) {
+        return None;
+    }
+    let server = Server::start_with(&["--group", "nogroup", "--allow-uid", "nobody"]);
+    let cli = util::open_to_nobody(&server);
+    Some((server, cli))
 }
 
 /// A pseudo-terminal pair (master, slave) for the test to hold.
@@ -184,4 +214,80 @@ fn a_peer_s_child_never_reaches_the_server_s_terminal() {
         "{}",
         server.log()
     );
+}
+
+/// Finding 2: a peer's hard limits are read from /proc (prlimit on another
+/// user's process needs CAP_SYS_RESOURCE, which root lacks in many
+/// containers; the old check then compared with the server's own).
+#[test]
+fn a_peer_may_not_raise_its_own_hard_limits() {
+    let Some((server, cli)) =
+        server_for_nobody("hostile::a_peer_may_not_raise_its_own_hard_limits")
+    else {
+        return;
+    };
+    let prefix = ["prlimit", "--nofile=256:256", "--core=0:0", "--"];
+    for limit in ["NOFILE=1024:1024", "CORE=unlimited"] {
+        let output = run_as_nobody(
+            &prefix,
+            &cli,
+            &server,
+            &["spawn", "--rlimit", limit, "--", "true"],
+        );
+        assert_eq!(output.status.code(), Some(125), "{limit} was granted");
+        assert!(
+            text(&output.stderr).contains("may not raise the hard limit"),
+            "{}",
+            text(&output.stderr)
+        );
+    }
+    // Within its own limits, it gets what it asks.
+    let output = run_as_nobody(
+        &prefix,
+        &cli,
+        &server,
+        &[
+            "spawn",
+            "--rlimit",
+            "NOFILE=128:256",
+            "--",
+            "sh",
+            "-c",
+            "ulimit -Hn",
+        ],
+    );
+    assert_eq!(text(&output.stdout), "256\n", "{}", text(&output.stderr));
+}
+
+/// Finding 3: the rights are the connecting process's, read when it
+/// connected; its child, left with the connection, gets no more.
+#[test]
+fn a_connection_handed_to_a_child_keeps_the_connecting_process_s_rights() {
+    let Some((server, _)) = server_for_nobody(
+        "hostile::a_connection_handed_to_a_child_keeps_the_connecting_process_s_rights",
+    ) else {
+        return;
+    };
+    let cases: [(&[&str], &str, &str); 3] = [
+        (&["nice", "-n", "10"], "nice", "0"),
+        (&["choom", "-n", "500", "--"], "oom_score_adj", "0"),
+        (&["prlimit", "--nofile=256:256", "--"], "nofile", "1024"),
+    ];
+    for (prefix, control, value) in cases {
+        let said = as_nobody(&server, prefix, &["handed-over", control, value]);
+        assert!(
+            said.starts_with("error: ") && said.contains("uid 65534 may"),
+            "{control} {value} after the connecting process exited: {said}"
+        );
+    }
+    // The same requests within the connecting process's own rights pass.
+    let cases: [(&[&str], &str, &str); 3] = [
+        (&["nice", "-n", "10"], "nice", "12"),
+        (&["choom", "-n", "500", "--"], "oom_score_adj", "600"),
+        (&["prlimit", "--nofile=256:256", "--"], "nofile", "200"),
+    ];
+    for (prefix, control, value) in cases {
+        let said = as_nobody(&server, prefix, &["handed-over", control, value]);
+        assert_eq!(said, "exit 0\n", "{control} {value}");
+    }
 }

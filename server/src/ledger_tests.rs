@@ -17,6 +17,7 @@ fn peer() -> Peer {
         uid: 1000,
         gid: 1000,
         groups: Vec::new(),
+        own: Err("not read in this test".into()),
     }
 }
 

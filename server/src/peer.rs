@@ -27,6 +27,109 @@ pub(crate) struct Peer {
     pub(crate) gid: u32,
     /// Supplementary groups.
     pub(crate) groups: Vec<u32>,
+    /// What the connecting process could do to itself, read when it
+    /// connected; or why it could not be read (then every request that
+    /// needs it is refused). Not read for root, who may ask anything.
+    pub(crate) own: Result<OwnControls, String>,
+}
+
+/// A process's own nice value, `oom_score_adj` and hard resource limits:
+/// what a peer that is not root may ask for its children (no lower nice or
+/// `oom_score_adj`, no higher hard limit), read from `/proc/PID` when it
+/// connects. Read then, from the process that connected: read later, that
+/// process may have exited and left the connection to a child, or its pid
+/// may be another process's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct OwnControls {
+    pub(crate) nice: i32,
+    pub(crate) oom_score_adj: i32,
+    /// `(resource, hard limit)` for every resource of `/proc/PID/limits`;
+    /// `RLIM_INFINITY` for unlimited.
+    pub(crate) hard_limits: Vec<(u32, u64)>,
+}
+
+/// The rows of `/proc/PID/limits`, in the kernel's order (the resource
+/// numbers 0 to 15), as the kernel names them (fs/proc/base.c).
+const LIMIT_ROWS: [&str; 16] = [
+    "Max cpu time",
+    "Max file size",
+    "Max data size",
+    "Max stack size",
+    "Max core file size",
+    "Max resident set",
+    "Max processes",
+    "Max open files",
+    "Max locked memory",
+    "Max address space",
+    "Max file locks",
+    "Max pending signals",
+    "Max msgqueue size",
+    "Max nice priority",
+    "Max realtime priority",
+    "Max realtime timeout",
+];
+
+impl OwnControls {
+    /// Reads process `pid`'s, which must run as effective uid `uid`.
+    pub(crate) fn read(pid: i32, uid: u32) -> Result<OwnControls, String> {
+        let [stat, oom_score_adj, limits, status] =
+            sys::read_proc_files(pid, [c"stat", c"oom_score_adj", c"limits", c"status"]).map_err(
+                |e| format!("cannot read /proc/{pid} of the process that connected: {e}"),
+            )?;
+        // Read last: the files above were this uid's process's.
+        let euid = status
+            .lines()
+            .find_map(|line| line.strip_prefix("Uid:"))
+            .and_then(|ids| ids.split_whitespace().nth(1))
+            .and_then(|euid| euid.parse::<u32>().ok());
+        if euid != Some(uid) {
+            return Err(format!(
+                "process {pid} runs as uid {euid:?}, not the connecting uid {uid}: it is not the process that connected"
+            ));
+        }
+        let bad = |what: &str| format!("cannot parse /proc/{pid}/{what}");
+        // Fields after the command name, which may hold spaces and
+        // parentheses: the 19th field of proc(5), nice, is the 17th.
+        let nice = stat
+            .rsplit_once(')')
+            .and_then(|(_, fields)| fields.split_whitespace().nth(16))
+            .and_then(|nice| nice.parse().ok())
+            .ok_or_else(|| bad("stat"))?;
+        let oom_score_adj = oom_score_adj
+            .trim()
+            .parse()
+            .map_err(|_| bad("oom_score_adj"))?;
+        Ok(OwnControls {
+            nice,
+            oom_score_adj,
+            hard_limits: parse_hard_limits(&limits).ok_or_else(|| bad("limits"))?,
+        })
+    }
+
+    /// The hard limit of `resource`, if `/proc` showed it.
+    pub(crate) fn hard_limit(&self, resource: u32) -> Option<u64> {
+        self.hard_limits
+            .iter()
+            .find(|(r, _)| *r == resource)
+            .map(|&(_, hard)| hard)
+    }
+}
+
+/// `(resource, hard limit)` from the text of `/proc/PID/limits`; None if a
+/// row is not where and what the kernel writes.
+fn parse_hard_limits(text: &str) -> Option<Vec<(u32, u64)>> {
+    let mut rows = text.lines().skip(1);
+    let mut limits = Vec::with_capacity(LIMIT_ROWS.len());
+    for (resource, name) in LIMIT_ROWS.iter().enumerate() {
+        let row = rows.next()?.strip_prefix(name)?;
+        let hard = row.split_whitespace().nth(1)?;
+        let hard = match hard {
+            "unlimited" => libc::RLIM_INFINITY,
+            number => number.parse().ok()?,
+        };
+        limits.push((resource as u32, hard));
+    }
+    Some(limits)
 }
 
 impl fmt::Display for Peer {
@@ -39,11 +142,17 @@ impl Peer {
     /// Reads the credentials of the peer of a connected Unix socket.
     pub(crate) fn of(socket: BorrowedFd<'_>) -> io::Result<Peer> {
         let (pid, uid, gid) = sys::peer_credentials(socket)?;
+        let own = if uid == 0 {
+            Err("not read for root".into())
+        } else {
+            OwnControls::read(pid, uid)
+        };
         Ok(Peer {
             pid,
             uid,
             gid,
             groups: sys::peer_groups(socket)?,
+            own,
         })
     }
 }
@@ -149,7 +258,59 @@ mod tests {
             uid,
             gid,
             groups: groups.to_vec(),
+            own: Err("not read in this test".into()),
         }
+    }
+
+    #[test]
+    fn own_controls_are_this_process_s() {
+        let me = std::process::id() as i32;
+        // SAFETY: geteuid cannot fail.
+        let own = OwnControls::read(me, unsafe { libc::geteuid() }).unwrap();
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes one rlimit.
+        assert_eq!(
+            unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) },
+            0
+        );
+        assert_eq!(
+            own.hard_limit(libc::RLIMIT_NOFILE as u32),
+            Some(limit.rlim_max)
+        );
+        assert_eq!(own.hard_limits.len(), 16);
+        // SAFETY: getpriority takes plain integers.
+        let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
+        assert_eq!(own.nice, nice);
+        let adj = std::fs::read_to_string("/proc/self/oom_score_adj").unwrap();
+        assert_eq!(own.oom_score_adj.to_string(), adj.trim());
+        // Another uid's view of this process is refused, not used.
+        // SAFETY: as above.
+        let other = unsafe { libc::geteuid() } + 1;
+        assert!(OwnControls::read(me, other)
+            .unwrap_err()
+            .contains("not the process that connected"));
+        assert!(OwnControls::read(i32::MAX, other)
+            .unwrap_err()
+            .contains("cannot read /proc/"));
+    }
+
+    #[test]
+    fn limits_rows_must_be_the_kernel_s() {
+        let mut text = String::from("Limit  Soft Limit  Hard Limit  Units\n");
+        for (i, name) in LIMIT_ROWS.iter().enumerate() {
+            text += &format!(
+                "{name:<25} 10 {} units\n",
+                if i == 7 { "4096" } else { "unlimited" }
+            );
+        }
+        let limits = parse_hard_limits(&text).unwrap();
+        assert_eq!(limits[7], (7, 4096));
+        assert_eq!(limits[0], (0, libc::RLIM_INFINITY));
+        assert!(parse_hard_limits(&text.replace("Max open files", "Max open filez")).is_none());
+        assert!(parse_hard_limits("Limit\n").is_none());
     }
 
     #[test]

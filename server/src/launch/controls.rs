@@ -5,8 +5,10 @@
 //!
 //! Who may ask what: root peers anything the kernel allows. Any other peer
 //! may only do what it could do to itself: no hard limit above its own, no
-//! nice value below its own, no `oom_score_adj` below its own (read from
-//! the peer process at request time; if it is gone, from the server's).
+//! nice value below its own, no `oom_score_adj` below its own, as read from
+//! the process that connected when it connected ([`OwnControls`]). Where
+//! they could not be read, such a request is refused: a check that cannot
+//! be made fails closed, never falling back to the server's own values.
 
 use std::os::fd::BorrowedFd;
 
@@ -14,7 +16,7 @@ use forkserver_protocol::{ErrorKind, Spawn, RLIMITS};
 
 use super::fields::invalid;
 use super::LaunchError;
-use crate::peer::Peer;
+use crate::peer::{OwnControls, Peer};
 use crate::sys;
 
 pub(crate) type Resource = libc::__rlimit_resource_t;
@@ -41,6 +43,16 @@ pub(crate) struct Controls {
 pub(crate) fn controls(request: &Spawn, peer: &Peer) -> Result<Controls, LaunchError> {
     let privileged = peer.uid == 0;
     let denied = |message: String| LaunchError::new(ErrorKind::Denied, message);
+    // The peer's own values, for a check of `what` by a peer that is not
+    // root: refused if they are unknown.
+    let own = |what: &str| -> Result<&OwnControls, LaunchError> {
+        peer.own.as_ref().map_err(|why| {
+            denied(format!(
+                "{what}: cannot check it against uid {}'s own ({why}), so it is refused",
+                peer.uid
+            ))
+        })
+    };
     let mut controls = Controls::default();
     for (i, limit) in request.rlimits.iter().enumerate() {
         let field = format!("rlimits[{i}]");
@@ -60,16 +72,19 @@ pub(crate) fn controls(request: &Spawn, peer: &Peer) -> Result<Controls, LaunchE
             )));
         }
         if !privileged {
-            let own = sys::rlimit_of(peer.pid, resource).or_else(|_| sys::rlimit_of(0, resource));
-            if let Ok(own) = own {
-                if hard > own.rlim_max {
-                    return Err(denied(format!(
-                        "{field}: uid {} may not raise the hard limit of {name} to {} above its own {}",
-                        peer.uid,
-                        shown(hard),
-                        shown(own.rlim_max)
-                    )));
-                }
+            let Some(own_hard) = own(&field)?.hard_limit(resource) else {
+                return Err(denied(format!(
+                    "{field}: uid {}'s own hard limit of {name} is unknown, so it is refused",
+                    peer.uid
+                )));
+            };
+            if hard > own_hard {
+                return Err(denied(format!(
+                    "{field}: uid {} may not raise the hard limit of {name} to {} above its own {}",
+                    peer.uid,
+                    shown(hard),
+                    shown(own_hard)
+                )));
             }
         }
         controls.rlimits.push((
@@ -84,14 +99,14 @@ pub(crate) fn controls(request: &Spawn, peer: &Peer) -> Result<Controls, LaunchE
         if !(-20..=19).contains(&nice) {
             return Err(invalid(format!("nice {nice} is outside -20..=19")));
         }
-        let own = sys::nice_of(peer.pid)
-            .or_else(|_| sys::nice_of(0))
-            .unwrap_or(0);
-        if !privileged && nice < own {
-            return Err(denied(format!(
-                "nice {nice}: uid {} may not raise priority above its own (nice {own})",
-                peer.uid
-            )));
+        if !privileged {
+            let own = own("nice")?.nice;
+            if nice < own {
+                return Err(denied(format!(
+                    "nice {nice}: uid {} may not raise priority above its own (nice {own})",
+                    peer.uid
+                )));
+            }
         }
         controls.nice = Some(nice);
     }
@@ -104,14 +119,14 @@ pub(crate) fn controls(request: &Spawn, peer: &Peer) -> Result<Controls, LaunchE
                 "oom_score_adj {adj} is outside -1000..=1000"
             )));
         }
-        let own = sys::oom_score_adj_of(peer.pid)
-            .or_else(|_| sys::oom_score_adj_of(std::process::id() as i32))
-            .unwrap_or(0);
-        if !privileged && adj < own {
-            return Err(denied(format!(
-                "oom_score_adj {adj}: uid {} may only raise it from its own {own}",
-                peer.uid
-            )));
+        if !privileged {
+            let own = own("oom_score_adj")?.oom_score_adj;
+            if adj < own {
+                return Err(denied(format!(
+                    "oom_score_adj {adj}: uid {} may only raise it from its own {own}",
+                    peer.uid
+                )));
+            }
         }
         controls.oom_score_adj = Some(adj.to_string().into_bytes());
     }

@@ -8,7 +8,7 @@ use super::fields::exec_candidates;
 use super::plan::{Action, PlanFds};
 use super::Launcher;
 use crate::modules::Modules;
-use crate::peer::Peer;
+use crate::peer::{OwnControls, Peer};
 use crate::threads::ForkGuard;
 
 /// This test process as a peer.
@@ -20,6 +20,8 @@ fn me() -> Peer {
         // SAFETY: as above.
         gid: unsafe { libc::getgid() },
         groups: Vec::new(),
+        // SAFETY: as above.
+        own: OwnControls::read(std::process::id() as i32, unsafe { libc::geteuid() }),
     }
 }
 

@@ -1,6 +1,7 @@
 //! Processes and signals: fork, reaping, pidfds, signal masks, ids.
 
 use std::convert::Infallible;
+use std::ffi::CStr;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::panic::{self, AssertUnwindSafe};
@@ -281,40 +282,36 @@ pub(crate) fn yield_cpu() {
     unsafe { libc::sched_yield() };
 }
 
-/// A process's limit for `resource` (`prlimit(2)`; pid 0: this process).
-pub(crate) fn rlimit_of(
+/// Reads files of `/proc/PID` (`names`, in order) through one open
+/// directory of it, so that all come from one process: should it exit (and
+/// its pid be reused) between two reads, the later ones fail (ESRCH)
+/// rather than read another process's.
+pub(crate) fn read_proc_files<const N: usize>(
     pid: libc::pid_t,
-    resource: libc::__rlimit_resource_t,
-) -> io::Result<libc::rlimit> {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: a null new limit reads only; the old one is written here.
-    cvt(unsafe { libc::prlimit(pid, resource, ptr::null(), &mut limit) })?;
-    Ok(limit)
-}
-
-/// A process's nice value (`getpriority(2)`; pid 0: this process).
-pub(crate) fn nice_of(pid: libc::pid_t) -> io::Result<i32> {
-    // -1 is a valid nice value: errno tells an error from it.
-    // SAFETY: __errno_location points at this thread's errno.
-    unsafe { *libc::__errno_location() = 0 };
-    // SAFETY: getpriority takes plain integers.
-    let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, pid as libc::id_t) };
-    let error = io::Error::last_os_error();
-    if nice == -1 && error.raw_os_error() != Some(0) {
-        return Err(error);
+    names: [&CStr; N],
+) -> io::Result<[String; N]> {
+    let dir = std::ffi::CString::new(format!("/proc/{pid}")).expect("no NUL in a number");
+    // SAFETY: the path is NUL-terminated.
+    let dir = owned(cvt_r(|| unsafe {
+        libc::open(
+            dir.as_ptr(),
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    })?);
+    let mut texts: [String; N] = std::array::from_fn(|_| String::new());
+    for (name, text) in names.iter().zip(&mut texts) {
+        // SAFETY: the name is NUL-terminated and relative to `dir`.
+        let file = owned(cvt_r(|| unsafe {
+            libc::openat(
+                dir.as_raw_fd(),
+                name.as_ptr(),
+                libc::O_RDONLY | libc::O_CLOEXEC,
+            )
+        })?);
+        let mut file = std::fs::File::from(file);
+        std::io::Read::read_to_string(&mut file, text)?;
     }
-    Ok(nice)
-}
-
-/// A process's `oom_score_adj`, from /proc.
-pub(crate) fn oom_score_adj_of(pid: libc::pid_t) -> io::Result<i32> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/oom_score_adj"))?;
-    text.trim()
-        .parse()
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "oom_score_adj is not a number"))
+    Ok(texts)
 }
 
 /// A process's cgroup v2 path (the `0::` line of /proc/PID/cgroup).
