@@ -291,3 +291,126 @@ fn a_connection_handed_to_a_child_keeps_the_connecting_process_s_rights() {
         assert_eq!(said, "exit 0\n", "{control} {value}");
     }
 }
+
+/// Starts `test_peer SOCKET ARGS...` as nobody and reads its first `lines`
+/// lines; it keeps what it holds until the returned child's stdin closes.
+fn nobody_holding(server: &Server, args: &[&str], lines: usize) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    let mut child = Command::new("setpriv")
+        .args(["--reuid=nobody", "--regid=nogroup", "--init-groups", "--"])
+        .arg(peer_program(server))
+        .arg(&server.socket)
+        .args(args)
+        .current_dir("/")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("setpriv (util-linux) must be installed");
+    let mut reader = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut said = String::new();
+    for _ in 0..lines {
+        reader.read_line(&mut said).unwrap();
+    }
+    (child, said)
+}
+
+/// A field of /proc/PID/status in kB (VmRSS, VmHWM).
+fn status_kb(pid: u32, field: &str) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|line| line.strip_prefix(field))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|kb| kb.parse().ok())
+        .unwrap()
+}
+
+/// Finding 4: replies queued for a connection that never reads cost the
+/// server little, and the memory goes back. The old server queued 4096
+/// replies of up to 64 kB per connection (256 MB), and kept much of it.
+/// - `list` (10 children with 4 kB paths: 40 kB a page) asked for again
+///   and again: a list's page is made only once the one before it left
+///   the queue, so the queue fills with short refusals, and the
+///   connection is closed at max_queued_replies.
+/// - refusals quoting a 4 kB worker name: the connection is closed once
+///   its uid's queued replies pass max_queued_bytes_per_uid (8 MiB).
+#[test]
+fn a_peer_that_never_reads_costs_the_server_little() {
+    let Some((server, _)) =
+        server_for_nobody("hostile::a_peer_that_never_reads_costs_the_server_little")
+    else {
+        return;
+    };
+    let before_kb = status_kb(server.pid(), "VmRSS:");
+    let sleep = crate::replies::long_path_to_sleep(server.dir.path(), 4000);
+    let (mut flooder, said) =
+        nobody_holding(&server, &["flood-list", sleep.to_str().unwrap(), "10"], 2);
+    assert!(said.starts_with("held 10\nclosed after "), "{said}");
+    drop(flooder.stdin.take());
+    flooder.wait().unwrap();
+    let said = as_nobody(&server, &[], &["flood-unknown-worker"]);
+    assert!(said.starts_with("closed after "), "{said}");
+    assert!(
+        server.log().contains("the limit max_queued_bytes_per_uid"),
+        "{}",
+        server.log()
+    );
+    let peak_kb = status_kb(server.pid(), "VmHWM:");
+    let after_kb = status_kb(server.pid(), "VmRSS:");
+    assert!(
+        peak_kb < before_kb + 32 * 1024,
+        "the server grew from {before_kb} kB to {peak_kb} kB"
+    );
+    assert!(
+        after_kb < before_kb + 4 * 1024,
+        "the server kept {after_kb} kB after the connections closed (from {before_kb} kB)"
+    );
+    assert!(server.client().command("true").status().unwrap().success());
+}
+
+/// Finding 5: one uid may hold a quarter of the server's fds
+/// (max_fds_per_uid); with a peer holding all it may, another uid still
+/// spawns. (The old server gave one connection 1004 of 1024 fds, and the
+/// next user's spawn failed with EMFILE.)
+#[test]
+fn one_uid_cannot_take_the_server_s_fds() {
+    if !util::root_or_skip("hostile::one_uid_cannot_take_the_server_s_fds") {
+        return;
+    }
+    let server = Server::launch_in(
+        util::new_dir(),
+        &["prlimit", "--nofile=1024:1024", "--"],
+        Path::new(FORKSERVER),
+        &["--group", "nogroup", "--allow-uid", "nobody"],
+        &[],
+    );
+    util::open_to_nobody(&server);
+    let (mut holder, said) = nobody_holding(&server, &["hold", "2000"], 2);
+    let held: usize = said
+        .lines()
+        .next()
+        .and_then(|line| line.strip_prefix("held "))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{said}"));
+    assert!((200..=256).contains(&held), "{said}");
+    assert!(said.contains("max_fds_per_uid"), "{said}");
+    // Root, another uid, still gets children with pipes, many of them.
+    let client = server.client();
+    let mut children = Vec::new();
+    for _ in 0..100 {
+        let child = client
+            .command("sleep")
+            .arg("1000")
+            .stdin(forkserver::client::Stdio::piped())
+            .stdout(forkserver::client::Stdio::piped())
+            .spawn()
+            .unwrap();
+        children.push(child);
+    }
+    for child in &mut children {
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    drop(holder.stdin.take());
+    holder.wait().unwrap();
+}

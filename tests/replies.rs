@@ -19,7 +19,7 @@ use crate::util::{
 };
 
 /// A symlink to /bin/sleep whose path is about `len` bytes long.
-fn long_path_to_sleep(base: &std::path::Path, len: usize) -> std::path::PathBuf {
+pub(crate) fn long_path_to_sleep(base: &std::path::Path, len: usize) -> std::path::PathBuf {
     let mut dir = base.to_path_buf();
     // Components of at most 200 bytes (NAME_MAX is 255), then "/sleep".
     while dir.as_os_str().len() + 7 < len {
@@ -54,6 +54,10 @@ fn five_thousand_children_with_4_kb_paths_are_listed_in_pages() {
     let server = Server::start_with(&[
         "--limit",
         "max_children_per_connection=5000",
+        "--limit",
+        "max_children_per_uid=5000",
+        "--limit",
+        "max_fds_per_uid=6000",
         "--limit",
         "max_queued_replies=12000",
         "--limit",

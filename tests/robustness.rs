@@ -264,11 +264,13 @@ fn die_with_server_kills_the_child_when_the_server_dies() {
 
 #[test]
 fn running_out_of_fds_is_reported_and_the_server_recovers() {
+    // max_fds_per_uid (a quarter of the fds by default) would refuse the
+    // spawns before the fds run out: let this uid have them all.
     let server = Server::launch_in(
         new_dir(),
         &["prlimit", "--nofile=48:48", "--"],
         Path::new(FORKSERVER),
-        &[],
+        &["--limit", "max_fds_per_uid=1000"],
         &[],
     );
     let client = server.client();

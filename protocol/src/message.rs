@@ -676,6 +676,18 @@ pub struct Limits {
     pub max_connections: u32,
     /// Most connections from one uid at once.
     pub max_connections_per_uid: u32,
+    /// Most live children of one uid, over all its connections (detached
+    /// ones included).
+    pub max_children_per_uid: u32,
+    /// Most of the server's fds one uid may hold: a pidfd per live child,
+    /// the fds of its queued replies, its connections. 0 (the default)
+    /// means a quarter of the server's own fd limit, so that one uid cannot
+    /// leave the others without fds; `Welcome` gives the number in force.
+    pub max_fds_per_uid: u32,
+    /// Most bytes of replies queued for one uid's connections that are not
+    /// reading, all together; past this the connection whose reply would
+    /// not fit is closed.
+    pub max_queued_bytes_per_uid: u32,
 }
 
 impl Default for Limits {
@@ -693,13 +705,16 @@ impl Default for Limits {
             max_queued_replies: 4096,
             max_connections: 256,
             max_connections_per_uid: 64,
+            max_children_per_uid: 4096,
+            max_fds_per_uid: 0,
+            max_queued_bytes_per_uid: 8 << 20,
         }
     }
 }
 
 impl Limits {
     /// The limits' names, as in `Welcome` and `--limit NAME=VALUE`.
-    pub const NAMES: [&'static str; 12] = [
+    pub const NAMES: [&'static str; 15] = [
         "max_message_bytes",
         "max_fds_per_message",
         "max_args",
@@ -712,6 +727,9 @@ impl Limits {
         "max_queued_replies",
         "max_connections",
         "max_connections_per_uid",
+        "max_children_per_uid",
+        "max_fds_per_uid",
+        "max_queued_bytes_per_uid",
     ];
 
     /// Sets the limit called `name`; the error names the known limits.
@@ -729,6 +747,9 @@ impl Limits {
             "max_queued_replies" => &mut self.max_queued_replies,
             "max_connections" => &mut self.max_connections,
             "max_connections_per_uid" => &mut self.max_connections_per_uid,
+            "max_children_per_uid" => &mut self.max_children_per_uid,
+            "max_fds_per_uid" => &mut self.max_fds_per_uid,
+            "max_queued_bytes_per_uid" => &mut self.max_queued_bytes_per_uid,
             _ => {
                 return Err(format!(
                     "unknown limit '{name}'; the limits are {}",

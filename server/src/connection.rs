@@ -1,5 +1,7 @@
 //! One client connection: its handshake state and its bounded queue of
-//! replies the socket could not take yet. (Its children are in the ledger.)
+//! replies the socket could not take yet. (Its children are in the ledger;
+//! what its uid may still queue, over all its connections, is the event
+//! loop's to say: [`Room`].)
 
 use std::collections::VecDeque;
 use std::io;
@@ -20,6 +22,9 @@ pub(crate) struct Connection {
     /// The client's name from `Hello`, for logs.
     pub(crate) client: String,
     outbox: VecDeque<(Vec<u8>, Vec<OwnedFd>)>,
+    /// Bytes and fds in `outbox`.
+    queued_bytes: usize,
+    queued_fds: usize,
     /// Replies queued beyond this mean the client is not reading; it is
     /// dropped rather than buffered for without bound.
     max_queued: usize,
@@ -27,6 +32,26 @@ pub(crate) struct Connection {
     max_bytes: usize,
     /// The connection is to be closed (peer gone, fatal error, or flooding).
     pub(crate) dead: bool,
+    /// A `list` whose pages are still to be made.
+    pub(crate) listing: Option<Listing>,
+}
+
+/// A `list` being answered: its pages are made one at a time, each once the
+/// one before has left the queue, so a list costs the server its pids
+/// until then rather than every page at once.
+pub(crate) struct Listing {
+    /// The request's id.
+    pub(crate) id: u64,
+    /// The children still to describe, in order.
+    pub(crate) pids: VecDeque<libc::pid_t>,
+}
+
+/// What the connection's uid may still queue, over all its connections
+/// (`max_queued_bytes_per_uid`, `max_fds_per_uid`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Room {
+    pub(crate) bytes: usize,
+    pub(crate) fds: usize,
 }
 
 /// What `send` did with a message.
@@ -48,15 +73,19 @@ impl Connection {
             greeted: false,
             client: String::new(),
             outbox: VecDeque::new(),
+            queued_bytes: 0,
+            queued_fds: 0,
             max_queued: max_queued as usize,
             max_bytes: max_bytes as usize,
             dead: false,
+            listing: None,
         }
     }
 
     /// Sends `message` with `fds` now if the socket takes it and nothing is
-    /// queued ahead of it, else queues it (in order).
-    pub(crate) fn send(&mut self, message: &ServerMessage, fds: Vec<OwnedFd>) -> Sent {
+    /// queued ahead of it, else queues it (in order) if `room` allows; a
+    /// client whose replies do not fit is not reading, and is closed.
+    pub(crate) fn send(&mut self, message: &ServerMessage, fds: Vec<OwnedFd>, room: Room) -> Sent {
         if self.dead {
             return Sent::Dropped;
         }
@@ -82,8 +111,32 @@ impl Connection {
             self.dead = true;
             return Sent::Dropped;
         }
+        let over = if bytes.len() > room.bytes {
+            Some("max_queued_bytes_per_uid")
+        } else if fds.len() > room.fds {
+            Some("max_fds_per_uid")
+        } else {
+            None
+        };
+        if let Some(limit) = over {
+            log!(
+                Level::Warn,
+                "client '{}' ({}) is not reading its replies, and one more would pass its uid's share of the server (the limit {limit}); closing its connection",
+                self.client,
+                self.peer
+            );
+            self.dead = true;
+            return Sent::Dropped;
+        }
+        self.queued_bytes += bytes.len();
+        self.queued_fds += fds.len();
         self.outbox.push_back((bytes, fds));
         Sent::Queued
+    }
+
+    /// Bytes and fds of the replies queued.
+    pub(crate) fn queued(&self) -> (usize, usize) {
+        (self.queued_bytes, self.queued_fds)
     }
 
     /// The reply's bytes, shrunk to `max_bytes` if need be (see
@@ -127,9 +180,13 @@ impl Connection {
     /// queue is empty.
     pub(crate) fn flush(&mut self) -> bool {
         while let Some((bytes, fds)) = self.outbox.pop_front() {
+            self.queued_bytes -= bytes.len();
+            self.queued_fds -= fds.len();
             match self.write(&bytes, &fds) {
                 Ok(true) => {}
                 Ok(false) => {
+                    self.queued_bytes += bytes.len();
+                    self.queued_fds += fds.len();
                     self.outbox.push_front((bytes, fds));
                     return false;
                 }
@@ -193,6 +250,7 @@ impl Connection {
                 }
                 self.dead = true;
                 self.outbox.clear();
+                (self.queued_bytes, self.queued_fds) = (0, 0);
                 Err(())
             }
         }

@@ -101,6 +101,8 @@ pub(crate) struct Ledger {
     spawns: u64,
     failures: u64,
     by_uid: HashMap<u32, (u64, u64)>,
+    /// Live children by their peer's uid (`max_children_per_uid`).
+    live_by_uid: HashMap<u32, u32>,
 }
 
 impl Ledger {
@@ -110,8 +112,18 @@ impl Ledger {
         &self,
         conn: ConnId,
         id: u64,
+        uid: u32,
         limits: &Limits,
     ) -> Result<(), (ErrorKind, String)> {
+        let live = self.live_of(uid);
+        if live >= limits.max_children_per_uid {
+            return Err((
+                ErrorKind::Limit,
+                format!(
+                    "uid {uid} already has {live} live children (the limit max_children_per_uid)"
+                ),
+            ));
+        }
         let Some(owned) = self.by_conn.get(&conn) else {
             return Ok(());
         };
@@ -149,6 +161,7 @@ impl Ledger {
         self.starting += 1;
         self.spawns += 1;
         self.by_uid.entry(peer.uid).or_default().0 += 1;
+        *self.live_by_uid.entry(peer.uid).or_default() += 1;
         self.children.insert(
             child.pid,
             ChildRecord {
@@ -261,6 +274,12 @@ impl Ledger {
             _ => Settled::default(),
         };
         let record = self.children.remove(&pid)?;
+        if let Some(live) = self.live_by_uid.get_mut(&record.owner_uid) {
+            *live -= 1;
+            if *live == 0 {
+                self.live_by_uid.remove(&record.owner_uid);
+            }
+        }
         if let (Stage::Running, Some(conn)) = (record.stage, record.owner) {
             if let Some(owned) = self.by_conn.get_mut(&conn) {
                 owned.by_id.remove(&record.id);
@@ -335,6 +354,11 @@ impl Ledger {
     /// Children launched and spawn requests failed for peers of `uid`.
     pub(crate) fn counts_of(&self, uid: u32) -> (u64, u64) {
         self.by_uid.get(&uid).copied().unwrap_or_default()
+    }
+
+    /// Live children of peers of `uid`, detached ones included.
+    pub(crate) fn live_of(&self, uid: u32) -> u32 {
+        self.live_by_uid.get(&uid).copied().unwrap_or(0)
     }
 
     /// How many children are being killed because their connection went:

@@ -89,7 +89,7 @@ fn spawned_comes_before_exited_even_when_the_reaper_is_first() {
     assert_eq!((ledger.len(), ledger.starting()), (0, 0));
     assert_eq!(ledger.counts(), (1, 0));
     // The id is free again.
-    assert!(ledger.admit(CONN, 1, &Limits::default()).is_ok());
+    assert!(ledger.admit(CONN, 1, 1000, &Limits::default()).is_ok());
 }
 
 #[test]
@@ -149,20 +149,44 @@ fn limits_count_live_and_starting_children() {
     };
     let first = launch(&mut ledger, 100, 1);
     let _second = launch(&mut ledger, 101, 2);
-    let (kind, message) = ledger.admit(CONN, 1, &limits).unwrap_err();
+    let (kind, message) = ledger.admit(CONN, 1, 1000, &limits).unwrap_err();
     assert_eq!(kind, ErrorKind::Invalid, "{message}");
-    let (kind, message) = ledger.admit(CONN, 3, &limits).unwrap_err();
+    let (kind, message) = ledger.admit(CONN, 3, 1000, &limits).unwrap_err();
     assert!(
         message.contains("max_pending_per_connection"),
         "{kind:?} {message}"
     );
     drop(first);
     ledger.start_reported(100, Outcome::Started);
-    assert!(ledger.admit(CONN, 3, &limits).is_ok());
+    assert!(ledger.admit(CONN, 3, 1000, &limits).is_ok());
     let _third = launch(&mut ledger, 102, 3);
     ledger.start_reported(102, Outcome::Started);
-    let (_, message) = ledger.admit(CONN, 4, &limits).unwrap_err();
+    let (_, message) = ledger.admit(CONN, 4, 1000, &limits).unwrap_err();
     assert!(message.contains("max_children_per_connection"), "{message}");
+}
+
+#[test]
+fn a_uid_s_live_children_are_counted_over_its_connections() {
+    let mut ledger = Ledger::default();
+    let limits = Limits {
+        max_children_per_uid: 2,
+        ..Limits::default()
+    };
+    let _first = launch(&mut ledger, 100, 1);
+    assert!(ledger.admit(CONN + 1, 1, 1000, &limits).is_ok());
+    let _second = launch(&mut ledger, 101, 2);
+    assert_eq!(ledger.live_of(1000), 2);
+    // Another connection of the same uid is refused; another uid is not.
+    let (kind, message) = ledger.admit(CONN + 1, 1, 1000, &limits).unwrap_err();
+    assert_eq!(kind, ErrorKind::Limit);
+    assert!(message.contains("max_children_per_uid"), "{message}");
+    assert!(ledger.admit(CONN + 1, 1, 1001, &limits).is_ok());
+    // A disconnect keeps them counted until they are reaped.
+    ledger.disconnected(CONN, Instant::now());
+    assert_eq!(ledger.live_of(1000), 2);
+    ledger.reaped(100, EXITED_0);
+    assert_eq!(ledger.live_of(1000), 1);
+    assert!(ledger.admit(CONN + 1, 1, 1000, &limits).is_ok());
 }
 
 #[test]

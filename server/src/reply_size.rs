@@ -5,7 +5,8 @@
 //!
 //! - Lists that grow with the server's state (`children`, `killed`) are
 //!   sent as pages with the same id, each marked `more` but the last
-//!   ([`pages`]).
+//!   ([`pages`]; `children` a [`Page`] at a time, each made once the one
+//!   before it left the queue).
 //! - Texts are cut ([`cut_text`]) with a marker saying how much was cut:
 //!   error messages, and a child's `target` in `children`.
 //! - `status` and `welcome` lose list entries from the end and say
@@ -39,22 +40,48 @@ pub(crate) fn cut_text(text: &mut String, max: usize) {
     text.push_str(&format!("… [{cut} bytes cut]"));
 }
 
+/// One page of a list being filled: items are taken while their encoding
+/// fits in `max` bytes with the envelope; the first always fits (an item
+/// is never larger than a page: texts in it are cut).
+pub(crate) struct Page<T> {
+    pub(crate) items: Vec<T>,
+    used: usize,
+    budget: usize,
+}
+
+impl<T: Serialize> Page<T> {
+    pub(crate) fn new(max: usize) -> Page<T> {
+        Page {
+            items: Vec::new(),
+            used: 0,
+            budget: max.saturating_sub(ENVELOPE),
+        }
+    }
+
+    /// Adds `item`, or gives it back if the page is full.
+    pub(crate) fn push(&mut self, item: T) -> Result<(), T> {
+        let size = encode(&item).map_or(self.budget, |bytes| bytes.len());
+        if !self.items.is_empty() && self.used + size > self.budget {
+            return Err(item);
+        }
+        self.used += size;
+        self.items.push(item);
+        Ok(())
+    }
+}
+
 /// Splits `items` into pages whose encoding fits in `max` bytes with the
 /// envelope. Always at least one page (an empty one for no items).
 pub(crate) fn pages<T: Serialize>(items: Vec<T>, max: usize) -> Vec<Vec<T>> {
-    let budget = max.saturating_sub(ENVELOPE);
-    let mut pages = vec![Vec::new()];
-    let mut used = 0;
+    let mut pages = Vec::new();
+    let mut page = Page::new(max);
     for item in items {
-        let size = encode(&item).map_or(budget, |bytes| bytes.len());
-        let page = pages.last_mut().expect("there is always a page");
-        if !page.is_empty() && used + size > budget {
-            pages.push(Vec::new());
-            used = 0;
+        if let Err(item) = page.push(item) {
+            pages.push(std::mem::replace(&mut page, Page::new(max)).items);
+            page.push(item).ok().expect("an empty page takes any item");
         }
-        used += size;
-        pages.last_mut().expect("just pushed").push(item);
     }
+    pages.push(page.items);
     pages
 }
 

@@ -11,7 +11,7 @@ use forkserver_protocol::{
 use nix::sys::epoll::{EpollEvent, EpollFlags};
 
 use super::{conn_token, EventLoop, LISTENER};
-use crate::connection::{Connection, Sent};
+use crate::connection::{Connection, Room, Sent};
 use crate::ledger::ConnId;
 use crate::log::{log, Level};
 use crate::peer::Peer;
@@ -75,7 +75,12 @@ impl EventLoop {
             );
             if let Some((kind, message)) = refusal {
                 log!(Level::Warn, "refused {}: {message}", conn.peer);
-                conn.send(&fatal(kind, message), Vec::new());
+                // Its own room: it is not counted, and closes here.
+                let room = Room {
+                    bytes: self.limits.max_message_bytes as usize,
+                    fds: 0,
+                };
+                conn.send(&fatal(kind, message), Vec::new(), room);
                 continue;
             }
             let id = self.next_conn;
@@ -87,6 +92,7 @@ impl EventLoop {
                 log!(Level::Warn, "cannot watch a new connection: {e}");
                 continue;
             }
+            self.usage.connected(conn.peer.uid);
             self.connections.insert(id, conn);
         }
     }
@@ -142,12 +148,11 @@ impl EventLoop {
     }
 
     pub(super) fn connection_ready(&mut self, id: ConnId, flags: EpollFlags) {
-        if flags.contains(EpollFlags::EPOLLOUT) {
-            if let Some(conn) = self.connections.get_mut(&id) {
-                if conn.flush() {
-                    self.watch_output(id, false);
-                }
-            }
+        if flags.contains(EpollFlags::EPOLLOUT)
+            && self.with_queue(id, |conn, _| conn.flush()) == Some(true)
+        {
+            self.watch_output(id, false);
+            self.continue_listing(id);
         }
         if flags.intersects(EpollFlags::EPOLLIN | EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR) {
             for _ in 0..READS_PER_WAKEUP {
@@ -243,10 +248,12 @@ impl EventLoop {
         fds: Vec<std::os::fd::OwnedFd>,
     ) {
         let is_fatal = matches!(message, ServerMessage::Error { fatal: true, .. });
+        let Some(sent) = self.with_queue(id, |conn, room| conn.send(&message, fds, room)) else {
+            return;
+        };
         let Some(conn) = self.connections.get_mut(&id) else {
             return;
         };
-        let sent = conn.send(&message, fds);
         if is_fatal {
             if let ServerMessage::Error { message, .. } = &message {
                 log!(Level::Warn, "closing client '{}': {message}", conn.client);
@@ -279,6 +286,7 @@ impl EventLoop {
         let Some(conn) = self.connections.remove(&id) else {
             return;
         };
+        self.usage.disconnected(conn.peer.uid, conn.queued());
         let _ = self.epoll.delete(&conn);
         let live = self
             .ledger

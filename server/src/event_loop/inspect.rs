@@ -10,9 +10,10 @@ use forkserver_protocol::{ChildInfo, ErrorKind, OnDisconnect, ServerMessage, Sta
 
 use super::connections::request_error;
 use super::EventLoop;
+use crate::connection::Listing;
 use crate::ledger::{ChildRecord, ConnId};
 use crate::peer::Peer;
-use crate::reply_size::{self, paged, TEXT_MAX};
+use crate::reply_size::{self, paged, Page, TEXT_MAX};
 use crate::sys;
 
 impl EventLoop {
@@ -75,40 +76,75 @@ impl EventLoop {
         }
     }
 
-    /// The children the peer may see, in pages that fit.
-    pub(super) fn list(&self, conn_id: ConnId, id: u64) -> Vec<ServerMessage> {
-        let Some(peer) = self.connections.get(&conn_id).map(|c| &c.peer) else {
-            return vec![request_error(
-                Some(id),
-                ErrorKind::Protocol,
-                "no connection".into(),
-            )];
+    /// Starts answering a `list`: the children the peer may see, in pages
+    /// that fit, made as the client reads them ([`Listing`]).
+    pub(super) fn list(&mut self, conn_id: ConnId, id: u64) {
+        let Some(conn) = self.connections.get(&conn_id) else {
+            return;
         };
-        let mut children: Vec<ChildInfo> = self
+        if let Some(listing) = &conn.listing {
+            let message = format!(
+                "the list of request {} is still being sent on this connection; read it first",
+                listing.id
+            );
+            self.reply(
+                conn_id,
+                request_error(Some(id), ErrorKind::Limit, message),
+                Vec::new(),
+            );
+            return;
+        }
+        let mut pids: Vec<libc::pid_t> = self
             .ledger
             .iter()
-            .filter(|(_, record)| self.may_touch(peer, record))
-            .map(|(pid, record)| {
-                let mut target = record.target.clone();
-                reply_size::cut_text(&mut target, TEXT_MAX);
-                ChildInfo {
-                    pid: pid as u32,
-                    target,
-                    owner_pid: record.owner_pid,
-                    owner_uid: record.owner_uid,
-                    owner_connected: record.owner.is_some(),
-                    age_ms: record.started.elapsed().as_millis() as u64,
-                    detached: record.on_disconnect == OnDisconnect::Detach,
-                    cgroup: sys::cgroup_of(pid),
-                }
-            })
+            .filter(|(_, record)| self.may_touch(&conn.peer, record))
+            .map(|(pid, _)| pid)
             .collect();
-        children.sort_by_key(|c| c.pid);
-        paged(
-            children,
-            self.limits.max_message_bytes as usize,
-            |children, more| ServerMessage::Children { id, children, more },
-        )
+        pids.sort_unstable();
+        if let Some(conn) = self.connections.get_mut(&conn_id) {
+            conn.listing = Some(Listing {
+                id,
+                pids: pids.into(),
+            });
+        }
+        self.continue_listing(conn_id);
+    }
+
+    /// Sends the next pages of connection `conn_id`'s `list` while its
+    /// queue is empty (a child reaped since the list began is left out).
+    pub(super) fn continue_listing(&mut self, conn_id: ConnId) {
+        let max = self.limits.max_message_bytes as usize;
+        loop {
+            let Some(conn) = self.connections.get_mut(&conn_id) else {
+                return;
+            };
+            if conn.dead || conn.has_queued() {
+                return;
+            }
+            let Some(listing) = conn.listing.as_mut() else {
+                return;
+            };
+            let mut page = Page::new(max);
+            while let Some(pid) = listing.pids.pop_front() {
+                let Some(record) = self.ledger.get(pid) else {
+                    continue;
+                };
+                if page.push(child_info(pid, record)).is_err() {
+                    listing.pids.push_front(pid);
+                    break;
+                }
+            }
+            let (id, more) = (listing.id, !listing.pids.is_empty());
+            if !more {
+                conn.listing = None;
+            }
+            let children = page.items;
+            self.reply(
+                conn_id,
+                ServerMessage::Children { id, children, more },
+                Vec::new(),
+            );
+        }
     }
 
     /// Signals one child or all the peer may touch; the pids signalled, in
@@ -171,5 +207,21 @@ impl EventLoop {
             self.limits.max_message_bytes as usize,
             |pids, more| ServerMessage::Killed { id, pids, more },
         )
+    }
+}
+
+/// What `list` says of a child.
+fn child_info(pid: libc::pid_t, record: &ChildRecord) -> ChildInfo {
+    let mut target = record.target.clone();
+    reply_size::cut_text(&mut target, TEXT_MAX);
+    ChildInfo {
+        pid: pid as u32,
+        target,
+        owner_pid: record.owner_pid,
+        owner_uid: record.owner_uid,
+        owner_connected: record.owner.is_some(),
+        age_ms: record.started.elapsed().as_millis() as u64,
+        detached: record.on_disconnect == OnDisconnect::Detach,
+        cgroup: sys::cgroup_of(pid),
     }
 }

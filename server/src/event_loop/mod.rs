@@ -39,6 +39,7 @@ use crate::signals::SignalPipe;
 use crate::threads::ForkGuard;
 use crate::{sys, ServeError, ServeOptions};
 
+mod budgets;
 mod connections;
 mod inspect;
 mod requests;
@@ -70,6 +71,8 @@ pub(crate) struct EventLoop {
     limits: Limits,
     kill_grace: Duration,
     connections: HashMap<ConnId, Connection>,
+    /// What each uid's connections hold (budgets.rs).
+    usage: budgets::Usage,
     next_conn: ConnId,
     ledger: Ledger,
     /// Set while the listener is out of the epoll set after EMFILE/ENFILE.
@@ -125,6 +128,12 @@ impl EventLoop {
         }
         let fork_guard = ForkGuard::arm(options.threads)
             .map_err(|why| ServeError::Config(format!("--allow-dormant-threads: {why}")))?;
+        // By default one uid may hold a quarter of the server's fds, so the
+        // others always have some.
+        let mut limits = options.limits;
+        if limits.max_fds_per_uid == 0 {
+            limits.max_fds_per_uid = sys::open_files_limit() / 4;
+        }
         let launcher = Launcher::new(modules, options.limits, fork_guard)
             .map_err(|e| ServeError::Setup("opening /dev/null", e))?;
         let mut event_loop = EventLoop {
@@ -133,9 +142,10 @@ impl EventLoop {
             signals,
             lifeline,
             launcher,
-            limits: options.limits,
+            limits,
             kill_grace: options.kill_grace,
             connections: HashMap::new(),
+            usage: budgets::Usage::default(),
             next_conn: 1,
             ledger: Ledger::default(),
             accept_paused_until: None,

@@ -87,11 +87,7 @@ impl EventLoop {
                 let report = self.status(id, request);
                 self.reply(id, ServerMessage::Status(report), Vec::new());
             }
-            ClientMessage::List { id: request } => {
-                for page in self.list(id, request) {
-                    self.reply(id, page, Vec::new());
-                }
-            }
+            ClientMessage::List { id: request } => self.list(id, request),
             ClientMessage::Kill {
                 id: request,
                 pid,
@@ -110,7 +106,8 @@ impl EventLoop {
         };
         let launched = self
             .ledger
-            .admit(conn_id, request.id, &self.limits)
+            .admit(conn_id, request.id, conn.peer.uid, &self.limits)
+            .and_then(|()| self.admit_fds(conn.peer.uid))
             .and_then(|()| {
                 child_rights(&conn.peer, &request, self.server_uid)
                     .map_err(|message| (ErrorKind::Denied, message))

@@ -4,6 +4,20 @@ use std::ffi::{c_void, CStr};
 use std::io;
 use std::ptr;
 
+/// Hands free heap memory back to the system: glibc keeps freed blocks
+/// below its mmap threshold (128 KiB and up, adjusted at run time) for
+/// reuse, so a burst of queued replies would stay resident after it was
+/// sent or dropped; `malloc_trim(0)` releases the free pages. Other C
+/// libraries (musl's mallocng) give pages back as they free them, and need
+/// nothing here.
+pub(crate) fn give_back_free_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// This process's resident set size, from /proc/self/statm.
 pub(crate) fn resident_bytes() -> Option<u64> {
     let statm = std::fs::read_to_string("/proc/self/statm").ok()?;

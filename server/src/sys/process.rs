@@ -282,6 +282,20 @@ pub(crate) fn yield_cpu() {
     unsafe { libc::sched_yield() };
 }
 
+/// This process's soft limit on open files (`RLIMIT_NOFILE`), capped at
+/// `u32::MAX`.
+pub(crate) fn open_files_limit() -> u32 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return u32::MAX;
+    }
+    limit.rlim_cur.min(u32::MAX as u64) as u32
+}
+
 /// Reads files of `/proc/PID` (`names`, in order) through one open
 /// directory of it, so that all come from one process: should it exit (and
 /// its pid be reused) between two reads, the later ones fail (ESRCH)
