@@ -414,3 +414,68 @@ fn one_uid_cannot_take_the_server_s_fds() {
     drop(holder.stdin.take());
     holder.wait().unwrap();
 }
+
+/// Finding 7: what a child leaves behind in its process group (a helper it
+/// started in the background) goes with the connection, as the child
+/// would; a detached child's group stays.
+#[test]
+fn a_disconnect_kills_the_process_groups_of_its_children() {
+    let server = Server::start();
+    let helper_of = |output: &[u8]| -> u32 {
+        text(output)
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("no pid in {:?}", text(output)))
+    };
+    // The child exits at once, leaving its helper; the CLI then exits 0
+    // and disconnects.
+    let output = server
+        .cli_spawn(&["--", "sh", "-c", "sleep 1000 & echo $!; exit 0"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0));
+    let left_behind = helper_of(&output.stdout);
+    util::wait_until("the exited child's helper is killed", || {
+        !util::is_running(left_behind)
+    });
+
+    // The child still runs when its client goes: its group goes with it.
+    let client = server.client();
+    let mut child = client
+        .command("sh")
+        .args(["-c", "sleep 1000 & echo $!; wait"])
+        .stdout(forkserver::client::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let helper = helper_of(line.as_bytes());
+    let leader = child.id();
+    drop(child);
+    drop(client);
+    util::wait_until("the child and its helper are killed", || {
+        !util::is_running(leader) && !util::is_running(helper)
+    });
+
+    // A detached child's group is its own business.
+    let pid_file = server.dir.path().join("helper.pid");
+    let script = format!("sleep 1000 & echo $! > {}; wait", pid_file.display());
+    let status = server
+        .cli_spawn(&["--detach", "--", "sh", "-c", &script])
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    util::wait_until("the detached child writes its helper's pid", || {
+        fs::read_to_string(&pid_file).is_ok_and(|s| s.ends_with('\n'))
+    });
+    let detached_helper = helper_of(fs::read_to_string(&pid_file).unwrap().as_bytes());
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(util::is_running(detached_helper));
+    // SAFETY: kill by pid of a process this test started (running, above).
+    unsafe { libc::kill(detached_helper as i32, libc::SIGKILL) };
+}

@@ -58,6 +58,9 @@ pub(crate) struct ChildRecord {
     pub(crate) on_disconnect: OnDisconnect,
     /// When to SIGKILL it, after a SIGTERM that may be ignored.
     pub(crate) kill_at: Option<Instant>,
+    /// It leads a process group of its own (pgid = pid): a new session, or
+    /// `process_group: 0`. Killing it on disconnect kills the group.
+    pub(crate) leads_group: bool,
     /// The program or worker, for `List`.
     pub(crate) target: String,
     /// The peer that spawned it (pid and uid at connect time).
@@ -103,6 +106,13 @@ pub(crate) struct Ledger {
     by_uid: HashMap<u32, (u64, u64)>,
     /// Live children by their peer's uid (`max_children_per_uid`).
     live_by_uid: HashMap<u32, u32>,
+    /// By connection: process groups whose leader, a child of that
+    /// connection, exited while members remained (`sh -c 'helper & exit'`);
+    /// they are killed when the connection goes, as the leader would have
+    /// been.
+    lingering: HashMap<ConnId, Vec<libc::pid_t>>,
+    /// Groups sent SIGTERM on a disconnect, and when they get SIGKILL.
+    dying_groups: Vec<(libc::pid_t, Instant)>,
 }
 
 impl Ledger {
@@ -175,6 +185,7 @@ impl Ledger {
                 },
                 on_disconnect: request.on_disconnect,
                 kill_at: None,
+                leads_group: request.new_session || request.process_group == Some(0),
                 target: describe(request).to_string_lossy().into_owned(),
                 owner_pid: peer.pid,
                 owner_uid: peer.uid,
@@ -274,6 +285,7 @@ impl Ledger {
             _ => Settled::default(),
         };
         let record = self.children.remove(&pid)?;
+        self.note_lingering_group(pid, &record);
         if let Some(live) = self.live_by_uid.get_mut(&record.owner_uid) {
             *live -= 1;
             if *live == 0 {
@@ -297,10 +309,37 @@ impl Ledger {
         Some(settled)
     }
 
+    /// Remembers the group child `pid` led, if it is to be killed with its
+    /// connection and still has members now that its leader is gone. (Its
+    /// number stays reserved while a member lives; should all of them exit
+    /// before the connection closes, the number could in principle be
+    /// given to a new group once the kernel's pid counter wraps around
+    /// pid_max, which is why dead groups are dropped as new ones come.)
+    fn note_lingering_group(&mut self, pid: libc::pid_t, record: &ChildRecord) {
+        let Some(conn) = record.owner else {
+            return;
+        };
+        if !record.leads_group
+            || record.on_disconnect != OnDisconnect::Kill
+            || sys::signal_group(pid, 0).is_err()
+        {
+            return;
+        }
+        let groups = self.lingering.entry(conn).or_default();
+        groups.retain(|&pgid| sys::signal_group(pgid, 0).is_ok());
+        groups.push(pid);
+    }
+
     /// Connection `conn` closed: its children lose their owner; those whose
-    /// `on_disconnect` is kill get SIGTERM now and SIGKILL at `kill_at`.
-    /// Returns how many it had.
+    /// `on_disconnect` is kill get SIGTERM now and SIGKILL at `kill_at`,
+    /// each with its process group if it leads one, and so do the groups
+    /// its exited children left behind. Returns how many children it had.
     pub(crate) fn disconnected(&mut self, conn: ConnId, kill_at: Instant) -> usize {
+        for pgid in self.lingering.remove(&conn).unwrap_or_default() {
+            if sys::signal_group(pgid, libc::SIGTERM).is_ok() {
+                self.dying_groups.push((pgid, kill_at));
+            }
+        }
         let Some(owned) = self.by_conn.remove(&conn) else {
             return 0;
         };
@@ -313,6 +352,12 @@ impl Ledger {
                 // ESRCH only means it already exited and awaits reaping.
                 let _ = sys::pidfd_send_signal(record.pidfd.as_fd(), libc::SIGTERM);
                 record.kill_at = Some(kill_at);
+                if record.leads_group {
+                    // The leader is not reaped yet, so the group's number
+                    // is still its own.
+                    let _ = sys::signal_group(*pid, libc::SIGTERM);
+                    self.dying_groups.push((*pid, kill_at));
+                }
             }
         }
         owned.by_id.len()
@@ -362,20 +407,37 @@ impl Ledger {
     }
 
     /// How many children are being killed because their connection went:
-    /// what a shutdown waits for.
+    /// what a shutdown waits for (then [`Ledger::kill_dying_groups`]).
     pub(crate) fn being_killed(&self) -> usize {
-        self.children
+        let children = self
+            .children
             .values()
             .filter(|r| r.owner.is_none() && r.on_disconnect == OnDisconnect::Kill)
-            .count()
+            .count();
+        children
+    }
+
+    /// SIGKILLs the groups still in their grace period: a server that is
+    /// stopping does not wait for them (a member that already exited may
+    /// stay a zombie of whoever adopted it, so the kernel cannot tell us
+    /// when a group is empty).
+    pub(crate) fn kill_dying_groups(&mut self) {
+        for (pgid, _) in self.dying_groups.drain(..) {
+            let _ = sys::signal_group(pgid, libc::SIGKILL);
+        }
     }
 
     /// The earliest SIGKILL deadline, if any.
     pub(crate) fn next_deadline(&self) -> Option<Instant> {
-        self.children.values().filter_map(|r| r.kill_at).min()
+        let groups = self.dying_groups.iter().map(|&(_, at)| at);
+        self.children
+            .values()
+            .filter_map(|r| r.kill_at)
+            .chain(groups)
+            .min()
     }
 
-    /// SIGKILLs every child whose grace period is over.
+    /// SIGKILLs every child and group whose grace period is over.
     pub(crate) fn kill_overdue(&mut self, now: Instant) {
         for record in self.children.values_mut() {
             if record.kill_at.is_some_and(|at| at <= now) {
@@ -384,6 +446,14 @@ impl Ledger {
                 record.kill_at = None;
             }
         }
+        self.dying_groups.retain(|&(pgid, at)| {
+            if at > now {
+                return true;
+            }
+            // ESRCH: the group is gone already.
+            let _ = sys::signal_group(pgid, libc::SIGKILL);
+            false
+        });
     }
 }
 

@@ -28,6 +28,9 @@ fn launch(ledger: &mut Ledger, pid: libc::pid_t, id: u64) -> OwnedFd {
     let (stdout, _) = sys::pipe(false).unwrap();
     let mut request = Spawn::exec(id, "prog", Vec::new());
     request.stdout = StdioSpec::Pipe;
+    // The pids here are made up: a child that led a process group would
+    // have its (real) group signalled on disconnect.
+    request.new_session = false;
     let child = Launched {
         pid,
         pidfd: std::fs::File::open("/dev/null").unwrap().into(),

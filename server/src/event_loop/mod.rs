@@ -249,6 +249,7 @@ impl EventLoop {
         let mut events = vec![EpollEvent::empty(); 64];
         loop {
             if self.listener.is_none() && self.ledger.being_killed() == 0 {
+                self.ledger.kill_dying_groups();
                 return Ok(());
             }
             let refill_timer = self

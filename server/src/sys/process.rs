@@ -223,6 +223,14 @@ pub(crate) fn pidfd_send_signal(pidfd: BorrowedFd<'_>, signal: i32) -> io::Resul
     Ok(())
 }
 
+/// Sends `signal` to every process in process group `pgid` (`kill(-pgid)`;
+/// signal 0 only asks whether the group has a member left).
+pub(crate) fn signal_group(pgid: libc::pid_t, signal: i32) -> io::Result<()> {
+    // SAFETY: kill takes plain integers; a negative pid names a group.
+    cvt(unsafe { libc::kill(-pgid, signal) })?;
+    Ok(())
+}
+
 /// The current signal mask is replaced by one blocking every signal; the
 /// returned mask restores it. Used around fork so that a signal sent to the
 /// new child before it has reset its handlers stays pending until it has.
