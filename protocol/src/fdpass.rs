@@ -64,10 +64,10 @@ pub fn send_datagram(
     // SAFETY: msghdr is a plain C struct; all-zero is a valid empty header.
     let mut header: libc::msghdr = unsafe { mem::zeroed() };
     header.msg_iov = iov.as_ptr() as *mut libc::iovec;
-    header.msg_iovlen = iov.len();
+    header.msg_iovlen = iov.len() as _;
     if !fds.is_empty() {
         header.msg_control = control.as_mut_ptr().cast();
-        header.msg_controllen = control.len() * mem::size_of::<u64>();
+        header.msg_controllen = (control.len() * mem::size_of::<u64>()) as _;
         // SAFETY: the control buffer is aligned (u64 words) and sized by
         // CMSG_SPACE for exactly fds.len() descriptors, so CMSG_FIRSTHDR is
         // non-null and CMSG_DATA has room for them.
@@ -125,7 +125,7 @@ pub fn recv_datagram(
     header.msg_iov = &mut iov;
     header.msg_iovlen = 1;
     header.msg_control = control.as_mut_ptr().cast();
-    header.msg_controllen = control.len() * mem::size_of::<u64>();
+    header.msg_controllen = (control.len() * mem::size_of::<u64>()) as _;
     let received = loop {
         // SAFETY: header points at live, writable buffers of the sizes given.
         let n = unsafe {

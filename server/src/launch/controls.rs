@@ -19,7 +19,12 @@ use super::LaunchError;
 use crate::peer::{OwnControls, Peer};
 use crate::sys;
 
+/// The type setrlimit(2) takes a resource as: glibc's enum, or an int
+/// (musl).
+#[cfg(target_env = "gnu")]
 pub(crate) type Resource = libc::__rlimit_resource_t;
+#[cfg(not(target_env = "gnu"))]
+pub(crate) type Resource = libc::c_int;
 
 /// The name of resource `resource`, for messages.
 pub(crate) fn resource_name(resource: u32) -> &'static str {
@@ -63,7 +68,6 @@ pub(crate) fn controls(request: &Spawn, peer: &Peer) -> Result<Controls, LaunchE
                 RLIMITS.map(|(n, _)| n).join(", ")
             )));
         };
-        let resource = resource as Resource;
         let value = |v: Option<u64>| v.unwrap_or(libc::RLIM_INFINITY);
         let (soft, hard) = (value(limit.soft), value(limit.hard));
         if soft > hard {
@@ -88,7 +92,7 @@ pub(crate) fn controls(request: &Spawn, peer: &Peer) -> Result<Controls, LaunchE
             }
         }
         controls.rlimits.push((
-            resource,
+            resource as Resource,
             libc::rlimit {
                 rlim_cur: soft,
                 rlim_max: hard,

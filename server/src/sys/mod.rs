@@ -211,7 +211,8 @@ pub(crate) fn is_cgroup2(dir: BorrowedFd<'_>) -> io::Result<bool> {
     let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: the buffer is a statfs.
     cvt(unsafe { libc::fstatfs(dir.as_raw_fd(), &mut fs) })?;
-    Ok(fs.f_type == libc::CGROUP2_SUPER_MAGIC)
+    // f_type is signed in some C libraries' statfs (musl), unsigned in others.
+    Ok(fs.f_type as i64 == libc::CGROUP2_SUPER_MAGIC as i64)
 }
 
 /// `fstatat(dir, name)`, not following a final symlink.
