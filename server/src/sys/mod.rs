@@ -211,7 +211,9 @@ pub(crate) fn is_cgroup2(dir: BorrowedFd<'_>) -> io::Result<bool> {
     let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: the buffer is a statfs.
     cvt(unsafe { libc::fstatfs(dir.as_raw_fd(), &mut fs) })?;
-    // f_type is signed in some C libraries' statfs (musl), unsigned in others.
+    // f_type and the constant are i64 with glibc, u64 and i64 with musl:
+    // the casts are needed on one and no-ops on the other.
+    #[allow(clippy::unnecessary_cast)]
     Ok(fs.f_type as i64 == libc::CGROUP2_SUPER_MAGIC as i64)
 }
 
