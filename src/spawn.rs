@@ -44,6 +44,16 @@ pub(crate) struct SpawnArgs {
     /// Give the child the server's umask instead of this command's.
     #[arg(long)]
     server_umask: bool,
+    /// Start the child with nothing blocked and nothing ignored (the
+    /// server's signal state) instead of this command's signal mask and
+    /// ignored signals (`nohup forkserver spawn ...` leaves SIGHUP ignored
+    /// in the child).
+    #[arg(long)]
+    server_signals: bool,
+    /// This command's signal mask before it blocked the signals it forwards
+    /// (set by `run`, not a flag).
+    #[arg(skip)]
+    signal_mask: Option<Vec<i32>>,
     /// Run this preloaded worker instead of a program: an embedded worker's
     /// name or MODULE:SYMBOL of a dynamic module. What follows `--` are its
     /// arguments.
@@ -209,7 +219,7 @@ fn parse_seconds(s: &str) -> Result<Duration, String> {
         .ok_or_else(|| format!("expected a number of seconds, got '{s}'"))
 }
 
-pub(crate) fn run(args: SpawnArgs) -> ExitCode {
+pub(crate) fn run(mut args: SpawnArgs) -> ExitCode {
     let outcome = if args.detach {
         connect(&args).and_then(|client| {
             let child = command(&client, &args)?.spawn()?;
@@ -223,6 +233,7 @@ pub(crate) fn run(args: SpawnArgs) -> ExitCode {
         SignalForwarder::install()
             .map_err(ClientError::from)
             .and_then(|forwarder| {
+                args.signal_mask = Some(forwarder.caller_mask.clone());
                 let timeout = args.timeout;
                 match start(args, &forwarder)? {
                     Started::Child(child, early) if child.pty.is_some() => {
@@ -259,6 +270,8 @@ pub(crate) fn run(args: SpawnArgs) -> ExitCode {
 /// child is the server's, and this command execs nothing.
 pub(crate) struct SignalForwarder {
     signalfd: OwnedFd,
+    /// The signals this command had blocked before: the child's mask.
+    caller_mask: Vec<i32>,
 }
 
 impl SignalForwarder {
@@ -272,11 +285,17 @@ impl SignalForwarder {
                 libc::sigaddset(&mut set, signal);
             }
         }
-        // SAFETY: `set` is initialised; no old mask is asked for.
-        let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+        // SAFETY: sigset_t is plain data, filled in by pthread_sigmask.
+        let mut before: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `set` is initialised; `before` receives the old mask.
+        let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut before) };
         if rc != 0 {
             return Err(io::Error::from_raw_os_error(rc));
         }
+        let caller_mask = (1..=libc::SIGRTMAX())
+            // SAFETY: `before` was initialised by pthread_sigmask.
+            .filter(|&signal| unsafe { libc::sigismember(&before, signal) } == 1)
+            .collect();
         // SAFETY: -1 asks for a new signalfd for the initialised `set`.
         let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC) };
         if fd < 0 {
@@ -284,7 +303,10 @@ impl SignalForwarder {
         }
         // SAFETY: signalfd returned a new fd that nothing else owns.
         let signalfd = unsafe { OwnedFd::from_raw_fd(fd) };
-        Ok(SignalForwarder { signalfd })
+        Ok(SignalForwarder {
+            signalfd,
+            caller_mask,
+        })
     }
 
     /// Readable when a forwarded signal is pending.
@@ -383,10 +405,14 @@ fn command(client: &Client, args: &SpawnArgs) -> Result<Command, ClientError> {
         let (rows, cols) = crate::tty::size_of_stdin().unwrap_or((24, 80));
         command.pty(rows, cols);
     }
+    if let Some(mask) = &args.signal_mask {
+        command.signal_mask(mask);
+    }
     command
         .server_env(args.server_env)
         .server_cwd(args.server_cwd)
         .server_umask(args.server_umask)
+        .server_signals(args.server_signals)
         .die_with_server(args.die_with_server)
         .no_new_privs(args.no_new_privs)
         .detach(args.detach);

@@ -410,3 +410,119 @@ fn forkserver_command_is_a_drop_in_for_std_process_command() {
     // Its children went through the server.
     assert!(server.log().contains("sh"), "{}", server.log());
 }
+
+/// The `SigBlk` and `SigIgn` lines of a child's /proc/self/status.
+fn signal_lines(command: &mut forkserver::client::Command) -> String {
+    let output = command
+        .args(["-E", "^Sig(Blk|Ign)", "/proc/self/status"])
+        .output()
+        .unwrap();
+    without_glibc_s_own(&String::from_utf8(output.stdout).unwrap())
+}
+
+/// Signal lines without signals 32 and 33, glibc's own: its sigaction and
+/// sigaddset refuse them, so neither a client nor the server can pass or
+/// reset them, and a child has them as the server's environment had.
+fn without_glibc_s_own(lines: &str) -> String {
+    lines
+        .lines()
+        .map(|line| match line.split_once(":\t") {
+            Some((name, hex)) => {
+                let bits = u64::from_str_radix(hex, 16).unwrap() & !(0b11 << 31);
+                format!("{name}:\t{bits:016x}\n")
+            }
+            None => format!("{line}\n"),
+        })
+        .collect()
+}
+
+/// A /proc signal set of `signals`, with those this test process ignores
+/// (but SIGPIPE, which the Rust runtime ignores for itself) when
+/// `inherited`.
+fn signal_bits(signals: &[i32], inherited: bool) -> String {
+    let mut bits: u64 = signals.iter().map(|s| 1u64 << (s - 1)).sum();
+    if inherited {
+        let status = fs::read_to_string("/proc/self/status").unwrap();
+        let ignored = status
+            .lines()
+            .find_map(|line| line.strip_prefix("SigIgn:"))
+            .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+            .unwrap();
+        bits |= ignored & !(1 << (libc::SIGPIPE - 1)) & !(0b11 << 31);
+    }
+    format!("{bits:016x}")
+}
+
+/// std's test_process_mask, through the server: the calling thread's
+/// blocked signals are the child's; SIGPIPE, which the Rust runtime
+/// ignores, is back at its default, as std gives it; server_signals opts
+/// out.
+#[test]
+fn the_calling_thread_s_signal_mask_reaches_the_child() {
+    let server = Server::start();
+    let client = server.client();
+    // SAFETY: sigset_t is plain data, initialised by sigemptyset; the mask
+    // is this test thread's alone and restored below.
+    let old = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGUSR2);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old);
+        old
+    };
+    let caller = signal_lines(&mut client.command("grep"));
+    let server_s = signal_lines(client.command("grep").server_signals(true));
+    // SAFETY: restores the mask saved above.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+    assert_eq!(
+        caller,
+        format!(
+            "SigBlk:\t{}\nSigIgn:\t{}\n",
+            signal_bits(&[libc::SIGINT, libc::SIGUSR2], false),
+            signal_bits(&[], true)
+        )
+    );
+    let nothing = signal_bits(&[], false);
+    assert_eq!(
+        server_s,
+        format!("SigBlk:\t{nothing}\nSigIgn:\t{nothing}\n")
+    );
+}
+
+/// `nohup forkserver spawn ...`: a signal ignored by the command's caller
+/// stays ignored in the child (exec keeps SIG_IGN); the signals the CLI
+/// blocks for itself, to forward them, are not the child's.
+#[test]
+fn a_signal_ignored_by_the_cli_s_caller_stays_ignored_in_the_child() {
+    let server = Server::start();
+    let socket = server.socket.to_str().unwrap().to_owned();
+    let run = |extra: &str| {
+        let script = format!(
+            "trap '' HUP; exec {FORKSERVER} spawn --socket {socket} {extra} -- grep -E '^Sig(Blk|Ign)' /proc/self/status"
+        );
+        let output = StdCommand::new("sh")
+            .args(["-c", &script])
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        without_glibc_s_own(&String::from_utf8(output.stdout).unwrap())
+    };
+    let nothing = signal_bits(&[], false);
+    assert_eq!(
+        run(""),
+        format!(
+            "SigBlk:\t{nothing}\nSigIgn:\t{}\n",
+            signal_bits(&[libc::SIGHUP], true)
+        )
+    );
+    assert_eq!(
+        run("--server-signals"),
+        format!("SigBlk:\t{nothing}\nSigIgn:\t{nothing}\n")
+    );
+}

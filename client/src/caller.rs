@@ -1,7 +1,8 @@
 //! The caller's context: what a child started through the server takes
 //! from the process that asked, so that it looks as if that process had
-//! started it — its environment, its working directory, its umask — unless
-//! a command opts out for the server's own (see [`Context`]).
+//! started it — its environment, its working directory, its umask, its
+//! signal mask and ignored signals — unless a command opts out for the
+//! server's own (see [`Context`]).
 
 use std::collections::BTreeMap;
 use std::ffi::CString;
@@ -14,22 +15,43 @@ use forkserver_protocol::{Spawn, WireStr};
 
 /// Which parts of the child's context come from the server rather than the
 /// caller. All false by default: the caller's.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub(crate) struct Context {
     pub(crate) server_env: bool,
     pub(crate) server_cwd: bool,
     pub(crate) server_umask: bool,
+    pub(crate) server_signals: bool,
+    /// A signal mask given for the child, instead of the calling thread's.
+    pub(crate) signal_mask: Option<Vec<u32>>,
 }
 
 impl Context {
-    /// Fills the caller's environment and umask into `request`, and opens
+    /// Fills the caller's environment, umask and signals into `request`,
+    /// and opens
     /// the caller's working directory for it (the fd to pass as `cwd_fd`).
     pub(crate) fn apply(&self, request: &mut Spawn) -> io::Result<Option<OwnedFd>> {
         if !self.server_env {
             whole_environment(request);
         }
-        if !self.server_umask {
-            request.umask = Some(own_umask()?);
+        if !self.server_umask || !self.server_signals {
+            let own = OwnStatus::read()?;
+            if !self.server_umask {
+                request.umask = Some(own.umask.ok_or_else(|| {
+                    io::Error::new(
+                        io::ErrorKind::Unsupported,
+                        "this kernel does not show the umask in /proc/thread-self/status; use server_umask(true)",
+                    )
+                })?);
+            }
+            if !self.server_signals {
+                request.signal_mask = match &self.signal_mask {
+                    Some(mask) => mask.clone(),
+                    None => signals_in(own.blocked),
+                };
+                // As std::process::Command does: Rust ignores SIGPIPE in
+                // every program it starts, and the child gets it back.
+                request.ignored_signals = signals_in(own.ignored & !bit(libc::SIGPIPE));
+            }
         }
         if self.server_cwd {
             return Ok(None);
@@ -111,31 +133,89 @@ pub(crate) fn own_cgroup() -> io::Result<PathBuf> {
     Ok(Path::new(mount).join(path.trim_start_matches('/')))
 }
 
-/// This process's umask, read without changing it (`Umask:` in
-/// /proc/self/status, Linux 4.7+): setting and restoring it would race with
-/// other threads creating files.
-///
-/// One `read` of the file's start: `Umask:` is its second line, after
-/// `Name:` (at most ~70 bytes). `read_to_string` would grow its buffer from
-/// 32 bytes, one `read` per doubling, nine in all: on every spawn.
-fn own_umask() -> io::Result<u32> {
-    let unsupported = || {
-        io::Error::new(
-            io::ErrorKind::Unsupported,
-            "this kernel does not show the umask in /proc/self/status; use server_umask(true)",
-        )
-    };
-    let mut start = [0u8; 512];
-    let read = std::fs::File::open("/proc/self/status")?.read(&mut start)?;
-    // Bytes, not text: the name on the line before is the process's, in
-    // whatever bytes it chose.
-    let start = &start[..read];
-    let value = start
-        .windows(7)
-        .position(|w| w == b"\nUmask:")
-        .map(|at| &start[at + 7..])
-        .and_then(|rest| rest.split(|&b| b == b'\n').next())
-        .and_then(|value| std::str::from_utf8(value).ok())
-        .and_then(|value| u32::from_str_radix(value.trim(), 8).ok());
-    value.ok_or_else(unsupported)
+/// What /proc/thread-self/status says of the calling thread: the
+/// process's umask (`Umask:`, Linux 4.7+), read without changing it
+/// (setting and restoring it would race with other threads creating
+/// files), the thread's blocked signals (`SigBlk:`) and the process's
+/// ignored ones (`SigIgn:`), as bit sets (bit N-1 for signal N).
+struct OwnStatus {
+    umask: Option<u32>,
+    blocked: u64,
+    ignored: u64,
+}
+
+impl OwnStatus {
+    /// One `read` of the whole file (about 1.5 kB): `read_to_string` would
+    /// grow its buffer from 32 bytes, one `read` per doubling, on every
+    /// spawn.
+    fn read() -> io::Result<OwnStatus> {
+        let mut text = [0u8; 4096];
+        let read = std::fs::File::open("/proc/thread-self/status")?.read(&mut text)?;
+        // Bytes, not text: the name on the first line is the process's, in
+        // whatever bytes it chose.
+        let text = &text[..read];
+        let field = |name: &[u8]| {
+            text.split(|&b| b == b'\n')
+                .find_map(|line| line.strip_prefix(name))
+                .and_then(|value| std::str::from_utf8(value).ok())
+                .map(str::trim)
+        };
+        let set = |name: &[u8]| {
+            field(name)
+                .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+                .ok_or_else(|| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!(
+                            "no {} line in /proc/thread-self/status",
+                            String::from_utf8_lossy(name)
+                        ),
+                    )
+                })
+        };
+        Ok(OwnStatus {
+            umask: field(b"Umask:").and_then(|octal| u32::from_str_radix(octal, 8).ok()),
+            blocked: set(b"SigBlk:")?,
+            ignored: set(b"SigIgn:")?,
+        })
+    }
+}
+
+/// The bit of signal `signal` in a /proc signal set.
+fn bit(signal: i32) -> u64 {
+    1 << (signal - 1)
+}
+
+/// The signal numbers in a /proc signal set.
+fn signals_in(set: u64) -> Vec<u32> {
+    (1..=64).filter(|&n| set & (1 << (n - 1)) != 0).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_calling_thread_s_mask_and_the_ignored_signals_are_read() {
+        let own = OwnStatus::read().unwrap();
+        // SAFETY: sigset_t is plain data; pthread_sigmask fills it in.
+        let mut mask: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: a null new set only reads the mask.
+        unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, std::ptr::null(), &mut mask) };
+        for signal in 1..=64 {
+            // SAFETY: the set is initialised.
+            let member = unsafe { libc::sigismember(&mask, signal) } == 1;
+            assert_eq!(own.blocked & bit(signal) != 0, member, "signal {signal}");
+        }
+        // The Rust runtime ignores SIGPIPE.
+        assert_ne!(own.ignored & bit(libc::SIGPIPE), 0);
+        assert_eq!(signals_in(bit(1) | bit(64)), vec![1, 64]);
+        // SAFETY: umask with the value it returns changes nothing.
+        let umask = unsafe {
+            let old = libc::umask(0o22);
+            libc::umask(old);
+            old
+        };
+        assert_eq!(own.umask, Some(umask as u32));
+    }
 }

@@ -223,6 +223,24 @@ impl Command {
         self
     }
 
+    /// Starts the child with the server's signal state — nothing blocked,
+    /// nothing ignored — instead of the calling thread's signal mask and
+    /// this process's ignored signals (but SIGPIPE, which the child gets
+    /// back at its default, as `std::process::Command` does).
+    pub fn server_signals(&mut self, on: bool) -> &mut Command {
+        self.context.server_signals = on;
+        self
+    }
+
+    /// Blocks `signals` in the child instead of those the calling thread
+    /// blocks: for a caller that blocks signals of its own to handle them
+    /// (with a signalfd, say) and wants the child to have the mask it had
+    /// before.
+    pub fn signal_mask(&mut self, signals: &[i32]) -> &mut Command {
+        self.context.signal_mask = Some(signals.iter().map(|&s| s as u32).collect());
+        self
+    }
+
     /// The child's stdin.
     pub fn stdin(&mut self, stdio: impl Into<Stdio>) -> &mut Command {
         self.stdin = Some(stdio.into());

@@ -161,6 +161,16 @@ pub struct Spawn {
     /// otherwise runs children as the peer's own user.
     #[serde(default)]
     pub user: Option<RunAs>,
+    /// Signals blocked in the child (its signal mask), by number: the
+    /// caller's, as a child it forked itself would have them. None if
+    /// empty. SIGKILL and SIGSTOP cannot be blocked and are refused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub signal_mask: Vec<u32>,
+    /// Signals the child starts with ignored (`SIG_IGN`, which exec
+    /// keeps), by number: the ones its caller ignores (`nohup`). Every other
+    /// signal starts at its default action.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ignored_signals: Vec<u32>,
 }
 
 /// The resource limits a spawn may set, as prlimit(1) names them without
@@ -266,6 +276,8 @@ impl Spawn {
             die_with_server: false,
             no_new_privs: false,
             user: None,
+            signal_mask: Vec::new(),
+            ignored_signals: Vec::new(),
         }
     }
 }

@@ -291,6 +291,8 @@ class Client:
         server_env=False,
         server_cwd=False,
         server_umask=False,
+        server_signals=False,
+        restore_signals=True,
         rlimits=None,
         nice=None,
         cpus=None,
@@ -334,6 +336,12 @@ class Client:
         server's environment rather than ``os.environ``; ``server_cwd=True`` the server's directory (a relative
         ``cwd`` is then relative to it); ``server_umask=True`` the server's
         umask.
+
+        Signals, as ``subprocess.Popen`` has them: the child blocks what the
+        calling thread blocks and ignores what this process ignores, except
+        SIGPIPE and SIGXFSZ (which Python ignores for itself) when
+        ``restore_signals`` is true, the default. ``server_signals=True``
+        starts it with nothing blocked and nothing ignored.
         """
         if isinstance(target, (list, tuple)):
             target, args = target[0], [*target[1:], *args]
@@ -403,8 +411,17 @@ class Client:
             here = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
             keep_open.append(here)
             message["cwd_fd"] = attach(here)
-        if not server_umask:
-            message["umask"] = _own_umask()
+        if not (server_umask and server_signals):
+            umask, blocked, ignored = _own_status()
+            if not server_umask:
+                if umask is None:
+                    raise OSError("this kernel does not show the umask; pass server_umask=True")
+                message["umask"] = umask
+            if not server_signals:
+                if restore_signals:
+                    ignored = [s for s in ignored if s not in _RESTORED_SIGNALS]
+                message["signal_mask"] = blocked
+                message["ignored_signals"] = ignored
         if cwd is not None:
             message["cwd"] = _os_string(cwd)
         if rlimits:
@@ -607,17 +624,29 @@ def _environment(env, env_clear, server_env):
     return fields
 
 
-def _own_umask():
-    """This process's umask, read without changing it (Linux 4.7+): the
-    `Umask:` line, second in /proc/self/status after the process's name,
-    from one read of the file's start (no file object: this runs on every
-    spawn)."""
-    fd = os.open("/proc/self/status", os.O_RDONLY | os.O_CLOEXEC)
+# What subprocess.Popen's restore_signals puts back at their defaults.
+_RESTORED_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)
+
+
+def _own_status():
+    """(umask, blocked signals, ignored signals) of the calling thread, read
+    without changing any of them from /proc/thread-self/status (the umask
+    needs Linux 4.7+; None without it), in one read of the whole file (no
+    file object: this runs on every spawn)."""
+    fd = os.open("/proc/thread-self/status", os.O_RDONLY | os.O_CLOEXEC)
     try:
-        start = os.read(fd, 512)
+        text = os.read(fd, 4096)
     finally:
         os.close(fd)
-    at = start.find(b"\nUmask:")
-    if at != -1:
-        return int(start[at + 7 :].split(b"\n", 1)[0], 8)
-    raise OSError("this kernel does not show the umask; pass server_umask=True")
+    fields = {}
+    for line in text.split(b"\n"):
+        name, _, value = line.partition(b":")
+        if name in (b"Umask", b"SigBlk", b"SigIgn"):
+            fields[name] = value.strip()
+
+    def signals(name):
+        bits = int(fields[name], 16)
+        return [n for n in range(1, 65) if bits >> (n - 1) & 1]
+
+    umask = int(fields[b"Umask"], 8) if b"Umask" in fields else None
+    return umask, signals(b"SigBlk"), signals(b"SigIgn")

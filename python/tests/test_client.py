@@ -325,7 +325,7 @@ with forkserver_rs.Client({server.socket!r}) as client:
     )
     assert result.returncode == 0, result.stderr
     # The server inherited this test process's umask.
-    server_umask = forkserver_rs.client._own_umask()
+    server_umask = forkserver_rs.client._own_status()[0]
     expected_big = "".join(
         f"BIG_{i:03}={chr(97 + i % 26) * 4096}\n" for i in range(256)
     )
@@ -336,6 +336,37 @@ with forkserver_rs.Client({server.socket!r}) as client:
         f"{os.path.dirname(os.path.abspath(__file__))} unset {server_umask:04o} ",
         "found on the caller's PATH",
         hashlib.md5(expected_big.encode()).hexdigest(),
+    ]
+
+
+def test_the_caller_s_signal_mask_and_ignored_signals_as_popen_gives_them(server):
+    """The calling thread's mask and the ignored signals reach the child
+    (but SIGPIPE and SIGXFSZ, which Popen's restore_signals puts back);
+    server_signals=True gives nothing blocked and nothing ignored."""
+    script = f"""
+import signal, subprocess
+import forkserver_rs
+signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1, signal.SIGINT])
+signal.signal(signal.SIGHUP, signal.SIG_IGN)
+report = ["grep", "-E", "^Sig(Blk|Ign)", "/proc/self/status"]
+with forkserver_rs.Client({server.socket!r}) as client:
+    for options in ({{}}, {{"restore_signals": False}}, {{"server_signals": True}}):
+        child = client.spawn(report, stdout=subprocess.PIPE, **options)
+        print(child.communicate(timeout=10)[0].decode().replace(chr(10), " "))
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+
+    def bits(*signals):
+        return f"{sum(1 << (s - 1) for s in signals):016x}"
+
+    blocked = bits(signal.SIGINT, signal.SIGUSR1)
+    assert result.stdout.splitlines() == [
+        f"SigBlk:\t{blocked} SigIgn:\t{bits(signal.SIGHUP)} ",
+        f"SigBlk:\t{blocked} SigIgn:\t{bits(signal.SIGHUP, signal.SIGPIPE, signal.SIGXFSZ)} ",
+        f"SigBlk:\t{bits()} SigIgn:\t{bits()} ",
     ]
 
 

@@ -68,6 +68,10 @@ impl AsyncCommand {
         fn server_cwd(on: bool);
         /// The server's umask ([`Command::server_umask`]).
         fn server_umask(on: bool);
+        /// The server's signal state ([`Command::server_signals`]).
+        fn server_signals(on: bool);
+        /// A signal mask for the child ([`Command::signal_mask`]).
+        fn signal_mask(signals: &[i32]);
         /// The child's stdin ([`Command::stdin`]).
         fn stdin(stdio: impl Into<Stdio>);
         /// The child's stdout ([`Command::stdout`]).

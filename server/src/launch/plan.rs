@@ -106,7 +106,58 @@ pub(crate) struct ChildPlan<'m> {
     pub(crate) die_with_server: Option<libc::pid_t>,
     /// The process name (`comm`) a worker gets, for `ps` and `top`.
     pub(crate) name: Option<CString>,
+    /// The caller's ignored signals and signal mask.
+    pub(crate) signals: ChildSignals,
     pub(crate) action: Action<'m>,
+}
+
+/// The signals a child ignores and blocks, as sets built before the fork
+/// (None: none).
+#[derive(Default)]
+pub(crate) struct ChildSignals {
+    pub(crate) ignored: Option<libc::sigset_t>,
+    pub(crate) mask: Option<libc::sigset_t>,
+}
+
+impl ChildSignals {
+    fn of(request: &Spawn) -> Result<ChildSignals, LaunchError> {
+        Ok(ChildSignals {
+            ignored: signal_set(&request.ignored_signals, "ignored_signals")?,
+            mask: signal_set(&request.signal_mask, "signal_mask")?,
+        })
+    }
+}
+
+/// The set of `signals`, None if there are none; refuses a number that is
+/// not a signal, and SIGKILL and SIGSTOP, which can be neither ignored nor
+/// blocked.
+fn signal_set(signals: &[u32], field: &str) -> Result<Option<libc::sigset_t>, LaunchError> {
+    if signals.is_empty() {
+        return Ok(None);
+    }
+    // SAFETY: sigset_t is plain data; sigemptyset initialises it.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    unsafe { libc::sigemptyset(&mut set) };
+    for &signal in signals {
+        if signal == 0 || signal > libc::SIGRTMAX() as u32 {
+            return Err(invalid(format!(
+                "{field}: {signal} is not a signal number (1..={})",
+                libc::SIGRTMAX()
+            )));
+        }
+        let number = signal as libc::c_int;
+        if number == libc::SIGKILL || number == libc::SIGSTOP {
+            return Err(invalid(format!(
+                "{field}: signal {signal} (SIGKILL or SIGSTOP) can be neither ignored nor blocked"
+            )));
+        }
+        // SAFETY: the set is initialised and the number in range. (glibc
+        // refuses the two signals it keeps for its threads, 32 and 33;
+        // nothing can ignore or block those in the child either.)
+        unsafe { libc::sigaddset(&mut set, number) };
+    }
+    Ok(Some(set))
 }
 
 /// The fds a plan refers to that the server made for it: the child's pipe
@@ -275,6 +326,7 @@ impl Launcher {
             no_new_privs: request.no_new_privs,
             die_with_server: request.die_with_server.then(sys::getpid),
             name,
+            signals: ChildSignals::of(request)?,
             action,
         })
     }

@@ -29,8 +29,8 @@ const RECORD_LEN: usize = 12;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u32)]
 pub(crate) enum FailedStep {
-    /// Anything before the working directory: `setsid`, fd moves,
-    /// credentials, `prctl`, or a pool child's own checks.
+    /// What has no step of its own: a pool child's own checks of its
+    /// request, or the parent-death signal.
     Setup = 1,
     /// `chdir`.
     Chdir = 2,
@@ -49,6 +49,19 @@ pub(crate) enum FailedStep {
     OomScoreAdj = 8,
     /// Writing the cgroup's `cgroup.procs`.
     Cgroup = 9,
+    /// `setsid` or `setpgid`.
+    Session = 10,
+    /// Copying and installing the child's fds.
+    Fds = 11,
+    /// Making the child's terminal its controlling terminal (`TIOCSCTTY`).
+    Terminal = 12,
+    /// Taking the peer's credentials (`setgroups`, `setgid`, `setuid`) or
+    /// checking that they took.
+    Credentials = 13,
+    /// `PR_SET_NO_NEW_PRIVS`.
+    NoNewPrivs = 14,
+    /// The caller's ignored signals and signal mask.
+    Signals = 15,
 }
 
 /// A failed step and its errno.
@@ -102,6 +115,12 @@ impl Failure {
             7 => FailedStep::Cpus,
             8 => FailedStep::OomScoreAdj,
             9 => FailedStep::Cgroup,
+            10 => FailedStep::Session,
+            11 => FailedStep::Fds,
+            12 => FailedStep::Terminal,
+            13 => FailedStep::Credentials,
+            14 => FailedStep::NoNewPrivs,
+            15 => FailedStep::Signals,
             _ => return None,
         };
         let detail = u32::from_ne_bytes(record[8..].try_into().ok()?);
@@ -129,6 +148,24 @@ impl Failure {
             FailedStep::Cpus => (ErrorKind::Setup, "cannot set cpus (CPU affinity)".into()),
             FailedStep::OomScoreAdj => (ErrorKind::Setup, "cannot set oom_score_adj".into()),
             FailedStep::Cgroup => (ErrorKind::Setup, "cannot join the cgroup".into()),
+            FailedStep::Session => (
+                ErrorKind::Setup,
+                "cannot start the child's session or process group".into(),
+            ),
+            FailedStep::Fds => (ErrorKind::Setup, "cannot install the child's fds".into()),
+            FailedStep::Terminal => (
+                ErrorKind::Setup,
+                "cannot make the terminal the child's controlling terminal".into(),
+            ),
+            FailedStep::Credentials => (
+                ErrorKind::Setup,
+                "cannot take the peer's credentials (setgroups, setgid, setuid); the child did not run".into(),
+            ),
+            FailedStep::NoNewPrivs => (ErrorKind::Setup, "cannot set no_new_privs".into()),
+            FailedStep::Signals => (
+                ErrorKind::Setup,
+                "cannot set the child's ignored signals or signal mask".into(),
+            ),
             FailedStep::Panic => {
                 return (
                     ErrorKind::Setup,
@@ -229,10 +266,22 @@ mod tests {
             FailedStep::Cpus,
             FailedStep::OomScoreAdj,
             FailedStep::Cgroup,
+            FailedStep::Session,
+            FailedStep::Fds,
+            FailedStep::Terminal,
+            FailedStep::Credentials,
+            FailedStep::NoNewPrivs,
+            FailedStep::Signals,
         ] {
             let failure = Failure::new(step, libc::ENOENT);
             assert_eq!(Failure::decode(failure.encode()), Some(failure));
         }
+        // A failed privilege drop says so, not "cannot set up the child".
+        let (_, _, message) = Failure::new(FailedStep::Credentials, libc::EPERM).describe();
+        assert!(
+            message.starts_with("cannot take the peer's credentials"),
+            "{message}"
+        );
         let mut bad = Failure::new(FailedStep::Exec, 2).encode();
         bad[4] = 99;
         assert_eq!(Failure::decode(bad), None);

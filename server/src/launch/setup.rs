@@ -28,7 +28,7 @@ use std::panic::{self, AssertUnwindSafe};
 use std::ptr;
 
 use super::controls::Controls;
-use super::plan::{Action, CStringArray, ChildPlan, MAX_MOVES};
+use super::plan::{Action, CStringArray, ChildPlan, ChildSignals, MAX_MOVES};
 use super::report::{FailedStep, Failure, Reporter};
 use crate::sys::cvt_r;
 
@@ -101,7 +101,7 @@ pub(crate) unsafe fn run_exec_sharing_memory(plan: &ChildPlan<'_>, reporter: &Re
     reporter.fail(unsafe { exec(candidates, &plan.argv, &plan.envp) })
 }
 
-/// Steps 2 to 8. Returns only with the step that failed.
+/// Steps 2 to 9. Returns only with the step that failed.
 ///
 /// # Safety
 /// As [`run_with_default_signals`].
@@ -112,8 +112,8 @@ unsafe fn setup(plan: ChildPlan<'_>, reporter: &Reporter) -> Result<Infallible, 
     unsafe { become_target(plan, reporter) }
 }
 
-/// Steps 2 to 7: session, fds, terminal, controls, credentials, directory
-/// and umask, reading the plan only. Returns the step that failed.
+/// Steps 2 to 8: session, fds, terminal, controls, credentials, directory
+/// and umask, signals, reading the plan only. Returns the step that failed.
 ///
 /// # Safety
 /// As [`run_with_default_signals`].
@@ -130,12 +130,12 @@ unsafe fn prepare(plan: &ChildPlan<'_>, reporter: &Reporter) -> Result<(), Failu
     //    (and never gets the terminal's job-control signals meant for it).
     if plan.new_session {
         // SAFETY: setsid has no memory effects.
-        check(unsafe { libc::setsid() }, FailedStep::Setup)?;
+        check(unsafe { libc::setsid() }, FailedStep::Session)?;
     }
     //    Or a process group of the client's choosing (0: a new one).
     if let Some(pgid) = plan.process_group {
         // SAFETY: setpgid has no memory effects.
-        check(unsafe { libc::setpgid(0, pgid) }, FailedStep::Setup)?;
+        check(unsafe { libc::setpgid(0, pgid) }, FailedStep::Session)?;
     }
 
     // 3. File descriptors. Sources may sit on the very numbers other entries
@@ -146,17 +146,17 @@ unsafe fn prepare(plan: &ChildPlan<'_>, reporter: &Reporter) -> Result<(), Failu
     let highest_target = plan.fd_moves.last().map_or(2, |&(_, target)| target.max(2));
     let floor = highest_target + 1;
     if plan.fd_moves.len() > MAX_MOVES {
-        return Err(Failure::new(FailedStep::Setup, libc::E2BIG));
+        return Err(Failure::new(FailedStep::Fds, libc::E2BIG));
     }
     // SAFETY: F_DUPFD_CLOEXEC duplicates an fd we hold; no memory effects.
     let moved = unsafe { libc::fcntl(reporter.fd(), libc::F_DUPFD_CLOEXEC, floor) };
-    reporter.moved_to(check(moved, FailedStep::Setup)?);
+    reporter.moved_to(check(moved, FailedStep::Fds)?);
     // The cgroup directory, if the child must move itself into it.
     let cgroup_fd = match plan.cgroup.filter(|_| !plan.cgroup_placed) {
         // SAFETY: as above; the fd is open (the caller guarantees).
         Some(fd) => Some(check(
             unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, floor) },
-            FailedStep::Setup,
+            FailedStep::Fds,
         )?),
         None => None,
     };
@@ -164,7 +164,7 @@ unsafe fn prepare(plan: &ChildPlan<'_>, reporter: &Reporter) -> Result<(), Failu
         // SAFETY: as above; the directory fd is open (the caller guarantees).
         Some(fd) => Some(check(
             unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, floor) },
-            FailedStep::Setup,
+            FailedStep::Fds,
         )?),
         None => None,
     };
@@ -173,13 +173,13 @@ unsafe fn prepare(plan: &ChildPlan<'_>, reporter: &Reporter) -> Result<(), Failu
         // SAFETY: as above; every source is open (the caller guarantees).
         high[i] = check(
             unsafe { libc::fcntl(source, libc::F_DUPFD_CLOEXEC, floor) },
-            FailedStep::Setup,
+            FailedStep::Fds,
         )?;
     }
     for (i, &(_, target)) in plan.fd_moves.iter().enumerate() {
         // SAFETY: dup2 between fds; EINTR is retried.
         cvt_r(|| unsafe { libc::dup2(high[i], target) })
-            .map_err(|_| Failure::last_os_error(FailedStep::Setup))?;
+            .map_err(|_| Failure::last_os_error(FailedStep::Fds))?;
     }
 
     // 4. Close every fd the child was not given: the gaps between targets,
@@ -211,7 +211,7 @@ unsafe fn prepare(plan: &ChildPlan<'_>, reporter: &Reporter) -> Result<(), Failu
         // SAFETY: ioctl on fd 0, a terminal; the argument is an int.
         check(
             unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) },
-            FailedStep::Setup,
+            FailedStep::Terminal,
         )?;
     }
 
@@ -234,10 +234,10 @@ unsafe fn prepare(plan: &ChildPlan<'_>, reporter: &Reporter) -> Result<(), Failu
         unsafe {
             check(
                 libc::setgroups(user.groups.len(), user.groups.as_ptr()),
-                FailedStep::Setup,
+                FailedStep::Credentials,
             )?;
-            check(libc::setgid(user.gid), FailedStep::Setup)?;
-            check(libc::setuid(user.uid), FailedStep::Setup)?;
+            check(libc::setgid(user.gid), FailedStep::Credentials)?;
+            check(libc::setuid(user.uid), FailedStep::Credentials)?;
         }
         // SAFETY: these getters cannot fail.
         let took = unsafe {
@@ -247,14 +247,14 @@ unsafe fn prepare(plan: &ChildPlan<'_>, reporter: &Reporter) -> Result<(), Failu
                 && libc::getegid() == user.gid
         };
         if !took {
-            return Err(Failure::new(FailedStep::Setup, libc::EPERM));
+            return Err(Failure::new(FailedStep::Credentials, libc::EPERM));
         }
     }
     if plan.no_new_privs {
         // SAFETY: prctl with integer arguments only.
         check(
             unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) },
-            FailedStep::Setup,
+            FailedStep::NoNewPrivs,
         )?;
     }
     // The parent-death signal is cleared by credential changes, so it is set
@@ -292,10 +292,47 @@ unsafe fn prepare(plan: &ChildPlan<'_>, reporter: &Reporter) -> Result<(), Failu
         // SAFETY: umask cannot fail and has no memory effects.
         unsafe { libc::umask(mask) };
     }
+
+    // 8. The caller's signals, last, so that none of them holds up the
+    //    setup: the signals it ignores (exec keeps SIG_IGN, as it would
+    //    have from the caller), then its signal mask. Until here the child
+    //    had every disposition at its default and nothing blocked.
+    // SAFETY: the sets were built before the fork; sigaction and
+    // sigprocmask change only this process's signal state.
+    unsafe { apply_signals(&plan.signals) }
+}
+
+/// Ignores the signals in `signals.ignored` and sets the mask.
+///
+/// # Safety
+/// Call only in the child being set up (it changes the process's signal
+/// dispositions).
+unsafe fn apply_signals(signals: &ChildSignals) -> Result<(), Failure> {
+    if let Some(ignored) = &signals.ignored {
+        // SAFETY: a zeroed sigaction with SIG_IGN is a valid disposition.
+        let mut ignore: libc::sigaction = unsafe { std::mem::zeroed() };
+        ignore.sa_sigaction = libc::SIG_IGN;
+        for signal in 1..=libc::SIGRTMAX() {
+            // SAFETY: the set is initialised (built with sigemptyset).
+            if unsafe { libc::sigismember(ignored, signal) } == 1 {
+                // SAFETY: as above; the plan checked the numbers.
+                if unsafe { libc::sigaction(signal, &ignore, ptr::null_mut()) } == -1 {
+                    return Err(Failure::last_os_error(FailedStep::Signals));
+                }
+            }
+        }
+    }
+    if let Some(mask) = &signals.mask {
+        // SAFETY: as above.
+        let rc = unsafe { libc::sigprocmask(libc::SIG_SETMASK, mask, ptr::null_mut()) };
+        if rc == -1 {
+            return Err(Failure::last_os_error(FailedStep::Signals));
+        }
+    }
     Ok(())
 }
 
-/// Step 8: become the program or the worker. Returns only with the failure
+/// Step 9: become the program or the worker. Returns only with the failure
 /// of an exec.
 ///
 /// # Safety
