@@ -479,3 +479,53 @@ fn a_disconnect_kills_the_process_groups_of_its_children() {
     // SAFETY: kill by pid of a process this test started (running, above).
     unsafe { libc::kill(detached_helper as i32, libc::SIGKILL) };
 }
+
+/// Finding 8, arguments: their count follows their bytes (no separate 4096
+/// cap), and what passes the server's limits but not execve's says the
+/// limit was the kernel's.
+#[test]
+fn arguments_are_bounded_by_their_bytes_and_the_kernel_s_limit_is_named() {
+    let server = Server::start();
+    let args: Vec<String> = (0..10_000).map(|i| format!("{i:0100}")).collect();
+    let output = server
+        .cli_spawn(&["--", "sh", "-c", "echo $#", "sh"])
+        .args(&args)
+        .output()
+        .unwrap();
+    assert_eq!(text(&output.stdout), "10000\n", "{}", text(&output.stderr));
+    // One string over execve's 128 KiB is the kernel's to refuse.
+    let error = server
+        .client()
+        .command("true")
+        .arg("x".repeat(200_000))
+        .status()
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("Argument list too long"), "{error}");
+    assert!(error.contains("the kernel's limit"), "{error}");
+}
+
+/// Finding 8, fds: a target just under the server's soft fd limit is
+/// installed (the setup's copies above it no longer run out of room).
+#[test]
+fn an_fd_target_just_under_the_fd_limit_is_installed() {
+    let server = Server::launch_in(
+        util::new_dir(),
+        &["prlimit", "--nofile=1024:4096", "--"],
+        Path::new(FORKSERVER),
+        &[],
+        &[],
+    );
+    let (_read, write) = std::io::pipe().unwrap();
+    let write = OwnedFd::from(write);
+    let pipe = util::own_fd_target(std::os::fd::AsFd::as_fd(&write));
+    let output = server
+        .client()
+        .command("readlink")
+        .arg("/proc/self/fd/1020")
+        .fd(1020, write)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    assert_eq!(text(&output.stdout).trim(), pipe.to_str().unwrap());
+}

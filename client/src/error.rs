@@ -111,16 +111,21 @@ impl fmt::Display for Error {
             Error::Protocol(why) => write!(f, "unexpected reply from the forkserver: {why}"),
             Error::Refused { message, .. } => write!(f, "the server refused: {message}"),
             Error::InvalidInput(message) => f.write_str(message),
+            // The server's words after its own "cannot run the program: "
+            // (the errno's text, and for E2BIG whose limit it was).
             Error::SpawnFailed {
                 program,
                 kind: ErrorKind::Exec,
                 errno: Some(errno),
-                ..
-            } => write!(
-                f,
-                "cannot run '{program}': {}",
-                io::Error::from_raw_os_error(*errno)
-            ),
+                message,
+            } => match message.strip_prefix("cannot run the program: ") {
+                Some(detail) => write!(f, "cannot run '{program}': {detail}"),
+                None => write!(
+                    f,
+                    "cannot run '{program}': {}",
+                    io::Error::from_raw_os_error(*errno)
+                ),
+            },
             Error::SpawnFailed {
                 program, message, ..
             } => write!(f, "cannot start '{program}': {message}"),

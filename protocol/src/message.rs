@@ -667,9 +667,12 @@ pub struct Limits {
     pub max_message_bytes: u32,
     /// Most fds attached to one message.
     pub max_fds_per_message: u32,
-    /// Most arguments in one spawn (argv\[0\] not counted).
+    /// Most arguments in one spawn (argv\[0\] not counted); 0, the
+    /// default, for no count of its own: `max_args_bytes` bounds them, as
+    /// the kernel's byte limit bounds execve's.
     pub max_args: u32,
-    /// Most bytes in one spawn's arguments, all together.
+    /// Most bytes in one spawn's arguments, all together, each counted
+    /// with its terminating NUL (as execve counts them).
     pub max_args_bytes: u32,
     /// Most entries in one spawn's `env`.
     pub max_env: u32,
@@ -707,7 +710,7 @@ impl Default for Limits {
         Limits {
             max_message_bytes: 64 * 1024,
             max_fds_per_message: 64,
-            max_args: 4096,
+            max_args: 0,
             max_args_bytes: 2 << 20,
             max_env: 16384,
             max_env_bytes: 2 << 20,

@@ -175,7 +175,13 @@ impl Failure {
             }
         };
         let error = io::Error::from_raw_os_error(self.errno);
-        (kind, Some(self.errno), format!("{doing}: {error}"))
+        let whose = if self.step == FailedStep::Exec && self.errno == libc::E2BIG {
+            // The server's own limits passed the request: this is execve's.
+            " (the kernel's limit: arguments and environment together at most a quarter of the stack limit, 2 MiB with the usual 8 MiB, and 128 KiB for any one string)"
+        } else {
+            ""
+        };
+        (kind, Some(self.errno), format!("{doing}: {error}{whose}"))
     }
 }
 

@@ -148,6 +148,11 @@ unsafe fn prepare(plan: &ChildPlan<'_>, reporter: &Reporter) -> Result<(), Failu
     if plan.fd_moves.len() > MAX_MOVES {
         return Err(Failure::new(FailedStep::Fds, libc::E2BIG));
     }
+    //    The copies need room above the highest target: a target near the
+    //    fd limit would leave none (EINVAL), so the soft limit is raised to
+    //    the hard one for the moves and put back once they are done.
+    // SAFETY: getrlimit and setrlimit read and write a local rlimit.
+    let lowered = unsafe { room_for_copies(floor + plan.fd_moves.len() as RawFd + 3) }?;
     // SAFETY: F_DUPFD_CLOEXEC duplicates an fd we hold; no memory effects.
     let moved = unsafe { libc::fcntl(reporter.fd(), libc::F_DUPFD_CLOEXEC, floor) };
     reporter.moved_to(check(moved, FailedStep::Fds)?);
@@ -203,6 +208,14 @@ unsafe fn prepare(plan: &ChildPlan<'_>, reporter: &Reporter) -> Result<(), Failu
             floor,
             [reporter.fd(), cwd_fd.unwrap_or(-1), cgroup_fd.unwrap_or(-1)],
         );
+    }
+    if let Some(limit) = lowered {
+        // SAFETY: setrlimit reads a local rlimit; lowering the soft limit
+        // below open fds is allowed (they stay open).
+        check(
+            unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) },
+            FailedStep::Fds,
+        )?;
     }
 
     //    A terminal of its own at 0-2 becomes the controlling terminal of
@@ -300,6 +313,33 @@ unsafe fn prepare(plan: &ChildPlan<'_>, reporter: &Reporter) -> Result<(), Failu
     // SAFETY: the sets were built before the fork; sigaction and
     // sigprocmask change only this process's signal state.
     unsafe { apply_signals(&plan.signals) }
+}
+
+/// Raises the soft limit on open files to the hard one if fds up to
+/// `highest` do not fit under it; returns the limit to put back, if it did.
+///
+/// # Safety
+/// Call only in the child being set up (the limit is the process's).
+unsafe fn room_for_copies(highest: RawFd) -> Result<Option<libc::rlimit>, Failure> {
+    // SAFETY: rlimit is plain data, filled in by getrlimit.
+    let mut limit: libc::rlimit = unsafe { std::mem::zeroed() };
+    // SAFETY: getrlimit writes one rlimit.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == -1 {
+        return Err(Failure::last_os_error(FailedStep::Fds));
+    }
+    if (highest as u64) < limit.rlim_cur || limit.rlim_cur == limit.rlim_max {
+        return Ok(None);
+    }
+    let raised = libc::rlimit {
+        rlim_cur: limit.rlim_max,
+        rlim_max: limit.rlim_max,
+    };
+    // SAFETY: setrlimit reads one rlimit; up to the hard limit needs no
+    // privilege.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == -1 {
+        return Err(Failure::last_os_error(FailedStep::Fds));
+    }
+    Ok(Some(limit))
 }
 
 /// Ignores the signals in `signals.ignored` and sets the mask.

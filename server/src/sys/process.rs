@@ -43,18 +43,23 @@ pub(super) fn run_child(in_child: impl FnOnce() -> Infallible) -> ! {
 /// and reused: `CLONE_VFORK` holds the calling thread until its child has
 /// exec'd or exited, so one child at a time runs on it, and a raw pointer
 /// keeps the type to one thread. The setup needs a few KiB; the rest of the
-/// private mapping is never touched and costs nothing.
+/// private mapping is never touched and costs nothing. Its lowest page is a
+/// guard (`PROT_NONE`): a child that overran the stack faults there, and
+/// dies, rather than writing over whatever the server mapped below it.
 pub(crate) struct ChildStack {
     base: *mut libc::c_void,
 }
 
 impl ChildStack {
     const SIZE: usize = 256 * 1024;
+    const GUARD: usize = 4096;
 
     pub(crate) fn new() -> io::Result<ChildStack> {
-        Ok(ChildStack {
-            base: super::map_anonymous(Self::SIZE)?,
-        })
+        let base = super::map_anonymous(Self::SIZE)?;
+        let stack = ChildStack { base };
+        // SAFETY: the lowest page of our own new mapping; nothing uses it.
+        cvt(unsafe { libc::mprotect(base, Self::GUARD, libc::PROT_NONE) })?;
+        Ok(stack)
     }
 
     /// The initial stack pointer: the stack grows down from the end of the
