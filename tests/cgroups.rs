@@ -180,3 +180,32 @@ fn a_pids_limit_stops_a_fork_bomb_in_the_cgroup_only() {
         assert!(child.wait().unwrap().success());
     }
 }
+
+/// A spawn into a frozen cgroup never reports its start; pool refills for
+/// everyone else go on meanwhile (they used to wait for every start).
+#[test]
+fn a_start_that_never_reports_holds_up_no_refill() {
+    let Some(cgroup) = TestCgroup::create("cgroups::a_start_that_never_reports_holds_up_no_refill")
+    else {
+        return;
+    };
+    std::fs::write(cgroup.0.join("cgroup.freeze"), "1").unwrap();
+    let server = crate::pool::pooled(&["answer=1"], &[]);
+    crate::pool::wait_full(&server, 1);
+    let socket = server.socket.clone();
+    let dir = cgroup.0.clone();
+    let stuck = std::thread::spawn(move || {
+        let client = forkserver::client::Client::connect(&socket).unwrap();
+        client.command("true").cgroup(&dir).status()
+    });
+    crate::util::wait_until("the frozen child exists", || {
+        std::fs::read_to_string(cgroup.0.join("cgroup.procs")).is_ok_and(|p| !p.is_empty())
+    });
+    // The pool's child goes to this request; its refill must not wait for
+    // the frozen start.
+    let client = server.client();
+    assert_eq!(client.worker("answer").output().unwrap().stdout, b"42\n");
+    crate::pool::wait_full(&server, 1);
+    std::fs::write(cgroup.0.join("cgroup.freeze"), "0").unwrap();
+    assert!(stuck.join().unwrap().unwrap().success());
+}

@@ -6,7 +6,7 @@ use forkserver::client::Stdio;
 
 use crate::util::{children_of, comm_of, example, fds_of, wait_until, zombie_children_of, Server};
 
-fn pooled(pools: &[&str], extra: &[&str]) -> Server {
+pub(crate) fn pooled(pools: &[&str], extra: &[&str]) -> Server {
     let mut args = Vec::new();
     for pool in pools {
         args.extend(["--pool", pool]);
@@ -40,7 +40,7 @@ fn idle_children(server: &Server) -> Vec<u32> {
 }
 
 /// Waits until every pool holds `idle` children, all of them warmed up.
-fn wait_full(server: &Server, idle: u32) {
+pub(crate) fn wait_full(server: &Server, idle: u32) {
     let client = server.client();
     wait_until("the pools are full and ready", || {
         client
@@ -215,6 +215,12 @@ fn without_its_forker_the_server_forks_the_pool_itself() {
     assert_eq!(forker_of(&server), None);
     assert_eq!(server.client().status().unwrap().forker_pid, None);
     assert!(zombie_children_of(server.pid()).is_empty());
+    // SIGHUP starts a new one, as SECURITY.md says.
+    server.signal(libc::SIGHUP);
+    wait_until("SIGHUP starts a forker again", || {
+        forker_of(&server).is_some()
+    });
+    wait_full(&server, 2);
 }
 
 #[test]

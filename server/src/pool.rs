@@ -81,6 +81,11 @@ impl Pools {
         }
     }
 
+    /// Whether there is any pool.
+    pub(crate) fn any(&self) -> bool {
+        !self.pools.is_empty()
+    }
+
     /// An idle child for `worker`, the oldest that is ready if any is (else
     /// the oldest, which will take the request when its warm-up ends: still
     /// sooner than a fork), counting a hit or (for a pooled worker whose

@@ -51,6 +51,8 @@ const LIFELINE: u64 = 4;
 /// As for [`LIFELINE`], `8 & 3` is no tag.
 const FORKER: u64 = 8;
 const TAG_CONN: u64 = 2;
+/// How long a pool refill waits for the latest spawn to report its start.
+const REFILL_WAITS_FOR_A_START: Duration = Duration::from_millis(100);
 const TAG_PIPE: u64 = 3;
 
 fn conn_token(id: ConnId) -> u64 {
@@ -86,6 +88,8 @@ pub(crate) struct EventLoop {
     refill_paused_until: Option<Instant>,
     /// The CPU was yielded since the last events, so a refill may fork now.
     yielded_for_refill: bool,
+    /// When the latest child was launched.
+    last_launch: Option<Instant>,
     /// Forks the pools' children, if there are pools and it could start;
     /// else the server forks them itself.
     forker: Option<Forker>,
@@ -154,6 +158,7 @@ impl EventLoop {
             pools: Pools::new(&options.pools),
             refill_paused_until: None,
             yielded_for_refill: false,
+            last_launch: None,
             forker: None,
             server_uid: sys::getuid(),
             started: Instant::now(),
@@ -255,18 +260,30 @@ impl EventLoop {
             let refill_timer = self
                 .refill_paused_until
                 .filter(|_| self.pools.short().is_some());
+            // A pool to refill once the latest start has had its moment.
+            let start_timer = self
+                .last_launch
+                .filter(|_| self.ledger.starting() > 0 && self.pools.short().is_some())
+                .map(|at| at + REFILL_WAITS_FOR_A_START)
+                .filter(|&at| at > Instant::now());
             let next_timer = [
                 self.ledger.next_deadline(),
                 self.accept_paused_until,
                 refill_timer,
+                start_timer,
             ]
             .into_iter()
             .flatten()
             .min();
-            // Never while a spawn waits to be reported: a refill's fork would
-            // delay its `Spawned`.
+            // Not while a spawn of the last moments waits to be reported: a
+            // refill's fork would delay its `Spawned`. One that has not
+            // reported for longer (a child stuck in a frozen cgroup, say)
+            // holds up no one's refills.
             let refill_due = self.listener.is_some()
-                && self.ledger.starting() == 0
+                && (self.ledger.starting() == 0
+                    || self
+                        .last_launch
+                        .is_some_and(|at| at.elapsed() >= REFILL_WAITS_FOR_A_START))
                 && self.pools.short().is_some()
                 && self
                     .refill_paused_until
@@ -416,8 +433,10 @@ impl EventLoop {
                 "SIGHUP: flushing the prefork pools; they refill from the current state"
             );
             self.pools.flush();
-            if self.forker.is_some() {
-                // The old one is the server as it was when it started.
+            if self.pools.any() {
+                // A new snapshot of the server: the old forker is the
+                // server as it was when it started, and one that died is
+                // started again.
                 self.start_forker();
             }
         }
