@@ -332,3 +332,21 @@ fn a_child_that_panics_before_its_work_is_a_spawn_failure_and_the_server_serves_
     assert!(server.socket.exists());
     assert!(client.worker("args").status().unwrap().success());
 }
+
+/// A pooled request of any size the protocol takes goes to the pool child
+/// (in a memfd past 64 KiB), as it would to a fork: 300 KB of arguments
+/// used to fail "Message too long" and cost an idle child.
+#[test]
+fn a_large_pooled_request_is_handed_over_in_a_memfd() {
+    let server = pooled(&["args=1"], &[]);
+    wait_full(&server, 1);
+    let client = server.client();
+    let args = vec!["x".repeat(1000); 300];
+    let output = client.worker("args").args(&args).output().unwrap();
+    assert_eq!(output.stdout.len(), 300 * 1000 + 299 + 1);
+    assert_eq!(output.status.code(), Some(300 % 256));
+    let pools = client.status().unwrap().pools;
+    assert_eq!((pools[0].hits, pools[0].misses), (1, 0));
+    wait_full(&server, 1);
+    assert!(zombie_children_of(server.pid()).is_empty());
+}

@@ -4,7 +4,7 @@
 
 use std::collections::HashSet;
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use forkserver_protocol::{
     decode, encode, ClientMessage, Datagram, Limits, ServerMessage, PROTOCOL_VERSION,
@@ -86,7 +86,7 @@ pub(crate) fn outgoing(
             limits.max_bulk_bytes
         )));
     }
-    let file = bulk_file(&bytes)?;
+    let file = forkserver_protocol::memfd_holding(&bytes).map_err(Error::Io)?;
     let bulk = ClientMessage::Bulk {
         fd: attached as u32,
     };
@@ -95,19 +95,6 @@ pub(crate) fn outgoing(
         bytes,
         file: Some(file),
     })
-}
-
-/// A memfd holding `bytes`, for a `bulk` message.
-fn bulk_file(bytes: &[u8]) -> Result<OwnedFd, Error> {
-    // SAFETY: a NUL-terminated name and flags; returns a new fd or -1.
-    let fd = unsafe { libc::memfd_create(c"forkserver-request".as_ptr(), libc::MFD_CLOEXEC) };
-    if fd == -1 {
-        return Err(Error::Io(io::Error::last_os_error()));
-    }
-    // SAFETY: memfd_create succeeded, so fd is new and ours alone.
-    let mut file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
-    io::Write::write_all(&mut file, bytes)?;
-    Ok(file.into())
 }
 
 /// The error a failed send of `len` bytes means.

@@ -183,6 +183,21 @@ fn take_fds(header: &libc::msghdr) -> Vec<OwnedFd> {
     fds
 }
 
+/// A new memfd (close-on-exec) holding `bytes`: how a message too big for
+/// one datagram travels, as the last fd of a small one (`bulk`). The
+/// receiver reads it as a regular file.
+pub fn memfd_holding(bytes: &[u8]) -> io::Result<OwnedFd> {
+    // SAFETY: a NUL-terminated name and flags; returns a new fd or -1.
+    let fd = unsafe { libc::memfd_create(c"forkserver-message".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: memfd_create succeeded, so fd is new and ours alone.
+    let mut file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    io::Write::write_all(&mut file, bytes)?;
+    Ok(file.into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

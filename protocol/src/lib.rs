@@ -30,7 +30,7 @@ mod wire_str;
 
 use std::fmt;
 
-pub use fdpass::{recv_datagram, send_datagram, Datagram};
+pub use fdpass::{memfd_holding, recv_datagram, send_datagram, Datagram};
 pub use message::{
     ChildInfo, ChildStatus, ClientMessage, ErrorKind, FdMapping, Limits, ModuleInfo, ModuleKind,
     OnDisconnect, PoolInfo, PtySize, Rlimit, RunAs, ServerMessage, Spawn, StatusReport, StdioSpec,

@@ -234,8 +234,21 @@ impl Launcher {
             server_uid: sys::getuid(),
             controlling_tty,
         };
-        let bytes = forkserver_protocol::encode(&assignment)
+        let mut bytes = forkserver_protocol::encode(&assignment)
             .map_err(|e| LaunchError::new(ErrorKind::Invalid, e.to_string()))?;
+        if bytes.len() > pool_child::INLINE_ASSIGNMENT_BYTES {
+            // Too big for one datagram on the control socket: in a memfd,
+            // as clients send big requests.
+            let file = forkserver_protocol::memfd_holding(&bytes).map_err(|e| {
+                LaunchError::os(
+                    ErrorKind::Resource,
+                    "writing the request for a pool child",
+                    e,
+                )
+            })?;
+            fds.push(file);
+            bytes = pool_child::IN_THE_LAST_FD.to_vec();
+        }
         let borrowed: Vec<_> = fds.iter().map(|fd| fd.as_fd()).collect();
         forkserver_protocol::send_datagram(
             child.control.as_fd(),

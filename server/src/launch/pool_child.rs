@@ -7,7 +7,7 @@
 //! become? USAP's re-check), then runs the ordinary child setup.
 
 use std::convert::Infallible;
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::panic::{self, AssertUnwindSafe};
 
 use forkserver_protocol::Spawn;
@@ -30,6 +30,20 @@ pub(crate) struct Assignment {
     /// terminal (the request's `pty`, already made).
     pub(crate) controlling_tty: bool,
 }
+
+/// The largest assignment sent as the datagram itself; a bigger one (a
+/// request with 300 KB of arguments, say) is written to a memfd sent as the
+/// last fd of a datagram holding [`IN_THE_LAST_FD`].
+pub(crate) const INLINE_ASSIGNMENT_BYTES: usize = 64 * 1024;
+
+/// The datagram that says the assignment is in its last fd (never a
+/// MessagePack map, which starts with a byte of 0x80 and up).
+pub(crate) const IN_THE_LAST_FD: &[u8] = b"memfd";
+
+/// The largest assignment read from a memfd: a request within the
+/// protocol's limits (`max_bulk_bytes` and the argument and environment
+/// limits) is far smaller.
+const MAX_ASSIGNMENT_BYTES: usize = 64 << 20;
 
 /// Runs an idle pool child for `worker`, right after `fork()`.
 ///
@@ -82,7 +96,17 @@ pub(super) unsafe fn run(
     };
     // SAFETY: closing our own socket, never used again.
     unsafe { libc::close(control) };
-    let failure = become_assigned(launcher, &assignment.bytes, assignment.fds, reporter);
+    let (bytes, mut fds) = (assignment.bytes, assignment.fds);
+    let bytes = if bytes == IN_THE_LAST_FD {
+        let file = fds.pop();
+        match file.map(|file| crate::sys::read_regular_file(file.as_fd(), MAX_ASSIGNMENT_BYTES)) {
+            Some(Ok(bytes)) => bytes,
+            _ => reporter.fail(Failure::new(FailedStep::Setup, libc::EPROTO)),
+        }
+    } else {
+        bytes
+    };
+    let failure = become_assigned(launcher, &bytes, fds, reporter);
     reporter.fail(failure)
 }
 
