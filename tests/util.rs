@@ -573,3 +573,24 @@ impl RawConnection {
         }
     }
 }
+
+/// Copies the example `test_peer` where nobody can run it (beside the
+/// server's socket, whose directory `open_to_nobody` opened).
+pub fn peer_program(server: &Server) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let copy = server.dir.path().join("test_peer");
+    fs::copy(example("test_peer"), &copy).unwrap();
+    fs::set_permissions(&copy, fs::Permissions::from_mode(0o755)).unwrap();
+    copy
+}
+
+/// A field of /proc/PID/status in kB (VmRSS, VmHWM).
+pub fn status_kb(pid: u32, field: &str) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|line| line.strip_prefix(field))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|kb| kb.parse().ok())
+        .unwrap()
+}

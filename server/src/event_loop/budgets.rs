@@ -32,6 +32,36 @@ pub(super) struct UidUsage {
 /// the system (the allocator would keep it for reuse).
 const GIVE_BACK_BYTES: usize = 1 << 20;
 
+/// Refusals logged per uid per second; past it they are counted, and the
+/// count logged with the next one that is: a peer that sends refused
+/// requests as fast as it can would otherwise write the server's log (and
+/// the journal) as fast as it can.
+const LOGGED_REFUSALS_PER_SECOND: u32 = 10;
+
+/// Per uid: the current second's start, refusals logged in it, and those
+/// not logged since the last that was.
+#[derive(Debug, Default)]
+pub(super) struct RefusalLog(HashMap<u32, (Option<std::time::Instant>, u32, u64)>);
+
+impl RefusalLog {
+    /// Whether to log a refusal for `uid` now; if so, how many were left
+    /// out before it.
+    pub(super) fn admit(&mut self, uid: u32) -> Option<u64> {
+        let now = std::time::Instant::now();
+        let (since, logged, left_out) = self.0.entry(uid).or_default();
+        if since.is_none_or(|at| now.duration_since(at).as_secs() >= 1) {
+            *since = Some(now);
+            *logged = 0;
+        }
+        if *logged >= LOGGED_REFUSALS_PER_SECOND {
+            *left_out += 1;
+            return None;
+        }
+        *logged += 1;
+        Some(std::mem::take(left_out))
+    }
+}
+
 /// Every uid's usage.
 #[derive(Debug, Default)]
 pub(super) struct Usage(HashMap<u32, UidUsage>);

@@ -24,7 +24,12 @@ const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 
 /// Requests read from one connection per wake-up, so one busy client cannot
 /// starve the rest (epoll is level-triggered and comes back for more).
-const READS_PER_WAKEUP: usize = 64;
+const READS_PER_WAKEUP: usize = 8;
+
+/// Requests read from all of one uid's connections per round of events: a
+/// uid with many busy connections waits its turn as one with a single
+/// connection does, so one user cannot slow the others by opening more.
+const READS_PER_UID_PER_ROUND: usize = 8;
 
 impl EventLoop {
     pub(super) fn accept(&mut self) {
@@ -155,11 +160,16 @@ impl EventLoop {
             self.continue_listing(id);
         }
         if flags.intersects(EpollFlags::EPOLLIN | EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR) {
-            for _ in 0..READS_PER_WAKEUP {
-                if !self.read_one(id) {
-                    break;
-                }
+            let Some(uid) = self.connections.get(&id).map(|c| c.peer.uid) else {
+                return;
+            };
+            let read = self.reads_this_round.entry(uid).or_default();
+            let quota = READS_PER_WAKEUP.min(READS_PER_UID_PER_ROUND.saturating_sub(*read));
+            let mut done = 0;
+            while done < quota && self.read_one(id) {
+                done += 1;
             }
+            *self.reads_this_round.entry(uid).or_default() += done;
         }
         if self.connections.get(&id).is_some_and(|c| c.dead) {
             self.close_connection(id);
@@ -283,18 +293,25 @@ impl EventLoop {
     /// Forgets a connection and applies each of its children's
     /// `on_disconnect`.
     pub(super) fn close_connection(&mut self, id: ConnId) {
-        let Some(conn) = self.connections.remove(&id) else {
+        let Some(mut conn) = self.connections.remove(&id) else {
             return;
         };
-        self.usage.disconnected(conn.peer.uid, conn.queued());
         let _ = self.epoll.delete(&conn);
+        let (uid, queued, client) = (
+            conn.peer.uid,
+            conn.queued(),
+            std::mem::take(&mut conn.client),
+        );
+        // Its queue is freed first, so that the memory it held can be
+        // handed back by what counts it off.
+        drop(conn);
+        self.usage.disconnected(uid, queued);
         let live = self
             .ledger
             .disconnected(id, Instant::now() + self.kill_grace);
         log!(
             Level::Debug,
-            "client '{}' disconnected with {live} live child(ren)",
-            conn.client,
+            "client '{client}' disconnected with {live} live child(ren)"
         );
     }
 }

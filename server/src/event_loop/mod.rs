@@ -75,6 +75,10 @@ pub(crate) struct EventLoop {
     connections: HashMap<ConnId, Connection>,
     /// What each uid's connections hold (budgets.rs).
     usage: budgets::Usage,
+    /// How many refusals each uid had logged lately.
+    refusal_log: budgets::RefusalLog,
+    /// Requests read per uid in this round of events (connections.rs).
+    reads_this_round: HashMap<u32, usize>,
     next_conn: ConnId,
     ledger: Ledger,
     /// Set while the listener is out of the epoll set after EMFILE/ENFILE.
@@ -150,6 +154,8 @@ impl EventLoop {
             kill_grace: options.kill_grace,
             connections: HashMap::new(),
             usage: budgets::Usage::default(),
+            refusal_log: budgets::RefusalLog::default(),
+            reads_this_round: HashMap::new(),
             next_conn: 1,
             ledger: Ledger::default(),
             accept_paused_until: None,
@@ -302,6 +308,7 @@ impl EventLoop {
                 Err(nix::Error::EINTR) => 0,
                 Err(e) => return Err(ServeError::Setup("waiting on epoll", e.into())),
             };
+            self.reads_this_round.clear();
             for event in &events[..n] {
                 self.dispatch(event.data(), event.events());
             }

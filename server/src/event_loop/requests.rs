@@ -142,15 +142,25 @@ impl EventLoop {
         let launched = match launched {
             Ok(launched) => launched,
             Err(error) => {
-                log!(
-                    Level::Warn,
-                    "spawn {} of {:?} for client '{}' ({}) refused: {}",
-                    request.id,
-                    describe(&request),
-                    conn.client,
-                    conn.peer,
-                    error.message
-                );
+                if let Some(left_out) = self.refusal_log.admit(conn.peer.uid) {
+                    let also = if left_out > 0 {
+                        format!(
+                            " ({left_out} more of uid {}'s refusals were not logged)",
+                            conn.peer.uid
+                        )
+                    } else {
+                        String::new()
+                    };
+                    log!(
+                        Level::Warn,
+                        "spawn {} of {:?} for client '{}' ({}) refused: {}{also}",
+                        request.id,
+                        describe(&request),
+                        conn.client,
+                        conn.peer,
+                        error.message
+                    );
+                }
                 let reply = ServerMessage::SpawnFailed {
                     id: request.id,
                     kind: error.kind,
