@@ -56,8 +56,8 @@ fn server_for_nobody(test: &str) -> Option<(Server, PathBuf)> {
     if !util::root_or_skip(test) {
         return None;
     }
-    let server = Server::start_with(&["--group", "nogroup", "--allow-uid", "nobody"]);
-    let cli = util::open_to_nobody(&server);
+    let server = util::server_nobody_may_use(&[]);
+    let cli = server.dir.path().join("forkserver-cli");
     Some((server, cli))
 }
 
@@ -356,14 +356,7 @@ fn one_uid_cannot_take_the_server_s_fds() {
     if !util::root_or_skip("hostile::one_uid_cannot_take_the_server_s_fds") {
         return;
     }
-    let server = Server::launch_in(
-        util::new_dir(),
-        &["prlimit", "--nofile=1024:1024", "--"],
-        Path::new(FORKSERVER),
-        &["--group", "nogroup", "--allow-uid", "nobody"],
-        &[],
-    );
-    util::open_to_nobody(&server);
+    let server = util::server_nobody_may_use(&["prlimit", "--nofile=1024:1024", "--"]);
     let (mut holder, said) = nobody_holding(&server, &["hold", "2000"], 2);
     let held: usize = said
         .lines()

@@ -9,11 +9,10 @@
 #[allow(dead_code)]
 mod util;
 
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use util::{peer_program, status_kb, Server, FORKSERVER};
+use util::{peer_program, status_kb, Server};
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
@@ -57,14 +56,7 @@ fn a_hostile_soak_leaves_a_good_client_its_spawns() {
     if !util::root_or_skip("hostile_soak::a_hostile_soak_leaves_a_good_client_its_spawns") {
         return;
     }
-    let server = Server::launch_in(
-        util::new_dir(),
-        &["prlimit", "--nofile=1024:1024", "--"],
-        Path::new(FORKSERVER),
-        &["--group", "nogroup", "--allow-uid", "nobody"],
-        &[],
-    );
-    util::open_to_nobody(&server);
+    let server = util::server_nobody_may_use(&["prlimit", "--nofile=1024:1024", "--"]);
     let fds_before = util::fd_table(server.pid());
     let rss_before = status_kb(server.pid(), "VmRSS:");
     let solo_p99 = p99(&mut good_spawns(&server, 300, None));

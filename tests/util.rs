@@ -594,3 +594,18 @@ pub fn status_kb(pid: u32, field: &str) -> u64 {
         .and_then(|kb| kb.parse().ok())
         .unwrap()
 }
+
+/// A server (under `wrapper`: prlimit, say) that user nobody may use: the
+/// socket given to group nogroup, uid nobody allowed, its directory opened
+/// for nobody to traverse.
+pub fn server_nobody_may_use(wrapper: &[&str]) -> Server {
+    let server = Server::launch_in(
+        new_dir(),
+        wrapper,
+        Path::new(FORKSERVER),
+        &["--group", "nogroup", "--allow-uid", "nobody"],
+        &[],
+    );
+    open_to_nobody(&server);
+    server
+}
