@@ -263,6 +263,8 @@ mod tests {
     }
 
     #[test]
+    // RLIMIT_NOFILE is a u32 with glibc, an i32 with musl.
+    #[allow(clippy::unnecessary_cast)]
     fn own_controls_are_this_process_s() {
         let me = std::process::id() as i32;
         // SAFETY: geteuid cannot fail.
