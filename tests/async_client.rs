@@ -183,3 +183,48 @@ async fn workers_payloads_pipes_and_kill_on_drop() {
     drop(client);
     wait_until("the connection's children are killed", || !is_running(pid));
 }
+
+/// tokio's `process_spawned_and_wait_in_different_runtime`: the runtime the
+/// connection was made in is gone (and its reader task with it) before the
+/// child exits; waiting in another runtime starts a reader there. (It used
+/// to wait for ever.)
+#[test]
+fn a_child_spawned_in_one_runtime_is_waited_for_in_another() {
+    let server = Server::start();
+    let socket = server.socket.clone();
+    let mut child = ::tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let client = AsyncClient::connect(&socket).await.unwrap();
+        client.command("sleep").arg("0.2").spawn().await.unwrap()
+    });
+    let status = ::tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(async { ::tokio::time::timeout(Duration::from_secs(10), child.wait()).await })
+        .expect("wait returned")
+        .unwrap();
+    assert!(status.success());
+}
+
+/// As tokio's: `status()` closes the child's piped stdio before waiting, so
+/// a child writing more than a pipe holds is not left blocked (it used to
+/// hang with `head -c 1000000 /dev/zero`).
+#[tokio::test]
+async fn status_closes_piped_stdio_before_waiting() {
+    let server = Server::start();
+    let client = AsyncClient::connect(&server.socket).await.unwrap();
+    let status = ::tokio::time::timeout(
+        Duration::from_secs(10),
+        client
+            .command("head")
+            .args(["-c", "1000000", "/dev/zero"])
+            .stdout(Stdio::piped())
+            .status(),
+    )
+    .await
+    .expect("status returned")
+    .unwrap();
+    // head met a closed pipe: SIGPIPE, at its default as std gives it.
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(libc::SIGPIPE)
+    );
+}

@@ -167,9 +167,15 @@ impl AsyncCommand {
         self.spawn_with_defaults(&INHERIT, &INHERIT).await
     }
 
-    /// Runs the child to completion; its exit status.
+    /// Runs the child to completion; its exit status. As tokio's, the
+    /// child's piped stdio is closed first (a child writing into a pipe
+    /// nobody reads gets EPIPE rather than blocking for ever).
     pub async fn status(&mut self) -> Result<ExitStatus, Error> {
-        self.spawn().await?.wait().await
+        let mut child = self.spawn().await?;
+        drop(child.stdin.take());
+        drop(child.stdout.take());
+        drop(child.stderr.take());
+        child.wait().await
     }
 
     /// Runs the child to completion, collecting stdout and stderr (piped

@@ -4,8 +4,16 @@
 //! id, waking that id's waiter (a `Notify` per id: a thousand children
 //! waiting on one connection do not wake each other). A message stays
 //! filed until a waiter takes it, so a waiting future that is dropped loses
-//! nothing: the next one finds it. When the connection ends, every waiter
-//! is woken and gets the reason.
+//! nothing: the next one finds it; a slot whose messages were all taken
+//! goes, so a long-lived connection holds nothing for children already
+//! waited for. When the connection ends, every waiter is woken and gets the
+//! reason.
+//!
+//! The reader task lives in the runtime the connection was made in. If
+//! that runtime shuts down first, the task is dropped; the next waiter,
+//! in whatever runtime it runs, starts a new reader there on the same
+//! socket (registered anew with that runtime), as tokio's own child
+//! handles keep working when awaited in another runtime.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
@@ -42,7 +50,10 @@ struct Inbox {
 }
 
 struct Shared {
-    socket: AsyncFd<OwnedFd>,
+    /// The socket, registered with the runtime of the current reader.
+    socket: Mutex<Arc<AsyncFd<OwnedFd>>>,
+    /// The current reader task; None once it was dropped with its runtime.
+    reader: Mutex<Option<JoinHandle<()>>>,
     info: ServerInfo,
     next_id: AtomicU64,
     inbox: Mutex<Inbox>,
@@ -55,7 +66,6 @@ struct Shared {
 /// (client, command, child) is dropped, which closes the socket.
 pub(crate) struct AsyncConnection {
     shared: Arc<Shared>,
-    reader: JoinHandle<()>,
 }
 
 impl std::fmt::Debug for AsyncConnection {
@@ -68,7 +78,15 @@ impl std::fmt::Debug for AsyncConnection {
 
 impl Drop for AsyncConnection {
     fn drop(&mut self) {
-        self.reader.abort();
+        if let Some(reader) = self
+            .shared
+            .reader
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            reader.abort();
+        }
     }
 }
 
@@ -100,14 +118,15 @@ impl AsyncConnection {
         let info = wire::server_info(welcome)?;
         let pending = info.limits.max_pending_per_connection.max(1) as usize;
         let shared = Arc::new(Shared {
-            socket,
+            socket: Mutex::new(Arc::new(socket)),
+            reader: Mutex::new(None),
             info,
             next_id: AtomicU64::new(1),
             inbox: Mutex::default(),
             starting: Semaphore::new(pending),
         });
-        let reader = ::tokio::spawn(read_all(shared.clone()));
-        Ok(AsyncConnection { shared, reader })
+        start_reader(&shared);
+        Ok(AsyncConnection { shared })
     }
 
     pub(crate) fn info(&self) -> &ServerInfo {
@@ -138,7 +157,9 @@ impl AsyncConnection {
         }
         let outgoing = wire::outgoing(message, fds.len(), &self.shared.info.limits)?;
         let fds = outgoing.fds(fds);
-        send(&self.shared.socket, &outgoing.bytes, &fds).await
+        self.ensure_reader()?;
+        let socket = self.shared.socket();
+        send(&socket, &outgoing.bytes, &fds).await
     }
 
     /// The first message for `id` that `wanted` accepts, waiting for it.
@@ -149,6 +170,7 @@ impl AsyncConnection {
         wanted: impl Fn(&ServerMessage) -> bool,
     ) -> Result<Incoming, Error> {
         loop {
+            self.ensure_reader()?;
             let arrived = {
                 let mut inbox = self.lock();
                 if let Some(found) = take_filed(&mut inbox, id, &wanted) {
@@ -190,6 +212,58 @@ impl AsyncConnection {
     fn lock(&self) -> MutexGuard<'_, Inbox> {
         lock(&self.shared)
     }
+
+    /// Starts a reader in the current runtime if the last one was dropped
+    /// with its own (see the module's docs).
+    fn ensure_reader(&self) -> Result<(), Error> {
+        let mut reader = self.shared.reader.lock().unwrap_or_else(|p| p.into_inner());
+        if reader.is_some() || self.lock().broken.is_some() {
+            return Ok(());
+        }
+        // The old registration belongs to a runtime that is gone: the same
+        // socket, duplicated, is registered with this one.
+        let old = self.shared.socket();
+        let fd = old.get_ref().try_clone().map_err(Error::Io)?;
+        // SAFETY: as in `open`: the OwnedFd keeps its fd open for as long as
+        // the AsyncFd that owns it lives.
+        let socket = unsafe { AsyncFd::register(fd) }.map_err(|e| Error::Io(e.into()))?;
+        *self.shared.socket.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(socket);
+        *reader = Some(::tokio::spawn(read_all(self.shared.clone())));
+        Ok(())
+    }
+}
+
+impl Shared {
+    fn socket(&self) -> Arc<AsyncFd<OwnedFd>> {
+        self.socket
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// Spawns the first reader task, in the runtime the connection is made in.
+fn start_reader(shared: &Arc<Shared>) {
+    let task = ::tokio::spawn(read_all(shared.clone()));
+    *shared.reader.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
+}
+
+/// Marks the reader gone when its task is dropped unfinished (its runtime
+/// shut down), and wakes every waiter so that one starts a new reader.
+struct ReaderGone<'a>(&'a Shared);
+
+impl Drop for ReaderGone<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() || lock(self.0).broken.is_some() {
+            return;
+        }
+        self.0
+            .reader
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        wake_all(self.0);
+    }
 }
 
 fn lock(shared: &Shared) -> MutexGuard<'_, Inbox> {
@@ -208,23 +282,33 @@ fn take_filed(
 ) -> Option<Incoming> {
     let slot = inbox.slots.get_mut(&id)?;
     let at = slot.queue.iter().position(|m| wanted(&m.message))?;
-    slot.queue.remove(at)
+    let found = slot.queue.remove(at);
+    // Nothing left for this id: its slot goes (one waiter at a time takes
+    // an id's messages, so no one is parked on its Notify now).
+    if slot.queue.is_empty() {
+        inbox.slots.remove(&id);
+    }
+    found
 }
 
 /// The reader task: files every message under its id until the connection
 /// ends, then wakes every waiter with the reason.
 async fn read_all(shared: Arc<Shared>) {
+    let gone = ReaderGone(&shared);
+    let socket = shared.socket();
     let why = loop {
-        match receive(&shared.socket, &shared.info.limits).await {
+        match receive(&socket, &shared.info.limits).await {
             Ok(Some(incoming)) => file(&shared, incoming),
             Ok(None) => break "the server closed the connection".to_owned(),
             Err(e) => break e.to_string(),
         }
         if lock(&shared).broken.is_some() {
+            std::mem::forget(gone);
             return wake_all(&shared);
         }
     };
     lock(&shared).broken.get_or_insert(why);
+    std::mem::forget(gone);
     wake_all(&shared);
 }
 
