@@ -42,11 +42,13 @@ async fn main() -> Result<(), Error> {
 
     // A child that outlives its welcome.
     let mut child = client.command("sleep").arg("30").spawn().await?;
+    // As tokio's, the pid is known until the child has been waited for.
+    let pid = child.id().expect("not waited for yet");
     tokio::select! {
         status = child.wait() => println!("sleep ended early: {status:?}"),
         _ = tokio::time::sleep(Duration::from_millis(100)) => {
             child.kill().await?;
-            println!("killed pid {} after 100 ms", child.id());
+            println!("killed pid {pid} after 100 ms");
         }
     }
     Ok(())

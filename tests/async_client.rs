@@ -47,7 +47,7 @@ async fn wait_races_a_timeout_and_a_cancelled_wait_loses_nothing() {
 
     // select!: the timeout wins, the child is killed and reported so.
     let mut child = client.command("sleep").arg("30").spawn().await.unwrap();
-    let pid = child.id();
+    let pid = child.id().unwrap();
     tokio::select! {
         status = child.wait() => panic!("sleep 30 ended early: {status:?}"),
         _ = tokio::time::sleep(Duration::from_millis(200)) => child.kill().await.unwrap(),
@@ -169,13 +169,13 @@ async fn workers_payloads_pipes_and_kill_on_drop() {
         .spawn()
         .await
         .unwrap();
-    let pid = child.id();
+    let pid = child.id().unwrap();
     child.signal(0).unwrap();
     drop(child);
     wait_until("the dropped child is killed", || !is_running(pid));
     // Without it, the child lives on until its connection closes.
     let child = client.command("sleep").arg("30").spawn().await.unwrap();
-    let pid = child.id();
+    let pid = child.id().unwrap();
     drop(child);
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(is_running(pid));
@@ -196,12 +196,15 @@ fn a_child_spawned_in_one_runtime_is_waited_for_in_another() {
         let client = AsyncClient::connect(&socket).await.unwrap();
         client.command("sleep").arg("0.2").spawn().await.unwrap()
     });
+    assert!(child.id().is_some());
     let status = ::tokio::runtime::Runtime::new()
         .unwrap()
         .block_on(async { ::tokio::time::timeout(Duration::from_secs(10), child.wait()).await })
         .expect("wait returned")
         .unwrap();
     assert!(status.success());
+    // As tokio's: no pid once the status was taken.
+    assert_eq!(child.id(), None);
 }
 
 /// As tokio's: `status()` closes the child's piped stdio before waiting, so

@@ -84,11 +84,11 @@ impl AsyncChild {
         })
     }
 
-    /// The child's pid (in the server's pid namespace). Unlike tokio's, it
-    /// stays known after the child exits: the server reaps it, and the pid
-    /// cannot be signalled through us once it might be reused.
-    pub fn id(&self) -> u32 {
-        self.pid
+    /// The child's pid (in the server's pid namespace); None once its exit
+    /// status was taken (`wait`, `try_wait`), as tokio's: the server has
+    /// reaped it by then, and the number may be another process's.
+    pub fn id(&self) -> Option<u32> {
+        self.exit.status.is_none().then_some(self.pid)
     }
 
     /// The child's pidfd: poll it for readability to learn that it exited,

@@ -149,6 +149,11 @@ impl AsyncCommand {
         self
     }
 
+    /// Whether [`kill_on_drop`](Self::kill_on_drop) is set, as tokio's.
+    pub fn get_kill_on_drop(&self) -> bool {
+        self.kill_on_drop
+    }
+
     /// The wrapped builder, for its getters.
     pub fn as_command(&self) -> &Command {
         &self.inner

@@ -28,8 +28,10 @@
 //! ```
 //!
 //! # Differences from `tokio::process`
-//! - The children are the server's: `id()` is known for the child's whole
-//!   life, and the status arrives from the server.
+//! - The children are the server's: the status arrives from the server.
+//!   `id()` is the pid until the status was taken, then None, as tokio's;
+//!   a child's handle can be awaited in another runtime than the one it
+//!   was spawned in, even after that one shut down.
 //! - Children are killed when their connection closes (when the last
 //!   `AsyncClient`, `AsyncCommand` and `AsyncChild` sharing it are dropped),
 //!   unless spawned with `detach(true)`; `kill_on_drop(true)` kills one when
