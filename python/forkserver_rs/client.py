@@ -52,15 +52,35 @@ class ServerError(Exception):
 class SpawnError(OSError):
     """A child did not start. ``kind`` is the protocol's error kind (``exec``,
     ``unknown_worker``, ``invalid``, ...); ``errno`` is set for OS errors
-    (e.g. ``errno.ENOENT`` for a program that does not exist)."""
+    (e.g. ``errno.ENOENT`` for a program that does not exist). As with
+    ``subprocess.Popen``, an OS error raises the matching ``OSError``
+    subclass too — ``FileNotFoundError``, ``PermissionError``, ... — with
+    ``filename`` the program that could not be run."""
 
-    def __init__(self, kind, err, message):
-        super().__init__(err or 0, message)
+    def __init__(self, kind, err, message, filename=None):
+        super().__init__(err or 0, message, filename)
         self.kind = kind
         self.message = message
 
     def __str__(self):
+        if self.filename is not None:
+            return f"{self.kind}: {self.message}: {self.filename!r}"
         return f"{self.kind}: {self.message}"
+
+
+# SpawnError classes that are also FileNotFoundError, PermissionError, ...
+_SPAWN_ERRORS = {}
+
+
+def _spawn_error(kind, err, message, filename):
+    """The SpawnError to raise: of the OSError subclass Python itself gives
+    errno ``err`` (``OSError(err, ...)`` picks it), when there is one."""
+    base = type(OSError(err, "")) if err else OSError
+    if base is OSError:
+        return SpawnError(kind, err, message, filename)
+    if base not in _SPAWN_ERRORS:
+        _SPAWN_ERRORS[base] = type(f"Spawn{base.__name__}", (SpawnError, base), {})
+    return _SPAWN_ERRORS[base](kind, err, message, filename)
 
 
 def _os_string(value):
@@ -459,7 +479,9 @@ class Client:
         for fd in reply_fds:
             os.close(fd)
         if reply.get("type") == "spawn_failed":
-            raise SpawnError(reply.get("kind"), reply.get("errno"), reply.get("message"))
+            kind = reply.get("kind")
+            program = target if kind == "exec" and not isinstance(target, Worker) else None
+            raise _spawn_error(kind, reply.get("errno"), reply.get("message"), program)
         raise ServerError(reply.get("kind", "protocol"), reply.get("message", repr(reply)))
 
 

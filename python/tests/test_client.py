@@ -133,7 +133,7 @@ def test_text_mode(server):
         assert child.communicate(timeout=10) == ("é\n", None)
 
 
-def test_errors_name_the_problem_and_the_server_keeps_serving(server):
+def test_errors_name_the_problem_and_the_server_keeps_serving(server, tmp_path):
     with forkserver_rs.Client(server.socket) as client:
         with pytest.raises(forkserver_rs.SpawnError) as missing_module:
             client.spawn("py:no_such_module_here:main")
@@ -147,6 +147,16 @@ def test_errors_name_the_problem_and_the_server_keeps_serving(server):
             client.spawn("/no/such/program")
         assert missing_program.value.errno == errno.ENOENT
         assert missing_program.value.kind == "exec"
+        # As subprocess.Popen raises them: the OSError subclass, naming
+        # the program.
+        assert isinstance(missing_program.value, FileNotFoundError)
+        assert missing_program.value.filename == "/no/such/program"
+        assert "'/no/such/program'" in str(missing_program.value)
+        plain = tmp_path / "not-executable"
+        plain.write_text("")
+        with pytest.raises(PermissionError) as not_executable:
+            client.spawn(str(plain))
+        assert not_executable.value.filename == str(plain)
         # The same connection still works.
         assert client.spawn("py:workers:exit_with", args=[3]).wait(10) == 3
 
