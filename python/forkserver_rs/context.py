@@ -233,6 +233,18 @@ class ForkserverContext(mp_context.BaseContext):
         mp_context._concrete_contexts[self._name] = self
         self.Process._start_method = self._name
 
+    def __reduce__(self):
+        # As stock contexts pickle (loky passes one to its workers for
+        # nested executors): the process that unpickles it gets the context
+        # registered under this name there, or one with these settings,
+        # using the same server while it runs. (Its Process class is made
+        # per context, so the object itself cannot be pickled.)
+        registered = mp_context._concrete_contexts.get(self._name) is self
+        return (
+            _unpickle_context,
+            (self._name, self._settings.to_json(), self._running_socket(), registered),
+        )
+
     @property
     def _server(self):
         if self._handle is None:
@@ -269,6 +281,18 @@ class ForkserverContext(mp_context.BaseContext):
         self._running = None
         if self._exported:
             _export_settings()
+
+
+def _unpickle_context(name, fields, running, registered):
+    """The context a pickled ForkserverContext stands for, here."""
+    settings = Settings.from_json(fields)
+    existing = mp_context._concrete_contexts.get(name)
+    if registered and isinstance(existing, ForkserverContext) and existing._settings == settings:
+        return existing
+    context = ForkserverContext(name, settings, running)
+    if registered and existing is None:
+        context._register()
+    return context
 
 
 class ForkserverProcess(process.BaseProcess):

@@ -133,3 +133,35 @@ def test_the_default_pickler_stays_pickle():
     with ctx.Pool(1) as pool:
         with pytest.raises((pickle.PicklingError, AttributeError)):
             pool.map(lambda x: x, [1])
+
+
+def test_contexts_pickle_like_stock_ones(tmp_path):
+    """A context pickles (loky hands one to its workers for nested
+    executors): a registered one comes back as the one registered under its
+    name, a private one as one with its settings, and a child given either
+    starts processes with it."""
+    done = run_script(tmp_path, "pickled.py", """
+        import multiprocessing, pickle
+        import forkserver_rs
+
+        def nested(ctx, queue):
+            with ctx.Pool(1) as pool:
+                queue.put(pool.apply(abs, (-7,)))
+
+        if __name__ == "__main__":
+            name = forkserver_rs.register("pickled-rs", preload=["json"])
+            registered = multiprocessing.get_context(name)
+            assert pickle.loads(pickle.dumps(registered)) is registered
+            private = forkserver_rs.get_context(preload=["json"])
+            copy = pickle.loads(pickle.dumps(private))
+            assert copy is not private and copy._settings == private._settings
+            for ctx in (private, registered):
+                queue = ctx.Queue()
+                child = ctx.Process(target=nested, args=(ctx, queue))
+                child.start()
+                assert queue.get(timeout=60) == 7
+                child.join(30)
+                assert child.exitcode == 0, child.exitcode
+            print("ok", flush=True)
+    """)
+    assert done.stdout.strip() == "ok"
