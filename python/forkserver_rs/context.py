@@ -587,8 +587,11 @@ class _ServerHandle:
         # fd 2, as for the children: nothing here has to relay it.
         later_stderr = _duplicate_stderr()
         command = [sys.executable, "-m", "forkserver_rs", "serve", "--socket", path]
-        if not {"-v", "--verbose", "-q", "--quiet", "-qq"} & set(self.server_args):
-            command.append("-q")  # warnings and errors only, unless asked otherwise
+        # Warnings and errors only, unless asked otherwise: by server_args
+        # (-v, -q) or, as for every server, by FORKSERVER_LOG.
+        asked = {"-v", "--verbose", "-q", "--quiet", "-qq"} & set(self.server_args)
+        if not asked and not os.environ.get("FORKSERVER_LOG"):
+            command.append("-q")
         command += ["--lifeline-fd", str(lifeline_r), "--ready-fd", str(ready_w)]
         command += ["--stderr-after-ready", str(later_stderr)]
         if self.preload:

@@ -295,3 +295,21 @@ def test_an_os_fork_child_of_the_parent_does_not_stop_its_server(tmp_path):
                 print(pool.map(double, [21])[0], flush=True)
     """)
     assert done.stdout.split() == ["42"]
+
+
+def test_forkserver_log_is_honoured_by_the_server_a_context_starts(tmp_path, monkeypatch):
+    """FORKSERVER_LOG=debug makes the context's server log every spawn, as
+    it does for `forkserver serve`; without it the server logs only
+    warnings (it starts with -q)."""
+    source = """
+        import forkserver_rs
+
+        if __name__ == "__main__":
+            ctx = forkserver_rs.get_context(pool=0)
+            with ctx.Pool(1) as pool:
+                assert pool.apply(abs, (-1,)) == 1
+    """
+    monkeypatch.setenv("FORKSERVER_LOG", "debug")
+    assert " debug " in run_script(tmp_path, "logged.py", source).stderr
+    monkeypatch.delenv("FORKSERVER_LOG")
+    assert " debug " not in run_script(tmp_path, "quiet.py", source).stderr
