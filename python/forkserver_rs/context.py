@@ -594,6 +594,10 @@ class _ServerHandle:
             command.append("-q")
         command += ["--lifeline-fd", str(lifeline_r), "--ready-fd", str(ready_w)]
         command += ["--stderr-after-ready", str(later_stderr)]
+        if self._directory is not None:
+            # Ours alone: the server removes it when it stops, should this
+            # process be killed before it could.
+            command.append("--remove-socket-dir")
         if self.preload:
             command += ["--preload", ",".join(self.preload)]
         if self.allow_dormant_threads:

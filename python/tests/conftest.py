@@ -107,14 +107,14 @@ def wait_until(condition, timeout=10.0):
     return condition()
 
 
-def run_script(directory, name, source, *args):
+def run_script(directory, name, source, *args, expect_exit=0):
     """Writes `source` (dedented) to DIRECTORY/NAME, runs it with this
-    Python in `directory`, asserts it exited 0, and returns the result
-    (text stdout and stderr)."""
+    Python in `directory`, asserts it exited `expect_exit` (0; -N for death
+    by signal N), and returns the result (text stdout and stderr)."""
     script = directory / name
     script.write_text(textwrap.dedent(source))
     done = subprocess.run([sys.executable, "-X", "dev", "-W", "error::ResourceWarning", str(script), *args],
                           capture_output=True, text=True,
                           timeout=60, cwd=directory)
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == expect_exit, done.stderr
     return done

@@ -214,6 +214,24 @@ def test_the_server_it_started_stops_with_the_parent(tmp_path):
     assert wait_until(lambda: not os.path.exists(f"/proc/{server_pid}")), "the server outlived its parent"
 
 
+def test_a_killed_parent_leaves_no_private_directory(tmp_path):
+    """SIGKILL leaves the parent no chance to clean up: the server, stopped
+    by its lifeline, removes its socket and the private directory."""
+    done = run_script(tmp_path, "killed.py", """
+        import os, signal
+        import forkserver_rs
+
+        if __name__ == "__main__":
+            ctx = forkserver_rs.get_context(pool=0)
+            status = ctx.client().status()
+            print(status["pid"], os.path.dirname(status["socket"]), flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+    """, expect_exit=-9)
+    server_pid, directory = done.stdout.split()
+    assert wait_until(lambda: not os.path.exists(f"/proc/{server_pid}")), "the server outlived its parent"
+    assert wait_until(lambda: not os.path.exists(directory)), f"{directory} is left behind"
+
+
 def test_a_server_at_a_given_socket_is_used(start_server):
     server = start_server("--preload", "json")
     assert server.ready

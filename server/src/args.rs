@@ -66,6 +66,11 @@ pub struct ServeArgs {
     /// afterwards goes to FD (its own stderr, say) with nothing relaying it.
     #[arg(long, value_name = "FD")]
     pub stderr_after_ready: Option<i32>,
+    /// The socket's directory was made for this server alone: remove it,
+    /// once empty, when the socket goes (a starter killed before it could
+    /// clean up leaves nothing behind in /tmp).
+    #[arg(long)]
+    pub remove_socket_dir: bool,
     /// Log more: -v logs every spawn and exit (as FORKSERVER_LOG=debug).
     #[arg(short, long, action = clap::ArgAction::Count, conflicts_with = "quiet")]
     pub verbose: u8,
@@ -157,6 +162,7 @@ impl ServeArgs {
         options.ready_fd = self.ready_fd;
         options.lifeline_fd = self.lifeline_fd;
         options.stderr_after_ready = self.stderr_after_ready;
+        options.remove_socket_dir = self.remove_socket_dir;
         options.pools = self.pools.clone();
         // The flags win over FORKSERVER_LOG, which is read otherwise.
         options.log_level = match (self.verbose, self.quiet) {

@@ -224,7 +224,11 @@ impl ServerBuilder {
         let mut readiness = Readiness::from_env(ready_fd);
         let listener = match listener::Listener::from_systemd()? {
             Some(inherited) => inherited,
-            None => listener::Listener::bind(&options.socket, options.group)?,
+            None => {
+                let mut listener = listener::Listener::bind(&options.socket, options.group)?;
+                listener.remove_dir_too(options.remove_socket_dir);
+                listener
+            }
         };
         let summary = format!(
             "listening on {} (protocol {}, version {}, {} module(s))",

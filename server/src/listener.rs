@@ -28,6 +28,9 @@ pub(crate) struct Listener {
     /// Device and inode of the socket file we bound; None for a socket
     /// inherited from systemd, whose file is systemd's to remove.
     identity: Option<(u64, u64)>,
+    /// Remove the socket's directory too, if it is empty then
+    /// (`--remove-socket-dir`).
+    remove_dir: bool,
 }
 
 impl Listener {
@@ -53,7 +56,14 @@ impl Listener {
             socket,
             path: path.to_owned(),
             identity: Some((meta.dev(), meta.ino())),
+            remove_dir: false,
         })
+    }
+
+    /// Whether to remove the socket's directory with the socket (only
+    /// ever an empty one: `rmdir`).
+    pub(crate) fn remove_dir_too(&mut self, on: bool) {
+        self.remove_dir = on;
     }
 
     /// The listening socket systemd passed (socket activation,
@@ -104,6 +114,7 @@ impl Listener {
             socket,
             path,
             identity: None,
+            remove_dir: false,
         }))
     }
 
@@ -123,6 +134,10 @@ impl Drop for Listener {
         if let (Some(identity), Ok(meta)) = (self.identity, fs::symlink_metadata(&self.path)) {
             if (meta.dev(), meta.ino()) == identity {
                 let _ = fs::remove_file(&self.path);
+                if let Some(dir) = self.path.parent().filter(|_| self.remove_dir) {
+                    // Fails, harmlessly, if anything else is in it.
+                    let _ = fs::remove_dir(dir);
+                }
             }
         }
     }

@@ -32,6 +32,8 @@ pub struct ServeOptions {
     pub lifeline_fd: Option<i32>,
     /// Once started, make this fd the server's stderr (and close it).
     pub stderr_after_ready: Option<i32>,
+    /// Remove the socket's directory, once empty, with the socket.
+    pub remove_socket_dir: bool,
     /// How much to log; `FORKSERVER_LOG` (default info) if None.
     pub log_level: Option<Level>,
     /// Prefork pools: `(worker, number of idle children to keep)`.
@@ -52,6 +54,7 @@ impl ServeOptions {
             ready_fd: None,
             lifeline_fd: None,
             stderr_after_ready: None,
+            remove_socket_dir: false,
             log_level: None,
             pools: Vec::new(),
         }
