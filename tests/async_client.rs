@@ -231,3 +231,22 @@ async fn status_closes_piped_stdio_before_waiting() {
         Some(libc::SIGPIPE)
     );
 }
+
+/// As tokio's: `output()` pipes stdout and stderr whatever was set before.
+#[tokio::test]
+async fn output_pipes_stdout_and_stderr_as_tokio_s() {
+    let server = Server::start();
+    let client = AsyncClient::connect(&server.socket).await.unwrap();
+    let output = client
+        .command("sh")
+        .args(["-c", "echo out; echo err >&2"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(
+        (output.stdout.as_slice(), output.stderr.as_slice()),
+        (&b"out\n"[..], &b"err\n"[..])
+    );
+}

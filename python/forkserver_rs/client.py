@@ -291,6 +291,41 @@ class Client:
         reply, _ = self._request({"type": "status"})
         return reply
 
+    def run(self, target, args=(), *, input=None, capture_output=False, timeout=None, check=False,
+            **options):
+        """Runs a child to completion, as ``subprocess.run``: returns a
+        ``subprocess.CompletedProcess``. ``input`` goes to its stdin;
+        ``capture_output=True`` pipes stdout and stderr; past ``timeout`` it
+        is killed and ``subprocess.TimeoutExpired`` raised; ``check=True``
+        raises ``subprocess.CalledProcessError`` for a non-zero status.
+        ``options`` are :meth:`spawn`'s."""
+        if capture_output:
+            if options.get("stdout") is not None or options.get("stderr") is not None:
+                raise ValueError("stdout and stderr arguments may not be used with capture_output.")
+            options["stdout"] = options["stderr"] = subprocess.PIPE
+        if input is not None:
+            if options.get("stdin") is not None:
+                raise ValueError("stdin and input arguments may not both be used.")
+            options["stdin"] = subprocess.PIPE
+        with self.spawn(target, args, **options) as child:
+            try:
+                stdout, stderr = child.communicate(input, timeout=timeout)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+                raise
+        completed = subprocess.CompletedProcess(child.args, child.returncode, stdout, stderr)
+        if check:
+            completed.check_returncode()
+        return completed
+
+    def check_output(self, target, args=(), *, timeout=None, **options):
+        """A child's stdout, as ``subprocess.check_output``: it must exit 0
+        (else ``subprocess.CalledProcessError``)."""
+        if "stdout" in options:
+            raise ValueError("stdout argument not allowed, it will be overridden.")
+        return self.run(target, args, stdout=subprocess.PIPE, timeout=timeout, check=True, **options).stdout
+
     def spawn(
         self,
         target,
@@ -473,7 +508,9 @@ class Client:
             for fd in keep_open:
                 os.close(fd)
         if reply.get("type") == "spawned":
-            return Child(self, reply, reply_fds, shared_stdout, text)
+            child = Child(self, reply, reply_fds, shared_stdout, text)
+            child.args = [target, *args]
+            return child
         if shared_stdout is not None:
             os.close(shared_stdout)
         for fd in reply_fds:

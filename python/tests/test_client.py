@@ -408,3 +408,20 @@ def test_a_terminal_of_its_own(server):
         assert child.wait(10) == 0
         lines = out.decode().split()
         assert lines[0].startswith("/dev/pts/") and lines[1:] == ["30", "100"], out
+
+
+def test_run_and_check_output_as_subprocess_has_them(server):
+    with forkserver_rs.Client(server.socket) as client:
+        done = client.run(["sh", "-c", "cat; echo err >&2; exit 3"], input=b"in\n", capture_output=True)
+        assert isinstance(done, subprocess.CompletedProcess)
+        assert (done.args, done.returncode, done.stdout, done.stderr) == (
+            ["sh", "-c", "cat; echo err >&2; exit 3"], 3, b"in\n", b"err\n")
+        with pytest.raises(subprocess.CalledProcessError) as failed:
+            client.run(["false"], check=True)
+        assert failed.value.returncode == 1
+        assert client.check_output(["echo", "hi"], text=True) == "hi\n"
+        with pytest.raises(subprocess.TimeoutExpired):
+            client.run(["sleep", "30"], timeout=0.2)
+        child = client.spawn(["true"])
+        assert child.args == ["true"]
+        child.wait(10)

@@ -183,9 +183,12 @@ impl AsyncCommand {
         child.wait().await
     }
 
-    /// Runs the child to completion, collecting stdout and stderr (piped
-    /// unless set; stdin is /dev/null unless set).
+    /// Runs the child to completion, collecting stdout and stderr; stdin is
+    /// /dev/null unless set. As tokio's (and unlike std's), stdout and
+    /// stderr are piped whatever was set before: this command keeps them
+    /// piped afterwards.
     pub async fn output(&mut self) -> Result<Output, Error> {
+        self.stdout(Stdio::piped()).stderr(Stdio::piped());
         self.spawn_with_defaults(&NULL, &PIPED)
             .await?
             .wait_with_output()
