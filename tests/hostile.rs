@@ -481,9 +481,25 @@ fn arguments_are_bounded_by_their_bytes_and_the_kernel_s_limit_is_named() {
 /// installed (the setup's copies above it no longer run out of room).
 #[test]
 fn an_fd_target_just_under_the_fd_limit_is_installed() {
+    // A soft limit of 1024 under this process's own hard one (which a
+    // user who is not root cannot raise), so the server may raise it.
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the struct given.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+    if !util::available_or_skip(
+        "hostile::an_fd_target_just_under_the_fd_limit_is_installed",
+        limit.rlim_max > 1100,
+        "needs a hard RLIMIT_NOFILE above 1100",
+    ) {
+        return;
+    }
+    let nofile = format!("--nofile=1024:{}", limit.rlim_max);
     let server = Server::launch_in(
         util::new_dir(),
-        &["prlimit", "--nofile=1024:4096", "--"],
+        &["prlimit", &nofile, "--"],
         Path::new(FORKSERVER),
         &[],
         &[],

@@ -113,6 +113,8 @@ pub(crate) struct Ledger {
     lingering: HashMap<ConnId, Vec<libc::pid_t>>,
     /// Groups sent SIGTERM on a disconnect, and when they get SIGKILL.
     dying_groups: Vec<(libc::pid_t, Instant)>,
+    /// When the latest child was launched.
+    latest_launch: Option<Instant>,
 }
 
 impl Ledger {
@@ -172,6 +174,8 @@ impl Ledger {
         self.spawns += 1;
         self.by_uid.entry(peer.uid).or_default().0 += 1;
         *self.live_by_uid.entry(peer.uid).or_default() += 1;
+        let started = Instant::now();
+        self.latest_launch = Some(started);
         self.children.insert(
             child.pid,
             ChildRecord {
@@ -189,7 +193,7 @@ impl Ledger {
                 target: describe(request).to_string_lossy().into_owned(),
                 owner_pid: peer.pid,
                 owner_uid: peer.uid,
-                started: Instant::now(),
+                started,
             },
         );
     }
@@ -389,6 +393,11 @@ impl Ledger {
     /// Children whose start is not yet reported (a refill waits for 0).
     pub(crate) fn starting(&self) -> usize {
         self.starting
+    }
+
+    /// When the latest child was launched, if any was.
+    pub(crate) fn latest_launch(&self) -> Option<Instant> {
+        self.latest_launch
     }
 
     /// Children launched and spawn requests failed.

@@ -92,8 +92,6 @@ pub(crate) struct EventLoop {
     refill_paused_until: Option<Instant>,
     /// The CPU was yielded since the last events, so a refill may fork now.
     yielded_for_refill: bool,
-    /// When the latest child was launched.
-    last_launch: Option<Instant>,
     /// Forks the pools' children, if there are pools and it could start;
     /// else the server forks them itself.
     forker: Option<Forker>,
@@ -164,7 +162,6 @@ impl EventLoop {
             pools: Pools::new(&options.pools),
             refill_paused_until: None,
             yielded_for_refill: false,
-            last_launch: None,
             forker: None,
             server_uid: sys::getuid(),
             started: Instant::now(),
@@ -268,7 +265,8 @@ impl EventLoop {
                 .filter(|_| self.pools.short().is_some());
             // A pool to refill once the latest start has had its moment.
             let start_timer = self
-                .last_launch
+                .ledger
+                .latest_launch()
                 .filter(|_| self.ledger.starting() > 0 && self.pools.short().is_some())
                 .map(|at| at + REFILL_WAITS_FOR_A_START)
                 .filter(|&at| at > Instant::now());
@@ -288,7 +286,8 @@ impl EventLoop {
             let refill_due = self.listener.is_some()
                 && (self.ledger.starting() == 0
                     || self
-                        .last_launch
+                        .ledger
+                        .latest_launch()
                         .is_some_and(|at| at.elapsed() >= REFILL_WAITS_FOR_A_START))
                 && self.pools.short().is_some()
                 && self

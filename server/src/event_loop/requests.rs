@@ -191,7 +191,6 @@ impl EventLoop {
                 launched.pid
             );
         }
-        self.last_launch = Some(std::time::Instant::now());
         self.ledger
             .launched(conn_id, &conn.peer, &request, launched);
     }
