@@ -115,7 +115,14 @@ pub(crate) struct Ledger {
     dying_groups: Vec<(libc::pid_t, Instant)>,
     /// When the latest child was launched.
     latest_launch: Option<Instant>,
+    /// When to look again for lingering groups that emptied.
+    next_lingering_check: Option<Instant>,
 }
+
+/// How often lingering groups are checked for members: a group that
+/// emptied is forgotten within this, long before its number could come
+/// round again (that takes the kernel's pid counter wrapping past pid_max).
+const LINGERING_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Ledger {
     /// Whether connection `conn` may launch a child for request `id` now;
@@ -315,10 +322,10 @@ impl Ledger {
 
     /// Remembers the group child `pid` led, if it is to be killed with its
     /// connection and still has members now that its leader is gone. (Its
-    /// number stays reserved while a member lives; should all of them exit
-    /// before the connection closes, the number could in principle be
-    /// given to a new group once the kernel's pid counter wraps around
-    /// pid_max, which is why dead groups are dropped as new ones come.)
+    /// number stays reserved while a member lives; once all of them exit
+    /// it could be given to another process's group after the kernel's pid
+    /// counter wraps around pid_max, which is why an emptied group is
+    /// forgotten within LINGERING_CHECK: `forget_empty_groups`.)
     fn note_lingering_group(&mut self, pid: libc::pid_t, record: &ChildRecord) {
         let Some(conn) = record.owner else {
             return;
@@ -329,9 +336,22 @@ impl Ledger {
         {
             return;
         }
-        let groups = self.lingering.entry(conn).or_default();
-        groups.retain(|&pgid| sys::signal_group(pgid, 0).is_ok());
-        groups.push(pid);
+        self.lingering.entry(conn).or_default().push(pid);
+        self.next_lingering_check
+            .get_or_insert_with(|| Instant::now() + LINGERING_CHECK);
+    }
+
+    /// Forgets the lingering groups left with no member, if it is time to
+    /// look (every LINGERING_CHECK while there are any).
+    fn forget_empty_groups(&mut self, now: Instant) {
+        if self.next_lingering_check.is_none_or(|at| at > now) {
+            return;
+        }
+        self.lingering.retain(|_, groups| {
+            groups.retain(|&pgid| sys::signal_group(pgid, 0).is_ok());
+            !groups.is_empty()
+        });
+        self.next_lingering_check = (!self.lingering.is_empty()).then(|| now + LINGERING_CHECK);
     }
 
     /// Connection `conn` closed: its children lose their owner; those whose
@@ -443,10 +463,12 @@ impl Ledger {
             .values()
             .filter_map(|r| r.kill_at)
             .chain(groups)
+            .chain(self.next_lingering_check)
             .min()
     }
 
-    /// SIGKILLs every child and group whose grace period is over.
+    /// SIGKILLs every child and group whose grace period is over, and
+    /// forgets the lingering groups that emptied.
     pub(crate) fn kill_overdue(&mut self, now: Instant) {
         for record in self.children.values_mut() {
             if record.kill_at.is_some_and(|at| at <= now) {
@@ -463,6 +485,7 @@ impl Ledger {
             let _ = sys::signal_group(pgid, libc::SIGKILL);
             false
         });
+        self.forget_empty_groups(now);
     }
 }
 

@@ -207,3 +207,33 @@ fn a_closed_connections_children_are_disowned_and_reaped_silently() {
     assert_eq!((ledger.len(), ledger.being_killed()), (0, 0));
     assert!(ledger.next_deadline().is_none());
 }
+
+#[test]
+fn a_lingering_group_is_forgotten_once_empty() {
+    use std::os::unix::process::CommandExt;
+    // Real groups: one that ended (its leader reaped), one that lives.
+    let spawn = |secs: &str| {
+        std::process::Command::new("sleep")
+            .arg(secs)
+            .process_group(0)
+            .spawn()
+            .unwrap()
+    };
+    let mut ended = spawn("0");
+    ended.wait().unwrap();
+    let mut living = spawn("30");
+    let mut ledger = Ledger::default();
+    let (gone, alive) = (ended.id() as libc::pid_t, living.id() as libc::pid_t);
+    ledger.lingering.insert(CONN, vec![gone, alive]);
+    let now = Instant::now();
+    ledger.next_lingering_check = Some(now);
+    assert_eq!(ledger.next_deadline(), Some(now));
+    ledger.kill_overdue(now);
+    assert_eq!(ledger.lingering.get(&CONN), Some(&vec![alive]));
+    assert_eq!(ledger.next_deadline(), Some(now + LINGERING_CHECK));
+    living.kill().unwrap();
+    living.wait().unwrap();
+    ledger.kill_overdue(now + LINGERING_CHECK);
+    assert!(ledger.lingering.is_empty());
+    assert_eq!(ledger.next_deadline(), None);
+}
