@@ -88,11 +88,8 @@ impl OwnControls {
             ));
         }
         let bad = |what: &str| format!("cannot parse /proc/{pid}/{what}");
-        // Fields after the command name, which may hold spaces and
-        // parentheses: the 19th field of proc(5), nice, is the 17th.
-        let nice = stat
-            .rsplit_once(')')
-            .and_then(|(_, fields)| fields.split_whitespace().nth(16))
+        // Field 19 of proc(5): nice.
+        let nice = sys::stat_field(stat.as_bytes(), 19)
             .and_then(|nice| nice.parse().ok())
             .ok_or_else(|| bad("stat"))?;
         let oom_score_adj = oom_score_adj

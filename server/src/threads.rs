@@ -155,16 +155,9 @@ fn num_threads(stat: &fs::File) -> Option<u64> {
     parse_num_threads(&line[..len])
 }
 
-/// The 20th field of a `/proc/PID/stat` line. The name (field 2, in
-/// parentheses) may hold spaces and parentheses itself, so the fields are
-/// counted from the last ')'.
+/// The 20th field of a `/proc/PID/stat` line, `num_threads`.
 fn parse_num_threads(line: &[u8]) -> Option<u64> {
-    let after_name = &line[line.iter().rposition(|&b| b == b')')? + 1..];
-    let field = after_name
-        .split(|&b| b == b' ')
-        .filter(|f| !f.is_empty())
-        .nth(20 - 3)?;
-    std::str::from_utf8(field).ok()?.parse().ok()
+    crate::sys::stat_field(line, 20)?.parse().ok()
 }
 
 impl ForkGuard {

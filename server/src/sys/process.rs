@@ -309,6 +309,19 @@ pub(crate) fn open_files_limit() -> u32 {
     limit.rlim_cur.min(u32::MAX as u64) as u32
 }
 
+/// Field `n` (counted from 1, as proc(5) numbers them; `n` > 2) of a
+/// `/proc/PID/stat` line. The name (field 2, in parentheses) may hold
+/// spaces and parentheses itself, so the fields are counted from the last
+/// ')'.
+pub(crate) fn stat_field(line: &[u8], n: usize) -> Option<&str> {
+    let after_name = &line[line.iter().rposition(|&b| b == b')')? + 1..];
+    let field = after_name
+        .split(|&b| b == b' ')
+        .filter(|f| !f.is_empty())
+        .nth(n.checked_sub(3)?)?;
+    std::str::from_utf8(field).ok()
+}
+
 /// Reads files of `/proc/PID` (`names`, in order) through one open
 /// directory of it, so that all come from one process: should it exit (and
 /// its pid be reused) between two reads, the later ones fail (ESRCH)
