@@ -1,5 +1,5 @@
-//! `forkserver status`, `ps` and `kill`: looking at and steering a running
-//! server.
+//! `forkserver status`, `ps`, `kill` and `reload`: looking at and steering
+//! a running server.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -40,6 +40,12 @@ pub(crate) struct KillArgs {
     /// The child's pid (or --all for every child you may touch).
     #[arg(required_unless_present = "all", value_name = "PID|--all")]
     pid: Option<u32>,
+}
+
+#[derive(Args)]
+pub(crate) struct ReloadArgs {
+    #[command(flatten)]
+    socket: SocketArg,
 }
 
 fn parse_signal(s: &str) -> Result<i32, String> {
@@ -121,8 +127,19 @@ fn status_text(r: &StatusReport) -> String {
             pool.worker, pool.idle, pool.size, pool.ready, pool.hits, pool.misses
         );
     }
-    if let Some(pid) = r.forker_pid {
-        text += &format!("  forker: pid {pid} (forks the pools' children)\n");
+    match (r.zygote_pid, r.generation) {
+        (Some(pid), 0) => text += &format!("  forker: pid {pid} (forks the pools' children)\n"),
+        (Some(pid), generation) => {
+            text += &format!(
+                "  zygote: pid {pid}, generation {generation}, rss {:.1} MiB (preloads, forks the workers)\n",
+                r.zygote_rss_bytes as f64 / (1 << 20) as f64
+            )
+        }
+        (None, 0) => {}
+        (None, _) => text += "  zygote: none serving (the next is starting)\n",
+    }
+    if let Some(why) = &r.reload_failure {
+        text += &format!("  the latest reload failed: {why}\n");
     }
     text
 }
@@ -184,5 +201,25 @@ fn human_duration(d: Duration) -> String {
         0..=59 => format!("{:.1}s", d.as_secs_f64()),
         60..=3599 => format!("{}m{:02}s", secs / 60, secs % 60),
         _ => format!("{}h{:02}m", secs / 3600, secs % 3600 / 60),
+    }
+}
+
+pub(crate) fn reload(args: ReloadArgs) -> ExitCode {
+    match args.socket.connect().and_then(|c| c.reload()) {
+        Ok((generation, modules)) => {
+            let names: Vec<&str> = modules.iter().map(|m| m.name.as_str()).collect();
+            println!(
+                "generation {generation} serves ({} module(s){}{})",
+                modules.len(),
+                if names.is_empty() { "" } else { ": " },
+                names.join(", ")
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e @ Error::Refused { .. }) => {
+            eprintln!("forkserver: reload failed: {e}");
+            ExitCode::from(1)
+        }
+        Err(e) => failed(&e),
     }
 }

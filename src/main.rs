@@ -57,6 +57,13 @@ enum Command {
         after_help = "Examples:\n  forkserver kill 12345\n  forkserver kill -s HUP 12345\n  forkserver kill --all -s KILL"
     )]
     Kill(inspect::KillArgs),
+    /// Load the server's preloads afresh from what is on disk now (a new
+    /// generation), without losing a child or a connection; waits until the
+    /// new generation serves. Root and the server's user only.
+    #[command(
+        after_help = "Examples:\n  forkserver reload\n  systemctl reload forkserver   (ExecReload=forkserver reload)\n\nExits 0 once the new generation serves, 1 if it failed (the old one serves\non; the reason is printed), 125 if the server could not be reached."
+    )]
+    Reload(inspect::ReloadArgs),
 }
 
 /// The --socket flag of the client commands.
@@ -107,6 +114,7 @@ fn main() -> ExitCode {
         Command::Status(args) => inspect::status(args),
         Command::Ps(args) => inspect::ps(args),
         Command::Kill(args) => inspect::kill(args),
+        Command::Reload(args) => inspect::reload(args),
     }
 }
 

@@ -20,7 +20,7 @@ use forkserver::protocol::{
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 
-use crate::util::{children_of, fds_of, threads_of, zombie_children_of, Server};
+use crate::util::{fds_of, made_children_of, threads_of, zombie_children_of, Server};
 
 /// Connections a sequence may use at once.
 const CONNECTIONS: usize = 4;
@@ -397,7 +397,7 @@ fn run_sequence(server: &Server, actions: &[Action]) -> Result<u64, TestCaseErro
 fn check_invariants(server: &Server, baseline: &[i32]) -> Result<(), TestCaseError> {
     let deadline = Instant::now() + ANSWER_TIMEOUT;
     loop {
-        let clean = children_of(server.pid()).is_empty()
+        let clean = made_children_of(server).is_empty()
             && zombie_children_of(server.pid()).is_empty()
             && fds_of(server.pid()) == baseline;
         if clean {
@@ -406,7 +406,7 @@ fn check_invariants(server: &Server, baseline: &[i32]) -> Result<(), TestCaseErr
         if Instant::now() > deadline {
             return Err(TestCaseError::fail(format!(
                 "after the sequence: children {:?}, zombies {:?}, fds {:?} (baseline {baseline:?})",
-                children_of(server.pid()),
+                made_children_of(server),
                 zombie_children_of(server.pid()),
                 fds_of(server.pid())
             )));

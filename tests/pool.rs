@@ -4,7 +4,9 @@
 
 use forkserver::client::Stdio;
 
-use crate::util::{children_of, comm_of, example, fds_of, wait_until, zombie_children_of, Server};
+use crate::util::{
+    children_of, comm_of, example, fds_of, wait_until, zombie_children_of, zygote_of, Server,
+};
 
 pub(crate) fn pooled(pools: &[&str], extra: &[&str]) -> Server {
     let mut args = Vec::new();
@@ -15,15 +17,8 @@ pub(crate) fn pooled(pools: &[&str], extra: &[&str]) -> Server {
     Server::launch(&example("test_zygote"), &args, &[])
 }
 
-/// The server's forker (the child that forks its pool children), if any.
-fn forker_of(server: &Server) -> Option<u32> {
-    children_of(server.pid())
-        .into_iter()
-        .find(|&pid| comm_of(pid).as_deref() == Some("forker"))
-}
-
 /// The idle pool children: the server's children that no client owns, but
-/// the forker.
+/// the zygote.
 fn idle_children(server: &Server) -> Vec<u32> {
     let owned: Vec<u32> = server
         .client()
@@ -32,10 +27,10 @@ fn idle_children(server: &Server) -> Vec<u32> {
         .iter()
         .map(|c| c.pid)
         .collect();
-    let forker = forker_of(server);
+    let zygote = zygote_of(server);
     children_of(server.pid())
         .into_iter()
-        .filter(|&pid| !owned.contains(&pid) && Some(pid) != forker)
+        .filter(|&pid| !owned.contains(&pid) && Some(pid) != zygote)
         .collect()
 }
 
@@ -170,23 +165,29 @@ fn a_dead_idle_child_is_replaced_and_sighup_flushes_the_pool() {
 }
 
 #[test]
-fn a_forker_makes_the_pool_s_children_as_the_server_s_own_and_sighup_replaces_it() {
+fn the_zygote_makes_the_pool_s_children_as_the_server_s_own_and_sighup_replaces_it() {
     let server = pooled(&["answer=2"], &[]);
     wait_full(&server, 2);
-    let forker = forker_of(&server).expect("the server started a forker");
-    assert_eq!(server.client().status().unwrap().forker_pid, Some(forker));
+    let zygote = zygote_of(&server).expect("the server started a zygote");
+    let status = server.client().status().unwrap();
+    assert_eq!((status.zygote_pid, status.generation), (Some(zygote), 1));
     let server_name = comm_of(server.pid()).unwrap();
     // Its children are the server's (clone3 with CLONE_PARENT), with the
     // server's name back.
-    for pid in idle_children(&server) {
+    let old_idle = idle_children(&server);
+    for &pid in &old_idle {
         assert_eq!(comm_of(pid).as_deref(), Some(server_name.as_str()));
     }
-    assert!(server.log().contains(&format!("forker {forker} forks")));
     server.signal(libc::SIGHUP);
-    wait_until("a new forker replaces the old one, which exits", || {
-        forker_of(&server).is_some_and(|new| new != forker) && comm_of(forker).is_none()
+    wait_until("a new zygote replaces the old one, which exits", || {
+        zygote_of(&server).is_some_and(|new| new != zygote) && comm_of(zygote).is_none()
     });
+    assert!(server.log().contains("generation 2 serves"));
     wait_full(&server, 2);
+    // The old generation's idle children were retired.
+    assert!(idle_children(&server)
+        .iter()
+        .all(|pid| !old_idle.contains(pid)));
     assert_eq!(
         server.client().worker("answer").output().unwrap().stdout,
         b"42\n"
@@ -195,42 +196,37 @@ fn a_forker_makes_the_pool_s_children_as_the_server_s_own_and_sighup_replaces_it
 }
 
 #[test]
-fn without_its_forker_the_server_forks_the_pool_itself() {
-    let server = pooled(&["answer=2"], &[]);
+fn without_sibling_forks_the_server_preloads_and_forks_the_pool_itself() {
+    let server = Server::launch(
+        &example("test_zygote"),
+        &["--pool", "answer=2"],
+        &[("FORKSERVER_SIBLING_FORK", "0")],
+    );
     wait_full(&server, 2);
-    let forker = forker_of(&server).unwrap();
-    // SAFETY: kill by pid of the server's child we just found (unreaped
-    // until the server reaps it).
-    unsafe { libc::kill(forker as i32, libc::SIGKILL) };
-    // Seen at its socket's end-of-file or its exit, whichever comes first.
-    wait_until("the server notices", || {
-        server.log().contains(&format!("the forker (pid {forker})"))
-    });
+    assert_eq!(zygote_of(&server), None);
+    let status = server.client().status().unwrap();
+    assert_eq!((status.zygote_pid, status.generation), (None, 0));
     let client = server.client();
     for _ in 0..4 {
         assert_eq!(client.worker("answer").output().unwrap().stdout, b"42\n");
     }
-    wait_full(&server, 2);
     assert!(server.log().contains("pool 'answer': forked idle child"));
-    assert_eq!(forker_of(&server), None);
-    assert_eq!(server.client().status().unwrap().forker_pid, None);
     assert!(zombie_children_of(server.pid()).is_empty());
-    // SIGHUP starts a new one, as SECURITY.md says.
-    server.signal(libc::SIGHUP);
-    wait_until("SIGHUP starts a forker again", || {
-        forker_of(&server).is_some()
-    });
-    wait_full(&server, 2);
+    let refused = client.reload().unwrap_err().to_string();
+    assert!(
+        refused.contains("cannot reload") && refused.contains("FORKSERVER_SIBLING_FORK=0"),
+        "{refused}"
+    );
 }
 
 #[test]
-fn the_forker_ends_with_the_server() {
+fn the_zygote_ends_with_the_server() {
     let mut server = pooled(&["answer=1"], &[]);
     wait_full(&server, 1);
-    let forker = forker_of(&server).unwrap();
+    let zygote = zygote_of(&server).unwrap();
     server.signal(libc::SIGTERM);
     server.wait_exit();
-    wait_until("the forker is gone", || comm_of(forker).is_none());
+    wait_until("the zygote is gone", || comm_of(zygote).is_none());
 }
 
 #[test]

@@ -14,7 +14,7 @@ use forkserver::protocol::{
 };
 
 use crate::util::{
-    children_of, cli_as_nobody, open_to_nobody, wait_until, zombie_children_of, RawConnection,
+    cli_as_nobody, made_children_of, open_to_nobody, wait_until, zombie_children_of, RawConnection,
     Server, FORKSERVER,
 };
 
@@ -311,8 +311,8 @@ fn a_big_cli_request_goes_through_and_a_signal_before_the_child_stops_the_cli() 
     server.signal(libc::SIGCONT);
     assert_eq!(status.code(), Some(143));
     // The sleep, if it started after all, is killed with the connection.
-    wait_until("no child is left", || {
-        children_of(server.pid()).is_empty() && zombie_children_of(server.pid()).is_empty()
+    wait_until("no child is left but the zygote", || {
+        made_children_of(&server).is_empty() && zombie_children_of(server.pid()).is_empty()
     });
 }
 

@@ -10,6 +10,7 @@ mod cgroups;
 mod cli;
 mod controls;
 mod dylib;
+mod generations;
 mod hostile;
 mod hygiene;
 mod lifecycle;

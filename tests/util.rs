@@ -471,6 +471,23 @@ pub fn children_of(parent: u32) -> Vec<u32> {
 }
 
 /// Children of `parent` that are zombies (state Z).
+/// The server's zygote (the child that preloads and forks its workers and
+/// pool children), if it has one.
+pub fn zygote_of(server: &Server) -> Option<u32> {
+    children_of(server.pid())
+        .into_iter()
+        .find(|&pid| comm_of(pid).as_deref() == Some("zygote"))
+}
+
+/// The server's children but its zygote: the children it made.
+pub fn made_children_of(server: &Server) -> Vec<u32> {
+    let zygote = zygote_of(server);
+    children_of(server.pid())
+        .into_iter()
+        .filter(|&pid| Some(pid) != zygote)
+        .collect()
+}
+
 pub fn zombie_children_of(parent: u32) -> Vec<u32> {
     fs::read_dir("/proc")
         .unwrap()
@@ -489,20 +506,6 @@ pub fn threads_of(pid: u32) -> u32 {
         .trim()
         .parse()
         .unwrap()
-}
-
-/// The names (`comm`) of `pid`'s threads. A thread named by std's
-/// `Builder::name` names itself once it runs, so it may show its process's
-/// name for a moment.
-pub fn thread_names(pid: u32) -> Vec<String> {
-    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
-        return Vec::new();
-    };
-    tasks
-        .flatten()
-        .filter_map(|t| fs::read_to_string(t.path().join("comm")).ok())
-        .map(|name| name.trim_end().to_owned())
-        .collect()
 }
 
 /// True while `pid` exists and is not a zombie.

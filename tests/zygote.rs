@@ -8,9 +8,7 @@ use std::process::Command;
 use forkserver::client::{Error, ErrorKind, Stdio};
 use serde::Serialize;
 
-use crate::util::{
-    example, failed_start, fds_of, rss_and_pss_kb, thread_names, threads_of, wait_until, Server,
-};
+use crate::util::{example, failed_start, fds_of, rss_and_pss_kb, threads_of, wait_until, Server};
 
 fn zygote(env: &[(&str, &str)]) -> Server {
     Server::launch(&example("test_zygote"), &[], env)
@@ -47,9 +45,16 @@ fn welcome_and_status_report_modules_workers_and_rss() {
     let status = client.status().unwrap();
     assert_eq!(status.pid, server.pid());
     assert_eq!(status.modules, info.modules);
+    // The table lives in the zygote, which preloaded it; the front never
+    // touched it.
     assert!(
-        status.rss_bytes > 16 << 20,
-        "rss {} below the 16 MB table",
+        status.zygote_rss_bytes > 16 << 20,
+        "the zygote's rss {} is below the 16 MB table",
+        status.zygote_rss_bytes
+    );
+    assert!(
+        status.rss_bytes < 16 << 20,
+        "the front's rss {} holds the table",
         status.rss_bytes
     );
     assert!(
@@ -327,17 +332,14 @@ fn the_zygote_and_client_examples_agree_with_the_cold_path() {
 }
 
 #[test]
-fn a_server_that_became_multithreaded_refuses_to_fork() {
+fn a_zygote_that_became_multithreaded_refuses_to_fork_and_a_new_generation_replaces_it() {
     let server = zygote(&[("FIXTURE_LATE_THREAD", "1")]);
     let client = server.client();
     assert_eq!(client.worker("answer").output().unwrap().stdout, b"42\n");
-    server.signal(libc::SIGUSR2);
-    wait_until("the late thread exists and has named itself", || {
-        thread_names(server.pid())
-            .iter()
-            .any(|n| n == "late-thread")
-    });
-    match client.worker("answer").spawn() {
+    let first = crate::util::zygote_of(&server).expect("a zygote");
+    // The family's check starts a thread in the zygote, just before the
+    // fork: the fork is refused, naming it.
+    match client.worker("late_thread:x").spawn() {
         Err(Error::SpawnFailed {
             kind: ErrorKind::Threads,
             message,
@@ -350,14 +352,13 @@ fn a_server_that_became_multithreaded_refuses_to_fork() {
         }
         other => panic!("expected a refusal to fork, got {other:?}"),
     }
-    match client.command("true").spawn() {
-        Err(Error::SpawnFailed {
-            kind: ErrorKind::Threads,
-            ..
-        }) => {}
-        other => panic!("exec spawns are refused too, got {other:?}"),
-    }
-    // It still answers everything that does not fork.
+    // The front is untouched: exec spawns never needed the zygote.
+    assert!(client.command("true").status().unwrap().success());
+    wait_until("a new generation serves", || {
+        let status = client.status().unwrap();
+        status.generation == 2 && status.zygote_pid.is_some_and(|pid| pid != first)
+    });
+    assert_eq!(client.worker("answer").output().unwrap().stdout, b"42\n");
     assert_eq!(client.status().unwrap().pid, server.pid());
 }
 
@@ -368,14 +369,15 @@ fn dormant_threads_are_tolerated_until_one_runs_or_a_new_one_starts() {
         ("FIXTURE_LATE_THREAD", "1"),
     ];
     let launch = || Server::launch(&example("test_zygote"), &["--allow-dormant-threads"], &env);
-    let refusal = |client: &forkserver::client::Client| match client.worker("answer").spawn() {
-        Err(Error::SpawnFailed {
-            kind: ErrorKind::Threads,
-            message,
-            ..
-        }) => message,
-        other => panic!("expected a refusal to fork, got {other:?}"),
-    };
+    let refusal_of =
+        |client: &forkserver::client::Client, worker: &str| match client.worker(worker).spawn() {
+            Err(Error::SpawnFailed {
+                kind: ErrorKind::Threads,
+                message,
+                ..
+            }) => message,
+            other => panic!("expected a refusal to fork, got {other:?}"),
+        };
 
     // A sleeping thread left by a preload: served, and logged as tolerated.
     let server = launch();
@@ -392,24 +394,20 @@ fn dormant_threads_are_tolerated_until_one_runs_or_a_new_one_starts() {
     // It starts spinning: no longer dormant, forks are refused (after the
     // bounded wait for it to settle), and the server keeps answering.
     server.signal(libc::SIGUSR1);
-    let message = refusal(&client);
+    let message = refusal_of(&client, "answer");
     assert!(message.contains("'fixture-bg' keeps running"), "{message}");
     assert_eq!(client.status().unwrap().pid, server.pid());
     drop(client);
     drop(server);
 
-    // A thread that appears after the preloads is never tolerated.
+    // A thread that appears after the preloads is never tolerated: here
+    // the family's check starts it, in the server (which preloaded itself:
+    // a server that tolerates threads runs no zygote), just before the fork.
     let server = launch();
     let client = server.client();
     assert_eq!(client.worker("answer").output().unwrap().stdout, b"42\n");
-    server.signal(libc::SIGUSR2);
     // Its name, not just its existence: the guard's message names it.
-    wait_until("the late thread exists and has named itself", || {
-        thread_names(server.pid())
-            .iter()
-            .any(|n| n == "late-thread")
-    });
-    let message = refusal(&client);
+    let message = refusal_of(&client, "late_thread:x");
     assert!(
         message.contains("'late-thread' started after the preloads"),
         "{message}"

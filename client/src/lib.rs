@@ -152,6 +152,23 @@ impl Client {
         Ok(all)
     }
 
+    /// Has the server load its preloads afresh from what is on disk now (a
+    /// new generation), and waits until the new generation serves; returns
+    /// its number and the modules it preloaded. Running children and
+    /// connections are untouched. Root and the server's uid only; a reload
+    /// that fails (an import error, a module that started threads) is
+    /// `Error::Refused` quoting why, and the old generation serves on.
+    pub fn reload(&self) -> Result<(u64, Vec<ModuleInfo>), Error> {
+        match self.call(|id| ClientMessage::Reload { id })? {
+            ServerMessage::Reloaded {
+                generation,
+                modules,
+                ..
+            } => Ok((generation, modules)),
+            other => Err(unexpected("reloaded", other)),
+        }
+    }
+
     /// Sends a request whose answer comes in pages and hands each page to
     /// `page`, which says whether more follow.
     fn call_pages(

@@ -59,10 +59,20 @@ pub const MAX_NESTING: usize = 64;
 /// Decodes one message from a datagram's bytes, which must hold exactly one
 /// MessagePack value: trailing bytes are an error.
 pub fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
+    decode_wrapped(bytes, 0)
+}
+
+/// Decodes, as [`decode`] does, a message that wraps a client's message
+/// (already decoded within [`MAX_NESTING`] once) in `levels` more: what a
+/// server passes on to its own processes.
+pub fn decode_wrapped<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    levels: usize,
+) -> Result<T, CodecError> {
     let mut decoder = rmp_serde::Deserializer::new(std::io::Cursor::new(bytes));
     // rmp-serde refuses a container once its depth budget is used up, so a
     // budget of n admits n - 1 levels.
-    decoder.set_max_depth(MAX_NESTING + 1);
+    decoder.set_max_depth(MAX_NESTING + levels + 1);
     let message = T::deserialize(&mut decoder).map_err(|e| CodecError(e.to_string()))?;
     let used = decoder.position() as usize;
     if used != bytes.len() {

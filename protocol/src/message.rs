@@ -70,6 +70,16 @@ pub enum ClientMessage {
         /// The signal number.
         signal: i32,
     },
+    /// Load the preloads afresh from what is on disk now: start a new
+    /// generation (a zygote that preloads), switch new spawns to it once it
+    /// is ready, and retire the old one. Running children and connections
+    /// are untouched. Root and the server's uid only. Answered, once the new
+    /// generation is serving or has failed, by [`ServerMessage::Reloaded`]
+    /// or an error (the old generation then serves on).
+    Reload {
+        /// Echoed in the reply.
+        id: u64,
+    },
 }
 
 /// A request to start a child. File descriptors ride on the same datagram
@@ -450,6 +460,15 @@ pub enum ServerMessage {
         #[serde(default)]
         more: bool,
     },
+    /// The answer to `Reload`: the new generation serves.
+    Reloaded {
+        /// The reload request's id.
+        id: u64,
+        /// The new generation's number (the first is 1).
+        generation: u64,
+        /// The modules it preloaded, with their preload times.
+        modules: Vec<ModuleInfo>,
+    },
     /// A request, or the connection, failed.
     Error {
         /// The request's id, when the error is about one request.
@@ -522,10 +541,23 @@ pub struct StatusReport {
     /// The prefork pools.
     #[serde(default)]
     pub pools: Vec<PoolInfo>,
-    /// The forker's pid: the copy of the server that forks the pools'
-    /// children, if there is one (there are pools, and it runs).
+    /// The zygote's pid: the copy of the server that preloads and forks
+    /// the workers and the pools' children, if one is serving.
     #[serde(default)]
-    pub forker_pid: Option<u32>,
+    pub zygote_pid: Option<u32>,
+    /// The zygote's resident set size, in bytes (0 without one): where the
+    /// preloads live.
+    #[serde(default)]
+    pub zygote_rss_bytes: u64,
+    /// The zygote's generation: 1 for the first, one more for each reload
+    /// or restart; 0 when the preloads ran in the server itself (it cannot
+    /// reload: see `reload_failure`).
+    #[serde(default)]
+    pub generation: u64,
+    /// Why the latest reload (or a zygote's restart) failed, if it did;
+    /// cleared when a generation is ready.
+    #[serde(default)]
+    pub reload_failure: Option<String>,
     /// `modules`, `workers` or `pools` were cut short to keep the reply
     /// within `max_message_bytes`.
     #[serde(default)]
@@ -584,7 +616,8 @@ impl ServerMessage {
             | ServerMessage::Exited { id, .. }
             | ServerMessage::Signaled { id, .. }
             | ServerMessage::Children { id, .. }
-            | ServerMessage::Killed { id, .. } => Some(*id),
+            | ServerMessage::Killed { id, .. }
+            | ServerMessage::Reloaded { id, .. } => Some(*id),
             ServerMessage::Status(report) => Some(report.id),
             ServerMessage::Error { id, .. } => *id,
             ServerMessage::Welcome { .. } => None,

@@ -1,6 +1,10 @@
 """``python -m forkserver_rs serve [--preload MODULES] [serve flags]``: the
 server, with Python modules preloaded and ``py:MODULE:FUNCTION`` workers.
 
+``python -m forkserver_rs reload [--socket PATH]``: the server loads its
+preloads afresh from disk (a new generation); no child or connection is
+lost. Exits 0 once the new generation serves, 1 (printing why) if it failed.
+
 ``python -m forkserver_rs install-hook [--site-dir DIR] [--remove]``: the
 opt-in start-up hook (a ``.pth`` file in site-packages) with which an
 interpreter that never imports forkserver_rs still knows the start methods
@@ -14,6 +18,7 @@ import sysconfig
 USAGE = (
     "usage: python -m forkserver_rs serve [--preload MODULE,...] [--socket PATH] [...]\n"
     "       python -m forkserver_rs serve --help   (every flag)\n"
+    "       python -m forkserver_rs reload [--socket PATH]\n"
     "       python -m forkserver_rs install-hook [--site-dir DIR] [--remove]"
 )
 
@@ -62,11 +67,33 @@ def install_hook(argv):
     return 0
 
 
+def reload(argv):
+    from .client import Client, ServerError
+
+    if len(argv) not in (0, 2) or argv[:1] not in ([], ["--socket"]):
+        print(f"reload: unknown arguments {argv!r}\n{USAGE}", file=sys.stderr)
+        return 2
+    socket = argv[1] if argv else None
+    try:
+        with Client(socket) as client:
+            generation = client.reload()
+    except ServerError as exc:
+        print(f"forkserver: reload failed: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"forkserver: {exc}", file=sys.stderr)
+        return 125
+    print(f"generation {generation} serves")
+    return 0
+
+
 def main(argv):
     if argv[:1] == ["serve"]:
         from . import _native
 
         return _native.serve(argv[1:])
+    if argv[:1] == ["reload"]:
+        return reload(argv[1:])
     if argv[:1] == ["install-hook"]:
         return install_hook(argv[1:])
     print(USAGE, file=sys.stderr)

@@ -291,6 +291,17 @@ class Client:
         reply, _ = self._request({"type": "status"})
         return reply
 
+    def reload(self):
+        """Has the server load its preloads afresh from disk in a new
+        generation, and waits until it serves; returns its number. Running
+        children and connections are untouched. Root and the server's uid
+        only. A reload that fails raises ServerError quoting why (the old
+        generation serves on)."""
+        reply, _ = self._request({"type": "reload"})
+        if reply.get("type") == "error":
+            raise ServerError(reply.get("kind"), reply.get("message"))
+        return reply["generation"]
+
     def run(self, target, args=(), *, input=None, capture_output=False, timeout=None, check=False,
             **options):
         """Runs a child to completion, as ``subprocess.run``: returns a

@@ -12,7 +12,7 @@
 //! server is single-threaded, so nothing else needs the GIL, and a forked
 //! child starts out holding it, as CPython's own `os.fork()` child does.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicI32, Ordering};
 
 use clap::Parser;
 use forkserver_server::{exit, serve_main, ServeArgs, Server, WorkerContext};
@@ -53,6 +53,9 @@ fn serve(argv: Vec<String>) -> i32 {
             return e.exit_code();
         }
     };
+    // This process is up to date with itself: only its forks need
+    // PyOS_AfterFork_Child.
+    CAUGHT_UP.store(std::process::id() as i32, Ordering::Relaxed);
     // The helpers (and what every child runs through) are imported once,
     // here, before the preloads and the thread guard.
     if let Err(e) = Python::attach(|py| py.import("forkserver_rs._server").map(drop)) {
@@ -78,13 +81,17 @@ fn serve(argv: Vec<String>) -> i32 {
 
 /// Imports `module` (through `forkserver_rs._server.preload`, which also
 /// flushes what the import printed and names any Python threads it
-/// started); Err carries the exception as text.
+/// started); Err carries the exception as text. Runs in the zygote, a fork
+/// of the server that has not caught up with its fork yet.
 fn preload(module: &str) -> Result<(), String> {
+    after_fork_in_child();
     call_helper("forkserver_rs._server", "preload", module)
 }
 
-/// The server-side check of a `py:MODULE:FUNCTION` name, before the fork.
+/// The check of a `py:MODULE:FUNCTION` name, before the fork (in the
+/// zygote, which has the preloaded modules to look in).
 fn check_target(target: &str) -> Result<(), String> {
+    after_fork_in_child();
     call_helper("forkserver_rs._server", "check_target", target)
 }
 
@@ -110,6 +117,8 @@ fn call_helper(module: &str, helper: &str, arg: &str) -> Result<(), String> {
 /// 3.13's `PyOS_AfterFork_Child` releases that lock and aborts if it is not
 /// held.
 fn before_fork() {
+    // A zygote forks too, and must first catch up with its own fork.
+    after_fork_in_child();
     // SAFETY: called on the server's only thread, which holds the GIL for
     // the whole serve (see the module comment), as PyOS_BeforeFork requires.
     unsafe { pyo3::ffi::PyOS_BeforeFork() };
@@ -122,17 +131,23 @@ fn after_fork_in_parent() {
     unsafe { pyo3::ffi::PyOS_AfterFork_Parent() };
 }
 
-/// Set in a child once PyOS_AfterFork_Child has run (by the pool warm-up or
-/// the worker); false in the server, so every fresh fork starts false.
-static AFTER_FORK_DONE: AtomicBool = AtomicBool::new(false);
+/// The pid of the process whose interpreter is up to date with its fork:
+/// the server's (set by `serve`), then each child's once
+/// PyOS_AfterFork_Child has run in it. A fork copies the value, so a child
+/// (the zygote, a worker, the zygote's children) sees another's pid.
+static CAUGHT_UP: AtomicI32 = AtomicI32::new(0);
 
-/// Brings the interpreter's state up to date with the fork, once per child.
+/// Brings the interpreter's state up to date with the fork, once per
+/// process: in the zygote before its first Python code, in a worker or
+/// pool child before its own.
 fn after_fork_in_child() {
-    if !AFTER_FORK_DONE.swap(true, Ordering::Relaxed) {
+    let pid = std::process::id() as i32;
+    if CAUGHT_UP.swap(pid, Ordering::Relaxed) != pid {
         // SAFETY: we are a forked child of a process whose only thread held
-        // the GIL when it forked (serve runs with the GIL held), which is the
-        // state PyOS_AfterFork_Child requires. It resets the interpreter's
-        // thread and lock state and runs the os.register_at_fork child hooks.
+        // the GIL when it forked (serve runs with the GIL held) and that had
+        // run PyOS_BeforeFork (the fork hooks), which is the state
+        // PyOS_AfterFork_Child requires. It resets the interpreter's thread
+        // and lock state and runs the os.register_at_fork child hooks.
         unsafe { pyo3::ffi::PyOS_AfterFork_Child() };
     }
 }

@@ -34,8 +34,9 @@ class Server:
             pass_fds=(write_end,),
             stdin=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
-            # The test helpers (workers.py, ...) are importable by the server.
-            env={**os.environ, "PYTHONPATH": HERE},
+            # The test helpers (workers.py, ...) are importable by the server,
+            # and so is what a test puts on PYTHONPATH.
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [HERE, os.environ.get("PYTHONPATH")]))},
             cwd=HERE,
         )
         os.close(write_end)
@@ -60,18 +61,33 @@ class Server:
         return self.process.returncode, stderr.decode(errors="replace")
 
     def children(self):
-        """Pids whose parent is the server (live or zombie)."""
+        """(pid, state) of the children the server made (live or zombie):
+        every child of the server but its zygote (which preloads)."""
         found = []
         for entry in os.listdir("/proc"):
             if entry.isdigit():
                 try:
                     with open(f"/proc/{entry}/stat") as stat:
-                        fields = stat.read().rsplit(")", 1)[1].split()
+                        comm, rest = stat.read().rsplit(")", 1)
                 except OSError:
                     continue
-                if int(fields[1]) == self.pid:
+                fields = rest.split()
+                if int(fields[1]) == self.pid and not comm.endswith("(zygote"):
                     found.append((int(entry), fields[0]))
         return found
+
+    def zygote(self):
+        """The pid of the server's zygote, if it has one."""
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat") as stat:
+                        comm, rest = stat.read().rsplit(")", 1)
+                except OSError:
+                    continue
+                if int(rest.split()[1]) == self.pid and comm.endswith("(zygote"):
+                    return int(entry)
+        return None
 
 
 @pytest.fixture

@@ -81,3 +81,62 @@ def test_a_pool_of_python_workers(start_server):
         assert wait_until(lambda: client.status()["pools"][0]["idle"] == 2)
         assert [client.spawn("py:workers:exit_with", args=[i]).wait(10) for i in (1, 2, 3)] == [1, 2, 3]
         assert client.status()["pools"][0]["hits"] >= 2
+
+
+RELOADABLE = '''
+import sys
+
+VERSION = {version!r}
+
+
+def version():
+    print(VERSION, flush=True)
+
+
+def version_after_stdin():
+    sys.stdin.read()
+    print(VERSION, flush=True)
+'''
+
+
+def reload_cli(server):
+    return subprocess.run([sys.executable, "-m", "forkserver_rs", "reload", "--socket", server.socket],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_a_reload_imports_the_code_on_disk_and_a_running_worker_keeps_the_old(start_server, tmp_path,
+                                                                              monkeypatch):
+    module = tmp_path / "edited_on_disk.py"
+    module.write_text(RELOADABLE.format(version="old"))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    server = start_server("--preload", "workers,edited_on_disk")
+    assert server.ready, server.failure()
+    with forkserver_rs.Client(server.socket) as client:
+        assert client.check_output("py:edited_on_disk:version") == b"old\n"
+        first_zygote = server.zygote()
+        running = client.spawn("py:edited_on_disk:version_after_stdin", stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE)
+        module.write_text(RELOADABLE.format(version="the new one"))
+        done = reload_cli(server)
+        assert done.returncode == 0, done.stderr
+        assert "generation 2 serves" in done.stdout
+        # New workers import the new code, from a new zygote; the server is
+        # the same process, on the same connection.
+        assert client.check_output("py:edited_on_disk:version") == b"the new one\n"
+        assert server.zygote() not in (None, first_zygote)
+        assert client.status()["pid"] == server.pid
+        # The worker started before the reload finishes with the old code.
+        out, _ = running.communicate(b"", timeout=20)
+        assert (out, running.returncode) == (b"old\n", 0)
+
+        # New code that fails to import: the reload fails, quoting why, and
+        # the generation before serves on.
+        module.write_text("raise ImportError('the edited module is broken')\n")
+        done = reload_cli(server)
+        assert done.returncode == 1, done
+        assert "the edited module is broken" in done.stderr
+        assert "generation 2 serves on" in done.stderr
+        assert client.check_output("py:edited_on_disk:version") == b"the new one\n"
+        assert "the edited module is broken" in client.status()["reload_failure"]
+    log = server.stop()
+    assert "ImportError: the edited module is broken" in log, log

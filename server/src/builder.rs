@@ -193,6 +193,14 @@ impl ServerBuilder {
     /// started), binds `options.socket`, logs one line when ready, and serves
     /// until SIGTERM or SIGINT. Returns `Ok(())` after a clean shutdown; the
     /// socket file is removed.
+    ///
+    /// The preloads run in a *zygote*, a fork of this process made before
+    /// they run, and again in a new one at each reload (SIGHUP, the
+    /// `reload` request); this process (the *front*) never runs them. So
+    /// each preload closure runs once per generation, each time in a fresh
+    /// copy of the process as it was before any preload. Where the zygote
+    /// cannot be used (see ARCHITECTURE.md, "Generations"), they run here,
+    /// once.
     pub fn serve(mut self, options: &ServeOptions) -> Result<(), ServeError> {
         match options.log_level {
             Some(level) => log::set_level(level),
@@ -213,7 +221,15 @@ impl ServerBuilder {
         threads::tolerate("before any preload", options.threads)
             .map_err(ServeError::MultiThreaded)?;
         self.specs.dylibs.extend(options.dylibs.iter().cloned());
-        let modules = Modules::load(self.specs, options.threads)?;
+        let modules = Modules::new(self.specs);
+        let split = crate::event_loop::split_or_why_not(options.threads);
+        if let Err(why) = &split {
+            log!(
+                Level::Debug,
+                "preloading in the server itself, which cannot reload them: {why}"
+            );
+            modules.load(options.threads)?;
+        }
         let signals = signals::SignalPipe::install()
             .map_err(|e| ServeError::Setup("installing signal handlers", e))?;
         let ready_fd = options
@@ -230,17 +246,18 @@ impl ServerBuilder {
                 listener
             }
         };
-        let summary = format!(
-            "listening on {} (protocol {}, version {}, {} module(s))",
-            listener.path().display(),
-            forkserver_protocol::PROTOCOL_VERSION,
-            env!("CARGO_PKG_VERSION"),
-            modules.infos.len()
-        );
         leave_controlling_terminal();
+        let path = listener.path().to_owned();
         let mut options = options.clone();
         options.pools.extend(self.pools);
-        let mut event_loop = EventLoop::new(listener, signals, modules, &options)?;
+        let mut event_loop = EventLoop::new(listener, signals, modules, &options, split)?;
+        let summary = format!(
+            "listening on {} (protocol {}, version {}, {} module(s))",
+            path.display(),
+            forkserver_protocol::PROTOCOL_VERSION,
+            env!("CARGO_PKG_VERSION"),
+            event_loop.module_count()
+        );
         if let Some(fd) = options.stderr_after_ready {
             sys::inherited_fd(fd)
                 .and_then(sys::replace_stderr)
@@ -248,7 +265,7 @@ impl ServerBuilder {
         }
         log!(Level::Info, "{summary}");
         readiness.ready(&summary);
-        event_loop.run(&readiness)?;
+        event_loop.run(readiness)?;
         log!(Level::Info, "stopped");
         Ok(())
     }

@@ -41,6 +41,9 @@ pub enum ServeError {
     },
     /// Setting up the loop (epoll, signals) failed.
     Setup(&'static str, io::Error),
+    /// The zygote (the process that runs the preloads) could not start or
+    /// preload; the message is its own.
+    Zygote(String),
 }
 
 impl ServeError {
@@ -73,7 +76,7 @@ impl fmt::Display for ServeError {
                 "refusing to serve: preloading module '{module}' started threads: {threads}.{} If they sleep until used, --allow-dormant-threads forks while they stay asleep; --allow-threads forks regardless",
                 threads::remedies(threads)
             ),
-            ServeError::Config(message) => f.write_str(message),
+            ServeError::Config(message) | ServeError::Zygote(message) => f.write_str(message),
             ServeError::Io {
                 doing,
                 path,

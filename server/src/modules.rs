@@ -1,9 +1,15 @@
 //! The modules a server preloads before serving, and the workers it offers.
 //!
-//! Preloads run one at a time, before the socket is bound and before any
-//! thread should exist. After each one the thread guard checks the process is
-//! still single-threaded, so a module that started threads is named.
+//! Preloads run one at a time, before any thread should exist. After each
+//! one the thread guard checks the process is still single-threaded, so a
+//! module that started threads is named. They run in the zygote of each
+//! generation (`launch/zygote.rs`), each a fresh fork of the front, which
+//! never runs them itself: that is why the preloads are kept unrun
+//! ([`Modules::unrun`]) and what they load is set once per process
+//! ([`Modules::loaded`]). A server that cannot split (see
+//! `launch/zygote.rs`) runs them in the front, once.
 
+use std::cell::{OnceCell, RefCell};
 use std::collections::HashMap;
 use std::ffi::CString;
 use std::panic::{self, AssertUnwindSafe};
@@ -54,30 +60,91 @@ pub(crate) struct ModuleSpecs {
     pub(crate) dylibs: Vec<(String, PathBuf)>,
 }
 
-/// Everything preloaded, ready to serve.
+/// The workers a server offers, and what its preloads loaded (in the
+/// process that ran them).
 #[derive(Default)]
 pub(crate) struct Modules {
-    pub(crate) preloaded: Preloaded,
     pub(crate) workers: HashMap<String, WorkerFn>,
     families: Vec<WorkerFamily>,
     prewarm: Option<PrewarmFn>,
     fork_hooks: Option<ForkHooks>,
+    /// The preloads, not run in this process yet: each fork of the front
+    /// (a zygote) takes its own copy and runs it.
+    unrun: RefCell<Option<Preloads>>,
+    /// What the preloads made, once run in this process.
+    loaded: OnceCell<Loaded>,
+}
+
+/// The preloads a builder collected, not run.
+#[derive(Default)]
+pub(crate) struct Preloads {
+    embedded: Vec<(String, PreloadFn)>,
+    dylibs: Vec<(String, PathBuf)>,
+}
+
+/// What the preloads made.
+#[derive(Default)]
+struct Loaded {
+    preloaded: Preloaded,
     dylibs: HashMap<String, Dylib>,
-    pub(crate) infos: Vec<ModuleInfo>,
+    infos: Vec<ModuleInfo>,
 }
 
 /// What a worker target names, found before the fork.
 pub(crate) enum WorkerRef<'m> {
-    Embedded(&'m WorkerFn),
+    Embedded(&'m WorkerFn, &'m Preloaded),
     Dylib(EntryPoint),
+    /// Not known here: this process has not run the preloads (the front of
+    /// a split server); the zygote resolves the name.
+    InZygote,
 }
 
 impl Modules {
+    /// The workers of `specs`, with their preloads kept unrun.
+    pub(crate) fn new(specs: ModuleSpecs) -> Modules {
+        Modules {
+            workers: specs.workers.into_iter().collect(),
+            families: specs.families,
+            prewarm: specs.prewarm,
+            fork_hooks: specs.fork_hooks,
+            unrun: RefCell::new(Some(Preloads {
+                embedded: specs.preloads,
+                dylibs: specs.dylibs,
+            })),
+            loaded: OnceCell::new(),
+        }
+    }
+
+    /// Whether this process has run the preloads.
+    pub(crate) fn is_loaded(&self) -> bool {
+        self.loaded.get().is_some()
+    }
+
+    /// The modules preloaded here, with their preload times (none before
+    /// [`load`](Self::load)).
+    pub(crate) fn infos(&self) -> &[ModuleInfo] {
+        self.loaded.get().map_or(&[], |l| &l.infos)
+    }
+
     /// Runs every preload and loads every dylib, in the order given, checking
-    /// the thread guard after each.
-    pub(crate) fn load(specs: ModuleSpecs, policy: ThreadPolicy) -> Result<Modules, ServeError> {
-        let mut modules = Modules::default();
-        for (name, preload) in specs.preloads {
+    /// the thread guard after each; once per process (a second call finds
+    /// nothing left to run and fails).
+    pub(crate) fn load(&self, policy: ThreadPolicy) -> Result<(), ServeError> {
+        let Some(preloads) = self.unrun.borrow_mut().take() else {
+            return Err(ServeError::Config(
+                "the preloads already ran in this process".into(),
+            ));
+        };
+        let loaded = Loaded::run(preloads, policy)?;
+        let _ = self.loaded.set(loaded);
+        Ok(())
+    }
+}
+
+impl Loaded {
+    fn run(preloads: Preloads, policy: ThreadPolicy) -> Result<Loaded, ServeError> {
+        let mut modules = Loaded::default();
+        for (name, preload) in preloads.embedded {
             let started = Instant::now();
             let outcome = panic::catch_unwind(AssertUnwindSafe(preload))
                 .unwrap_or_else(|panic| Err(format!("panicked: {}", panic_message(&*panic))));
@@ -88,7 +155,7 @@ impl Modules {
             modules.preloaded.insert(name.clone(), value);
             modules.finish(name, ModuleKind::Embedded, started, policy)?;
         }
-        for (name, path) in specs.dylibs {
+        for (name, path) in preloads.dylibs {
             let started = Instant::now();
             let failed = |message: String| ServeError::Preload {
                 module: name.clone(),
@@ -106,10 +173,6 @@ impl Modules {
             modules.dylibs.insert(name.clone(), dylib);
             modules.finish(name, ModuleKind::Dylib, started, policy)?;
         }
-        modules.workers = specs.workers.into_iter().collect();
-        modules.families = specs.families;
-        modules.prewarm = specs.prewarm;
-        modules.fork_hooks = specs.fork_hooks;
         Ok(modules)
     }
 
@@ -139,16 +202,22 @@ impl Modules {
         });
         Ok(())
     }
+}
 
+impl Modules {
     /// Resolves a worker target's name: an embedded worker, or
-    /// `MODULE:SYMBOL` in a dylib. The message names what is missing.
+    /// `MODULE:SYMBOL` in a dylib. The message names what is missing. In
+    /// a process that has not run the preloads, [`WorkerRef::InZygote`].
     pub(crate) fn find(&self, name: &str) -> Result<WorkerRef<'_>, String> {
+        let Some(loaded) = self.loaded.get() else {
+            return Ok(WorkerRef::InZygote);
+        };
         if let Some(worker) = self.workers.get(name) {
-            return Ok(WorkerRef::Embedded(worker));
+            return Ok(WorkerRef::Embedded(worker, &loaded.preloaded));
         }
         if let Some(family) = self.families.iter().find(|f| name.starts_with(&f.prefix)) {
             (family.check)(name)?;
-            return Ok(WorkerRef::Embedded(&family.run));
+            return Ok(WorkerRef::Embedded(&family.run, &loaded.preloaded));
         }
         let Some((module, symbol)) = name.split_once(':') else {
             return Err(format!(
@@ -156,7 +225,7 @@ impl Modules {
                 self.offered()
             ));
         };
-        let dylib = self.dylibs.get(module).ok_or_else(|| {
+        let dylib = loaded.dylibs.get(module).ok_or_else(|| {
             format!(
                 "no dynamic module named '{module}' (this server offers: {})",
                 self.offered()
@@ -202,7 +271,8 @@ impl Modules {
 
     fn offered(&self) -> String {
         let mut offered = self.worker_names();
-        offered.extend(self.dylibs.keys().map(|m| format!("{m}:SYMBOL")));
+        let dylibs = self.loaded.get().into_iter().flat_map(|l| l.dylibs.keys());
+        offered.extend(dylibs.map(|m| format!("{m}:SYMBOL")));
         if offered.is_empty() {
             "nothing".into()
         } else {

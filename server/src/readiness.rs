@@ -58,6 +58,15 @@ impl Readiness {
         }
     }
 
+    /// A reload has begun (sd_notify(3): `RELOADING=1` with the monotonic
+    /// clock's time in µs); [`ready`](Self::ready) again when it is over.
+    pub(crate) fn reloading(&self) {
+        self.notify(&format!(
+            "RELOADING=1\nSTATUS=reloading\nMONOTONIC_USEC={}",
+            crate::sys::monotonic_usec()
+        ));
+    }
+
     /// The server has begun to shut down.
     pub(crate) fn stopping(&self) {
         self.notify("STOPPING=1\nSTATUS=stopping");

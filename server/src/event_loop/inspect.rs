@@ -34,7 +34,6 @@ impl EventLoop {
             .get(&conn_id)
             .filter(|c| !self.sees_all(&c.peer))
             .map(|c| c.peer.uid);
-        let modules = &self.launcher.modules;
         let (children, connections, (spawns, failures)) = match uid {
             None => (
                 self.ledger.len(),
@@ -58,9 +57,12 @@ impl EventLoop {
             pid: std::process::id(),
             server_version: env!("CARGO_PKG_VERSION").into(),
             uptime_ms: self.started.elapsed().as_millis() as u64,
-            rss_bytes: sys::resident_bytes().unwrap_or(0),
-            modules: modules.infos.clone(),
-            workers: modules.worker_names(),
+            rss_bytes: sys::resident_bytes(None).unwrap_or(0),
+            zygote_rss_bytes: (self.generations.zygote_pid())
+                .and_then(|pid| sys::resident_bytes(Some(pid as libc::pid_t)))
+                .unwrap_or(0),
+            modules: self.modules().to_vec(),
+            workers: self.launcher.modules.worker_names(),
             children: children as u32,
             connections: connections as u32,
             socket: self
@@ -71,7 +73,9 @@ impl EventLoop {
             spawns,
             failures,
             pools: self.pools.info(),
-            forker_pid: self.forker.as_ref().map(|f| f.pid() as u32),
+            zygote_pid: self.generations.zygote_pid(),
+            generation: self.generations.number(),
+            reload_failure: self.generations.failure().map(str::to_owned),
             truncated: false,
         }
     }

@@ -7,8 +7,9 @@
 //! - each connection (`conn_token`) — read requests, flush queued replies;
 //! - each starting child's report pipe (`pipe_token`) — EOF means it
 //!   started (`Spawned`), a record means it failed (`SpawnFailed`);
-//! - the forker's socket, if there is a forker ([`FORKER`]) — the pool
-//!   children it made for us.
+//! - the serving zygote's socket ([`ZYGOTE`]) — the pool children it made
+//!   for us, or its end; a preloading zygote's ([`NEXT_ZYGOTE`]) — whether
+//!   it is ready (`generations.rs`).
 //!
 //! Connections are accepted, read and written in `connections.rs`; each
 //! request kind has its handler in `requests.rs`. Children are made by the
@@ -22,11 +23,11 @@ use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
-use forkserver_protocol::{ChildStatus, Limits};
+use forkserver_protocol::{ChildStatus, Limits, ModuleInfo};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 
 use crate::connection::Connection;
-use crate::launch::forker::Forker;
+use crate::launch::zygote::Preloading;
 use crate::launch::{report, Launcher};
 use crate::ledger::{ConnId, Ledger, Settled};
 use crate::listener::Listener;
@@ -41,15 +42,19 @@ use crate::{sys, ServeError, ServeOptions};
 
 mod budgets;
 mod connections;
+mod generations;
 mod inspect;
 mod requests;
+
+pub(crate) use generations::split_or_why_not;
 
 const LISTENER: u64 = 0;
 const SIGNALS: u64 = 1;
 /// `4 & 3` is no tag, and no connection or pipe token equals 4.
 const LIFELINE: u64 = 4;
-/// As for [`LIFELINE`], `8 & 3` is no tag.
-const FORKER: u64 = 8;
+/// As for [`LIFELINE`], `8 & 3` and `12 & 3` are no tags.
+const ZYGOTE: u64 = 8;
+const NEXT_ZYGOTE: u64 = 12;
 const TAG_CONN: u64 = 2;
 /// How long a pool refill waits for the latest spawn to report its start.
 const REFILL_WAITS_FOR_A_START: Duration = Duration::from_millis(100);
@@ -92,9 +97,12 @@ pub(crate) struct EventLoop {
     refill_paused_until: Option<Instant>,
     /// The CPU was yielded since the last events, so a refill may fork now.
     yielded_for_refill: bool,
-    /// Forks the pools' children, if there are pools and it could start;
-    /// else the server forks them itself.
-    forker: Option<Forker>,
+    /// The zygotes: the one serving, one preloading (generations.rs).
+    generations: generations::Generations,
+    /// Why this server runs its preloads itself rather than in zygotes.
+    split_refused: Option<String>,
+    /// systemd's notify socket and `--ready-fd`, once serving.
+    readiness: Option<Readiness>,
     /// Our own uid (a root server runs children as their peer).
     server_uid: u32,
     started: Instant,
@@ -106,6 +114,7 @@ impl EventLoop {
         signals: SignalPipe,
         modules: Modules,
         options: &ServeOptions,
+        split: Result<(), String>,
     ) -> Result<EventLoop, ServeError> {
         let setup = |doing: &'static str| move |e: nix::Error| ServeError::Setup(doing, e.into());
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(setup("creating epoll"))?;
@@ -127,11 +136,19 @@ impl EventLoop {
             }
             None => None,
         };
-        for (worker, _) in &options.pools {
-            modules
-                .find(worker)
-                .map_err(|why| ServeError::Config(format!("--pool {worker}: {why}")))?;
+        // A split server's zygote checks them, against what it preloaded.
+        if modules.is_loaded() {
+            for (worker, _) in &options.pools {
+                modules
+                    .find(worker)
+                    .map_err(|why| ServeError::Config(format!("--pool {worker}: {why}")))?;
+            }
         }
+        let preloading = match &split {
+            Ok(()) => Preloading::InZygote,
+            Err(_) => Preloading::RanInFront,
+        };
+        let pool_workers = options.pools.iter().map(|(w, _)| w.clone()).collect();
         let fork_guard = ForkGuard::arm(options.threads)
             .map_err(|why| ServeError::Config(format!("--allow-dormant-threads: {why}")))?;
         // By default one uid may hold a quarter of the server's fds, so the
@@ -162,98 +179,48 @@ impl EventLoop {
             pools: Pools::new(&options.pools),
             refill_paused_until: None,
             yielded_for_refill: false,
-            forker: None,
+            generations: generations::Generations::new(preloading, pool_workers),
+            split_refused: split.err(),
+            readiness: None,
             server_uid: sys::getuid(),
             started: Instant::now(),
         };
-        if !options.pools.is_empty() {
-            event_loop.start_forker();
-        }
+        event_loop.first_generation(options.stderr_after_ready)?;
         Ok(event_loop)
     }
 
-    /// Forks a forker from the server as it is now (replacing any old one,
-    /// which then exits); without one, pool children are forked here.
-    fn start_forker(&mut self) {
-        self.drop_forker();
-        match self.launcher.start_forker() {
-            Ok(Some(forker)) => {
-                match self
-                    .epoll
-                    .add(&forker, EpollEvent::new(EpollFlags::EPOLLIN, FORKER))
-                {
-                    Ok(()) => {
-                        log!(
-                            Level::Debug,
-                            "forker {} forks the pools' children",
-                            forker.pid()
-                        );
-                        self.forker = Some(forker);
-                    }
-                    Err(e) => log!(
-                        Level::Warn,
-                        "cannot watch the forker's socket ({e}); the server forks pool children itself"
-                    ),
-                }
-            }
-            Ok(None) => log!(
-                Level::Info,
-                "no forker (glibc's thread descriptor was not found): the server forks pool children itself"
-            ),
-            Err(e) => log!(
-                Level::Warn,
-                "cannot start the forker ({}): the server forks pool children itself",
-                e.message
-            ),
+    /// How many modules are preloaded, for the "listening on" line.
+    pub(crate) fn module_count(&self) -> usize {
+        self.modules().len()
+    }
+
+    /// The modules preloaded: by the serving zygote, or by the front.
+    fn modules(&self) -> &[ModuleInfo] {
+        self.generations
+            .modules()
+            .unwrap_or_else(|| self.launcher.modules.infos())
+    }
+
+    /// Tells systemd (and `--ready-fd`, the first time) that the server
+    /// serves, with `status`.
+    fn readiness_ready(&mut self, status: &str) {
+        if let Some(readiness) = &mut self.readiness {
+            readiness.ready(status);
         }
     }
 
-    /// Lets the forker go (it exits at its socket's end-of-file), with the
-    /// children still owed.
-    fn drop_forker(&mut self) {
-        if let Some(forker) = self.forker.take() {
-            let _ = self.epoll.delete(&forker);
-            self.pools.forget_asked();
-        }
-    }
-
-    /// The forker's socket is readable: children it made, or its end.
-    fn forker_ready(&mut self) {
-        let Some(forker) = &mut self.forker else {
-            return;
-        };
-        let pid = forker.pid();
-        let (answers, end) = forker.answers();
-        for (worker, child) in answers {
-            match child {
-                Ok(child) => {
-                    log!(
-                        Level::Debug,
-                        "pool '{worker}': forker made idle child {}",
-                        child.pid
-                    );
-                    self.pools.answered(&worker, Some(child));
-                    self.refill_paused_until = None;
-                }
-                Err(e) => {
-                    self.pools.answered(&worker, None);
-                    self.refill_failed(&worker, &e.message);
-                }
-            }
-        }
-        if let Some(why) = end {
-            log!(
-                Level::Warn,
-                "the forker (pid {pid}) {why}; the server forks pool children itself"
-            );
-            self.drop_forker();
+    /// Tells systemd a reload has begun.
+    fn readiness_reloading(&mut self) {
+        if let Some(readiness) = &mut self.readiness {
+            readiness.reloading();
         }
     }
 
     /// Serves until SIGTERM or SIGINT, then drains: stops listening, closes
     /// every connection (killing their non-detached children), and returns
     /// once those children are gone.
-    pub(crate) fn run(&mut self, readiness: &Readiness) -> Result<(), ServeError> {
+    pub(crate) fn run(&mut self, readiness: Readiness) -> Result<(), ServeError> {
+        self.readiness = Some(readiness);
         let mut events = vec![EpollEvent::empty(); 64];
         loop {
             if self.listener.is_none() && self.ledger.being_killed() == 0 {
@@ -275,6 +242,7 @@ impl EventLoop {
                 self.accept_paused_until,
                 refill_timer,
                 start_timer,
+                self.generations.restart_at(),
             ]
             .into_iter()
             .flatten()
@@ -290,6 +258,7 @@ impl EventLoop {
                         .latest_launch()
                         .is_some_and(|at| at.elapsed() >= REFILL_WAITS_FOR_A_START))
                 && self.pools.short().is_some()
+                && (!self.generations.split() || self.generations.current.is_some())
                 && self
                     .refill_paused_until
                     .is_none_or(|until| until <= Instant::now());
@@ -326,10 +295,15 @@ impl EventLoop {
             }
             if self.stop_requested {
                 self.stop_requested = false;
-                readiness.stopping();
+                if let Some(readiness) = &self.readiness {
+                    readiness.stopping();
+                }
                 self.begin_shutdown();
             }
             let now = Instant::now();
+            if self.listener.is_some() {
+                self.restart_if_due(now);
+            }
             self.ledger.kill_overdue(now);
             if self.accept_paused_until.is_some_and(|until| until <= now) {
                 self.resume_accepting();
@@ -337,18 +311,23 @@ impl EventLoop {
         }
     }
 
-    /// Asks the forker for one pool child for a pool below its size, or
-    /// forks it here. Called only when no event is waiting, so a refill
-    /// never delays a request.
+    /// Asks the zygote for one pool child for a pool below its size, or
+    /// forks it here (a server that preloaded itself and has no forker).
+    /// Called only when no event is waiting, so a refill never delays a
+    /// request.
     fn refill_one(&mut self) {
         let Some(worker) = self.pools.short().map(str::to_owned) else {
             return;
         };
-        if let Some(forker) = &mut self.forker {
-            match forker.ask(&worker) {
+        if let Some(current) = &mut self.generations.current {
+            match current.zygote.ask(&worker) {
                 Ok(()) => self.pools.asked(&worker),
                 Err(e) => self.refill_failed(&worker, &e.message),
             }
+            return;
+        }
+        if self.generations.split() {
+            // No zygote serves; the pools refill from the next one.
             return;
         }
         match self.launcher.prefork(&worker) {
@@ -378,7 +357,7 @@ impl EventLoop {
             (LISTENER, _) => self.accept(),
             (SIGNALS, _) => self.handle_signals(),
             (LIFELINE, _) => self.lifeline_ready(),
-            (FORKER, _) => self.forker_ready(),
+            (ZYGOTE | NEXT_ZYGOTE, _) => self.zygote_event(token),
             (_, TAG_CONN) => self.connection_ready(token >> 2, flags),
             (_, TAG_PIPE) => self.report_ready((token >> 2) as libc::pid_t),
             _ => log!(Level::Error, "event for unknown token {token}"),
@@ -405,13 +384,7 @@ impl EventLoop {
                 Level::Warn,
                 "idle pool child {pid} died ({status:?}); refilling"
             ),
-            None if self.forker.as_ref().is_some_and(|f| f.pid() == pid) => {
-                log!(
-                    Level::Warn,
-                    "the forker (pid {pid}) ended ({status:?}); the server forks pool children itself"
-                );
-                self.drop_forker();
-            }
+            None if self.zygote_reaped(pid, &format!("{status:?}")) => {}
             None => log!(Level::Debug, "reaped pid {pid} that was not ours to report"),
         }
     }
@@ -434,17 +407,7 @@ impl EventLoop {
             }
         }
         if arrived.hangup {
-            log!(
-                Level::Info,
-                "SIGHUP: flushing the prefork pools; they refill from the current state"
-            );
-            self.pools.flush();
-            if self.pools.any() {
-                // A new snapshot of the server: the old forker is the
-                // server as it was when it started, and one that died is
-                // started again.
-                self.start_forker();
-            }
+            self.hangup();
         }
         if arrived.terminate && self.listener.is_some() {
             self.stop_requested = true;
@@ -484,7 +447,7 @@ impl EventLoop {
             self.kill_grace
         );
         self.pools.flush();
-        self.drop_forker();
+        self.drop_generations();
         // Dropping the listener removes the socket file.
         if let Some(listener) = self.listener.take() {
             let _ = self.epoll.delete(&listener);

@@ -46,7 +46,7 @@ impl EventLoop {
                 protocol: PROTOCOL_VERSION,
                 server_version: env!("CARGO_PKG_VERSION").into(),
                 pid: std::process::id(),
-                modules: self.launcher.modules.infos.clone(),
+                modules: self.modules().to_vec(),
                 workers: self.launcher.modules.worker_names(),
                 limits: self.limits,
                 truncated: false,
@@ -88,6 +88,7 @@ impl EventLoop {
                 self.reply(id, ServerMessage::Status(report), Vec::new());
             }
             ClientMessage::List { id: request } => self.list(id, request),
+            ClientMessage::Reload { id: request } => self.reload_request(id, request),
             ClientMessage::Kill {
                 id: request,
                 pid,
@@ -101,6 +102,19 @@ impl EventLoop {
     }
 
     pub(super) fn spawn(&mut self, conn_id: ConnId, request: Spawn, fds: Vec<OwnedFd>) {
+        self.spawn_one(conn_id, request, fds);
+        // What the zygote said while the front waited for it.
+        if self
+            .generations
+            .current
+            .as_ref()
+            .is_some_and(|g| g.zygote.has_news())
+        {
+            self.zygote_answers();
+        }
+    }
+
+    fn spawn_one(&mut self, conn_id: ConnId, request: Spawn, fds: Vec<OwnedFd>) {
         let Some(conn) = self.connections.get(&conn_id) else {
             return;
         };
@@ -114,20 +128,33 @@ impl EventLoop {
             })
             .map_err(|(kind, message)| LaunchError::new(kind, message))
             .and_then(|credentials| {
-                let pooled = match &request.target {
-                    Target::Worker { name, .. } => self.pools.take(name),
-                    Target::Exec { .. } => None,
+                let (pooled, worker) = match &request.target {
+                    Target::Worker { name, .. } => (self.pools.take(name), true),
+                    Target::Exec { .. } => (None, false),
                 };
-                // A panic while checking the request (say, in a worker
-                // family's name check) fails this request, not the server.
-                // A forked child's panics never come back here: the fork's
-                // unwind barrier ends them in the child.
-                panic::catch_unwind(AssertUnwindSafe(|| match pooled {
-                    Some(child) => {
+                let split = self.generations.split();
+                let why_none = (split && worker && pooled.is_none())
+                    .then(|| self.generations.current.is_none())
+                    .filter(|&none| none)
+                    .map(|_| self.generations.why_none());
+                let zygote = self.generations.current.as_mut().map(|g| &mut g.zygote);
+                // A panic while checking the request fails this request,
+                // not the server. A forked child's panics never come back
+                // here: the fork's unwind barrier ends them in the child.
+                panic::catch_unwind(AssertUnwindSafe(|| match (pooled, zygote) {
+                    (Some(child), _) => {
                         self.launcher
                             .hand_off(child, &request, fds, credentials, &conn.peer)
                     }
-                    None => self.launcher.launch(&request, &conn.peer, fds, credentials),
+                    // A worker needs the preloads: the zygote forks it.
+                    (None, Some(zygote)) if worker && split => {
+                        zygote.spawn(&self.launcher, &request, fds, credentials, &conn.peer)
+                    }
+                    (None, None) if worker && split => Err(LaunchError::new(
+                        ErrorKind::Resource,
+                        why_none.unwrap_or_default(),
+                    )),
+                    (None, _) => self.launcher.launch(&request, &conn.peer, fds, credentials),
                 }))
                 .unwrap_or_else(|panic| {
                     Err(LaunchError::new(

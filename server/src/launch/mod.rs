@@ -7,7 +7,7 @@
 //! | `setup.rs` | child | signals, fds, credentials, directory, then exec or the worker |
 //! | `report.rs` | both | the exec report: the child's failure record, the server's reading of it |
 //! | `pool_child.rs` | child | a prefork pool child: warm up, wait, take its [`Assignment`](pool_child::Assignment) |
-//! | `forker.rs` | both | the forker, a copy of the server that forks the pool children (its loop runs in it) |
+//! | `zygote.rs` | both | the zygote, a copy of the front that preloads and forks the workers and pool children (its loop runs in it) |
 //!
 //! [`Launcher`] is what the event loop calls: [`launch`](Launcher::launch)
 //! forks a child for a request, [`prefork`](Launcher::prefork) forks an idle
@@ -33,11 +33,11 @@ use crate::threads::ForkGuard;
 mod controls;
 mod fields;
 mod fork;
-pub(crate) mod forker;
 mod plan;
 mod pool_child;
 pub(crate) mod report;
 mod setup;
+pub(crate) mod zygote;
 
 #[cfg(test)]
 #[path = "plan_tests.rs"]
@@ -161,12 +161,7 @@ impl Launcher {
             })?
         };
         if wants_cgroup {
-            let how = if forked.placed {
-                "created in its cgroup by clone3"
-            } else {
-                "moves itself into its cgroup (cgroup.procs)"
-            };
-            log!(Level::Debug, "pid {} {how}", forked.pid);
+            log_cgroup(forked.pid, forked.placed);
         }
         Ok(Launched {
             pid: forked.pid,
@@ -202,38 +197,12 @@ impl Launcher {
         &self,
         child: PoolChild,
         request: &Spawn,
-        mut fds: Vec<OwnedFd>,
+        fds: Vec<OwnedFd>,
         credentials: Option<RunAs>,
         peer: &Peer,
     ) -> Result<Launched, LaunchError> {
-        let mut made = plan::PlanFds::default();
-        self.plan(request, peer, &fds, credentials, &mut made)?;
-        let mut spawn = request.clone();
-        let mut pipes = made.child_pipes.into_iter();
-        let controlling_tty = spawn.pty.take().is_some();
-        if controlling_tty {
-            // The terminal made here goes as the child's stdio, and the
-            // child makes it its controlling terminal.
-            fds.push(pipes.next().expect("plan made the terminal's slave end"));
-            let index = (fds.len() - 1) as u32;
-            spawn.stdin = StdioSpec::Fd { index };
-            spawn.stdout = StdioSpec::Fd { index };
-            spawn.stderr = StdioSpec::Fd { index };
-        }
-        for spec in [&mut spawn.stdin, &mut spawn.stdout, &mut spawn.stderr] {
-            if *spec == StdioSpec::Pipe {
-                fds.push(pipes.next().expect("plan made one pipe per piped stream"));
-                *spec = StdioSpec::Fd {
-                    index: (fds.len() - 1) as u32,
-                };
-            }
-        }
-        let assignment = pool_child::Assignment {
-            spawn,
-            peer: peer.clone(),
-            server_uid: sys::getuid(),
-            controlling_tty,
-        };
+        let (assignment, mut fds, client_ends) =
+            self.assignment(request, fds, credentials, peer)?;
         let mut bytes = forkserver_protocol::encode(&assignment)
             .map_err(|e| LaunchError::new(ErrorKind::Invalid, e.to_string()))?;
         if bytes.len() > pool_child::INLINE_ASSIGNMENT_BYTES {
@@ -267,10 +236,62 @@ impl Launcher {
             pid: child.pid,
             pidfd: child.pidfd,
             report: child.report,
-            client_ends: made.client_ends,
+            client_ends,
             pool_control: Some(child.control),
         })
     }
+
+    /// Checks `request` and makes its pipes (and terminal), for a child
+    /// that is not forked here (a pool child, a zygote's worker): the
+    /// request as that child gets it, every pipe end and terminal replaced
+    /// by a passed fd (appended to `fds`), and the client's ends.
+    fn assignment(
+        &self,
+        request: &Spawn,
+        mut fds: Vec<OwnedFd>,
+        credentials: Option<RunAs>,
+        peer: &Peer,
+    ) -> Result<(pool_child::Assignment, Vec<OwnedFd>, ClientEnds), LaunchError> {
+        let mut made = plan::PlanFds::default();
+        self.plan(request, peer, &fds, credentials, &mut made)?;
+        let mut spawn = request.clone();
+        let mut pipes = made.child_pipes.into_iter();
+        let controlling_tty = spawn.pty.take().is_some();
+        if controlling_tty {
+            // The terminal made here goes as the child's stdio, and the
+            // child makes it its controlling terminal.
+            fds.push(pipes.next().expect("plan made the terminal's slave end"));
+            let index = (fds.len() - 1) as u32;
+            spawn.stdin = StdioSpec::Fd { index };
+            spawn.stdout = StdioSpec::Fd { index };
+            spawn.stderr = StdioSpec::Fd { index };
+        }
+        for spec in [&mut spawn.stdin, &mut spawn.stdout, &mut spawn.stderr] {
+            if *spec == StdioSpec::Pipe {
+                fds.push(pipes.next().expect("plan made one pipe per piped stream"));
+                *spec = StdioSpec::Fd {
+                    index: (fds.len() - 1) as u32,
+                };
+            }
+        }
+        let assignment = pool_child::Assignment {
+            spawn,
+            peer: peer.clone(),
+            server_uid: sys::getuid(),
+            controlling_tty,
+        };
+        Ok((assignment, fds, made.client_ends))
+    }
+}
+
+/// Says how child `pid`, which asked for a cgroup, gets into it.
+fn log_cgroup(pid: libc::pid_t, placed: bool) {
+    let how = if placed {
+        "created in its cgroup by clone3"
+    } else {
+        "moves itself into its cgroup (cgroup.procs)"
+    };
+    log!(Level::Debug, "pid {pid} {how}");
 }
 
 /// For log lines and `list`: the program or worker a request runs.

@@ -72,6 +72,9 @@ pub(crate) enum Action<'m> {
     },
     /// Call `int SYMBOL(int argc, char **argv)` of a dynamic module.
     Dylib { entry: EntryPoint },
+    /// A worker the zygote resolves: this plan only checked the request
+    /// (in the front, which has not run the preloads) and is never run.
+    InZygote,
 }
 
 /// Everything the child needs, built before the fork so that the child only
@@ -222,7 +225,8 @@ impl Launcher {
                 let args = utf8_args(args)?;
                 let mut argv = vec![c_string(&name.as_str().into(), "target.name")?];
                 let action = match worker {
-                    WorkerRef::Embedded(worker) => {
+                    WorkerRef::InZygote => Action::InZygote,
+                    WorkerRef::Embedded(worker, preloaded) => {
                         let payload = payload.as_ref().map(|value| {
                             let mut bytes = Vec::new();
                             rmpv::encode::write_value(&mut bytes, value)
@@ -234,7 +238,7 @@ impl Launcher {
                             args,
                             payload,
                             fd_targets: request.fds.iter().map(|m| m.target).collect(),
-                            preloaded: &self.modules.preloaded,
+                            preloaded,
                         };
                         Action::Worker { worker, context }
                     }

@@ -40,6 +40,19 @@ pub(crate) const INLINE_ASSIGNMENT_BYTES: usize = 64 * 1024;
 /// MessagePack map, which starts with a byte of 0x80 and up).
 pub(crate) const IN_THE_LAST_FD: &[u8] = b"memfd";
 
+/// Decodes an assignment (or a message holding one): a client's request,
+/// decoded once within the protocol's nesting limit, in a few more levels.
+pub(crate) fn decode_assignment<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+) -> Result<T, forkserver_protocol::CodecError> {
+    // An Assignment adds one level; the zygote's message around it one more.
+    forkserver_protocol::decode_wrapped(bytes, 2)
+}
+
+/// The most fds an assignment carries: the request's (`max_fds_per_message`
+/// is at most `MAX_MOVES - 3`), its pipes and terminal, a memfd.
+pub(crate) const MAX_FDS: usize = 512;
+
 /// The largest assignment read from a memfd: a request within the
 /// protocol's limits (`max_bulk_bytes` and the argument and environment
 /// limits) is far smaller.
@@ -88,7 +101,7 @@ pub(super) unsafe fn run(
         &[],
         libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
     );
-    let assignment = match forkserver_protocol::recv_datagram(socket, 1 << 20, 512, 0) {
+    let assignment = match forkserver_protocol::recv_datagram(socket, 1 << 20, MAX_FDS, 0) {
         Ok(Some(datagram)) if !datagram.truncated && !datagram.fds_truncated => datagram,
         // EOF: flushed before use. Anything else: nothing to become.
         // SAFETY: _exit never returns.
@@ -119,7 +132,7 @@ fn become_assigned(
     reporter: &Reporter,
 ) -> Failure {
     let setup_failed = |errno| Failure::new(FailedStep::Setup, errno);
-    let Ok(assignment) = forkserver_protocol::decode::<Assignment>(bytes) else {
+    let Ok(assignment) = decode_assignment::<Assignment>(bytes) else {
         return setup_failed(libc::EPROTO);
     };
     let request = assignment.spawn;

@@ -407,6 +407,8 @@ unsafe fn become_target(
             let code = unsafe { entry(argc, plan.argv.as_mut_ptr().cast()) };
             exit_flushed(code)
         }
+        // Only the front plans these, to check them, and never forks them.
+        Action::InZygote => Err(Failure::new(FailedStep::Setup, libc::EINVAL)),
     }
 }
 

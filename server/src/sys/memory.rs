@@ -18,9 +18,14 @@ pub(crate) fn give_back_free_memory() {
     }
 }
 
-/// This process's resident set size, from /proc/self/statm.
-pub(crate) fn resident_bytes() -> Option<u64> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+/// The resident set size of process `pid` (this one if None), from
+/// /proc/PID/statm.
+pub(crate) fn resident_bytes(pid: Option<libc::pid_t>) -> Option<u64> {
+    let path = match pid {
+        Some(pid) => format!("/proc/{pid}/statm"),
+        None => "/proc/self/statm".to_owned(),
+    };
+    let statm = std::fs::read_to_string(path).ok()?;
     let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
     // SAFETY: sysconf has no preconditions.
     let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };

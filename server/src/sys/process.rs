@@ -203,14 +203,33 @@ pub(crate) fn set_thread_name(name: &[u8; 16]) {
 /// Whether the process a pidfd refers to has exited (its pidfd is readable
 /// from then on, reaped or not).
 pub(crate) fn has_exited(pidfd: BorrowedFd<'_>) -> bool {
+    wait_readable(pidfd, 0)
+}
+
+/// Whether `fd` is readable (or at its end) within `timeout_ms`
+/// milliseconds (0: now, -1: no limit). A signal does not end the wait
+/// (poll is never restarted by the kernel, SA_RESTART or not).
+pub(crate) fn wait_readable(fd: BorrowedFd<'_>, timeout_ms: i32) -> bool {
+    let deadline = (timeout_ms > 0)
+        .then(|| std::time::Instant::now() + std::time::Duration::from_millis(timeout_ms as u64));
     let mut poll = libc::pollfd {
-        fd: pidfd.as_raw_fd(),
+        fd: fd.as_raw_fd(),
         events: libc::POLLIN,
         revents: 0,
     };
-    // SAFETY: one valid pollfd, no wait.
-    let ready = unsafe { libc::poll(&mut poll, 1, 0) };
-    ready == 1 && poll.revents & libc::POLLIN != 0
+    let mut wait = timeout_ms;
+    loop {
+        // SAFETY: one valid pollfd.
+        let ready = unsafe { libc::poll(&mut poll, 1, wait) };
+        if ready >= 0 || io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            return ready == 1
+                && poll.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0;
+        }
+        if let Some(deadline) = deadline {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            wait = left.as_millis().min(i32::MAX as u128) as i32;
+        }
+    }
 }
 
 /// pidfd_send_signal(2).
@@ -427,4 +446,18 @@ pub(crate) unsafe fn fork_into_cgroup(
         run_child(in_child)
     }
     Ok(pid)
+}
+
+/// CLOCK_MONOTONIC in microseconds (what systemd's `MONOTONIC_USEC=`
+/// means), or 0 if the clock cannot be read.
+pub(crate) fn monotonic_usec() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid clock id and a timespec of ours to fill.
+    if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) } != 0 {
+        return 0;
+    }
+    now.tv_sec as u64 * 1_000_000 + now.tv_nsec as u64 / 1000
 }

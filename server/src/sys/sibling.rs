@@ -1,5 +1,5 @@
 //! A fork whose child is the caller's sibling: `clone3(CLONE_PARENT)`, for
-//! the forker (`launch/forker.rs`), whose children must be the server's.
+//! the zygote (`launch/zygote.rs`), whose children must be the front's.
 //!
 //! glibc's `fork()` cannot take that flag, and a raw clone skips what
 //! glibc's fork does for the child's thread. In a single-threaded caller
@@ -9,8 +9,12 @@
 //! `CLONE_CHILD_SETTID`, at the address found by [`GlibcThread::find`]), and
 //! the robust-futex list, which the kernel does not carry into a child
 //! (registered again with `set_robust_list`). The atfork handlers do not
-//! run; the forker's callers arrange for them to have run once, when the
-//! forker itself was forked (see `launch/forker.rs`).
+//! run; the zygote runs the embedder's fork hooks around each clone (see
+//! `launch/zygote.rs`).
+//!
+//! `FORKSERVER_SIBLING_FORK=0` in the server's environment turns this off
+//! ([`GlibcThread::find_allowed`]), as if glibc's descriptor were missing
+//! (musl), so that the path without it can be run on purpose.
 
 use std::convert::Infallible;
 use std::io;
@@ -28,7 +32,21 @@ pub(crate) struct GlibcThread {
     robust_len: usize,
 }
 
+/// The environment variable that turns sibling forks off when `0`.
+const SWITCH: &str = "FORKSERVER_SIBLING_FORK";
+
 impl GlibcThread {
+    /// [`find`](Self::find), unless [`SWITCH`] turns sibling forks off;
+    /// Err says why there are none.
+    pub(crate) fn find_allowed() -> Result<GlibcThread, String> {
+        if std::env::var_os(SWITCH).is_some_and(|v| v == "0") {
+            return Err(format!("{SWITCH}=0 turns clone3(CLONE_PARENT) off"));
+        }
+        GlibcThread::find().ok_or_else(|| {
+            "glibc's thread descriptor was not found (_thread_db_pthread_tid), so clone3(CLONE_PARENT) cannot be used".into()
+        })
+    }
+
     /// Finds them for the calling thread, or None unless sure: the field's
     /// offset comes from the description glibc exports for debuggers
     /// (`_thread_db_pthread_tid`: bits, count, offset, as libthread_db reads

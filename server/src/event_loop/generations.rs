@@ -1,0 +1,518 @@
+//! The zygote generations, as the front keeps them: which zygote serves,
+//! which one is preloading to replace it (a reload), and what happens when
+//! one dies.
+//!
+//! A *split* server never runs its preloads: each generation's zygote (a
+//! fresh fork of the front, `launch/zygote.rs`) runs them, and forks every
+//! worker and pool child. So a reload (SIGHUP, the `reload` request) is a
+//! new zygote that loads what is on disk now; until it is ready the old one
+//! serves, and if it fails the old one serves on. Once it is ready, new
+//! spawns go to it, the old generation's idle pool children are retired,
+//! and the old zygote exits. Children and connections are the front's and
+//! are untouched; so is the front's pid.
+//!
+//! A zygote that dies (a segfault in preloaded code, SIGKILL, the OOM
+//! killer) costs no child and no connection: its children are the front's.
+//! The front logs it, and starts the next generation after a back-off that
+//! doubles while generations keep failing, so a preload that crashes at
+//! import cannot make a respawn storm. Meanwhile worker spawns fail with a
+//! message saying so; exec spawns never needed a zygote.
+//!
+//! A server that cannot split runs its preloads in the front, once
+//! ([`split_or_why_not`] says when), and then has at most a *forker*: a
+//! zygote that skips the preloads and forks only pool children. SIGHUP
+//! replaces it (the pools refill from the front's state then), but there
+//! is no reloading code that the front has loaded.
+
+use std::os::fd::RawFd;
+use std::time::{Duration, Instant};
+
+use forkserver_protocol::{ErrorKind, ModuleInfo, ServerMessage};
+use nix::sys::epoll::{EpollEvent, EpollFlags};
+
+use super::connections::request_error;
+use super::{EventLoop, NEXT_ZYGOTE, ZYGOTE};
+use crate::launch::zygote::{Preloading, Zygote};
+use crate::ledger::ConnId;
+use crate::log::{log, Level};
+use crate::sys::GlibcThread;
+use crate::threads::ThreadPolicy;
+use crate::ServeError;
+
+/// The first wait before restarting a zygote that died.
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+/// The longest.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// A generation that served this long resets the back-off: its death was
+/// not a preload that cannot start.
+const STEADY: Duration = Duration::from_secs(30);
+
+/// Whether this server can run its preloads in zygotes, or why not. The
+/// zygote forks its children with `clone3(CLONE_PARENT)` so that they are
+/// the front's (`sys::sibling`), which needs glibc's thread descriptor and
+/// a single-threaded zygote: a server that tolerates threads
+/// (`--allow-dormant-threads`, `--allow-threads`) preloads in the front.
+pub(crate) fn split_or_why_not(policy: ThreadPolicy) -> Result<(), String> {
+    GlibcThread::find_allowed()?;
+    if policy != ThreadPolicy::Refuse {
+        return Err("the thread guard tolerates threads, and a zygote forks with one".into());
+    }
+    Ok(())
+}
+
+/// The front's generations.
+pub(super) struct Generations {
+    preloading: Preloading,
+    /// The pools' workers, which each zygote checks it offers.
+    pools: Vec<String>,
+    /// The generation that serves.
+    pub(super) current: Option<Generation>,
+    /// One preloading to replace it.
+    next: Option<Generation>,
+    /// The latest generation's number.
+    latest: u64,
+    /// No zygote serves, and the next is due then.
+    restart_at: Option<Instant>,
+    backoff: Duration,
+    /// Why the latest reload or restart failed; cleared by the next success.
+    failure: Option<String>,
+    /// Reload requests waiting for `next`: (connection, request id).
+    waiting: Vec<(ConnId, u64)>,
+}
+
+/// One zygote and what it loaded.
+pub(super) struct Generation {
+    pub(super) zygote: Zygote,
+    number: u64,
+    modules: Vec<ModuleInfo>,
+    ready_at: Instant,
+}
+
+impl Generations {
+    pub(super) fn new(preloading: Preloading, pools: Vec<String>) -> Generations {
+        Generations {
+            preloading,
+            pools,
+            current: None,
+            next: None,
+            latest: 0,
+            restart_at: None,
+            backoff: FIRST_BACKOFF,
+            failure: None,
+            waiting: Vec::new(),
+        }
+    }
+
+    /// Whether the preloads run in zygotes (so worker spawns go there).
+    pub(super) fn split(&self) -> bool {
+        self.preloading == Preloading::InZygote
+    }
+
+    /// The serving zygote's modules (a split server's), if any.
+    pub(super) fn modules(&self) -> Option<&[ModuleInfo]> {
+        let current = self.current.as_ref().filter(|_| self.split())?;
+        Some(&current.modules)
+    }
+
+    pub(super) fn zygote_pid(&self) -> Option<u32> {
+        self.current.as_ref().map(|g| g.zygote.pid() as u32)
+    }
+
+    /// The serving generation's number; 0 in a server that cannot split.
+    pub(super) fn number(&self) -> u64 {
+        match (self.split(), &self.current) {
+            (true, Some(current)) => current.number,
+            _ => 0,
+        }
+    }
+
+    pub(super) fn failure(&self) -> Option<&str> {
+        self.failure.as_deref()
+    }
+
+    /// When a zygote is to be restarted, if one is.
+    pub(super) fn restart_at(&self) -> Option<Instant> {
+        self.restart_at
+    }
+
+    /// Whether this pid is one of the zygotes.
+    fn which(&self, pid: libc::pid_t) -> Option<Which> {
+        if self.current.as_ref().is_some_and(|g| g.zygote.pid() == pid) {
+            Some(Which::Current)
+        } else if self.next.as_ref().is_some_and(|g| g.zygote.pid() == pid) {
+            Some(Which::Next)
+        } else {
+            None
+        }
+    }
+
+    /// Why a worker cannot be forked now: no zygote serves.
+    pub(super) fn why_none(&self) -> String {
+        let when = self
+            .restart_at
+            .map(|at| {
+                format!(
+                    "; the next starts in {} ms",
+                    at.saturating_duration_since(Instant::now()).as_millis()
+                )
+            })
+            .unwrap_or_else(|| "; the next is preloading".into());
+        match &self.failure {
+            Some(why) => format!("no zygote is serving (the latest failed: {why}){when}"),
+            None => format!("no zygote is serving{when}"),
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Which {
+    Current,
+    Next,
+}
+
+impl EventLoop {
+    /// Starts the first generation and waits for it (as long as the
+    /// preloads take): the server is not ready before. Without pools, a
+    /// server that preloaded in the front needs no zygote.
+    pub(super) fn first_generation(
+        &mut self,
+        stderr_after_ready: Option<RawFd>,
+    ) -> Result<(), ServeError> {
+        if !self.generations.split() && !self.pools.any() {
+            return Ok(());
+        }
+        let Some(mut generation) = self
+            .fork_zygote(stderr_after_ready)
+            .map_err(ServeError::Zygote)?
+        else {
+            return Ok(());
+        };
+        let modules = generation.zygote.wait_ready().map_err(ServeError::Zygote)?;
+        generation.modules = modules;
+        self.watch(&generation, ZYGOTE)
+            .map_err(|e| ServeError::Setup("watching the zygote's socket", e))?;
+        self.serving(generation);
+        Ok(())
+    }
+
+    /// Forks the next generation's zygote; None where none can be made
+    /// (`sys::sibling`: then the front forks pool children itself).
+    fn fork_zygote(
+        &mut self,
+        stderr_after_ready: Option<RawFd>,
+    ) -> Result<Option<Generation>, String> {
+        let pools = &self.generations.pools;
+        let zygote = self
+            .launcher
+            .start_zygote(self.generations.preloading, pools, stderr_after_ready)
+            .map_err(|e| format!("cannot start a zygote: {}", e.message))?;
+        let Some(zygote) = zygote else {
+            return Ok(None);
+        };
+        self.generations.latest += 1;
+        log!(
+            Level::Debug,
+            "generation {}: zygote {} started",
+            self.generations.latest,
+            zygote.pid()
+        );
+        Ok(Some(Generation {
+            zygote,
+            number: self.generations.latest,
+            modules: Vec::new(),
+            ready_at: Instant::now(),
+        }))
+    }
+
+    fn watch(&self, generation: &Generation, token: u64) -> std::io::Result<()> {
+        self.epoll
+            .add(
+                &generation.zygote,
+                EpollEvent::new(EpollFlags::EPOLLIN, token),
+            )
+            .map_err(std::io::Error::from)
+    }
+
+    /// `generation` is ready: it serves from now on, the one before it is
+    /// retired (with its idle pool children, which hold its code), and
+    /// whoever asked for the reload is told.
+    fn serving(&mut self, mut generation: Generation) {
+        generation.ready_at = Instant::now();
+        let retired = self.generations.current.take();
+        let number = generation.number;
+        let modules = generation.modules.clone();
+        let zygote = generation.zygote.pid();
+        self.generations.current = Some(generation);
+        self.generations.failure = None;
+        self.generations.restart_at = None;
+        if let Some(old) = retired {
+            let _ = self.epoll.delete(&old.zygote);
+            self.pools.forget_asked();
+            self.pools.flush();
+            log!(
+                Level::Info,
+                "generation {number} serves (zygote {zygote}, {} module(s)); generation {} retired",
+                modules.len(),
+                old.number
+            );
+        } else if number > 1 {
+            log!(
+                Level::Info,
+                "generation {number} serves (zygote {zygote}, {} module(s))",
+                modules.len()
+            );
+        }
+        for (conn, id) in std::mem::take(&mut self.generations.waiting) {
+            let reply = ServerMessage::Reloaded {
+                id,
+                generation: number,
+                modules: modules.clone(),
+            };
+            self.reply(conn, reply, Vec::new());
+        }
+        if number > 1 {
+            let summary = format!("generation {number} serves");
+            self.readiness_ready(&summary);
+        }
+    }
+
+    /// Starts a new generation, unless one is preloading already; it
+    /// replaces the current one once ready ([`Self::serving`]).
+    pub(super) fn reload(&mut self, why: &str) -> Result<(), String> {
+        if self.generations.next.is_some() {
+            return Ok(());
+        }
+        log!(Level::Info, "{why}: starting a new generation");
+        self.readiness_reloading();
+        let generation = match self.fork_zygote(None) {
+            Ok(Some(generation)) => generation,
+            Ok(None) => return Err(self.next_failed("no zygote can be made".into())),
+            Err(why) => return Err(self.next_failed(why)),
+        };
+        if let Err(e) = self.watch(&generation, NEXT_ZYGOTE) {
+            return Err(self.next_failed(format!("cannot watch the zygote's socket: {e}")));
+        }
+        self.generations.next = Some(generation);
+        Ok(())
+    }
+
+    /// A `reload` request from `conn`: root and the server's uid only, and
+    /// only a split server can load its preloads afresh.
+    pub(super) fn reload_request(&mut self, conn: ConnId, id: u64) {
+        let Some(peer) = self.connections.get(&conn).map(|c| c.peer.clone()) else {
+            return;
+        };
+        let refused = if peer.uid != 0 && peer.uid != self.server_uid {
+            Some((
+                ErrorKind::Denied,
+                format!(
+                    "only root and the server's uid {} may reload it, not uid {}",
+                    self.server_uid, peer.uid
+                ),
+            ))
+        } else if !self.generations.split() {
+            let why = self
+                .split_refused
+                .clone()
+                .unwrap_or_else(|| "its preloads ran in the server itself".into());
+            Some((
+                ErrorKind::Invalid,
+                format!("this server cannot reload its preloads: {why}; restart it instead"),
+            ))
+        } else {
+            None
+        };
+        if let Some((kind, message)) = refused {
+            self.reply(conn, request_error(Some(id), kind, message), Vec::new());
+            return;
+        }
+        self.generations.waiting.push((conn, id));
+        let _ = self.reload(&format!("reload asked by {peer}"));
+    }
+
+    /// SIGHUP: a reload; in a server that cannot split, a new forker (its
+    /// pools refill from the server's state as it is now).
+    pub(super) fn hangup(&mut self) {
+        if self.generations.split() {
+            let _ = self.reload("SIGHUP");
+            return;
+        }
+        log!(
+            Level::Info,
+            "SIGHUP: flushing the prefork pools; they refill from the server's state (this server cannot reload its preloads)"
+        );
+        self.pools.flush();
+        if self.pools.any() {
+            let _ = self.reload("SIGHUP");
+        }
+    }
+
+    /// A zygote's socket is readable.
+    pub(super) fn zygote_event(&mut self, token: u64) {
+        if token == NEXT_ZYGOTE {
+            let Some(next) = &mut self.generations.next else {
+                return;
+            };
+            match next.zygote.ready() {
+                None => {}
+                Some(Ok(modules)) => {
+                    let mut next = self.generations.next.take().expect("checked above");
+                    next.modules = modules;
+                    if let Err(e) = self.epoll.modify(
+                        &next.zygote,
+                        &mut EpollEvent::new(EpollFlags::EPOLLIN, ZYGOTE),
+                    ) {
+                        self.next_failed(format!("cannot watch the zygote's socket: {e}"));
+                        return;
+                    }
+                    self.serving(next);
+                }
+                Some(Err(why)) => {
+                    self.next_failed(why);
+                }
+            }
+            return;
+        }
+        self.zygote_answers();
+    }
+
+    /// Takes the pool children the serving zygote made, and notices its end.
+    pub(super) fn zygote_answers(&mut self) {
+        let Some(current) = &mut self.generations.current else {
+            return;
+        };
+        let (answers, end) = current.zygote.answers();
+        let zygote = current.zygote.pid();
+        for (worker, child) in answers {
+            match child {
+                Ok(child) => {
+                    log!(
+                        Level::Debug,
+                        "pool '{worker}': zygote {zygote} made idle child {}",
+                        child.pid
+                    );
+                    self.pools.answered(&worker, Some(child));
+                    self.refill_paused_until = None;
+                }
+                Err(e) => {
+                    self.pools.answered(&worker, None);
+                    self.refill_failed(&worker, &e.message);
+                }
+            }
+        }
+        if let Some(why) = end {
+            self.generation_lost(&why);
+        }
+    }
+
+    /// The serving zygote is gone or of no use: forget it, and start the
+    /// next generation after the back-off (unless one is preloading).
+    pub(super) fn generation_lost(&mut self, why: &str) {
+        let Some(lost) = self.generations.current.take() else {
+            return;
+        };
+        let _ = self.epoll.delete(&lost.zygote);
+        self.pools.forget_asked();
+        if !self.generations.split() {
+            log!(
+                Level::Warn,
+                "the forker (pid {}) {why}; the server forks pool children itself",
+                lost.zygote.pid()
+            );
+            return;
+        }
+        if lost.ready_at.elapsed() >= STEADY {
+            self.generations.backoff = FIRST_BACKOFF;
+        }
+        let backoff = self.generations.backoff;
+        log!(
+            Level::Warn,
+            "the zygote of generation {} (pid {}) {why}; no child or connection is lost; generation {} starts in {} ms",
+            lost.number,
+            lost.zygote.pid(),
+            self.generations.latest + 1,
+            backoff.as_millis()
+        );
+        self.generations.failure = Some(format!("the zygote of generation {} {why}", lost.number));
+        if self.generations.next.is_none() {
+            self.schedule_restart();
+        }
+    }
+
+    /// A generation that was preloading failed: the serving one (if any)
+    /// serves on; without one, the next try is after the back-off. Returns
+    /// the message given to whoever asked for the reload.
+    fn next_failed(&mut self, why: String) -> String {
+        if let Some(next) = self.generations.next.take() {
+            let _ = self.epoll.delete(&next.zygote);
+        }
+        let message = match &self.generations.current {
+            Some(current) => format!(
+                "the new generation failed, generation {} serves on: {why}",
+                current.number
+            ),
+            None => {
+                self.schedule_restart();
+                format!(
+                    "the new generation failed; the next try is in {} ms: {why}",
+                    self.generations.backoff.as_millis()
+                )
+            }
+        };
+        log!(Level::Error, "{message}");
+        self.generations.failure = Some(why);
+        for (conn, id) in std::mem::take(&mut self.generations.waiting) {
+            let reply = request_error(Some(id), ErrorKind::Invalid, message.clone());
+            self.reply(conn, reply, Vec::new());
+        }
+        self.readiness_ready("the reload failed; the old generation serves on");
+        message
+    }
+
+    fn schedule_restart(&mut self) {
+        let backoff = self.generations.backoff;
+        self.generations.restart_at = Some(Instant::now() + backoff);
+        self.generations.backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+
+    /// The restart's time has come.
+    pub(super) fn restart_if_due(&mut self, now: Instant) {
+        if self.generations.restart_at.is_some_and(|at| at <= now) {
+            self.generations.restart_at = None;
+            let _ = self.reload("restarting the zygote");
+        }
+    }
+
+    /// A zygote was reaped: if it is one we still use, it is lost.
+    pub(super) fn zygote_reaped(&mut self, pid: libc::pid_t, status: &str) -> bool {
+        match self.generations.which(pid) {
+            Some(Which::Current) => self.generation_lost(&format!("ended ({status})")),
+            Some(Which::Next) => {
+                self.next_failed(format!("its zygote ended while preloading ({status})"));
+            }
+            None => return false,
+        }
+        true
+    }
+
+    /// Shutting down: every zygote exits at its socket's end-of-file, and
+    /// reloads still waiting are told.
+    pub(super) fn drop_generations(&mut self) {
+        for generation in [
+            self.generations.current.take(),
+            self.generations.next.take(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let _ = self.epoll.delete(&generation.zygote);
+        }
+        self.generations.restart_at = None;
+        self.pools.forget_asked();
+        for (conn, id) in std::mem::take(&mut self.generations.waiting) {
+            let message = "the server is shutting down".to_owned();
+            let reply = request_error(Some(id), ErrorKind::Invalid, message);
+            self.reply(conn, reply, Vec::new());
+        }
+    }
+}

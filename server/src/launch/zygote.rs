@@ -1,0 +1,680 @@
+//! The zygote: a copy of the front, forked once per *generation*, that runs
+//! the preloads and then forks every child that needs them (pool children
+//! and workers), so that the front never runs preloaded code and a new
+//! generation can load new code from disk while the old one serves.
+//!
+//! Why a separate process: the front owns the socket, the connections, the
+//! ledger and every child; a crash in preloaded code (a C extension's
+//! segfault), or the time a fork of a big process holds its only thread,
+//! must cost none of them. And code preloaded in a process cannot be
+//! unloaded: only a fresh copy of a front that never loaded it can load a
+//! new version (a reload).
+//!
+//! How: the front forks the zygote (with the embedder's fork hooks around
+//! that fork, as around any); the zygote closes the front's fds, runs the
+//! preloads ([`Modules::load`], the thread guard after each), checks the
+//! pools' worker names, and says [`FromZygote::Ready`] with the modules it
+//! loaded, or [`FromZygote::Failed`] with why. Then it answers requests,
+//! one datagram each, in order:
+//! - [`ToZygote::Pool`] (fds: the child's end of a control socket, the
+//!   write end of its report pipe): an idle pool child, which runs
+//!   `pool_child::run` as one forked by the front would;
+//! - [`ToZygote::Spawn`] (fds: the report pipe's write end, then the
+//!   request's fds; a big one in a memfd, last): a worker for a request the
+//!   front checked and made pipes for. The zygote checks it again (the
+//!   worker's name, against what it loaded), plans it and forks the child,
+//!   which runs the ordinary setup.
+//!
+//! Each child is made with `clone3(CLONE_PARENT)` (`sys::fork_sibling`), so
+//! it is the front's child: reaped, signalled and reported there, its
+//! parent-death signal tied to the front, and it outlives the zygote. The
+//! answer is [`FromZygote::Forked`] with a pidfd made by the same clone, or
+//! [`FromZygote::Refused`]. The embedder's fork hooks run around each clone
+//! (an interpreter's import lock).
+//!
+//! The zygote keeps every signal blocked (as the fork left them: the
+//! front's handlers must not run here; each child resets them), and no fd
+//! but its socket, /dev/null and stdio. `ps` shows it as `zygote`. It ends
+//! at its socket's end-of-file: when the front lets it go (a newer
+//! generation is ready, shutdown) or dies.
+//!
+//! A server whose preloads ran in the front (it cannot split: see
+//! `event_loop/generations.rs`) still starts one, as its *forker*: then the
+//! zygote skips the preloads (they ran) and is asked only for pool
+//! children.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::panic::{self, AssertUnwindSafe};
+
+use forkserver_protocol::{
+    decode, encode, memfd_holding, recv_datagram, send_datagram, seqpacket_pair, ErrorKind,
+    ModuleInfo, RunAs, Spawn,
+};
+use serde::{Deserialize, Serialize};
+
+use super::fork::{control_socket, report_pipe, unwind_barrier};
+use super::plan::PlanFds;
+use super::pool_child::{self, Assignment};
+use super::report::Reporter;
+use super::setup::{self, close_except};
+use super::{LaunchError, Launched, Launcher};
+use crate::modules::panic_message;
+use crate::peer::{child_rights, Peer};
+use crate::pool::PoolChild;
+use crate::sys::{self, GlibcThread};
+use crate::threads::{self, ThreadCount};
+
+/// What the front asks of its zygote.
+#[derive(Debug, Serialize, Deserialize)]
+enum ToZygote {
+    /// An idle child for `worker`'s pool.
+    Pool { worker: String },
+    /// A worker for this request (as a pool child would get it).
+    Spawn(Box<Assignment>),
+    /// The request is in the last fd (a memfd): too big for a datagram.
+    InMemfd,
+}
+
+/// What the zygote says: first `Ready` or `Failed`, then one answer per
+/// request, in order.
+#[derive(Debug, Serialize, Deserialize)]
+enum FromZygote {
+    Ready {
+        modules: Vec<ModuleInfo>,
+    },
+    Failed {
+        message: String,
+    },
+    /// With a pidfd for `pid`.
+    Forked {
+        pid: i32,
+    },
+    Refused {
+        kind: ErrorKind,
+        errno: Option<i32>,
+        message: String,
+    },
+}
+
+/// The largest message on the zygote's socket; a bigger request goes in a
+/// memfd, as a pool child's assignment does.
+const MAX_MESSAGE: usize = pool_child::INLINE_ASSIGNMENT_BYTES;
+
+/// The largest request read from a memfd (see `pool_child`).
+const MAX_REQUEST_BYTES: usize = 64 << 20;
+
+/// How long the front waits for the zygote to fork a worker before it
+/// gives up on the zygote: a fork copies page tables (20 ms at 512 MB), so
+/// this is only ever reached by a zygote that is stuck.
+const SPAWN_ANSWER_WAIT_MS: i32 = 10_000;
+
+/// The front's handle on a zygote.
+pub(crate) struct Zygote {
+    pid: libc::pid_t,
+    socket: OwnedFd,
+    /// Requests sent and not answered yet, in the order sent.
+    asked: VecDeque<Asked>,
+    /// Pool answers read while waiting for a spawn's.
+    early: Vec<Answer>,
+    /// Why it is of no use any more, found while waiting for a spawn's
+    /// answer.
+    broken: Option<String>,
+}
+
+/// The front's ends of a request.
+enum Asked {
+    Pool {
+        worker: String,
+        control: OwnedFd,
+        report: OwnedFd,
+    },
+    Spawn,
+}
+
+/// A child the zygote made for a worker's pool (named), or why not.
+pub(crate) type Answer = (String, Result<PoolChild, LaunchError>);
+
+/// How a zygote starts: run the preloads (a generation of a split server)
+/// or not (they ran in the front: a forker).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Preloading {
+    InZygote,
+    RanInFront,
+}
+
+impl Launcher {
+    /// Forks a zygote; it preloads (if `preloading` says so) and checks
+    /// `pools`' workers, and says whether it is ready on its socket
+    /// ([`Zygote::wait_ready`], [`Zygote::ready`]). None where its children
+    /// could not be made right (glibc's thread descriptor not found: see
+    /// `sys::sibling`).
+    ///
+    /// `stderr_after_ready` (`--stderr-after-ready`, for the first
+    /// generation only) is kept open in the zygote, which makes it its
+    /// stderr once ready, as the front does: else the zygote would hold
+    /// the start-up stderr open for the server's whole life.
+    pub(crate) fn start_zygote(
+        &self,
+        preloading: Preloading,
+        pools: &[String],
+        stderr_after_ready: Option<RawFd>,
+    ) -> Result<Option<Zygote>, LaunchError> {
+        let Ok(thread) = GlibcThread::find_allowed() else {
+            return Ok(None);
+        };
+        let (socket, zygote_end) = seqpacket_pair()
+            .map_err(|e| LaunchError::os(ErrorKind::Resource, "creating the zygote's socket", e))?;
+        let forked = self.fork(None, |reporter, _| {
+            // SAFETY: we are the freshly forked zygote; its socket, the
+            // report pipe and /dev/null are open.
+            unsafe {
+                serve(
+                    self,
+                    zygote_end.as_raw_fd(),
+                    reporter,
+                    &thread,
+                    preloading,
+                    pools,
+                    stderr_after_ready,
+                )
+            }
+        })?;
+        sys::set_nonblocking(socket.as_raw_fd())
+            .map_err(|e| LaunchError::os(ErrorKind::Resource, "the zygote's socket", e))?;
+        Ok(Some(Zygote {
+            pid: forked.pid,
+            socket,
+            asked: VecDeque::new(),
+            early: Vec::new(),
+            broken: None,
+        }))
+    }
+}
+
+impl Zygote {
+    pub(crate) fn pid(&self) -> libc::pid_t {
+        self.pid
+    }
+
+    /// Waits as long as the preloads take for the zygote's first word:
+    /// the modules it loaded, or why it could not.
+    pub(crate) fn wait_ready(&mut self) -> Result<Vec<ModuleInfo>, String> {
+        loop {
+            sys::wait_readable(self.socket.as_fd(), -1);
+            if let Some(outcome) = self.ready() {
+                return outcome;
+            }
+        }
+    }
+
+    /// The zygote's first word, if it has come (its socket is readable).
+    pub(crate) fn ready(&mut self) -> Option<Result<Vec<ModuleInfo>, String>> {
+        match self.receive() {
+            Err(None) => None,
+            Err(Some(why)) => Some(Err(format!("the zygote {why}"))),
+            Ok((FromZygote::Ready { modules }, _)) => Some(Ok(modules)),
+            Ok((FromZygote::Failed { message }, _)) => Some(Err(message)),
+            Ok(_) => Some(Err("the zygote answered before it was ready".into())),
+        }
+    }
+
+    /// Asks for an idle child for `worker`'s pool; it comes with
+    /// [`answers`](Self::answers).
+    pub(crate) fn ask(&mut self, worker: &str) -> Result<(), LaunchError> {
+        let (control, child_end) = control_socket()?;
+        let (report, report_write) = report_pipe()?;
+        let request = ToZygote::Pool {
+            worker: worker.to_owned(),
+        };
+        self.send(&request, vec![child_end, report_write])?;
+        self.asked.push_back(Asked::Pool {
+            worker: worker.to_owned(),
+            control,
+            report,
+        });
+        Ok(())
+    }
+
+    /// Has the zygote fork a worker for `request` from `peer` and waits
+    /// for it (as long as the fork takes: the front would wait as long
+    /// forking it itself). The request is checked here first, and its
+    /// pipes made, as for a pool child (`Launcher::assignment`).
+    pub(crate) fn spawn(
+        &mut self,
+        launcher: &Launcher,
+        request: &Spawn,
+        fds: Vec<OwnedFd>,
+        credentials: Option<RunAs>,
+        peer: &Peer,
+    ) -> Result<Launched, LaunchError> {
+        let (assignment, mut fds, client_ends) =
+            launcher.assignment(request, fds, credentials, peer)?;
+        let (report, report_write) = report_pipe()?;
+        fds.insert(0, report_write);
+        self.send(&ToZygote::Spawn(Box::new(assignment)), fds)?;
+        self.asked.push_back(Asked::Spawn);
+        loop {
+            if !sys::wait_readable(self.socket.as_fd(), SPAWN_ANSWER_WAIT_MS) {
+                let why = format!("did not answer within {} s", SPAWN_ANSWER_WAIT_MS / 1000);
+                return Err(self.lost(why));
+            }
+            let (answer, pidfd) = match self.receive() {
+                Ok(received) => received,
+                Err(None) => continue,
+                Err(Some(why)) => return Err(self.lost(why)),
+            };
+            match self.asked.pop_front() {
+                Some(Asked::Spawn) => {}
+                Some(Asked::Pool {
+                    worker,
+                    control,
+                    report,
+                }) => match pool_answer(answer, pidfd, control, report) {
+                    Ok(child) => {
+                        self.early.push((worker, child));
+                        continue;
+                    }
+                    Err(why) => return Err(self.lost(why)),
+                },
+                None => return Err(self.lost("answered what was not asked".into())),
+            }
+            return match (answer, pidfd) {
+                (FromZygote::Forked { pid }, Some(pidfd)) => Ok(Launched {
+                    pid,
+                    pidfd,
+                    report,
+                    client_ends,
+                    pool_control: None,
+                }),
+                (
+                    FromZygote::Refused {
+                        kind,
+                        errno,
+                        message,
+                    },
+                    _,
+                ) => Err(LaunchError {
+                    kind,
+                    errno,
+                    message,
+                }),
+                _ => Err(self.lost("sent a malformed answer".into())),
+            };
+        }
+    }
+
+    /// Records that the zygote is of no use (`why`), for
+    /// [`answers`](Self::answers) to say; the error for the request that
+    /// found it.
+    fn lost(&mut self, why: String) -> LaunchError {
+        let error = LaunchError::new(ErrorKind::Resource, format!("the zygote {why}"));
+        self.broken = Some(why);
+        error
+    }
+
+    /// Whether [`answers`](Self::answers) has something to say that no
+    /// event will announce: pool answers read while the front waited for a
+    /// spawn's, or the zygote's end found then.
+    pub(crate) fn has_news(&self) -> bool {
+        !self.early.is_empty() || self.broken.is_some()
+    }
+
+    /// The pool children asked for that have been made since the last
+    /// call, with their workers' names, and why the zygote is no use any
+    /// more, if it is not: it is gone, or its fork failed (clone3 may be
+    /// refused where fork is not, by a seccomp filter). What it was still
+    /// asked for is then lost: a child made meanwhile reads the end-of-file
+    /// of its control socket and exits.
+    pub(crate) fn answers(&mut self) -> (Vec<Answer>, Option<String>) {
+        let mut answers = std::mem::take(&mut self.early);
+        if let Some(why) = &self.broken {
+            return (answers, Some(why.clone()));
+        }
+        loop {
+            let (answer, pidfd) = match self.receive() {
+                Ok(received) => received,
+                Err(None) => return (answers, None),
+                Err(Some(why)) => return (answers, Some(why)),
+            };
+            let Some(Asked::Pool {
+                worker,
+                control,
+                report,
+            }) = self.asked.pop_front()
+            else {
+                return (answers, Some("answered what was not asked".to_owned()));
+            };
+            match pool_answer(answer, pidfd, control, report) {
+                Ok(child) => answers.push((worker, child)),
+                Err(why) => return (answers, Some(why)),
+            }
+        }
+    }
+
+    fn send(&self, request: &ToZygote, mut fds: Vec<OwnedFd>) -> Result<(), LaunchError> {
+        let failed = |e| LaunchError::os(ErrorKind::Resource, "writing to the zygote", e);
+        let mut bytes =
+            encode(request).map_err(|e| LaunchError::new(ErrorKind::Invalid, e.to_string()))?;
+        if bytes.len() > MAX_MESSAGE {
+            fds.push(memfd_holding(&bytes).map_err(failed)?);
+            bytes = encode(&ToZygote::InMemfd).expect("a unit variant encodes");
+        }
+        let borrowed: Vec<_> = fds.iter().map(|fd| fd.as_fd()).collect();
+        send_datagram(
+            self.socket.as_fd(),
+            &bytes,
+            &borrowed,
+            libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+        )
+        .map_err(failed)
+    }
+
+    /// One message from the zygote, with the pidfd it may carry; Err(None)
+    /// if none is waiting, Err(Some(why)) if the zygote is gone or broken.
+    fn receive(&mut self) -> Result<(FromZygote, Option<OwnedFd>), Option<String>> {
+        let datagram = match recv_datagram(self.socket.as_fd(), MAX_MESSAGE, 1, libc::MSG_DONTWAIT)
+        {
+            Ok(Some(datagram)) => datagram,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Err(None),
+            Ok(None) => return Err(Some("closed its socket".to_owned())),
+            Err(e) => return Err(Some(format!("cannot be read from: {e}"))),
+        };
+        let message = decode::<FromZygote>(&datagram.bytes)
+            .map_err(|e| Some(format!("sent a malformed message: {e}")))?;
+        Ok((message, datagram.fds.into_iter().next()))
+    }
+}
+
+impl AsFd for Zygote {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.socket.as_fd()
+    }
+}
+
+/// The idle child an answer names, unless it died already (then the front
+/// may have reaped it before it knew it was one of its pools'); Err says
+/// why the zygote is no use.
+fn pool_answer(
+    answer: FromZygote,
+    pidfd: Option<OwnedFd>,
+    control: OwnedFd,
+    report: OwnedFd,
+) -> Result<Result<PoolChild, LaunchError>, String> {
+    let (pid, pidfd) = match (answer, pidfd) {
+        (FromZygote::Forked { pid }, Some(pidfd)) => (pid, pidfd),
+        (FromZygote::Refused { message, .. }, _) => return Err(message),
+        _ => return Err("sent a malformed answer".into()),
+    };
+    if sys::has_exited(pidfd.as_fd()) {
+        return Ok(Err(LaunchError::new(
+            ErrorKind::Resource,
+            format!("idle child {pid} died as it started"),
+        )));
+    }
+    Ok(Ok(PoolChild {
+        pid,
+        pidfd,
+        control,
+        report,
+        ready: false,
+    }))
+}
+
+/// The zygote's life, in the zygote: keep only its socket (and stdio,
+/// /dev/null and its report pipe, which it never uses but for the fork's
+/// panic record, so that its number is never reused), preload, say so,
+/// then make one child per request until the front closes the socket.
+///
+/// # Safety
+/// Call only in the freshly forked child of a single-threaded front, with
+/// `socket`, the reporter's pipe and the launcher's /dev/null open, and
+/// `thread` found in the front.
+unsafe fn serve(
+    launcher: &Launcher,
+    socket: RawFd,
+    reporter: &Reporter,
+    thread: &GlibcThread,
+    preloading: Preloading,
+    pools: &[String],
+    stderr_after_ready: Option<RawFd>,
+) -> Infallible {
+    let kept = [
+        socket,
+        reporter.fd(),
+        launcher.dev_null.as_raw_fd(),
+        stderr_after_ready.unwrap_or(socket),
+    ];
+    // SAFETY: this process never uses the front's objects owning the
+    // closed fds: it runs this function until it exits.
+    unsafe { close_except(3, kept) };
+    // SAFETY: the socket is ours alone now; the borrow lasts for this loop.
+    let socket = unsafe { BorrowedFd::borrow_raw(socket) };
+    // Named for `ps` and `top`; each child takes the server's name back.
+    let server_name = sys::thread_name();
+    sys::set_thread_name(match preloading {
+        Preloading::InZygote => b"zygote\0\0\0\0\0\0\0\0\0\0",
+        Preloading::RanInFront => b"forker\0\0\0\0\0\0\0\0\0\0",
+    });
+    let say = |message: &FromZygote, fds: &[BorrowedFd<'_>]| {
+        let bytes = encode(message).expect("the zygote's messages encode");
+        // A front that has gone is seen at the next receive.
+        let _ = send_datagram(socket, &bytes, fds, libc::MSG_NOSIGNAL);
+    };
+    if let Err(message) = preload(launcher, preloading, pools) {
+        say(&FromZygote::Failed { message }, &[]);
+        // SAFETY: _exit ends the zygote without the front's atexit handlers.
+        unsafe { libc::_exit(1) };
+    }
+    let modules = launcher.modules.infos().to_vec();
+    say(&FromZygote::Ready { modules }, &[]);
+    if let Some(fd) = stderr_after_ready {
+        // Checked by the front before it started us; a failure here leaves
+        // the start-up stderr, which is all that could be done.
+        let _ = sys::inherited_fd(fd).and_then(sys::replace_stderr);
+    }
+    let thread_count = ThreadCount::open();
+    loop {
+        let (request, fds) = match receive(socket) {
+            Ok(Some(received)) => received,
+            // End-of-file: the front dropped us or died.
+            // SAFETY: as above.
+            Ok(None) => unsafe { libc::_exit(0) },
+            Err(message) => {
+                let refused = FromZygote::Refused {
+                    kind: ErrorKind::Protocol,
+                    errno: None,
+                    message,
+                };
+                say(&refused, &[]);
+                continue;
+            }
+        };
+        let zygote = Forking {
+            launcher,
+            thread,
+            thread_count: &thread_count,
+            server_name,
+        };
+        // A panic while checking a request (in a worker family's name
+        // check, say) fails that request, not the zygote.
+        let forked = panic::catch_unwind(AssertUnwindSafe(|| match request {
+            ToZygote::Pool { worker } => zygote.pool_child(&worker, fds),
+            ToZygote::Spawn(assignment) => zygote.worker(*assignment, fds),
+            ToZygote::InMemfd => Err(LaunchError::new(ErrorKind::Protocol, "nested memfd".into())),
+        }))
+        .unwrap_or_else(|panic| Err(checking_panicked(&*panic)));
+        match forked {
+            Ok((pid, pidfd)) => say(&FromZygote::Forked { pid }, &[pidfd.as_fd()]),
+            Err(e) => {
+                let threads = e.kind == ErrorKind::Threads;
+                let refused = FromZygote::Refused {
+                    kind: e.kind,
+                    errno: e.errno,
+                    message: e.message,
+                };
+                say(&refused, &[]);
+                if threads {
+                    // No fork of it is safe again; the front starts a new
+                    // generation once this one has gone.
+                    // SAFETY: as above.
+                    unsafe { libc::_exit(1) };
+                }
+            }
+        }
+    }
+}
+
+/// The error for a request whose check panicked.
+fn checking_panicked(panic: &(dyn std::any::Any + Send)) -> LaunchError {
+    LaunchError::new(
+        ErrorKind::Invalid,
+        format!(
+            "the server's zygote panicked checking this request: {}",
+            panic_message(panic)
+        ),
+    )
+}
+
+/// Runs the preloads (unless they ran in the front), then checks every
+/// pool's worker name against what they loaded.
+fn preload(launcher: &Launcher, preloading: Preloading, pools: &[String]) -> Result<(), String> {
+    if preloading == Preloading::InZygote {
+        let policy = threads::ThreadPolicy::Refuse;
+        launcher.modules.load(policy).map_err(|e| e.to_string())?;
+    }
+    for worker in pools {
+        panic::catch_unwind(AssertUnwindSafe(|| launcher.modules.find(worker).map(drop)))
+            .unwrap_or_else(|panic| Err(checking_panicked(&*panic).message))
+            .map_err(|why| format!("--pool {worker}: {why}"))?;
+    }
+    Ok(())
+}
+
+/// The next request, with its fds; None at end-of-file (or a socket that
+/// fails), Err for a request that cannot be read, to refuse.
+fn receive(socket: BorrowedFd<'_>) -> Result<Option<(ToZygote, Vec<OwnedFd>)>, String> {
+    let datagram = match recv_datagram(socket, MAX_MESSAGE, pool_child::MAX_FDS, 0) {
+        Ok(Some(datagram)) => datagram,
+        Ok(None) | Err(_) => return Ok(None),
+    };
+    if datagram.truncated || datagram.fds_truncated {
+        return Err("the zygote's request was cut short".into());
+    }
+    let unreadable =
+        |e: forkserver_protocol::CodecError| format!("the zygote cannot read the request: {e}");
+    let mut fds = datagram.fds;
+    let request = pool_child::decode_assignment::<ToZygote>(&datagram.bytes).map_err(unreadable)?;
+    let ToZygote::InMemfd = request else {
+        return Ok(Some((request, fds)));
+    };
+    let file = fds.pop().ok_or("the zygote's request has no memfd")?;
+    let bytes = sys::read_regular_file(file.as_fd(), MAX_REQUEST_BYTES)
+        .map_err(|e| format!("the zygote cannot read the request's memfd: {e}"))?;
+    let request = pool_child::decode_assignment::<ToZygote>(&bytes).map_err(unreadable)?;
+    Ok(Some((request, fds)))
+}
+
+/// What the zygote forks with.
+struct Forking<'z> {
+    launcher: &'z Launcher,
+    /// Found in the front, which forked the zygote.
+    thread: &'z GlibcThread,
+    thread_count: &'z ThreadCount,
+    /// The server's process name, which each child takes back.
+    server_name: [u8; 16],
+}
+
+impl Forking<'_> {
+    /// An idle pool child for `worker`; `fds` are its control socket's end
+    /// and its report pipe's write end.
+    fn pool_child(
+        &self,
+        worker: &str,
+        fds: Vec<OwnedFd>,
+    ) -> Result<(libc::pid_t, OwnedFd), LaunchError> {
+        let Ok([control, report]) = <[OwnedFd; 2]>::try_from(fds) else {
+            return Err(LaunchError::new(
+                ErrorKind::Protocol,
+                "pool: two fds".into(),
+            ));
+        };
+        let reporter = Reporter::new(report.as_raw_fd());
+        self.fork(|| {
+            unwind_barrier(&reporter, || {
+                // SAFETY: a fresh child of the zygote, a copy of the front,
+                // with the control socket and report pipe open.
+                unsafe { pool_child::run(self.launcher, worker, control.as_raw_fd(), &reporter) }
+            })
+        })
+    }
+
+    /// A worker for `assignment`, checked again here (who may it become?
+    /// does the worker exist, in what this zygote loaded?) and planned
+    /// before the fork; `fds` are its report pipe's write end, then the
+    /// request's fds.
+    fn worker(
+        &self,
+        assignment: Assignment,
+        mut fds: Vec<OwnedFd>,
+    ) -> Result<(libc::pid_t, OwnedFd), LaunchError> {
+        if fds.is_empty() {
+            return Err(LaunchError::new(
+                ErrorKind::Protocol,
+                "spawn: no report pipe".into(),
+            ));
+        }
+        let report = fds.remove(0);
+        let request = assignment.spawn;
+        let credentials = child_rights(&assignment.peer, &request, assignment.server_uid)
+            .map_err(|message| LaunchError::new(ErrorKind::Denied, message))?;
+        let mut made = PlanFds::default();
+        let mut plan =
+            self.launcher
+                .plan(&request, &assignment.peer, &fds, credentials, &mut made)?;
+        plan.controlling_tty |= assignment.controlling_tty;
+        let wants_cgroup = plan.cgroup.is_some();
+        let reporter = Reporter::new(report.as_raw_fd());
+        let forked = self.fork(|| {
+            unwind_barrier(&reporter, || {
+                // SAFETY: a fresh child of the zygote, single-threaded, with
+                // every fd of the plan (in `fds`) and the report pipe open.
+                unsafe { setup::run(plan, &reporter) }
+            })
+        })?;
+        if wants_cgroup {
+            // A worker runs preloaded code, so it is forked, and moves itself.
+            super::log_cgroup(forked.0, false);
+        }
+        Ok(forked)
+    }
+
+    /// `sys::fork_sibling` after the thread guard (what the request's check
+    /// ran may have started a thread), with the embedder's fork hooks
+    /// around it; the child takes the server's name back.
+    fn fork(
+        &self,
+        in_child: impl FnOnce() -> Infallible,
+    ) -> Result<(libc::pid_t, OwnedFd), LaunchError> {
+        self.thread_count
+            .ensure_one()
+            .map_err(|threads| {
+                LaunchError::new(
+                    ErrorKind::Threads,
+                    format!("the zygote is no longer single-threaded, and exits (a new generation starts): {threads}"),
+                )
+            })?;
+        self.launcher.modules.before_fork();
+        let in_child = || {
+            sys::set_thread_name(&self.server_name);
+            in_child()
+        };
+        // SAFETY: the zygote is single-threaded (just checked) and inside
+        // no lock of glibc's; `thread` was found in the front, which forked
+        // it.
+        let forked = unsafe { sys::fork_sibling(self.thread, in_child) };
+        self.launcher.modules.after_fork_in_parent();
+        forked.map_err(|e| LaunchError::os(ErrorKind::Resource, "the zygote's fork failed", e))
+    }
+}
