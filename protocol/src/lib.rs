@@ -196,6 +196,26 @@ mod tests {
     }
 
     #[test]
+    fn a_wrapped_message_may_nest_as_many_more_levels_as_it_wraps() {
+        assert!(decode_wrapped::<rmpv::Value>(&nested(MAX_NESTING + 2), 2).is_ok());
+        assert!(decode_wrapped::<rmpv::Value>(&nested(MAX_NESTING + 3), 2).is_err());
+    }
+
+    #[test]
+    fn reload_and_reloaded_are_as_documented() {
+        let reload = encode(&ClientMessage::Reload { id: 5 }).unwrap();
+        assert_eq!(reload, b"\x82\xa4type\xa6reload\xa2id\x05");
+        let reloaded = ServerMessage::Reloaded {
+            id: 5,
+            generation: 2,
+            modules: Vec::new(),
+        };
+        let bytes = encode(&reloaded).unwrap();
+        assert_eq!(&bytes[..15], b"\x84\xa4type\xa8reloaded");
+        assert_eq!(decode::<ServerMessage>(&bytes).unwrap(), reloaded);
+    }
+
+    #[test]
     fn trailing_bytes_after_a_message_are_an_error() {
         let mut bytes = encode(&ClientMessage::Status { id: 3 }).unwrap();
         assert!(decode::<ClientMessage>(&bytes).is_ok());
