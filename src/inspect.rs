@@ -141,6 +141,21 @@ fn status_text(r: &StatusReport) -> String {
     if let Some(why) = &r.reload_failure {
         text += &format!("  the latest reload failed: {why}\n");
     }
+    if r.stale_count > 0 {
+        text += &format!(
+            "  stale: {} preloaded file(s) changed on disk since they were loaded (workers run the older version; `forkserver reload` loads them):\n",
+            r.stale_count
+        );
+        for path in &r.stale {
+            text += &format!("    {path}\n");
+        }
+        if r.stale_count as usize > r.stale.len() {
+            text += &format!(
+                "    ... and {} more\n",
+                r.stale_count as usize - r.stale.len()
+            );
+        }
+    }
     text
 }
 

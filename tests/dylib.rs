@@ -11,7 +11,7 @@ use crate::util::{failed_start, Server, FORKSERVER};
 
 /// Builds the module once per test run, in its own target directory (so the
 /// build does not wait on the workspace's lock), and returns the library.
-fn demo_module() -> &'static Path {
+pub(crate) fn demo_module() -> &'static Path {
     static LIBRARY: OnceLock<PathBuf> = OnceLock::new();
     LIBRARY.get_or_init(|| {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));

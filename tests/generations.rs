@@ -312,3 +312,70 @@ fn spawns_go_on_through_ten_reloads() {
             && zombie_children_of(server.pid()).is_empty()
     });
 }
+
+/// A dylib rewritten on disk after the server loaded it is stale: `status`
+/// names it and the log says so once, until a reload loads it.
+#[test]
+fn a_changed_dylib_is_reported_stale_until_a_reload() {
+    let dir = crate::util::new_dir();
+    let library = dir.path().join("demo.so");
+    std::fs::copy(crate::dylib::demo_module(), &library).unwrap();
+    let module = format!("demo={}", library.display());
+    let server = Server::launch_in(
+        dir,
+        &[],
+        std::path::Path::new(FORKSERVER),
+        &["--module", &module],
+        &[],
+    );
+    let client = server.client();
+    assert_eq!(client.status().unwrap().stale_count, 0);
+    // Replaced as an upgrade replaces it: a new file renamed over the old.
+    let fresh = server.dir.path().join("demo.so.new");
+    std::fs::copy(crate::dylib::demo_module(), &fresh).unwrap();
+    std::fs::rename(&fresh, &library).unwrap();
+    wait_until("status names the stale dylib", || {
+        client.status().unwrap().stale == [library.display().to_string()]
+    });
+    assert!(server
+        .cli_status_text()
+        .contains("stale: 1 preloaded file(s)"));
+    let log = server.log();
+    assert_eq!(
+        log.matches("changed on disk since it was loaded").count(),
+        1,
+        "{log}"
+    );
+    assert!(cli_reload(&server).status.success());
+    assert_eq!(client.status().unwrap().stale_count, 0);
+}
+
+/// `--reload-on-change` reloads by itself once the changed files settle,
+/// and a worker spawned after it runs the new code.
+#[test]
+fn reload_on_change_reloads_by_itself() {
+    let dir = crate::util::new_dir();
+    let library = dir.path().join("demo.so");
+    std::fs::copy(crate::dylib::demo_module(), &library).unwrap();
+    let module = format!("demo={}", library.display());
+    let server = Server::launch_in(
+        dir,
+        &[],
+        std::path::Path::new(FORKSERVER),
+        &["--module", &module, "--reload-on-change"],
+        &[],
+    );
+    let client = server.client();
+    let fresh = server.dir.path().join("demo.so.new");
+    std::fs::copy(crate::dylib::demo_module(), &fresh).unwrap();
+    std::fs::rename(&fresh, &library).unwrap();
+    wait_until("a new generation serves", || {
+        let status = client.status().unwrap();
+        status.generation == 2 && status.stale_count == 0
+    });
+    assert!(server
+        .log()
+        .contains("--reload-on-change: 1 preloaded file(s) changed"));
+    let code = client.worker("demo:exit_with").arg("7").status().unwrap();
+    assert_eq!(code.code(), Some(7));
+}

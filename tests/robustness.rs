@@ -263,6 +263,55 @@ fn die_with_server_kills_the_child_when_the_server_dies() {
     unsafe { libc::kill(free_pid as i32, libc::SIGKILL) };
 }
 
+/// A worker is forked by the zygote (or handed to a pool child) yet its
+/// parent is the server, so `die_with_server` binds it to the server: it
+/// runs (it used to end at once, its plan naming the zygote or itself as
+/// the parent to check), and dies with the server, not with the zygote.
+#[test]
+fn die_with_server_binds_workers_pooled_or_not_to_the_server() {
+    let mut server = Server::launch(
+        &crate::util::example("test_zygote"),
+        &["--pool", "idle=1"],
+        &[],
+    );
+    crate::pool::wait_full(&server, 1);
+    let client = server.client();
+    // The first is handed to the pool child (idle=1); the second finds the
+    // pool empty and is forked by the zygote.
+    let bound: Vec<_> = (0..2)
+        .map(|_| {
+            client
+                .worker("idle")
+                .stdin(forkserver::client::Stdio::piped())
+                .die_with_server(true)
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let pids: Vec<u32> = bound.iter().map(|c| c.id()).collect();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert!(
+        pids.iter().all(|&pid| is_running(pid)),
+        "the bound workers run"
+    );
+    // The zygote's death is not the server's.
+    if let Some(zygote) = crate::util::zygote_of(&server) {
+        // SAFETY: kill by pid of the server's child we just found.
+        unsafe { libc::kill(zygote as i32, libc::SIGKILL) };
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(
+            pids.iter().all(|&pid| is_running(pid)),
+            "they outlive the zygote"
+        );
+    }
+    server.signal(libc::SIGKILL);
+    server.wait_exit();
+    wait_until("the bound workers die with the server", || {
+        pids.iter().all(|&pid| !is_running(pid))
+    });
+    drop(bound);
+}
+
 #[test]
 fn running_out_of_fds_is_reported_and_the_server_recovers() {
     // max_fds_per_uid (a quarter of the fds by default) would refuse the

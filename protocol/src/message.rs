@@ -558,6 +558,15 @@ pub struct StatusReport {
     /// cleared when a generation is ready.
     #[serde(default)]
     pub reload_failure: Option<String>,
+    /// Preloaded files (dylibs, a Python server's modules) changed on disk
+    /// since the serving generation loaded them: workers run the older
+    /// version until a reload. At most 32, in order; `stale_count` counts
+    /// them all.
+    #[serde(default)]
+    pub stale: Vec<String>,
+    /// How many preloaded files changed on disk.
+    #[serde(default)]
+    pub stale_count: u32,
     /// `modules`, `workers` or `pools` were cut short to keep the reply
     /// within `max_message_bytes`.
     #[serde(default)]

@@ -139,4 +139,19 @@ def check_target(target):
     return None
 
 
+def preloaded_files():
+    """The files of every module imported since this module was (by the
+    preloads, in the server's zygote), for the server to watch for changes
+    on disk."""
+    files = set()
+    for name, module in list(sys.modules.items()):
+        path = getattr(module, "__file__", None)
+        if name not in _BEFORE_PRELOADS and isinstance(path, str) and os.path.isfile(path):
+            files.add(os.path.abspath(path))
+    return sorted(files)
+
+
 _freeze()
+# What the server imported before any preload (the helpers above): not the
+# preloads' files.
+_BEFORE_PRELOADS = frozenset(sys.modules)

@@ -75,6 +75,7 @@ fn serve(argv: Vec<String>) -> i32 {
     let builder = builder
         .worker_family("py:", check_target, run_worker)
         .pool_prewarm(prewarm)
+        .preloaded_files(preloaded_files)
         .fork_hooks(before_fork, after_fork_in_parent);
     serve_main(builder, &command.serve).into()
 }
@@ -86,6 +87,21 @@ fn serve(argv: Vec<String>) -> i32 {
 fn preload(module: &str) -> Result<(), String> {
     after_fork_in_child();
     call_helper("forkserver_rs._server", "preload", module)
+}
+
+/// The files of the modules the preloads imported (in the zygote, right
+/// after them), for the server to watch; none if they cannot be listed.
+fn preloaded_files() -> Vec<std::path::PathBuf> {
+    Python::attach(|py| {
+        py.import("forkserver_rs._server")
+            .and_then(|m| m.getattr("preloaded_files"))
+            .and_then(|f| f.call0())
+            .and_then(|files| files.extract::<Vec<std::path::PathBuf>>())
+            .unwrap_or_else(|e| {
+                e.print(py);
+                Vec::new()
+            })
+    })
 }
 
 /// The check of a `py:MODULE:FUNCTION` name, before the fork (in the

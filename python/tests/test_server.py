@@ -117,6 +117,8 @@ def test_a_reload_imports_the_code_on_disk_and_a_running_worker_keeps_the_old(st
         running = client.spawn("py:edited_on_disk:version_after_stdin", stdin=subprocess.PIPE,
                                stdout=subprocess.PIPE)
         module.write_text(RELOADABLE.format(version="the new one"))
+        # The server notices the preloaded module changed on disk.
+        assert wait_until(lambda: client.status()["stale"] == [str(module)]), client.status()
         done = reload_cli(server)
         assert done.returncode == 0, done.stderr
         assert "generation 2 serves" in done.stdout
@@ -125,6 +127,7 @@ def test_a_reload_imports_the_code_on_disk_and_a_running_worker_keeps_the_old(st
         assert client.check_output("py:edited_on_disk:version") == b"the new one\n"
         assert server.zygote() not in (None, first_zygote)
         assert client.status()["pid"] == server.pid
+        assert client.status()["stale"] == []
         # The worker started before the reload finishes with the old code.
         out, _ = running.communicate(b"", timeout=20)
         assert (out, running.returncode) == (b"old\n", 0)

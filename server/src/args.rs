@@ -66,6 +66,13 @@ pub struct ServeArgs {
     /// afterwards goes to FD (its own stderr, say) with nothing relaying it.
     #[arg(long, value_name = "FD")]
     pub stderr_after_ready: Option<i32>,
+    /// Reload (load the preloads afresh in a new generation) by itself when
+    /// a preloaded file changes on disk: a dylib, a Python server's
+    /// imported modules. Files are looked at every 2 s; the reload waits
+    /// until they have stayed as they are for 1 s. A reload that fails is
+    /// not retried until another file changes.
+    #[arg(long)]
+    pub reload_on_change: bool,
     /// The socket's directory was made for this server alone: remove it,
     /// once empty, when the socket goes (a starter killed before it could
     /// clean up leaves nothing behind in /tmp).
@@ -164,6 +171,7 @@ impl ServeArgs {
         options.stderr_after_ready = self.stderr_after_ready;
         options.remove_socket_dir = self.remove_socket_dir;
         options.pools = self.pools.clone();
+        options.reload_on_change = self.reload_on_change;
         // The flags win over FORKSERVER_LOG, which is read otherwise.
         options.log_level = match (self.verbose, self.quiet) {
             (0, 0) => None,

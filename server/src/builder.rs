@@ -162,6 +162,17 @@ impl ServerBuilder {
         self
     }
 
+    /// Names the files the preloads loaded (a Python server: every module
+    /// imported while preloading), besides the dylibs, which are known. It
+    /// runs once per generation, right after the preloads; the server then
+    /// looks at those files every 2 s, and `status` lists each that changed
+    /// on disk since (stale: workers run the older code until a reload),
+    /// as the log does once per change; `--reload-on-change` reloads then.
+    pub fn preloaded_files(mut self, files: impl Fn() -> Vec<PathBuf> + 'static) -> Self {
+        self.specs.files = Some(Box::new(files));
+        self
+    }
+
     /// Keeps `size` idle children forked for worker `name` (as `--pool
     /// NAME=SIZE` does); a request for it skips the fork.
     pub fn pool(mut self, name: &str, size: u32) -> Self {

@@ -71,6 +71,7 @@ mod reply_size;
 mod signals;
 mod sys;
 mod threads;
+mod watch;
 mod worker;
 
 pub use args::ServeArgs;

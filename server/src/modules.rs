@@ -21,6 +21,7 @@ use forkserver_protocol::{ModuleInfo, ModuleKind};
 use crate::dylib::{Dylib, EntryPoint};
 use crate::log::{log, Level};
 use crate::threads::{self, ThreadPolicy};
+use crate::watch::PreloadedFile;
 use crate::worker::{Preloaded, WorkerFn};
 use crate::ServeError;
 
@@ -33,6 +34,10 @@ pub(crate) type NameCheck = Box<dyn Fn(&str) -> Result<(), String>>;
 /// Warms an idle pool child up for its worker; see
 /// [`ServerBuilder::pool_prewarm`](crate::ServerBuilder::pool_prewarm).
 pub(crate) type PrewarmFn = Box<dyn Fn(&str)>;
+
+/// Names the files the preloads loaded; see
+/// [`ServerBuilder::preloaded_files`](crate::ServerBuilder::preloaded_files).
+pub(crate) type FilesFn = Box<dyn Fn() -> Vec<PathBuf>>;
 
 /// Runs in the server around every fork; see
 /// [`ServerBuilder::fork_hooks`](crate::ServerBuilder::fork_hooks).
@@ -58,6 +63,7 @@ pub(crate) struct ModuleSpecs {
     pub(crate) prewarm: Option<PrewarmFn>,
     pub(crate) fork_hooks: Option<ForkHooks>,
     pub(crate) dylibs: Vec<(String, PathBuf)>,
+    pub(crate) files: Option<FilesFn>,
 }
 
 /// The workers a server offers, and what its preloads loaded (in the
@@ -68,6 +74,7 @@ pub(crate) struct Modules {
     families: Vec<WorkerFamily>,
     prewarm: Option<PrewarmFn>,
     fork_hooks: Option<ForkHooks>,
+    files: Option<FilesFn>,
     /// The preloads, not run in this process yet: each fork of the front
     /// (a zygote) takes its own copy and runs it.
     unrun: RefCell<Option<Preloads>>,
@@ -87,6 +94,8 @@ pub(crate) struct Preloads {
 struct Loaded {
     preloaded: Preloaded,
     dylibs: HashMap<String, Dylib>,
+    /// The dylibs' files, in the order loaded.
+    dylib_paths: Vec<PathBuf>,
     infos: Vec<ModuleInfo>,
 }
 
@@ -107,6 +116,7 @@ impl Modules {
             families: specs.families,
             prewarm: specs.prewarm,
             fork_hooks: specs.fork_hooks,
+            files: specs.files,
             unrun: RefCell::new(Some(Preloads {
                 embedded: specs.preloads,
                 dylibs: specs.dylibs,
@@ -124,6 +134,19 @@ impl Modules {
     /// [`load`](Self::load)).
     pub(crate) fn infos(&self) -> &[ModuleInfo] {
         self.loaded.get().map_or(&[], |l| &l.infos)
+    }
+
+    /// The files the preloads loaded (the dylibs', and what the builder's
+    /// [`preloaded_files`](crate::ServerBuilder::preloaded_files) names),
+    /// as they are now: right after the preloads, what they loaded.
+    pub(crate) fn preloaded_files(&self) -> Vec<PreloadedFile> {
+        let dylibs = self.loaded.get().map_or(&[][..], |l| &l.dylib_paths);
+        let named = self.files.as_ref().map(|files| files()).unwrap_or_default();
+        dylibs
+            .iter()
+            .chain(&named)
+            .map(|path| PreloadedFile::record(path))
+            .collect()
     }
 
     /// Runs every preload and loads every dylib, in the order given, checking
@@ -171,6 +194,7 @@ impl Loaded {
                 }
             }
             modules.dylibs.insert(name.clone(), dylib);
+            modules.dylib_paths.push(path.clone());
             modules.finish(name, ModuleKind::Dylib, started, policy)?;
         }
         Ok(modules)

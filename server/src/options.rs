@@ -38,6 +38,9 @@ pub struct ServeOptions {
     pub log_level: Option<Level>,
     /// Prefork pools: `(worker, number of idle children to keep)`.
     pub pools: Vec<(String, u32)>,
+    /// Reload by itself when a preloaded file changes on disk (once the
+    /// files have stayed as they are for a second).
+    pub reload_on_change: bool,
 }
 
 impl ServeOptions {
@@ -57,6 +60,7 @@ impl ServeOptions {
             remove_socket_dir: false,
             log_level: None,
             pools: Vec::new(),
+            reload_on_change: false,
         }
     }
 }

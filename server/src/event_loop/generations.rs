@@ -32,11 +32,12 @@ use nix::sys::epoll::{EpollEvent, EpollFlags};
 
 use super::connections::request_error;
 use super::{EventLoop, NEXT_ZYGOTE, ZYGOTE};
-use crate::launch::zygote::{Preloading, Zygote};
+use crate::launch::zygote::{Preloading, Ready, Zygote};
 use crate::ledger::ConnId;
 use crate::log::{log, Level};
 use crate::sys::GlibcThread;
 use crate::threads::ThreadPolicy;
+use crate::watch::{self, Watch};
 use crate::ServeError;
 
 /// The first wait before restarting a zygote that died.
@@ -78,18 +79,29 @@ pub(super) struct Generations {
     failure: Option<String>,
     /// Reload requests waiting for `next`: (connection, request id).
     waiting: Vec<(ConnId, u64)>,
+    /// The serving code's files, and which changed on disk since.
+    watch: Watch,
+    /// When to look at them next.
+    watch_at: Option<Instant>,
+    /// `--reload-on-change`.
+    reload_on_change: bool,
 }
 
 /// One zygote and what it loaded.
 pub(super) struct Generation {
     pub(super) zygote: Zygote,
     number: u64,
-    modules: Vec<ModuleInfo>,
+    /// What it loaded (empty until it says it is ready).
+    ready: Ready,
     ready_at: Instant,
 }
 
 impl Generations {
-    pub(super) fn new(preloading: Preloading, pools: Vec<String>) -> Generations {
+    pub(super) fn new(
+        preloading: Preloading,
+        pools: Vec<String>,
+        reload_on_change: bool,
+    ) -> Generations {
         Generations {
             preloading,
             pools,
@@ -100,6 +112,9 @@ impl Generations {
             backoff: FIRST_BACKOFF,
             failure: None,
             waiting: Vec::new(),
+            watch: Watch::default(),
+            watch_at: None,
+            reload_on_change,
         }
     }
 
@@ -111,7 +126,7 @@ impl Generations {
     /// The serving zygote's modules (a split server's), if any.
     pub(super) fn modules(&self) -> Option<&[ModuleInfo]> {
         let current = self.current.as_ref().filter(|_| self.split())?;
-        Some(&current.modules)
+        Some(&current.ready.modules)
     }
 
     pub(super) fn zygote_pid(&self) -> Option<u32> {
@@ -130,9 +145,21 @@ impl Generations {
         self.failure.as_deref()
     }
 
-    /// When a zygote is to be restarted, if one is.
-    pub(super) fn restart_at(&self) -> Option<Instant> {
-        self.restart_at
+    /// The next time something is due: a zygote's restart, a look at the
+    /// preloaded files.
+    pub(super) fn next_timer(&self) -> Option<Instant> {
+        [self.restart_at, self.watch_at].into_iter().flatten().min()
+    }
+
+    /// The preloaded files changed on disk since they were loaded.
+    pub(super) fn stale(&self) -> &Watch {
+        &self.watch
+    }
+
+    /// Watches `files`, what the serving code was loaded from.
+    fn watch(&mut self, files: Vec<watch::PreloadedFile>) {
+        self.watch = Watch::new(files);
+        self.watch_at = self.watch.any().then(|| Instant::now() + watch::INTERVAL);
     }
 
     /// Whether this pid is one of the zygotes.
@@ -178,8 +205,13 @@ impl EventLoop {
         &mut self,
         stderr_after_ready: Option<RawFd>,
     ) -> Result<(), ServeError> {
-        if !self.generations.split() && !self.pools.any() {
-            return Ok(());
+        if !self.generations.split() {
+            // The front preloaded: its files are the ones to watch.
+            let files = self.launcher.modules.preloaded_files();
+            self.generations.watch(files);
+            if !self.pools.any() {
+                return Ok(());
+            }
         }
         let Some(mut generation) = self
             .fork_zygote(stderr_after_ready)
@@ -187,8 +219,7 @@ impl EventLoop {
         else {
             return Ok(());
         };
-        let modules = generation.zygote.wait_ready().map_err(ServeError::Zygote)?;
-        generation.modules = modules;
+        generation.ready = generation.zygote.wait_ready().map_err(ServeError::Zygote)?;
         self.watch(&generation, ZYGOTE)
             .map_err(|e| ServeError::Setup("watching the zygote's socket", e))?;
         self.serving(generation);
@@ -219,7 +250,7 @@ impl EventLoop {
         Ok(Some(Generation {
             zygote,
             number: self.generations.latest,
-            modules: Vec::new(),
+            ready: Ready::default(),
             ready_at: Instant::now(),
         }))
     }
@@ -240,7 +271,11 @@ impl EventLoop {
         generation.ready_at = Instant::now();
         let retired = self.generations.current.take();
         let number = generation.number;
-        let modules = generation.modules.clone();
+        let modules = generation.ready.modules.clone();
+        if self.generations.split() {
+            let files = std::mem::take(&mut generation.ready.files);
+            self.generations.watch(files);
+        }
         let zygote = generation.zygote.pid();
         self.generations.current = Some(generation);
         self.generations.failure = None;
@@ -355,9 +390,9 @@ impl EventLoop {
             };
             match next.zygote.ready() {
                 None => {}
-                Some(Ok(modules)) => {
+                Some(Ok(ready)) => {
                     let mut next = self.generations.next.take().expect("checked above");
-                    next.modules = modules;
+                    next.ready = ready;
                     if let Err(e) = self.epoll.modify(
                         &next.zygote,
                         &mut EpollEvent::new(EpollFlags::EPOLLIN, ZYGOTE),
@@ -480,6 +515,37 @@ impl EventLoop {
         if self.generations.restart_at.is_some_and(|at| at <= now) {
             self.generations.restart_at = None;
             let _ = self.reload("restarting the zygote");
+        }
+    }
+
+    /// Looks at the preloaded files, if it is time: logs each newly
+    /// changed one, and with `--reload-on-change` reloads once they settle.
+    pub(super) fn watch_if_due(&mut self, now: Instant) {
+        if self.generations.watch_at.is_none_or(|at| at > now) {
+            return;
+        }
+        self.generations.watch_at = Some(now + watch::INTERVAL);
+        let remedy = if self.generations.split() {
+            "a reload (`forkserver reload`, SIGHUP) loads it"
+        } else {
+            "this server preloads in itself and cannot reload: restart it to load it"
+        };
+        for path in self.generations.watch.check() {
+            log!(
+                Level::Warn,
+                "preloaded file {} changed on disk since it was loaded; workers run the older version; {remedy}",
+                path.display()
+            );
+        }
+        if self.generations.reload_on_change
+            && self.generations.split()
+            && self.generations.watch.take_reload()
+        {
+            let why = format!(
+                "--reload-on-change: {} preloaded file(s) changed on disk",
+                self.generations.watch.changed_count()
+            );
+            let _ = self.reload(&why);
         }
     }
 

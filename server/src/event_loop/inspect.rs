@@ -16,6 +16,9 @@ use crate::peer::Peer;
 use crate::reply_size::{self, paged, Page, TEXT_MAX};
 use crate::sys;
 
+/// The most stale files a status names (`stale_count` counts them all).
+const STALE_LISTED: usize = 32;
+
 impl EventLoop {
     /// Whether a peer sees everything: root, or the server's own uid.
     fn sees_all(&self, peer: &Peer) -> bool {
@@ -76,6 +79,11 @@ impl EventLoop {
             zygote_pid: self.generations.zygote_pid(),
             generation: self.generations.number(),
             reload_failure: self.generations.failure().map(str::to_owned),
+            stale: (self.generations.stale().changed())
+                .take(STALE_LISTED)
+                .map(|path| path.display().to_string())
+                .collect(),
+            stale_count: self.generations.stale().changed_count() as u32,
             truncated: false,
         }
     }

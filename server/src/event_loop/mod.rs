@@ -179,7 +179,11 @@ impl EventLoop {
             pools: Pools::new(&options.pools),
             refill_paused_until: None,
             yielded_for_refill: false,
-            generations: generations::Generations::new(preloading, pool_workers),
+            generations: generations::Generations::new(
+                preloading,
+                pool_workers,
+                options.reload_on_change,
+            ),
             split_refused: split.err(),
             readiness: None,
             server_uid: sys::getuid(),
@@ -242,7 +246,7 @@ impl EventLoop {
                 self.accept_paused_until,
                 refill_timer,
                 start_timer,
-                self.generations.restart_at(),
+                self.generations.next_timer(),
             ]
             .into_iter()
             .flatten()
@@ -303,6 +307,7 @@ impl EventLoop {
             let now = Instant::now();
             if self.listener.is_some() {
                 self.restart_if_due(now);
+                self.watch_if_due(now);
             }
             self.ledger.kill_overdue(now);
             if self.accept_paused_until.is_some_and(|until| until <= now) {

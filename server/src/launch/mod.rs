@@ -106,6 +106,9 @@ pub(crate) struct Launcher {
     /// What an exec spawn's child runs on until its exec
     /// ([`Launcher::exec_sharing_memory`]).
     exec_stack: sys::ChildStack,
+    /// The front's pid, the parent of every child (the zygote's and the
+    /// pool children's copies keep it: they make children for the front).
+    front: libc::pid_t,
 }
 
 impl Launcher {
@@ -123,6 +126,7 @@ impl Launcher {
                 .collect(),
             fork_guard,
             exec_stack: sys::ChildStack::new()?,
+            front: sys::getpid(),
         })
     }
 

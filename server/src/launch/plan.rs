@@ -105,7 +105,8 @@ pub(crate) struct ChildPlan<'m> {
     /// Who the child runs as, if not the server's own credentials.
     pub(crate) credentials: Option<RunAs>,
     pub(crate) no_new_privs: bool,
-    /// The server's pid, when the child must die with it.
+    /// The front's pid (the child's parent, whoever forks it), when the
+    /// child must die with it.
     pub(crate) die_with_server: Option<libc::pid_t>,
     /// The process name (`comm`) a worker gets, for `ps` and `top`.
     pub(crate) name: Option<CString>,
@@ -328,7 +329,7 @@ impl Launcher {
             new_session: request.new_session,
             credentials,
             no_new_privs: request.no_new_privs,
-            die_with_server: request.die_with_server.then(sys::getpid),
+            die_with_server: request.die_with_server.then_some(self.front),
             name,
             signals: ChildSignals::of(request)?,
             action,

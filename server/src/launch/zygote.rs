@@ -65,6 +65,7 @@ use crate::peer::{child_rights, Peer};
 use crate::pool::PoolChild;
 use crate::sys::{self, GlibcThread};
 use crate::threads::{self, ThreadCount};
+use crate::watch::PreloadedFile;
 
 /// What the front asks of its zygote.
 #[derive(Debug, Serialize, Deserialize)]
@@ -81,9 +82,7 @@ enum ToZygote {
 /// request, in order.
 #[derive(Debug, Serialize, Deserialize)]
 enum FromZygote {
-    Ready {
-        modules: Vec<ModuleInfo>,
-    },
+    Ready(Ready),
     Failed {
         message: String,
     },
@@ -96,6 +95,16 @@ enum FromZygote {
         errno: Option<i32>,
         message: String,
     },
+    /// The message is in the fd sent with this one (a memfd): too big for
+    /// a datagram (a Python zygote's list of preloaded files, say).
+    InMemfd,
+}
+
+/// What a zygote loaded: its modules, and the files they came from.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub(crate) struct Ready {
+    pub(crate) modules: Vec<ModuleInfo>,
+    pub(crate) files: Vec<PreloadedFile>,
 }
 
 /// The largest message on the zygote's socket; a bigger request goes in a
@@ -199,8 +208,8 @@ impl Zygote {
     }
 
     /// Waits as long as the preloads take for the zygote's first word:
-    /// the modules it loaded, or why it could not.
-    pub(crate) fn wait_ready(&mut self) -> Result<Vec<ModuleInfo>, String> {
+    /// what it loaded, or why it could not.
+    pub(crate) fn wait_ready(&mut self) -> Result<Ready, String> {
         loop {
             sys::wait_readable(self.socket.as_fd(), -1);
             if let Some(outcome) = self.ready() {
@@ -210,11 +219,11 @@ impl Zygote {
     }
 
     /// The zygote's first word, if it has come (its socket is readable).
-    pub(crate) fn ready(&mut self) -> Option<Result<Vec<ModuleInfo>, String>> {
+    pub(crate) fn ready(&mut self) -> Option<Result<Ready, String>> {
         match self.receive() {
             Err(None) => None,
             Err(Some(why)) => Some(Err(format!("the zygote {why}"))),
-            Ok((FromZygote::Ready { modules }, _)) => Some(Ok(modules)),
+            Ok((FromZygote::Ready(ready), _)) => Some(Ok(ready)),
             Ok((FromZygote::Failed { message }, _)) => Some(Err(message)),
             Ok(_) => Some(Err("the zygote answered before it was ready".into())),
         }
@@ -381,9 +390,18 @@ impl Zygote {
             Ok(None) => return Err(Some("closed its socket".to_owned())),
             Err(e) => return Err(Some(format!("cannot be read from: {e}"))),
         };
-        let message = decode::<FromZygote>(&datagram.bytes)
-            .map_err(|e| Some(format!("sent a malformed message: {e}")))?;
-        Ok((message, datagram.fds.into_iter().next()))
+        let malformed = |e: String| Some(format!("sent a malformed message: {e}"));
+        let message =
+            decode::<FromZygote>(&datagram.bytes).map_err(|e| malformed(e.to_string()))?;
+        let fd = datagram.fds.into_iter().next();
+        let FromZygote::InMemfd = message else {
+            return Ok((message, fd));
+        };
+        let file = fd.ok_or_else(|| malformed("no memfd".into()))?;
+        let bytes = sys::read_regular_file(file.as_fd(), MAX_REQUEST_BYTES)
+            .map_err(|e| malformed(e.to_string()))?;
+        let message = decode::<FromZygote>(&bytes).map_err(|e| malformed(e.to_string()))?;
+        Ok((message, None))
     }
 }
 
@@ -460,15 +478,32 @@ unsafe fn serve(
     let say = |message: &FromZygote, fds: &[BorrowedFd<'_>]| {
         let bytes = encode(message).expect("the zygote's messages encode");
         // A front that has gone is seen at the next receive.
-        let _ = send_datagram(socket, &bytes, fds, libc::MSG_NOSIGNAL);
+        if bytes.len() <= MAX_MESSAGE {
+            let _ = send_datagram(socket, &bytes, fds, libc::MSG_NOSIGNAL);
+        } else {
+            // Only the first word is ever this big; it carries no fd.
+            let (marker, file) = match memfd_holding(&bytes) {
+                Ok(file) => (FromZygote::InMemfd, Some(file)),
+                Err(e) => {
+                    let message = format!("the zygote cannot hand over what it loaded: {e}");
+                    (FromZygote::Failed { message }, None)
+                }
+            };
+            let marker = encode(&marker).expect("the zygote's messages encode");
+            let fds: Vec<_> = file.iter().map(|f| f.as_fd()).collect();
+            let _ = send_datagram(socket, &marker, &fds, libc::MSG_NOSIGNAL);
+        }
     };
     if let Err(message) = preload(launcher, preloading, pools) {
         say(&FromZygote::Failed { message }, &[]);
         // SAFETY: _exit ends the zygote without the front's atexit handlers.
         unsafe { libc::_exit(1) };
     }
-    let modules = launcher.modules.infos().to_vec();
-    say(&FromZygote::Ready { modules }, &[]);
+    let ready = Ready {
+        modules: launcher.modules.infos().to_vec(),
+        files: launcher.modules.preloaded_files(),
+    };
+    say(&FromZygote::Ready(ready), &[]);
     if let Some(fd) = stderr_after_ready {
         // Checked by the front before it started us; a failure here leaves
         // the start-up stderr, which is all that could be done.
