@@ -36,6 +36,13 @@ export FORKSERVER_SKIP_LOG="$skips"
 
 cargo test --workspace 2>&1 | tee "$target/cargo-test.log"
 rust=${PIPESTATUS[0]}
+# The integration tests again with the zygote's clone3(CLONE_PARENT) turned
+# off: the servers then preload in themselves, as on musl or with threads
+# tolerated (README, "Reload"), and the tests of reloads and of the zygote
+# say they are skipped.
+FORKSERVER_SIBLING_FORK=0 cargo test --test tests 2>&1 | tee -a "$target/cargo-test.log"
+single=${PIPESTATUS[0]}
+[ "$single" -ne 0 ] && rust=$single
 
 # From the repository root, so python/forkserver (sources without the built
 # extension) does not shadow the installed package.

@@ -166,6 +166,11 @@ fn a_dead_idle_child_is_replaced_and_sighup_flushes_the_pool() {
 
 #[test]
 fn the_zygote_makes_the_pool_s_children_as_the_server_s_own_and_sighup_replaces_it() {
+    if !crate::util::split_or_skip(
+        "pool::the_zygote_makes_the_pool_s_children_as_the_server_s_own_and_sighup_replaces_it",
+    ) {
+        return;
+    }
     let server = pooled(&["answer=2"], &[]);
     wait_full(&server, 2);
     let zygote = zygote_of(&server).expect("the server started a zygote");
@@ -221,6 +226,9 @@ fn without_sibling_forks_the_server_preloads_and_forks_the_pool_itself() {
 
 #[test]
 fn the_zygote_ends_with_the_server() {
+    if !crate::util::split_or_skip("pool::the_zygote_ends_with_the_server") {
+        return;
+    }
     let mut server = pooled(&["answer=1"], &[]);
     wait_full(&server, 1);
     let zygote = zygote_of(&server).unwrap();

@@ -103,8 +103,9 @@ struct Loaded {
 pub(crate) enum WorkerRef<'m> {
     Embedded(&'m WorkerFn, &'m Preloaded),
     Dylib(EntryPoint),
-    /// Not known here: this process has not run the preloads (the front of
-    /// a split server); the zygote resolves the name.
+    /// A name that may be valid, which only what the preloads loaded can
+    /// tell (a dylib's symbol, a family's check), in a process that has not
+    /// run them (the front of a split server): the zygote resolves it.
     InZygote,
 }
 
@@ -233,13 +234,20 @@ impl Modules {
     /// `MODULE:SYMBOL` in a dylib. The message names what is missing. In
     /// a process that has not run the preloads, [`WorkerRef::InZygote`].
     pub(crate) fn find(&self, name: &str) -> Result<WorkerRef<'_>, String> {
-        let Some(loaded) = self.loaded.get() else {
-            return Ok(WorkerRef::InZygote);
-        };
+        // Names that cannot be valid are refused here, in the front too: a
+        // flood of them must cost no round trip to the zygote.
+        let loaded = self.loaded.get();
         if let Some(worker) = self.workers.get(name) {
-            return Ok(WorkerRef::Embedded(worker, &loaded.preloaded));
+            return Ok(match loaded {
+                Some(loaded) => WorkerRef::Embedded(worker, &loaded.preloaded),
+                None => WorkerRef::InZygote,
+            });
         }
         if let Some(family) = self.families.iter().find(|f| name.starts_with(&f.prefix)) {
+            // The check may look at what the preloads loaded.
+            let Some(loaded) = loaded else {
+                return Ok(WorkerRef::InZygote);
+            };
             (family.check)(name)?;
             return Ok(WorkerRef::Embedded(&family.run, &loaded.preloaded));
         }
@@ -249,18 +257,41 @@ impl Modules {
                 self.offered()
             ));
         };
-        let dylib = loaded.dylibs.get(module).ok_or_else(|| {
-            format!(
+        if !self.has_dylib(module) {
+            return Err(format!(
                 "no dynamic module named '{module}' (this server offers: {})",
                 self.offered()
-            )
-        })?;
+            ));
+        }
+        let Some(dylib) = loaded.and_then(|l| l.dylibs.get(module)) else {
+            return Ok(WorkerRef::InZygote);
+        };
         let c_symbol =
             CString::new(symbol).map_err(|_| "the symbol contains a NUL byte".to_owned())?;
         dylib
             .entry_point(&c_symbol)
             .map(WorkerRef::Dylib)
             .ok_or_else(|| format!("dynamic module '{module}' has no symbol '{symbol}'"))
+    }
+
+    /// Whether `module` names a dylib: loaded here, or to be loaded by a
+    /// zygote.
+    fn has_dylib(&self, module: &str) -> bool {
+        match self.loaded.get() {
+            Some(loaded) => loaded.dylibs.contains_key(module),
+            None => (self.unrun.borrow().iter())
+                .any(|preloads| preloads.dylibs.iter().any(|(name, _)| name == module)),
+        }
+    }
+
+    /// The dylibs' module names: loaded here, or to be loaded by a zygote.
+    fn dylib_names(&self) -> Vec<String> {
+        match self.loaded.get() {
+            Some(loaded) => loaded.dylibs.keys().cloned().collect(),
+            None => (self.unrun.borrow().iter())
+                .flat_map(|preloads| preloads.dylibs.iter().map(|(name, _)| name.clone()))
+                .collect(),
+        }
     }
 
     /// Runs the builder's pool warm-up for `worker`, if there is one (in an
@@ -295,8 +326,7 @@ impl Modules {
 
     fn offered(&self) -> String {
         let mut offered = self.worker_names();
-        let dylibs = self.loaded.get().into_iter().flat_map(|l| l.dylibs.keys());
-        offered.extend(dylibs.map(|m| format!("{m}:SYMBOL")));
+        offered.extend(self.dylib_names().iter().map(|m| format!("{m}:SYMBOL")));
         if offered.is_empty() {
             "nothing".into()
         } else {
