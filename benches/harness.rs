@@ -691,6 +691,52 @@ fn harness() {
         );
     }
 
+    // Part R: worker spawns while the server reloads without pause (a new
+    // generation preloading 64 MB all the while, then taking over) vs
+    // steady. The front serves on from the old generation meanwhile.
+    {
+        let zygote = Running::zygote(64, false);
+        for reloading in [false, true] {
+            let stop = Arc::new(AtomicBool::new(false));
+            let reloader = reloading.then(|| {
+                let (socket, stop) = (zygote.socket.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    let client = Client::connect(&socket).unwrap();
+                    let mut reloads = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        client.reload().expect("a reload");
+                        reloads += 1;
+                    }
+                    reloads
+                })
+            });
+            let client = zygote.client();
+            let runs = report.runs(400);
+            let mut samples: Vec<f64> = (0..runs)
+                .map(|_| {
+                    let start = Instant::now();
+                    client.worker("exit0").status().unwrap();
+                    start.elapsed().as_secs_f64() * 1e6
+                })
+                .collect();
+            stop.store(true, Ordering::Relaxed);
+            let reloads = reloader.map(|t| t.join().unwrap());
+            samples.sort_by(f64::total_cmp);
+            let p99 = samples[(samples.len() * 99 / 100).min(samples.len() - 1)];
+            let during = match reloads {
+                Some(n) => format!("while reloading ({n} reloads)"),
+                None => "steady".into(),
+            };
+            eprintln!("  (p99 {p99:.1} µs {during})");
+            let name = if reloading {
+                "worker, 64 MB preload -> exit, while reloading"
+            } else {
+                "worker, 64 MB preload -> exit, steady"
+            };
+            report.add_samples("reload", name.into(), &mut samples, "µs");
+        }
+    }
+
     // Part C: fork cost at 512 MB, ordinary vs huge pages.
     for huge in [false, true] {
         let table = build_table(512, huge);
