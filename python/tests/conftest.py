@@ -60,34 +60,27 @@ class Server:
         _, stderr = self.process.communicate(timeout=60)
         return self.process.returncode, stderr.decode(errors="replace")
 
-    def children(self):
-        """(pid, state) of the children the server made (live or zombie):
-        every child of the server but its zygote (which preloads)."""
-        found = []
+    def _children(self):
+        """(pid, name, state) of every child of the server (live or zombie)."""
         for entry in os.listdir("/proc"):
             if entry.isdigit():
                 try:
                     with open(f"/proc/{entry}/stat") as stat:
-                        comm, rest = stat.read().rsplit(")", 1)
+                        head, rest = stat.read().rsplit(")", 1)
                 except OSError:
                     continue
                 fields = rest.split()
-                if int(fields[1]) == self.pid and not comm.endswith("(zygote"):
-                    found.append((int(entry), fields[0]))
-        return found
+                if int(fields[1]) == self.pid:
+                    yield int(entry), head.split("(", 1)[1], fields[0]
+
+    def children(self):
+        """(pid, state) of the children the server made (live or zombie):
+        every child of the server but its zygote (which preloads)."""
+        return [(pid, state) for pid, name, state in self._children() if name != "zygote"]
 
     def zygote(self):
         """The pid of the server's zygote, if it has one."""
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                try:
-                    with open(f"/proc/{entry}/stat") as stat:
-                        comm, rest = stat.read().rsplit(")", 1)
-                except OSError:
-                    continue
-                if int(rest.split()[1]) == self.pid and comm.endswith("(zygote"):
-                    return int(entry)
-        return None
+        return next((pid for pid, name, _ in self._children() if name == "zygote"), None)
 
 
 @pytest.fixture
