@@ -3,11 +3,11 @@
 //! Preloads run one at a time, before any thread should exist. After each
 //! one the thread guard checks the process is still single-threaded, so a
 //! module that started threads is named. They run in the zygote of each
-//! generation (`launch/zygote.rs`), each a fresh fork of the front, which
+//! generation (`launch/zygote/`), each a fresh fork of the front, which
 //! never runs them itself: that is why the preloads are kept unrun
 //! ([`Modules::unrun`]) and what they load is set once per process
 //! ([`Modules::loaded`]). A server that cannot split (see
-//! `launch/zygote.rs`) runs them in the front, once.
+//! `launch/zygote/`) runs them in the front, once.
 
 use std::cell::{OnceCell, RefCell};
 use std::collections::HashMap;

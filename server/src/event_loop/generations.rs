@@ -3,7 +3,7 @@
 //! one dies.
 //!
 //! A *split* server never runs its preloads: each generation's zygote (a
-//! fresh fork of the front, `launch/zygote.rs`) runs them, and forks every
+//! fresh fork of the front, `launch/zygote/`) runs them, and forks every
 //! worker and pool child. So a reload (SIGHUP, the `reload` request) is a
 //! new zygote that loads what is on disk now; until it is ready the old one
 //! serves, and if it fails the old one serves on. Once it is ready, new

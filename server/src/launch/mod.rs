@@ -7,7 +7,7 @@
 //! | `setup.rs` | child | signals, fds, credentials, directory, then exec or the worker |
 //! | `report.rs` | both | the exec report: the child's failure record, the server's reading of it |
 //! | `pool_child.rs` | child | a prefork pool child: warm up, wait, take its [`Assignment`](pool_child::Assignment) |
-//! | `zygote.rs` | both | the zygote, a copy of the front that preloads and forks the workers and pool children (its loop runs in it) |
+//! | `zygote/` | both | the zygote, a copy of the front that preloads and forks the workers and pool children: the front's handle (`mod.rs`), its life (`life.rs`, in the zygote) |
 //!
 //! [`Launcher`] is what the event loop calls: [`launch`](Launcher::launch)
 //! forks a child for a request, [`prefork`](Launcher::prefork) forks an idle

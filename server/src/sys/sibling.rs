@@ -1,5 +1,5 @@
 //! A fork whose child is the caller's sibling: `clone3(CLONE_PARENT)`, for
-//! the zygote (`launch/zygote.rs`), whose children must be the front's.
+//! the zygote (`launch/zygote/`), whose children must be the front's.
 //!
 //! glibc's `fork()` cannot take that flag, and a raw clone skips what
 //! glibc's fork does for the child's thread. In a single-threaded caller
@@ -10,7 +10,7 @@
 //! the robust-futex list, which the kernel does not carry into a child
 //! (registered again with `set_robust_list`). The atfork handlers do not
 //! run; the zygote runs the embedder's fork hooks around each clone (see
-//! `launch/zygote.rs`).
+//! `launch/zygote/`).
 //!
 //! `FORKSERVER_SIBLING_FORK=0` in the server's environment turns this off
 //! ([`GlibcThread::find_allowed`]), as if glibc's descriptor were missing
