@@ -412,3 +412,83 @@ fn reload_on_change_reloads_by_itself() {
     let code = client.worker("demo:exit_with").arg("7").status().unwrap();
     assert_eq!(code.code(), Some(7));
 }
+
+/// Under systemd a reload is `RELOADING=1` (with the monotonic clock's
+/// time) then `READY=1`, as sd_notify(3) asks of a `Type=notify-reload`
+/// service; a failed reload is followed by `READY=1` too (the old
+/// generation serves).
+#[test]
+fn a_reload_tells_systemd_reloading_then_ready() {
+    if !crate::util::split_or_skip("generations::a_reload_tells_systemd_reloading_then_ready") {
+        return;
+    }
+    let dir = crate::util::new_dir();
+    let notify_path = dir.path().join("notify");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify.set_read_timeout(Some(crate::util::TIMEOUT)).unwrap();
+    let (server, _version) = versioned(&[], &[("NOTIFY_SOCKET", notify_path.to_str().unwrap())]);
+    let mut buf = [0u8; 1024];
+    let mut next = || {
+        let n = notify
+            .recv(&mut buf)
+            .expect("a notification within TIMEOUT");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    assert!(next().contains("READY=1"));
+    server.signal(libc::SIGHUP);
+    let reloading = next();
+    assert!(reloading.contains("RELOADING=1"), "{reloading}");
+    let usec: u64 = reloading
+        .lines()
+        .find_map(|line| line.strip_prefix("MONOTONIC_USEC="))
+        .expect("MONOTONIC_USEC with RELOADING=1")
+        .parse()
+        .unwrap();
+    assert!(usec > 0);
+    let ready = next();
+    assert!(
+        ready.contains("READY=1") && ready.contains("generation 2 serves"),
+        "{ready}"
+    );
+}
+
+/// A reload asked while another generation preloads is not answered by
+/// that one, which read the disk before the ask: a new generation follows
+/// it, shared by every ask made meanwhile.
+#[test]
+fn a_reload_asked_during_another_gets_a_generation_started_after_it() {
+    if !crate::util::split_or_skip(
+        "generations::a_reload_asked_during_another_gets_a_generation_started_after_it",
+    ) {
+        return;
+    }
+    // Each generation reads the version file, then preloads for 600 ms.
+    let (server, version) = versioned(&[], &[("FIXTURE_PRELOAD_MS", "600")]);
+    let ask = || {
+        let socket = server.socket.clone();
+        std::thread::spawn(move || {
+            let client = forkserver::client::Client::connect(&socket).unwrap();
+            client.reload().unwrap().0
+        })
+    };
+    std::fs::write(&version, "two\n").unwrap();
+    let first = ask();
+    wait_until("generation 2 is preloading", || {
+        server.log().contains("starting a new generation")
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    // Changed on disk after generation 2 read it, and asked for three
+    // times while it preloads.
+    std::fs::write(&version, "three\n").unwrap();
+    let later: Vec<_> = (0..3).map(|_| ask()).collect();
+    assert_eq!(first.join().unwrap(), 2);
+    let later: Vec<u64> = later.into_iter().map(|a| a.join().unwrap()).collect();
+    assert_eq!(later, [3, 3, 3]);
+    assert_eq!(version_of(&server.client()), "three");
+    assert_eq!(
+        server.log().matches("starting a new generation").count(),
+        2,
+        "{}",
+        server.log()
+    );
+}

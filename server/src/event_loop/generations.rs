@@ -79,6 +79,10 @@ pub(super) struct Generations {
     failure: Option<String>,
     /// Reload requests waiting for `next`: (connection, request id).
     waiting: Vec<(ConnId, u64)>,
+    /// A reload was asked while `next` preloaded: another follows it.
+    again: bool,
+    /// The requests for that one.
+    queued: Vec<(ConnId, u64)>,
     /// The serving code's files, and which changed on disk since.
     watch: Watch,
     /// When to look at them next.
@@ -112,6 +116,8 @@ impl Generations {
             backoff: FIRST_BACKOFF,
             failure: None,
             waiting: Vec::new(),
+            again: false,
+            queued: Vec::new(),
             watch: Watch::default(),
             watch_at: None,
             reload_on_change,
@@ -309,26 +315,45 @@ impl EventLoop {
             let summary = format!("generation {number} serves");
             self.readiness_ready(&summary);
         }
+        self.reload_again();
     }
 
-    /// Starts a new generation, unless one is preloading already; it
-    /// replaces the current one once ready ([`Self::serving`]).
-    pub(super) fn reload(&mut self, why: &str) -> Result<(), String> {
+    /// Starts a new generation, which replaces the current one once ready
+    /// ([`Self::serving`]); `asker` (a reload request) is answered then. A
+    /// reload asked while another generation preloads follows it: it must
+    /// load what is on disk after the ask, which the one under way may not.
+    pub(super) fn reload(&mut self, why: &str, asker: Option<(ConnId, u64)>) {
         if self.generations.next.is_some() {
-            return Ok(());
+            log!(
+                Level::Debug,
+                "{why}: a new generation follows the one preloading"
+            );
+            self.generations.again = true;
+            self.generations.queued.extend(asker);
+            return;
         }
+        self.generations.waiting.extend(asker);
         log!(Level::Info, "{why}: starting a new generation");
         self.readiness_reloading();
         let generation = match self.fork_zygote(None) {
             Ok(Some(generation)) => generation,
-            Ok(None) => return Err(self.next_failed("no zygote can be made".into())),
-            Err(why) => return Err(self.next_failed(why)),
+            Ok(None) => return self.next_failed("no zygote can be made".into()),
+            Err(why) => return self.next_failed(why),
         };
         if let Err(e) = self.watch(&generation, NEXT_ZYGOTE) {
-            return Err(self.next_failed(format!("cannot watch the zygote's socket: {e}")));
+            return self.next_failed(format!("cannot watch the zygote's socket: {e}"));
         }
         self.generations.next = Some(generation);
-        Ok(())
+    }
+
+    /// Starts the reload asked while the last generation preloaded, if one
+    /// was.
+    fn reload_again(&mut self) {
+        if std::mem::take(&mut self.generations.again) {
+            let askers = std::mem::take(&mut self.generations.queued);
+            self.generations.waiting.extend(askers);
+            self.reload("a reload asked while the last one preloaded", None);
+        }
     }
 
     /// A `reload` request from `conn`: root and the server's uid only, and
@@ -361,15 +386,14 @@ impl EventLoop {
             self.reply(conn, request_error(Some(id), kind, message), Vec::new());
             return;
         }
-        self.generations.waiting.push((conn, id));
-        let _ = self.reload(&format!("reload asked by {peer}"));
+        self.reload(&format!("reload asked by {peer}"), Some((conn, id)));
     }
 
     /// SIGHUP: a reload; in a server that cannot split, a new forker (its
     /// pools refill from the server's state as it is now).
     pub(super) fn hangup(&mut self) {
         if self.generations.split() {
-            let _ = self.reload("SIGHUP");
+            self.reload("SIGHUP", None);
             return;
         }
         log!(
@@ -378,7 +402,7 @@ impl EventLoop {
         );
         self.pools.flush();
         if self.pools.any() {
-            let _ = self.reload("SIGHUP");
+            self.reload("SIGHUP", None);
         }
     }
 
@@ -475,9 +499,9 @@ impl EventLoop {
     }
 
     /// A generation that was preloading failed: the serving one (if any)
-    /// serves on; without one, the next try is after the back-off. Returns
-    /// the message given to whoever asked for the reload.
-    fn next_failed(&mut self, why: String) -> String {
+    /// serves on, and whoever asked for the reload is told why; without
+    /// one, the next try is after the back-off.
+    fn next_failed(&mut self, why: String) {
         if let Some(next) = self.generations.next.take() {
             let _ = self.epoll.delete(&next.zygote);
         }
@@ -501,7 +525,7 @@ impl EventLoop {
             self.reply(conn, reply, Vec::new());
         }
         self.readiness_ready("the reload failed; the old generation serves on");
-        message
+        self.reload_again();
     }
 
     fn schedule_restart(&mut self) {
@@ -514,7 +538,7 @@ impl EventLoop {
     pub(super) fn restart_if_due(&mut self, now: Instant) {
         if self.generations.restart_at.is_some_and(|at| at <= now) {
             self.generations.restart_at = None;
-            let _ = self.reload("restarting the zygote");
+            self.reload("restarting the zygote", None);
         }
     }
 
@@ -545,7 +569,7 @@ impl EventLoop {
                 "--reload-on-change: {} preloaded file(s) changed on disk",
                 self.generations.watch.changed_count()
             );
-            let _ = self.reload(&why);
+            self.reload(&why, None);
         }
     }
 
@@ -574,8 +598,11 @@ impl EventLoop {
             let _ = self.epoll.delete(&generation.zygote);
         }
         self.generations.restart_at = None;
+        self.generations.again = false;
         self.pools.forget_asked();
-        for (conn, id) in std::mem::take(&mut self.generations.waiting) {
+        let queued = std::mem::take(&mut self.generations.queued);
+        let waiting = std::mem::take(&mut self.generations.waiting);
+        for (conn, id) in waiting.into_iter().chain(queued) {
             let message = "the server is shutting down".to_owned();
             let reply = request_error(Some(id), ErrorKind::Invalid, message);
             self.reply(conn, reply, Vec::new());
