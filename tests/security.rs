@@ -58,6 +58,11 @@ fn a_peer_that_is_not_allowed_is_refused_by_uid_and_logged() {
     let stderr = text(&output.stderr);
     assert!(stderr.contains("uid 65534 is not allowed"), "{stderr}");
     assert!(stderr.contains("--allow-uid 65534"), "{stderr}");
+    // The refusal names the socket too.
+    assert!(
+        stderr.contains(&server.socket.display().to_string()),
+        "{stderr}"
+    );
     assert!(server.log().contains("refused pid "), "{}", server.log());
     assert!(
         server.log().contains("uid 65534 gid 65534"),
@@ -66,6 +71,34 @@ fn a_peer_that_is_not_allowed_is_refused_by_uid_and_logged() {
     );
     // Others are still served.
     assert!(server.client().command("true").status().unwrap().success());
+}
+
+/// A socket closed to the user (the default 0600, in a directory it can
+/// enter): the error names the socket, the uid, and the flags that would
+/// open it, not "no forkserver is listening".
+#[test]
+fn a_socket_closed_to_the_user_is_named_with_the_flags_that_would_open_it() {
+    if !crate::util::root_or_skip(
+        "security::a_socket_closed_to_the_user_is_named_with_the_flags_that_would_open_it",
+    ) {
+        return;
+    }
+    let server = Server::start();
+    let cli = crate::util::open_to_nobody(&server);
+    let output = spawn_as_nobody(&server, &cli, &["--", "true"]);
+    assert_eq!(output.status.code(), Some(125));
+    let stderr = text(&output.stderr);
+    for needle in [
+        server.socket.display().to_string().as_str(),
+        "closed to uid 65534",
+        "Permission denied",
+        "--group GROUP",
+        "--allow-uid USER",
+        "--allow-gid GROUP",
+    ] {
+        assert!(stderr.contains(needle), "{needle:?} in {stderr}");
+    }
+    assert!(!stderr.contains("no forkserver is listening"), "{stderr}");
 }
 
 #[test]

@@ -83,7 +83,10 @@ impl Connection {
             Err(e) => return Err(e),
         }
         // The server's limits are not known yet; a Welcome is small.
-        let info = wire::server_info(receive_after_reset(socket.as_fd(), &Limits::default())?)?;
+        let info = wire::server_info(
+            receive_after_reset(socket.as_fd(), &Limits::default())?,
+            path,
+        )?;
         Ok(Connection {
             socket,
             info,

@@ -100,6 +100,17 @@ impl Error {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            Error::Connect { path, source }
+                if matches!(source.raw_os_error(), Some(libc::EACCES | libc::EPERM)) =>
+            {
+                write!(
+                    f,
+                    "the forkserver socket {} is closed to uid {} ({source}): the socket or a directory above it does not let you in. The server's owner can open it with `forkserver serve --group GROUP` (the socket becomes 0660 for GROUP; its directory must let you through) and admit you with `--allow-uid USER` or `--allow-gid GROUP`",
+                    path.display(),
+                    // SAFETY: getuid cannot fail.
+                    unsafe { libc::getuid() }
+                )
+            }
             Error::Connect { path, source } => write!(
                 f,
                 "no forkserver is listening on {} ({source}); start one with `forkserver serve --socket {}`",

@@ -5,6 +5,7 @@
 use std::collections::HashSet;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::Path;
 
 use forkserver_protocol::{
     decode, encode, ClientMessage, Datagram, Limits, ServerMessage, PROTOCOL_VERSION,
@@ -26,8 +27,10 @@ pub(crate) fn hello(client_name: &str) -> Result<Vec<u8>, Error> {
     encode(&hello).map_err(|e| Error::Protocol(e.to_string()))
 }
 
-/// What `welcome` says, or the error the server answered `hello` with.
-pub(crate) fn server_info(welcome: Option<Incoming>) -> Result<ServerInfo, Error> {
+/// What `welcome` says, or the error the server answered `hello` with (a
+/// refusal names the socket at `path`: the server's text names the uid and
+/// the flags that would let it in).
+pub(crate) fn server_info(welcome: Option<Incoming>, path: &Path) -> Result<ServerInfo, Error> {
     let welcome = welcome.ok_or_else(|| {
         Error::Disconnected("the server closed the connection before answering hello".into())
     })?;
@@ -46,7 +49,10 @@ pub(crate) fn server_info(welcome: Option<Incoming>) -> Result<ServerInfo, Error
             modules,
             workers,
         }),
-        ServerMessage::Error { kind, message, .. } => Err(Error::Refused { kind, message }),
+        ServerMessage::Error { kind, message, .. } => Err(Error::Refused {
+            kind,
+            message: format!("{}: {message}", path.display()),
+        }),
         other => Err(Error::Protocol(format!("expected welcome, got {other:?}"))),
     }
 }

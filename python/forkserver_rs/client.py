@@ -135,6 +135,16 @@ class Client:
                 f"no forkserver is listening on {self.path} ({exc.strerror}); "
                 "start one with `python -m forkserver_rs serve --socket PATH`"
             ) from exc
+        except PermissionError as exc:
+            sock.close()
+            raise PermissionError(
+                exc.errno,
+                f"the forkserver socket {self.path} is closed to uid {os.getuid()} ({exc.strerror}): "
+                "the socket or a directory above it does not let you in. The server's owner can open "
+                "it with `serve --group GROUP` (the socket becomes 0660 for GROUP; its directory must "
+                "let you through) and admit you with `--allow-uid USER` or `--allow-gid GROUP`",
+                self.path,
+            ) from exc
         self._sock = sock
         self.limits = dict(_HELLO_LIMITS)
         self._closed = False

@@ -115,7 +115,7 @@ impl AsyncConnection {
             }
             other => other?,
         };
-        let info = wire::server_info(welcome)?;
+        let info = wire::server_info(welcome, path)?;
         let pending = info.limits.max_pending_per_connection.max(1) as usize;
         let shared = Arc::new(Shared {
             socket: Mutex::new(Arc::new(socket)),
