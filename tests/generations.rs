@@ -492,3 +492,25 @@ fn a_reload_asked_during_another_gets_a_generation_started_after_it() {
         server.log()
     );
 }
+
+/// SIGUSR2, the upgrade signal of other preforking servers, must not end
+/// this one (its default action would, with every child): it is logged as
+/// not built yet, and the server, its children and its zygote serve on.
+#[test]
+fn sigusr2_is_not_an_upgrade_yet_and_ends_nothing() {
+    let (server, _version) = versioned(&[], &[]);
+    let client = server.client();
+    let mut sleeper = client.command("sleep").arg("30").spawn().unwrap();
+    let zygote = zygote_of(&server);
+    server.signal(libc::SIGUSR2);
+    wait_until("the server says why nothing happens", || {
+        server
+            .log()
+            .contains("SIGUSR2 asks for an upgrade in place")
+    });
+    assert_eq!(version_of(&client), "one");
+    assert_eq!(zygote_of(&server), zygote);
+    assert_eq!(sleeper.try_wait().unwrap(), None);
+    sleeper.kill().unwrap();
+    sleeper.wait().unwrap();
+}

@@ -3,14 +3,16 @@
 //! signal-hook's handlers set a flag per signal and write a byte to a
 //! non-blocking pipe the loop watches; the loop drains the pipe and reads the
 //! flags. No thread is started. SIGPIPE is ignored: a client that goes away
-//! must cost us an `EPIPE`, not our life.
+//! must cost us an `EPIPE`, not our life. SIGUSR2 is caught too: it is the
+//! upgrade-in-place signal of other preforking servers (and of this one's
+//! plans), and its default action would end the server and every child.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM};
+use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM, SIGUSR2};
 use signal_hook::SigId;
 
 use crate::sys;
@@ -21,6 +23,7 @@ pub(crate) struct Arrived {
     pub(crate) child: bool,
     pub(crate) terminate: bool,
     pub(crate) hangup: bool,
+    pub(crate) upgrade: bool,
 }
 
 pub(crate) struct SignalPipe {
@@ -28,6 +31,7 @@ pub(crate) struct SignalPipe {
     child: Arc<AtomicBool>,
     terminate: Arc<AtomicBool>,
     hangup: Arc<AtomicBool>,
+    upgrade: Arc<AtomicBool>,
     ids: Vec<SigId>,
 }
 
@@ -40,6 +44,7 @@ impl SignalPipe {
             child: Arc::default(),
             terminate: Arc::default(),
             hangup: Arc::default(),
+            upgrade: Arc::default(),
             ids: Vec::new(),
         };
         for (signal, flag) in [
@@ -47,6 +52,7 @@ impl SignalPipe {
             (SIGTERM, pipe.terminate.clone()),
             (SIGINT, pipe.terminate.clone()),
             (SIGHUP, pipe.hangup.clone()),
+            (SIGUSR2, pipe.upgrade.clone()),
         ] {
             // The flag is registered first so it is set before the wake-up
             // byte is written.
@@ -69,6 +75,7 @@ impl SignalPipe {
             child: self.child.swap(false, Ordering::SeqCst),
             terminate: self.terminate.swap(false, Ordering::SeqCst),
             hangup: self.hangup.swap(false, Ordering::SeqCst),
+            upgrade: self.upgrade.swap(false, Ordering::SeqCst),
         }
     }
 }

@@ -414,6 +414,12 @@ impl EventLoop {
         if arrived.hangup {
             self.hangup();
         }
+        if arrived.upgrade {
+            log!(
+                Level::Warn,
+                "SIGUSR2 asks for an upgrade in place, which this version cannot do yet: nothing changes, the server serves on (restart it to run a new binary; SIGHUP or `forkserver reload` loads new preloads)"
+            );
+        }
         if arrived.terminate && self.listener.is_some() {
             self.stop_requested = true;
         }
