@@ -118,7 +118,7 @@ fn ready_is_notified_only_after_preloading_then_stopping() {
             .unwrap(),
     );
     let mut buf = [0u8; 1024];
-    let n = notify.recv(&mut buf).expect("READY=1 within TIMEOUT");
+    let n = crate::util::recv_notification(&notify, &mut buf).expect("READY=1 within TIMEOUT");
     let message = String::from_utf8_lossy(&buf[..n]).into_owned();
     // At the moment READY=1 arrives, preloading is done and the socket
     // answers.
@@ -146,7 +146,7 @@ fn ready_is_notified_only_after_preloading_then_stopping() {
 
     // SAFETY: kill on our own unreaped child's pid.
     unsafe { libc::kill(server.0.id() as i32, libc::SIGTERM) };
-    let n = notify.recv(&mut buf).expect("STOPPING=1 within TIMEOUT");
+    let n = crate::util::recv_notification(&notify, &mut buf).expect("STOPPING=1 within TIMEOUT");
     assert!(String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1"));
     assert!(server.0.wait().unwrap().success());
 }

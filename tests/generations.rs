@@ -429,8 +429,7 @@ fn a_reload_tells_systemd_reloading_then_ready() {
     let (server, _version) = versioned(&[], &[("NOTIFY_SOCKET", notify_path.to_str().unwrap())]);
     let mut buf = [0u8; 1024];
     let mut next = || {
-        let n = notify
-            .recv(&mut buf)
+        let n = crate::util::recv_notification(&notify, &mut buf)
             .expect("a notification within TIMEOUT");
         String::from_utf8_lossy(&buf[..n]).into_owned()
     };

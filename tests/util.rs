@@ -485,6 +485,24 @@ pub fn children_of(parent: u32) -> Vec<u32> {
 }
 
 /// Children of `parent` that are zombies (state Z).
+/// One datagram from `socket` (a notify socket with a read timeout). A
+/// socket read with a timeout is not restarted after a signal handler runs,
+/// even one installed with SA_RESTART (signal(7)), and this test process
+/// has handlers (glibc's own, for its internal signals, at least): CI saw
+/// `EINTR` here. An interrupted read is tried again, not taken for the
+/// timeout.
+pub fn recv_notification(
+    socket: &std::os::unix::net::UnixDatagram,
+    buf: &mut [u8],
+) -> io::Result<usize> {
+    loop {
+        match socket.recv(buf) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
 /// The server's zygote (the child that preloads and forks its workers and
 /// pool children), if it has one.
 pub fn zygote_of(server: &Server) -> Option<u32> {
