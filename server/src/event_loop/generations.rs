@@ -63,7 +63,9 @@ pub(crate) fn split_or_why_not(policy: ThreadPolicy) -> Result<(), String> {
 
 /// The front's generations.
 pub(super) struct Generations {
-    preloading: Preloading,
+    /// Ok if the preloads run in zygotes; else why they run in the front
+    /// (`split_or_why_not`).
+    split: Result<(), String>,
     /// The pools' workers, which each zygote checks it offers.
     pools: Vec<String>,
     /// The generation that serves.
@@ -102,12 +104,12 @@ pub(super) struct Generation {
 
 impl Generations {
     pub(super) fn new(
-        preloading: Preloading,
+        split: Result<(), String>,
         pools: Vec<String>,
         reload_on_change: bool,
     ) -> Generations {
         Generations {
-            preloading,
+            split,
             pools,
             current: None,
             next: None,
@@ -126,7 +128,15 @@ impl Generations {
 
     /// Whether the preloads run in zygotes (so worker spawns go there).
     pub(super) fn split(&self) -> bool {
-        self.preloading == Preloading::InZygote
+        self.split.is_ok()
+    }
+
+    /// What a zygote of this server does at start.
+    fn preloading(&self) -> Preloading {
+        match self.split {
+            Ok(()) => Preloading::InZygote,
+            Err(_) => Preloading::RanInFront,
+        }
     }
 
     /// The serving zygote's modules (a split server's), if any.
@@ -241,7 +251,7 @@ impl EventLoop {
         let pools = &self.generations.pools;
         let zygote = self
             .launcher
-            .start_zygote(self.generations.preloading, pools, stderr_after_ready)
+            .start_zygote(self.generations.preloading(), pools, stderr_after_ready)
             .map_err(|e| format!("cannot start a zygote: {}", e.message))?;
         let Some(zygote) = zygote else {
             return Ok(None);
@@ -370,11 +380,7 @@ impl EventLoop {
                     self.server_uid, peer.uid
                 ),
             ))
-        } else if !self.generations.split() {
-            let why = self
-                .split_refused
-                .clone()
-                .unwrap_or_else(|| "its preloads ran in the server itself".into());
+        } else if let Err(why) = &self.generations.split {
             Some((
                 ErrorKind::Invalid,
                 format!("this server cannot reload its preloads: {why}; restart it instead"),

@@ -27,7 +27,6 @@ use forkserver_protocol::{ChildStatus, Limits, ModuleInfo};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 
 use crate::connection::Connection;
-use crate::launch::zygote::Preloading;
 use crate::launch::{report, Launcher};
 use crate::ledger::{ConnId, Ledger, Settled};
 use crate::listener::Listener;
@@ -99,8 +98,6 @@ pub(crate) struct EventLoop {
     yielded_for_refill: bool,
     /// The zygotes: the one serving, one preloading (generations.rs).
     generations: generations::Generations,
-    /// Why this server runs its preloads itself rather than in zygotes.
-    split_refused: Option<String>,
     /// systemd's notify socket and `--ready-fd`, once serving.
     readiness: Option<Readiness>,
     /// Our own uid (a root server runs children as their peer).
@@ -144,10 +141,6 @@ impl EventLoop {
                     .map_err(|why| ServeError::Config(format!("--pool {worker}: {why}")))?;
             }
         }
-        let preloading = match &split {
-            Ok(()) => Preloading::InZygote,
-            Err(_) => Preloading::RanInFront,
-        };
         let pool_workers = options.pools.iter().map(|(w, _)| w.clone()).collect();
         let fork_guard = ForkGuard::arm(options.threads)
             .map_err(|why| ServeError::Config(format!("--allow-dormant-threads: {why}")))?;
@@ -180,11 +173,10 @@ impl EventLoop {
             refill_paused_until: None,
             yielded_for_refill: false,
             generations: generations::Generations::new(
-                preloading,
+                split,
                 pool_workers,
                 options.reload_on_change,
             ),
-            split_refused: split.err(),
             readiness: None,
             server_uid: sys::getuid(),
             started: Instant::now(),

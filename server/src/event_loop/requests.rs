@@ -133,10 +133,9 @@ impl EventLoop {
                     Target::Exec { .. } => (None, false),
                 };
                 let split = self.generations.split();
-                let why_none = (split && worker && pooled.is_none())
-                    .then(|| self.generations.current.is_none())
-                    .filter(|&none| none)
-                    .map(|_| self.generations.why_none());
+                let no_zygote = split && self.generations.current.is_none();
+                let why_none =
+                    (worker && no_zygote && pooled.is_none()).then(|| self.generations.why_none());
                 let zygote = self.generations.current.as_mut().map(|g| &mut g.zygote);
                 // A panic while checking the request fails this request,
                 // not the server. A forked child's panics never come back
