@@ -47,11 +47,6 @@ fn version_of(client: &forkserver::client::Client) -> String {
 
 #[test]
 fn a_reload_loads_new_code_and_keeps_every_child_connection_and_the_pid() {
-    if !crate::util::split_or_skip(
-        "generations::a_reload_loads_new_code_and_keeps_every_child_connection_and_the_pid",
-    ) {
-        return;
-    }
     let (server, version) = versioned(&["--pool", "version=1"], &[]);
     let client = server.client();
     assert_eq!(version_of(&client), "one");
@@ -106,11 +101,6 @@ fn a_reload_loads_new_code_and_keeps_every_child_connection_and_the_pid() {
 
 #[test]
 fn a_reload_that_fails_leaves_the_old_generation_serving_and_says_why() {
-    if !crate::util::split_or_skip(
-        "generations::a_reload_that_fails_leaves_the_old_generation_serving_and_says_why",
-    ) {
-        return;
-    }
     let dir = crate::util::new_dir();
     let fail_if = dir.path().join("fail");
     let (server, version) = versioned(&[], &[("FIXTURE_FAIL_IF", fail_if.to_str().unwrap())]);
@@ -150,11 +140,6 @@ fn a_reload_that_fails_leaves_the_old_generation_serving_and_says_why() {
 
 #[test]
 fn a_zygote_that_crashes_costs_no_child_and_no_connection() {
-    if !crate::util::split_or_skip(
-        "generations::a_zygote_that_crashes_costs_no_child_and_no_connection",
-    ) {
-        return;
-    }
     let (server, _version) = versioned(&[], &[]);
     let others = server.client();
     let mut worker = others
@@ -192,11 +177,6 @@ fn a_zygote_that_crashes_costs_no_child_and_no_connection() {
 
 #[test]
 fn a_preload_that_crashes_at_import_is_retried_with_a_growing_back_off() {
-    if !crate::util::split_or_skip(
-        "generations::a_preload_that_crashes_at_import_is_retried_with_a_growing_back_off",
-    ) {
-        return;
-    }
     let dir = crate::util::new_dir();
     let crash_if = dir.path().join("crash");
     let (server, _version) = versioned(&[], &[("FIXTURE_CRASH_IF", crash_if.to_str().unwrap())]);
@@ -245,9 +225,6 @@ fn a_preload_that_crashes_at_import_is_retried_with_a_growing_back_off() {
 
 #[test]
 fn reload_is_for_root_and_the_server_s_uid_only() {
-    if !crate::util::split_or_skip("generations::reload_is_for_root_and_the_server_s_uid_only") {
-        return;
-    }
     if !crate::util::root_or_skip("reload_is_for_root_and_the_server_s_uid_only") {
         return;
     }
@@ -266,9 +243,6 @@ fn reload_is_for_root_and_the_server_s_uid_only() {
 /// front's pid never changes.
 #[test]
 fn spawns_go_on_through_ten_reloads() {
-    if !crate::util::split_or_skip("generations::spawns_go_on_through_ten_reloads") {
-        return;
-    }
     let (server, version) = versioned(&["--pool", "version=2"], &[]);
     let stop = Arc::new(AtomicBool::new(false));
     let spawned = Arc::new(AtomicU64::new(0));
@@ -343,10 +317,6 @@ fn spawns_go_on_through_ten_reloads() {
 /// names it and the log says so once, until a reload loads it.
 #[test]
 fn a_changed_dylib_is_reported_stale_until_a_reload() {
-    if !crate::util::split_or_skip("generations::a_changed_dylib_is_reported_stale_until_a_reload")
-    {
-        return;
-    }
     let dir = crate::util::new_dir();
     let library = dir.path().join("demo.so");
     std::fs::copy(crate::dylib::demo_module(), &library).unwrap();
@@ -384,9 +354,6 @@ fn a_changed_dylib_is_reported_stale_until_a_reload() {
 /// and a worker spawned after it runs the new code.
 #[test]
 fn reload_on_change_reloads_by_itself() {
-    if !crate::util::split_or_skip("generations::reload_on_change_reloads_by_itself") {
-        return;
-    }
     let dir = crate::util::new_dir();
     let library = dir.path().join("demo.so");
     std::fs::copy(crate::dylib::demo_module(), &library).unwrap();
@@ -419,9 +386,6 @@ fn reload_on_change_reloads_by_itself() {
 /// generation serves).
 #[test]
 fn a_reload_tells_systemd_reloading_then_ready() {
-    if !crate::util::split_or_skip("generations::a_reload_tells_systemd_reloading_then_ready") {
-        return;
-    }
     let dir = crate::util::new_dir();
     let notify_path = dir.path().join("notify");
     let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
@@ -456,11 +420,6 @@ fn a_reload_tells_systemd_reloading_then_ready() {
 /// it, shared by every ask made meanwhile.
 #[test]
 fn a_reload_asked_during_another_gets_a_generation_started_after_it() {
-    if !crate::util::split_or_skip(
-        "generations::a_reload_asked_during_another_gets_a_generation_started_after_it",
-    ) {
-        return;
-    }
     // Each generation reads the version file, then preloads for 600 ms.
     let (server, version) = versioned(&[], &[("FIXTURE_PRELOAD_MS", "600")]);
     let ask = || {

@@ -234,20 +234,6 @@ pub fn available_or_skip(test: &str, available: bool, what: &str) -> bool {
     skip(test, what)
 }
 
-/// Whether the servers these tests start split into a front and zygotes:
-/// not when `FORKSERVER_SIBLING_FORK=0` forces the single-process path
-/// (.ci/run runs the suite both ways). A test of reloads, crash isolation
-/// or the zygote itself is then skipped, saying so, even under
-/// `FORKSERVER_NO_SKIP`: that path has none by design (README, "Reload").
-pub fn split_or_skip(test: &str) -> bool {
-    let split = std::env::var_os("FORKSERVER_SIBLING_FORK").is_none_or(|v| v != "0");
-    split
-        || skip(
-            test,
-            "FORKSERVER_SIBLING_FORK=0: the server preloads in itself, with no zygote to reload or crash",
-        )
-}
-
 /// Like [`available_or_skip`], for what the machine kind itself lacks
 /// (CI's too): skipped, saying why, even under `FORKSERVER_NO_SKIP`.
 pub fn kernel_has_or_skip(test: &str, available: bool, what: &str) -> bool {

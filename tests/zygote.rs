@@ -8,7 +8,9 @@ use std::process::Command;
 use forkserver::client::{Error, ErrorKind, Stdio};
 use serde::Serialize;
 
-use crate::util::{example, failed_start, fds_of, rss_and_pss_kb, threads_of, wait_until, Server};
+use crate::util::{
+    example, failed_start, fds_of, rss_and_pss_kb, threads_of, wait_until, zygote_of, Server,
+};
 
 fn zygote(env: &[(&str, &str)]) -> Server {
     Server::launch(&example("test_zygote"), &[], env)
@@ -332,9 +334,6 @@ fn the_zygote_and_client_examples_agree_with_the_cold_path() {
 
 #[test]
 fn a_zygote_that_became_multithreaded_refuses_to_fork_and_a_new_generation_replaces_it() {
-    if !crate::util::split_or_skip("zygote::a_zygote_that_became_multithreaded_refuses_to_fork_and_a_new_generation_replaces_it") {
-        return;
-    }
     let server = zygote(&[("FIXTURE_LATE_THREAD", "1")]);
     let client = server.client();
     assert_eq!(client.worker("answer").output().unwrap().stdout, b"42\n");
@@ -395,7 +394,9 @@ fn dormant_threads_are_tolerated_until_one_runs_or_a_new_one_starts() {
     );
     // It starts spinning: no longer dormant, forks are refused (after the
     // bounded wait for it to settle), and the server keeps answering.
-    server.signal(libc::SIGUSR1);
+    let zygote = zygote_of(&server).expect("a server tolerating threads has a zygote");
+    // SAFETY: kill with a pid and a signal number.
+    assert_eq!(unsafe { libc::kill(zygote as i32, libc::SIGUSR1) }, 0);
     let message = refusal_of(&client, "answer");
     assert!(message.contains("'fixture-bg' keeps running"), "{message}");
     assert_eq!(client.status().unwrap().pid, server.pid());
@@ -403,8 +404,7 @@ fn dormant_threads_are_tolerated_until_one_runs_or_a_new_one_starts() {
     drop(server);
 
     // A thread that appears after the preloads is never tolerated: here
-    // the family's check starts it, in the server (which preloaded itself:
-    // a server that tolerates threads runs no zygote), just before the fork.
+    // the family's check starts it, in the zygote, just before the fork.
     let server = launch();
     let client = server.client();
     assert_eq!(client.worker("answer").output().unwrap().stdout, b"42\n");

@@ -209,9 +209,7 @@ impl ServerBuilder {
     /// they run, and again in a new one at each reload (SIGHUP, the
     /// `reload` request); this process (the *front*) never runs them. So
     /// each preload closure runs once per generation, each time in a fresh
-    /// copy of the process as it was before any preload. Where the zygote
-    /// cannot be used (see ARCHITECTURE.md, "Generations"), they run here,
-    /// once.
+    /// copy of the process as it was before any preload.
     pub fn serve(mut self, options: &ServeOptions) -> Result<(), ServeError> {
         match options.log_level {
             Some(level) => log::set_level(level),
@@ -233,14 +231,6 @@ impl ServerBuilder {
             .map_err(ServeError::MultiThreaded)?;
         self.specs.dylibs.extend(options.dylibs.iter().cloned());
         let modules = Modules::new(self.specs);
-        let split = crate::event_loop::split_or_why_not(options.threads);
-        if let Err(why) = &split {
-            log!(
-                Level::Debug,
-                "preloading in the server itself, which cannot reload them: {why}"
-            );
-            modules.load(options.threads)?;
-        }
         let signals = signals::SignalPipe::install()
             .map_err(|e| ServeError::Setup("installing signal handlers", e))?;
         let ready_fd = options
@@ -261,7 +251,7 @@ impl ServerBuilder {
         let path = listener.path().to_owned();
         let mut options = options.clone();
         options.pools.extend(self.pools);
-        let mut event_loop = EventLoop::new(listener, signals, modules, &options, split)?;
+        let mut event_loop = EventLoop::new(listener, signals, modules, &options)?;
         let summary = format!(
             "listening on {} (protocol {}, version {}, {} module(s))",
             path.display(),

@@ -126,11 +126,6 @@ impl Modules {
         }
     }
 
-    /// Whether this process has run the preloads.
-    pub(crate) fn is_loaded(&self) -> bool {
-        self.loaded.get().is_some()
-    }
-
     /// The modules preloaded here, with their preload times (none before
     /// [`load`](Self::load)).
     pub(crate) fn infos(&self) -> &[ModuleInfo] {

@@ -52,7 +52,7 @@ struct Pool {
     worker: String,
     size: usize,
     idle: VecDeque<PoolChild>,
-    /// Children asked of the forker and not answered yet.
+    /// Children asked of the zygote and not answered yet.
     asked: usize,
     hits: u64,
     misses: u64,
@@ -81,11 +81,6 @@ impl Pools {
         }
     }
 
-    /// Whether there is any pool.
-    pub(crate) fn any(&self) -> bool {
-        !self.pools.is_empty()
-    }
-
     /// An idle child for `worker`, the oldest that is ready if any is (else
     /// the oldest, which will take the request when its warm-up ends: still
     /// sooner than a fork), counting a hit or (for a pooled worker whose
@@ -103,7 +98,7 @@ impl Pools {
     }
 
     /// A worker whose pool is below its size, counting the children asked
-    /// of the forker, if any.
+    /// of the zygote, if any.
     pub(crate) fn short(&self) -> Option<&str> {
         self.pools
             .iter()
@@ -111,20 +106,14 @@ impl Pools {
             .map(|p| p.worker.as_str())
     }
 
-    pub(crate) fn add(&mut self, worker: &str, child: PoolChild) {
-        if let Some(pool) = self.pools.iter_mut().find(|p| p.worker == worker) {
-            pool.idle.push_back(child);
-        }
-    }
-
-    /// A child for `worker` was asked of the forker.
+    /// A child for `worker` was asked of the zygote.
     pub(crate) fn asked(&mut self, worker: &str) {
         if let Some(pool) = self.pools.iter_mut().find(|p| p.worker == worker) {
             pool.asked += 1;
         }
     }
 
-    /// The forker answered one of `worker`'s: with the child, or without
+    /// The zygote answered one of `worker`'s: with the child, or without
     /// (it failed).
     pub(crate) fn answered(&mut self, worker: &str, child: Option<PoolChild>) {
         if let Some(pool) = self.pools.iter_mut().find(|p| p.worker == worker) {
@@ -133,7 +122,7 @@ impl Pools {
         }
     }
 
-    /// The forker is gone, and with it every answer still owed.
+    /// The zygote is gone, and with it every answer still owed.
     pub(crate) fn forget_asked(&mut self) {
         for pool in &mut self.pools {
             pool.asked = 0;

@@ -160,6 +160,14 @@ fn parse_num_threads(line: &[u8]) -> Option<u64> {
     crate::sys::stat_field(line, 20)?.parse().ok()
 }
 
+/// Why [`ForkGuard::check`] refused a fork.
+#[derive(Debug)]
+pub(crate) struct Refusal {
+    pub(crate) why: String,
+    /// Every later fork would be refused too.
+    pub(crate) lasting: bool,
+}
+
 impl ForkGuard {
     /// The guard for `policy`, recording the dormant threads now.
     pub(crate) fn arm(policy: ThreadPolicy) -> Result<ForkGuard, String> {
@@ -172,7 +180,9 @@ impl ForkGuard {
         })
     }
 
-    /// Ok when forking now is allowed; otherwise says why not.
+    /// Ok when forking now is allowed; otherwise says why not, and whether
+    /// that lasts (a thread that is not one of those tolerated) or may pass
+    /// (a tolerated one that would not settle).
     ///
     /// A tolerated thread may wake up now and then (Polars' out-of-core
     /// cleaner does, rarely, for reasons of its own). Then the fork waits, up
@@ -181,10 +191,13 @@ impl ForkGuard {
     /// done), and re-records the counts. The wait blocks the event loop, which
     /// is why it is bounded. A thread that appeared after the preloads is
     /// never tolerated.
-    pub(crate) fn check(&self) -> Result<(), String> {
+    pub(crate) fn check(&self) -> Result<(), Refusal> {
+        let lasting = |why: String| Refusal { why, lasting: true };
         let (count, armed) = match self {
             ForkGuard::Off => return Ok(()),
-            ForkGuard::Strict(count) => return count.ensure_one().map_err(|e| e.to_string()),
+            ForkGuard::Strict(count) => {
+                return count.ensure_one().map_err(|e| lasting(e.to_string()))
+            }
             ForkGuard::Dormant(count, armed) => (count, armed),
         };
         if count.ensure_one().is_ok() {
@@ -196,10 +209,10 @@ impl ForkGuard {
             .iter()
             .find(|s| !armed.iter().any(|a| a.info.tid == s.info.tid))
         {
-            return Err(format!(
+            return Err(lasting(format!(
                 "thread {} '{}' started after the preloads; forking now could copy a lock it holds",
                 new.info.tid, new.info.name
-            ));
+            )));
         }
         if seen
             .iter()
@@ -238,12 +251,16 @@ impl ForkGuard {
                     .iter()
                     .find(|n| !n.asleep || !seen.iter().any(|s| s.same_as(n)))
                     .or(now.first());
-                return Err(match busy {
+                let why = match busy {
                     Some(t) => format!(
                         "thread {} '{}' keeps running (not asleep and quiet for {QUIET:?} within {QUIET_WAIT_LIMIT:?}), so it is not dormant; forking now could copy a lock it holds",
                         t.info.tid, t.info.name
                     ),
                     None => "the tolerated threads did not settle".to_owned(),
+                };
+                return Err(Refusal {
+                    why,
+                    lasting: false,
                 });
             }
             seen = now;

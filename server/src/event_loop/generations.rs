@@ -2,9 +2,9 @@
 //! which one is preloading to replace it (a reload), and what happens when
 //! one dies.
 //!
-//! A *split* server never runs its preloads: each generation's zygote (a
-//! fresh fork of the front, `launch/zygote/`) runs them, and forks every
-//! worker and pool child. So a reload (SIGHUP, the `reload` request) is a
+//! The front never runs its preloads: each generation's zygote (a fresh
+//! fork of the front, `launch/zygote/`) runs them, and forks every worker
+//! and pool child. So a reload (SIGHUP, the `reload` request) is a
 //! new zygote that loads what is on disk now; until it is ready the old one
 //! serves, and if it fails the old one serves on. Once it is ready, new
 //! spawns go to it, the old generation's idle pool children are retired,
@@ -17,12 +17,6 @@
 //! doubles while generations keep failing, so a preload that crashes at
 //! import cannot make a respawn storm. Meanwhile worker spawns fail with a
 //! message saying so; exec spawns never needed a zygote.
-//!
-//! A server that cannot split runs its preloads in the front, once
-//! ([`split_or_why_not`] says when), and then has at most a *forker*: a
-//! zygote that skips the preloads and forks only pool children. SIGHUP
-//! replaces it (the pools refill from the front's state then), but there
-//! is no reloading code that the front has loaded.
 
 use std::os::fd::RawFd;
 use std::time::{Duration, Instant};
@@ -32,10 +26,10 @@ use nix::sys::epoll::{EpollEvent, EpollFlags};
 
 use super::connections::request_error;
 use super::{EventLoop, NEXT_ZYGOTE, ZYGOTE};
-use crate::launch::zygote::{Preloading, Ready, Zygote};
+use crate::launch::zygote::{Ready, Zygote};
 use crate::ledger::ConnId;
 use crate::log::{log, Level};
-use crate::sys::GlibcThread;
+use crate::sys::SiblingFork;
 use crate::threads::ThreadPolicy;
 use crate::watch::{self, Watch};
 use crate::ServeError;
@@ -48,24 +42,13 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// not a preload that cannot start.
 const STEADY: Duration = Duration::from_secs(30);
 
-/// Whether this server can run its preloads in zygotes, or why not. The
-/// zygote forks its children with `clone3(CLONE_PARENT)` so that they are
-/// the front's (`sys::sibling`), which needs glibc's thread descriptor and
-/// a single-threaded zygote: a server that tolerates threads
-/// (`--allow-dormant-threads`, `--allow-threads`) preloads in the front.
-pub(crate) fn split_or_why_not(policy: ThreadPolicy) -> Result<(), String> {
-    GlibcThread::find_allowed()?;
-    if policy != ThreadPolicy::Refuse {
-        return Err("the thread guard tolerates threads, and a zygote forks with one".into());
-    }
-    Ok(())
-}
-
 /// The front's generations.
 pub(super) struct Generations {
-    /// Ok if the preloads run in zygotes; else why they run in the front
-    /// (`split_or_why_not`).
-    split: Result<(), String>,
+    /// How zygotes make their children the front's.
+    fork: SiblingFork,
+    /// The thread guard's policy, which each zygote applies to its preloads
+    /// and before each fork.
+    policy: ThreadPolicy,
     /// The pools' workers, which each zygote checks it offers.
     pools: Vec<String>,
     /// The generation that serves.
@@ -104,12 +87,14 @@ pub(super) struct Generation {
 
 impl Generations {
     pub(super) fn new(
-        split: Result<(), String>,
+        fork: SiblingFork,
+        policy: ThreadPolicy,
         pools: Vec<String>,
         reload_on_change: bool,
     ) -> Generations {
         Generations {
-            split,
+            fork,
+            policy,
             pools,
             current: None,
             next: None,
@@ -126,35 +111,18 @@ impl Generations {
         }
     }
 
-    /// Whether the preloads run in zygotes (so worker spawns go there).
-    pub(super) fn split(&self) -> bool {
-        self.split.is_ok()
-    }
-
-    /// What a zygote of this server does at start.
-    fn preloading(&self) -> Preloading {
-        match self.split {
-            Ok(()) => Preloading::InZygote,
-            Err(_) => Preloading::RanInFront,
-        }
-    }
-
-    /// The serving zygote's modules (a split server's), if any.
-    pub(super) fn modules(&self) -> Option<&[ModuleInfo]> {
-        let current = self.current.as_ref().filter(|_| self.split())?;
-        Some(&current.ready.modules)
+    /// The serving zygote's modules (none while none serves).
+    pub(super) fn modules(&self) -> &[ModuleInfo] {
+        self.current.as_ref().map_or(&[], |g| &g.ready.modules)
     }
 
     pub(super) fn zygote_pid(&self) -> Option<u32> {
         self.current.as_ref().map(|g| g.zygote.pid() as u32)
     }
 
-    /// The serving generation's number; 0 in a server that cannot split.
+    /// The serving generation's number; 0 while none serves.
     pub(super) fn number(&self) -> u64 {
-        match (self.split(), &self.current) {
-            (true, Some(current)) => current.number,
-            _ => 0,
-        }
+        self.current.as_ref().map_or(0, |g| g.number)
     }
 
     pub(super) fn failure(&self) -> Option<&str> {
@@ -215,26 +183,14 @@ enum Which {
 
 impl EventLoop {
     /// Starts the first generation and waits for it (as long as the
-    /// preloads take): the server is not ready before. Without pools, a
-    /// server that preloaded in the front needs no zygote.
+    /// preloads take): the server is not ready before.
     pub(super) fn first_generation(
         &mut self,
         stderr_after_ready: Option<RawFd>,
     ) -> Result<(), ServeError> {
-        if !self.generations.split() {
-            // The front preloaded: its files are the ones to watch.
-            let files = self.launcher.modules.preloaded_files();
-            self.generations.watch(files);
-            if !self.pools.any() {
-                return Ok(());
-            }
-        }
-        let Some(mut generation) = self
+        let mut generation = self
             .fork_zygote(stderr_after_ready)
-            .map_err(ServeError::Zygote)?
-        else {
-            return Ok(());
-        };
+            .map_err(ServeError::Zygote)?;
         generation.ready = generation.zygote.wait_ready().map_err(ServeError::Zygote)?;
         self.watch(&generation, ZYGOTE)
             .map_err(|e| ServeError::Setup("watching the zygote's socket", e))?;
@@ -242,20 +198,18 @@ impl EventLoop {
         Ok(())
     }
 
-    /// Forks the next generation's zygote; None where none can be made
-    /// (`sys::sibling`: then the front forks pool children itself).
-    fn fork_zygote(
-        &mut self,
-        stderr_after_ready: Option<RawFd>,
-    ) -> Result<Option<Generation>, String> {
-        let pools = &self.generations.pools;
+    /// Forks the next generation's zygote.
+    fn fork_zygote(&mut self, stderr_after_ready: Option<RawFd>) -> Result<Generation, String> {
+        let generations = &self.generations;
         let zygote = self
             .launcher
-            .start_zygote(self.generations.preloading(), pools, stderr_after_ready)
+            .start_zygote(
+                generations.fork,
+                generations.policy,
+                &generations.pools,
+                stderr_after_ready,
+            )
             .map_err(|e| format!("cannot start a zygote: {}", e.message))?;
-        let Some(zygote) = zygote else {
-            return Ok(None);
-        };
         self.generations.latest += 1;
         log!(
             Level::Debug,
@@ -263,12 +217,12 @@ impl EventLoop {
             self.generations.latest,
             zygote.pid()
         );
-        Ok(Some(Generation {
+        Ok(Generation {
             zygote,
             number: self.generations.latest,
             ready: Ready::default(),
             ready_at: Instant::now(),
-        }))
+        })
     }
 
     fn watch(&self, generation: &Generation, token: u64) -> std::io::Result<()> {
@@ -288,10 +242,8 @@ impl EventLoop {
         let retired = self.generations.current.take();
         let number = generation.number;
         let modules = generation.ready.modules.clone();
-        if self.generations.split() {
-            let files = std::mem::take(&mut generation.ready.files);
-            self.generations.watch(files);
-        }
+        let files = std::mem::take(&mut generation.ready.files);
+        self.generations.watch(files);
         let zygote = generation.zygote.pid();
         self.generations.current = Some(generation);
         self.generations.failure = None;
@@ -346,8 +298,7 @@ impl EventLoop {
         log!(Level::Info, "{why}: starting a new generation");
         self.readiness_reloading();
         let generation = match self.fork_zygote(None) {
-            Ok(Some(generation)) => generation,
-            Ok(None) => return self.next_failed("no zygote can be made".into()),
+            Ok(generation) => generation,
             Err(why) => return self.next_failed(why),
         };
         if let Err(e) = self.watch(&generation, NEXT_ZYGOTE) {
@@ -366,50 +317,21 @@ impl EventLoop {
         }
     }
 
-    /// A `reload` request from `conn`: root and the server's uid only, and
-    /// only a split server can load its preloads afresh.
+    /// A `reload` request from `conn`: root and the server's uid only.
     pub(super) fn reload_request(&mut self, conn: ConnId, id: u64) {
         let Some(peer) = self.connections.get(&conn).map(|c| c.peer.clone()) else {
             return;
         };
-        let refused = if peer.uid != 0 && peer.uid != self.server_uid {
-            Some((
-                ErrorKind::Denied,
-                format!(
-                    "only root and the server's uid {} may reload it, not uid {}",
-                    self.server_uid, peer.uid
-                ),
-            ))
-        } else if let Err(why) = &self.generations.split {
-            Some((
-                ErrorKind::Invalid,
-                format!("this server cannot reload its preloads: {why}; restart it instead"),
-            ))
-        } else {
-            None
-        };
-        if let Some((kind, message)) = refused {
-            self.reply(conn, request_error(Some(id), kind, message), Vec::new());
+        if peer.uid != 0 && peer.uid != self.server_uid {
+            let message = format!(
+                "only root and the server's uid {} may reload it, not uid {}",
+                self.server_uid, peer.uid
+            );
+            let reply = request_error(Some(id), ErrorKind::Denied, message);
+            self.reply(conn, reply, Vec::new());
             return;
         }
         self.reload(&format!("reload asked by {peer}"), Some((conn, id)));
-    }
-
-    /// SIGHUP: a reload; in a server that cannot split, a new forker (its
-    /// pools refill from the server's state as it is now).
-    pub(super) fn hangup(&mut self) {
-        if self.generations.split() {
-            self.reload("SIGHUP", None);
-            return;
-        }
-        log!(
-            Level::Info,
-            "SIGHUP: flushing the prefork pools; they refill from the server's state (this server cannot reload its preloads)"
-        );
-        self.pools.flush();
-        if self.pools.any() {
-            self.reload("SIGHUP", None);
-        }
     }
 
     /// A zygote's socket is readable.
@@ -478,14 +400,6 @@ impl EventLoop {
         };
         let _ = self.epoll.delete(&lost.zygote);
         self.pools.forget_asked();
-        if !self.generations.split() {
-            log!(
-                Level::Warn,
-                "the forker (pid {}) {why}; the server forks pool children itself",
-                lost.zygote.pid()
-            );
-            return;
-        }
         if lost.ready_at.elapsed() >= STEADY {
             self.generations.backoff = FIRST_BACKOFF;
         }
@@ -555,22 +469,14 @@ impl EventLoop {
             return;
         }
         self.generations.watch_at = Some(now + watch::INTERVAL);
-        let remedy = if self.generations.split() {
-            "a reload (`forkserver reload`, SIGHUP) loads it"
-        } else {
-            "this server preloads in itself and cannot reload: restart it to load it"
-        };
         for path in self.generations.watch.check() {
             log!(
                 Level::Warn,
-                "preloaded file {} changed on disk since it was loaded; workers run the older version; {remedy}",
+                "preloaded file {} changed on disk since it was loaded; workers run the older version; a reload (`forkserver reload`, SIGHUP) loads it",
                 path.display()
             );
         }
-        if self.generations.reload_on_change
-            && self.generations.split()
-            && self.generations.watch.take_reload()
-        {
+        if self.generations.reload_on_change && self.generations.watch.take_reload() {
             let why = format!(
                 "--reload-on-change: {} preloaded file(s) changed on disk",
                 self.generations.watch.changed_count()

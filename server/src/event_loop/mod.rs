@@ -36,7 +36,8 @@ use crate::peer::PeerPolicy;
 use crate::pool::Pools;
 use crate::readiness::Readiness;
 use crate::signals::SignalPipe;
-use crate::threads::ForkGuard;
+use crate::sys::SiblingFork;
+use crate::threads::{ForkGuard, ThreadPolicy};
 use crate::{sys, ServeError, ServeOptions};
 
 mod budgets;
@@ -44,8 +45,6 @@ mod connections;
 mod generations;
 mod inspect;
 mod requests;
-
-pub(crate) use generations::split_or_why_not;
 
 const LISTENER: u64 = 0;
 const SIGNALS: u64 = 1;
@@ -111,7 +110,6 @@ impl EventLoop {
         signals: SignalPipe,
         modules: Modules,
         options: &ServeOptions,
-        split: Result<(), String>,
     ) -> Result<EventLoop, ServeError> {
         let setup = |doing: &'static str| move |e: nix::Error| ServeError::Setup(doing, e.into());
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(setup("creating epoll"))?;
@@ -133,13 +131,16 @@ impl EventLoop {
             }
             None => None,
         };
-        // A split server's zygote checks them, against what it preloaded.
-        if modules.is_loaded() {
-            for (worker, _) in &options.pools {
-                modules
-                    .find(worker)
-                    .map_err(|why| ServeError::Config(format!("--pool {worker}: {why}")))?;
-            }
+        // Every child of a zygote is the front's: made so by clone3 or
+        // adopted (`sys::sibling`), which needs this either way (a zygote
+        // turns to adoption if its clone fails).
+        sys::become_subreaper().map_err(|e| ServeError::Setup("becoming a child subreaper", e))?;
+        let (fork, why_not_clone) = SiblingFork::choose(options.threads != ThreadPolicy::Refuse);
+        if let Some(why) = why_not_clone {
+            log!(
+                Level::Debug,
+                "zygotes fork each child twice (adopted by the server): {why}"
+            );
         }
         let pool_workers = options.pools.iter().map(|(w, _)| w.clone()).collect();
         let fork_guard = ForkGuard::arm(options.threads)
@@ -173,7 +174,8 @@ impl EventLoop {
             refill_paused_until: None,
             yielded_for_refill: false,
             generations: generations::Generations::new(
-                split,
+                fork,
+                options.threads,
                 pool_workers,
                 options.reload_on_change,
             ),
@@ -192,9 +194,7 @@ impl EventLoop {
 
     /// The modules preloaded: by the serving zygote, or by the front.
     fn modules(&self) -> &[ModuleInfo] {
-        self.generations
-            .modules()
-            .unwrap_or_else(|| self.launcher.modules.infos())
+        self.generations.modules()
     }
 
     /// Tells systemd (and `--ready-fd`, the first time) that the server
@@ -254,7 +254,7 @@ impl EventLoop {
                         .latest_launch()
                         .is_some_and(|at| at.elapsed() >= REFILL_WAITS_FOR_A_START))
                 && self.pools.short().is_some()
-                && (!self.generations.split() || self.generations.current.is_some())
+                && self.generations.current.is_some()
                 && self
                     .refill_paused_until
                     .is_none_or(|until| until <= Instant::now());
@@ -308,35 +308,18 @@ impl EventLoop {
         }
     }
 
-    /// Asks the zygote for one pool child for a pool below its size, or
-    /// forks it here (a server that preloaded itself and has no forker).
-    /// Called only when no event is waiting, so a refill never delays a
-    /// request.
+    /// Asks the zygote for one pool child for a pool below its size (none
+    /// while no zygote serves: the pools refill from the next). Called only
+    /// when no event is waiting, so a refill never delays a request.
     fn refill_one(&mut self) {
         let Some(worker) = self.pools.short().map(str::to_owned) else {
             return;
         };
-        if let Some(current) = &mut self.generations.current {
-            match current.zygote.ask(&worker) {
-                Ok(()) => self.pools.asked(&worker),
-                Err(e) => self.refill_failed(&worker, &e.message),
-            }
+        let Some(current) = &mut self.generations.current else {
             return;
-        }
-        if self.generations.split() {
-            // No zygote serves; the pools refill from the next one.
-            return;
-        }
-        match self.launcher.prefork(&worker) {
-            Ok(child) => {
-                log!(
-                    Level::Debug,
-                    "pool '{worker}': forked idle child {}",
-                    child.pid
-                );
-                self.pools.add(&worker, child);
-                self.refill_paused_until = None;
-            }
+        };
+        match current.zygote.ask(&worker) {
+            Ok(()) => self.pools.asked(&worker),
             Err(e) => self.refill_failed(&worker, &e.message),
         }
     }
@@ -404,7 +387,7 @@ impl EventLoop {
             }
         }
         if arrived.hangup {
-            self.hangup();
+            self.reload("SIGHUP", None);
         }
         if arrived.upgrade {
             log!(

@@ -132,10 +132,8 @@ impl EventLoop {
                     Target::Worker { name, .. } => (self.pools.take(name), true),
                     Target::Exec { .. } => (None, false),
                 };
-                let split = self.generations.split();
-                let no_zygote = split && self.generations.current.is_none();
-                let why_none =
-                    (worker && no_zygote && pooled.is_none()).then(|| self.generations.why_none());
+                let why_none = (worker && self.generations.current.is_none() && pooled.is_none())
+                    .then(|| self.generations.why_none());
                 let zygote = self.generations.current.as_mut().map(|g| &mut g.zygote);
                 // A panic while checking the request fails this request,
                 // not the server. A forked child's panics never come back
@@ -146,13 +144,14 @@ impl EventLoop {
                             .hand_off(child, &request, fds, credentials, &conn.peer)
                     }
                     // A worker needs the preloads: the zygote forks it.
-                    (None, Some(zygote)) if worker && split => {
+                    (None, Some(zygote)) if worker => {
                         zygote.spawn(&self.launcher, &request, fds, credentials, &conn.peer)
                     }
-                    (None, None) if worker && split => Err(LaunchError::new(
+                    (None, None) if worker => Err(LaunchError::new(
                         ErrorKind::Resource,
                         why_none.unwrap_or_default(),
                     )),
+                    // An exec shares nothing preloaded: the front starts it.
                     (None, _) => self.launcher.launch(&request, &conn.peer, fds, credentials),
                 }))
                 .unwrap_or_else(|panic| {

@@ -134,7 +134,7 @@ impl Launcher {
     fn before_a_child(&self) -> Result<(OwnedFd, OwnedFd, libc::sigset_t), LaunchError> {
         self.fork_guard
             .check()
-            .map_err(|why| LaunchError::new(ErrorKind::Threads, why))?;
+            .map_err(|refusal| LaunchError::new(ErrorKind::Threads, refusal.why))?;
         let (report, report_write) = report_pipe()?;
         let old_mask = sys::block_all_signals()
             .map_err(|e| LaunchError::os(ErrorKind::Resource, "blocking signals", e))?;

@@ -18,7 +18,7 @@
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 
 use forkserver_protocol::{ErrorKind, Limits, RunAs, Spawn, StdioSpec, Target};
@@ -62,7 +62,7 @@ impl LaunchError {
         }
     }
 
-    fn os(kind: ErrorKind, doing: &str, err: io::Error) -> LaunchError {
+    pub(crate) fn os(kind: ErrorKind, doing: &str, err: io::Error) -> LaunchError {
         LaunchError {
             kind,
             errno: err.raw_os_error(),
@@ -173,24 +173,6 @@ impl Launcher {
             report: forked.report,
             client_ends: made.client_ends,
             pool_control: None,
-        })
-    }
-
-    /// Forks a prefork pool child for `worker`: it warms up, then waits for
-    /// an [`Assignment`](pool_child::Assignment) on its control socket.
-    pub(crate) fn prefork(&self, worker: &str) -> Result<PoolChild, LaunchError> {
-        let (control, child_end) = fork::control_socket()?;
-        let forked = self.fork(None, |reporter, _| {
-            // SAFETY: we are the freshly forked child; the control socket and
-            // /dev/null are open.
-            unsafe { pool_child::run(self, worker, child_end.as_raw_fd(), reporter) }
-        })?;
-        Ok(PoolChild {
-            pid: forked.pid,
-            pidfd: forked.pidfd,
-            control,
-            report: forked.report,
-            ready: false,
         })
     }
 

@@ -1,26 +1,37 @@
-//! A fork whose child is the caller's sibling: `clone3(CLONE_PARENT)`, for
-//! the zygote (`launch/zygote/`), whose children must be the front's.
+//! A fork whose child is the caller's sibling (its parent's child), for the
+//! zygote (`launch/zygote/`), whose children must be the front's. Two ways,
+//! [`SiblingFork`]:
 //!
-//! glibc's `fork()` cannot take that flag, and a raw clone skips what
-//! glibc's fork does for the child's thread. In a single-threaded caller
-//! that holds none of glibc's locks, two things are left, and
-//! [`fork_sibling`] does both as glibc's fork does: the thread id glibc
-//! keeps in its thread descriptor (written by the kernel,
-//! `CLONE_CHILD_SETTID`, at the address found by [`GlibcThread::find`]), and
-//! the robust-futex list, which the kernel does not carry into a child
-//! (registered again with `set_robust_list`). The atfork handlers do not
-//! run; the zygote runs the embedder's fork hooks around each clone (see
-//! `launch/zygote/`).
+//! - **Clone** (the fast one): `clone3(CLONE_PARENT)`, one copy of the
+//!   address space. glibc's `fork()` cannot take that flag, and a raw clone
+//!   skips what glibc's fork does for the child's thread. In a
+//!   single-threaded caller that holds none of glibc's locks, two things
+//!   are left, and [`fork_sibling`] does both as glibc's `_Fork` does: the
+//!   thread id glibc keeps in its thread descriptor (written by the kernel,
+//!   `CLONE_CHILD_SETTID`, at the address found by [`GlibcThread::find`],
+//!   then checked in the child), and the robust-futex list, which the
+//!   kernel does not carry into a child (emptied, then registered again
+//!   with `set_robust_list`). The atfork handlers do not run; the zygote
+//!   runs the embedder's fork hooks around each clone.
+//! - **Adopted** (the complete fallback, on any libc): [`fork_adopted`]
+//!   forks twice with the libc's own `fork()`; the middle process exits at
+//!   once, so the child is adopted by the nearest *subreaper* above it,
+//!   which the caller's parent must be (`PR_SET_CHILD_SUBREAPER`:
+//!   [`become_subreaper`]). It costs a second copy of the address space,
+//!   and works in a caller that has other threads (the libc's fork resets
+//!   its own locks in the child, as for any fork).
 //!
-//! `FORKSERVER_SIBLING_FORK=0` in the server's environment turns this off
-//! ([`GlibcThread::find_allowed`]), as if glibc's descriptor were missing
-//! (musl), so that the path without it can be run on purpose.
+//! [`SiblingFork::choose`] takes Clone where glibc's descriptor is found,
+//! `FORKSERVER_SIBLING_FORK=0` is not set and the caller will have no other
+//! thread; otherwise Adopted. The switch lets CI run everything both ways.
 
 use std::convert::Infallible;
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
-use super::{clone3, cvt, dlsym, owned, run_child, CloneArgs};
+use super::{
+    clone3, cvt, dlsym, fork, owned, pidfd_open, pipe, read, run_child, wait_for, CloneArgs,
+};
 
 /// Where glibc keeps the calling thread's id, and the thread's robust-futex
 /// list, as [`fork_sibling`] must set them in its child.
@@ -32,8 +43,94 @@ pub(crate) struct GlibcThread {
     robust_len: usize,
 }
 
-/// The environment variable that turns sibling forks off when `0`.
+/// The environment variable that turns the Clone way off when `0`.
 const SWITCH: &str = "FORKSERVER_SIBLING_FORK";
+
+/// How a zygote makes its children the front's (see the module's docs).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum SiblingFork {
+    Clone(GlibcThread),
+    Adopted,
+}
+
+impl SiblingFork {
+    /// Clone where it can be used, else Adopted with why not. `threads`:
+    /// the caller may fork while it has other threads (a raw clone is
+    /// safe only in a single-threaded process).
+    pub(crate) fn choose(threads: bool) -> (SiblingFork, Option<String>) {
+        if threads {
+            let why = "the thread guard tolerates threads, and clone3 is safe only without them";
+            return (SiblingFork::Adopted, Some(why.into()));
+        }
+        match GlibcThread::find_allowed() {
+            Ok(thread) => (SiblingFork::Clone(thread), None),
+            Err(why) => (SiblingFork::Adopted, Some(why)),
+        }
+    }
+
+    /// This way if a first child made with it finds itself as glibc's fork
+    /// would leave it (its thread id where glibc keeps it, its robust list
+    /// registered), else Adopted, with why. A transient failure of the
+    /// clone (EAGAIN, ENOMEM) keeps Clone: the next fork may work.
+    ///
+    /// # Safety
+    /// As [`fork_sibling`]; the first child is left to the caller's
+    /// parent to reap.
+    pub(crate) unsafe fn checked(self) -> (SiblingFork, Option<String>) {
+        let SiblingFork::Clone(thread) = self else {
+            return (self, None);
+        };
+        let (verdict, fine) = match pipe(false) {
+            Ok(pipe) => pipe,
+            Err(_) => return (self, None),
+        };
+        let child = || {
+            // Only reached if the clone's state was checked (fork_sibling).
+            // SAFETY: writing one byte of ours to our pipe, then _exit.
+            unsafe {
+                libc::write(fine.as_raw_fd(), b"y".as_ptr().cast(), 1);
+                libc::_exit(0)
+            }
+        };
+        // SAFETY: passed on to the caller.
+        match unsafe { fork_sibling(&thread, child) } {
+            Ok(_) => {}
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::ENOMEM)) => {
+                return (self, None)
+            }
+            Err(e) => {
+                let why = format!("clone3(CLONE_PARENT) failed: {e}");
+                return (SiblingFork::Adopted, Some(why));
+            }
+        }
+        drop(fine);
+        let mut byte = [0u8];
+        match read(verdict.as_fd(), &mut byte) {
+            Ok(1) => (self, None),
+            _ => {
+                let why = "a child of clone3(CLONE_PARENT) did not find its thread id and robust list as glibc's fork leaves them";
+                (SiblingFork::Adopted, Some(why.into()))
+            }
+        }
+    }
+
+    /// Forks a child of the caller's parent (see [`fork_sibling`] and
+    /// [`fork_adopted`]), with a pidfd for it.
+    ///
+    /// # Safety
+    /// As the function for the way chosen.
+    pub(crate) unsafe fn fork(
+        &self,
+        in_child: impl FnOnce() -> Infallible,
+    ) -> io::Result<(libc::pid_t, OwnedFd)> {
+        match self {
+            // SAFETY: passed on to the caller.
+            SiblingFork::Clone(thread) => unsafe { fork_sibling(thread, in_child) },
+            // SAFETY: passed on to the caller.
+            SiblingFork::Adopted => unsafe { fork_adopted(in_child) },
+        }
+    }
+}
 
 impl GlibcThread {
     /// [`find`](Self::find), unless [`SWITCH`] turns sibling forks off;
@@ -132,17 +229,121 @@ pub(crate) unsafe fn fork_sibling(
     let pid = unsafe { clone3(&args) }?;
     if pid == 0 {
         // SAFETY: the list head is this thread's own (copied) list, as
-        // glibc's fork registers it in its child.
-        unsafe {
+        // glibc's fork registers it in its child (`struct robust_list_head`
+        // of linux/futex.h: `list`, `futex_offset`, `list_op_pending`).
+        // Emptied first, as `_Fork` does: a lock on it is the parent's.
+        let registered = unsafe {
+            let head = thread.robust_head.cast::<*mut libc::c_void>();
+            if !head.is_null() {
+                head.write(thread.robust_head);
+                head.add(2).write(std::ptr::null_mut());
+            }
             libc::syscall(
                 libc::SYS_set_robust_list,
                 thread.robust_head,
                 thread.robust_len,
             )
         };
+        // SAFETY: the tid field of this thread's (copied) descriptor.
+        if registered != 0 || unsafe { thread.tid.read() } != gettid() {
+            // Not the state glibc's fork leaves: nothing of the libc's can
+            // be trusted here. [`SiblingFork::checked`] finds this before
+            // a zygote uses the way; a child that finds it later ends.
+            // SAFETY: _exit ends this child at once.
+            unsafe { libc::_exit(CLONE_MISFIT) }
+        }
         run_child(in_child)
     }
     Ok((pid, owned(pidfd)))
+}
+
+/// The exit code of a clone whose child found glibc's thread id wrong.
+pub(crate) const CLONE_MISFIT: i32 = 121;
+
+/// Forks a child that the caller's parent adopts: the libc's `fork()`
+/// makes a middle process, which forks the child (the libc's `fork()`
+/// again: the middle process has one thread) and exits at once, so the
+/// child is reparented to the nearest subreaper (the caller's parent, if
+/// it called [`become_subreaper`] and the caller did not). The child waits
+/// for that before `in_child` runs: until then its parent is the middle
+/// process, whose exit would fire a parent-death signal set too early.
+/// The middle process's pid pipe tells the caller the child's pid (or
+/// `-errno`), and the caller reaps it (the child is the parent's by then)
+/// and opens the pidfd.
+///
+/// # Safety
+/// As `sys::fork` for the caller, whose threads (if any) were tolerated
+/// by its thread guard; `in_child` keeps to what is safe after fork.
+pub(crate) unsafe fn fork_adopted(
+    in_child: impl FnOnce() -> Infallible,
+) -> io::Result<(libc::pid_t, OwnedFd)> {
+    let (pid_read, pid_write) = pipe(false)?;
+    let middle = || {
+        // Async-signal-safe calls only: the middle process is a fork of a
+        // process that may have other threads.
+        let mut orphaned = [0; 2];
+        // SAFETY: room for two fds.
+        let answer = if unsafe { libc::pipe2(orphaned.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            -io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO)
+        } else {
+            let child = || {
+                // SAFETY: our copies of the middle process's fds. The read
+                // ends at the middle process's exit: its copy of the write
+                // end is the last one. Then this process is adopted.
+                unsafe {
+                    libc::close(pid_write.as_raw_fd());
+                    libc::close(orphaned[1]);
+                    let mut byte = 0u8;
+                    while libc::read(orphaned[0], (&mut byte as *mut u8).cast(), 1) < 0
+                        && *libc::__errno_location() == libc::EINTR
+                    {}
+                    libc::close(orphaned[0]);
+                }
+                in_child()
+            };
+            // SAFETY: the middle process has one thread, and holds no lock
+            // (its fork reset the libc's).
+            match unsafe { fork(child) } {
+                Ok(pid) => pid,
+                Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
+            }
+        };
+        let bytes = answer.to_ne_bytes();
+        // SAFETY: writing our own buffer to our own pipe, then _exit.
+        unsafe {
+            libc::write(pid_write.as_raw_fd(), bytes.as_ptr().cast(), bytes.len());
+            libc::_exit(0)
+        }
+    };
+    // SAFETY: passed on to the caller; the middle process keeps to
+    // async-signal-safe calls.
+    let middle = unsafe { fork(middle) }?;
+    drop(pid_write);
+    let mut bytes = [0u8; 4];
+    let got = read(pid_read.as_fd(), &mut bytes);
+    // Once the middle process is reaped, the child is the subreaper's.
+    wait_for(middle)?;
+    let answer = match got {
+        Ok(4) => libc::pid_t::from_ne_bytes(bytes),
+        Ok(_) => return Err(io::Error::other("the middle process of a fork died")),
+        Err(e) => return Err(e),
+    };
+    if answer < 0 {
+        return Err(io::Error::from_raw_os_error(-answer));
+    }
+    // The child cannot have been reaped: it waits for nothing more, but
+    // only a signal could end it this soon, and only its new parent reap it.
+    Ok((answer, pidfd_open(answer)?))
+}
+
+/// Makes the calling process a child subreaper (`PR_SET_CHILD_SUBREAPER`):
+/// an orphan among its descendants is reparented to it, not to init, so
+/// [`fork_adopted`]'s children, made by its own child, become its own.
+pub(crate) fn become_subreaper() -> io::Result<()> {
+    // SAFETY: prctl with integer arguments only.
+    cvt(unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) }).map(drop)
 }
 
 #[cfg(test)]

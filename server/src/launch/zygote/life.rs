@@ -2,23 +2,25 @@
 //! for each request of the front's until it lets go (see `mod.rs` for the
 //! why and the messages).
 
+use std::cell::Cell;
 use std::convert::Infallible;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::panic::{self, AssertUnwindSafe};
 
 use forkserver_protocol::{encode, memfd_holding, recv_datagram, send_datagram, ErrorKind};
 
-use super::{FromZygote, Preloading, Ready, ToZygote, MAX_MESSAGE, MAX_REQUEST_BYTES};
+use super::{FromZygote, Ready, ToZygote, MAX_MESSAGE, MAX_REQUEST_BYTES};
 use crate::launch::fork::unwind_barrier;
 use crate::launch::plan::PlanFds;
 use crate::launch::pool_child::{self, Assignment};
 use crate::launch::report::Reporter;
 use crate::launch::setup::{self, close_except};
 use crate::launch::{LaunchError, Launcher};
+use crate::log::{log, Level};
 use crate::modules::panic_message;
 use crate::peer::child_rights;
-use crate::sys::{self, GlibcThread};
-use crate::threads::{self, ThreadCount};
+use crate::sys::{self, SiblingFork};
+use crate::threads::{ForkGuard, ThreadPolicy};
 
 /// The zygote's life, in the zygote: keep only its socket (and stdio,
 /// /dev/null and its report pipe, which it never uses but for the fork's
@@ -28,13 +30,13 @@ use crate::threads::{self, ThreadCount};
 /// # Safety
 /// Call only in the freshly forked child of a single-threaded front, with
 /// `socket`, the reporter's pipe and the launcher's /dev/null open, and
-/// `thread` found in the front.
+/// `fork` chosen in the front (a subreaper) for `policy`.
 pub(super) unsafe fn serve(
     launcher: &Launcher,
     socket: RawFd,
     reporter: &Reporter,
-    thread: &GlibcThread,
-    preloading: Preloading,
+    fork: SiblingFork,
+    policy: ThreadPolicy,
     pools: &[String],
     stderr_after_ready: Option<RawFd>,
 ) -> Infallible {
@@ -51,10 +53,17 @@ pub(super) unsafe fn serve(
     let socket = unsafe { BorrowedFd::borrow_raw(socket) };
     // Named for `ps` and `top`; each child takes the server's name back.
     let server_name = sys::thread_name();
-    sys::set_thread_name(match preloading {
-        Preloading::InZygote => b"zygote\0\0\0\0\0\0\0\0\0\0",
-        Preloading::RanInFront => b"forker\0\0\0\0\0\0\0\0\0\0",
-    });
+    sys::set_thread_name(b"zygote\0\0\0\0\0\0\0\0\0\0");
+    // Before the preloads: no thread yet, and a small process to clone.
+    // SAFETY: single-threaded, in no lock; `fork` was chosen in the front.
+    let (fork, fell_back) = unsafe { fork.checked() };
+    if let Some(why) = fell_back {
+        log!(
+            Level::Warn,
+            "zygote {}: {why}; it forks each child twice instead (adopted by the server)",
+            sys::getpid()
+        );
+    }
     let say = |message: &FromZygote, fds: &[BorrowedFd<'_>]| {
         let bytes = encode(message).expect("the zygote's messages encode");
         // A front that has gone is seen at the next receive.
@@ -74,11 +83,15 @@ pub(super) unsafe fn serve(
             let _ = send_datagram(socket, &marker, &fds, libc::MSG_NOSIGNAL);
         }
     };
-    if let Err(message) = preload(launcher, preloading, pools) {
-        say(&FromZygote::Failed { message }, &[]);
-        // SAFETY: _exit ends the zygote without the front's atexit handlers.
-        unsafe { libc::_exit(1) };
-    }
+    let guard = match preload(launcher, policy, pools) {
+        Ok(guard) => guard,
+        Err(message) => {
+            say(&FromZygote::Failed { message }, &[]);
+            // SAFETY: _exit ends the zygote without the front's atexit
+            // handlers.
+            unsafe { libc::_exit(1) }
+        }
+    };
     let ready = Ready {
         modules: launcher.modules.infos().to_vec(),
         files: launcher.modules.preloaded_files(),
@@ -89,7 +102,13 @@ pub(super) unsafe fn serve(
         // the start-up stderr, which is all that could be done.
         let _ = sys::inherited_fd(fd).and_then(sys::replace_stderr);
     }
-    let thread_count = ThreadCount::open();
+    let zygote = Forking {
+        launcher,
+        fork: Cell::new(fork),
+        guard: &guard,
+        doomed: Cell::new(false),
+        server_name,
+    };
     loop {
         let (request, fds) = match receive(socket) {
             Ok(Some(received)) => received,
@@ -106,12 +125,6 @@ pub(super) unsafe fn serve(
                 continue;
             }
         };
-        let zygote = Forking {
-            launcher,
-            thread,
-            thread_count: &thread_count,
-            server_name,
-        };
         // A panic while checking a request (in a worker family's name
         // check, say) fails that request, not the zygote.
         let forked = panic::catch_unwind(AssertUnwindSafe(|| match request {
@@ -123,14 +136,13 @@ pub(super) unsafe fn serve(
         match forked {
             Ok((pid, pidfd)) => say(&FromZygote::Forked { pid }, &[pidfd.as_fd()]),
             Err(e) => {
-                let threads = e.kind == ErrorKind::Threads;
                 let refused = FromZygote::Refused {
                     kind: e.kind,
                     errno: e.errno,
                     message: e.message,
                 };
                 say(&refused, &[]);
-                if threads {
+                if zygote.doomed.get() {
                     // No fork of it is safe again; the front starts a new
                     // generation once this one has gone.
                     // SAFETY: as above.
@@ -152,19 +164,21 @@ fn checking_panicked(panic: &(dyn std::any::Any + Send)) -> LaunchError {
     )
 }
 
-/// Runs the preloads (unless they ran in the front), then checks every
-/// pool's worker name against what they loaded.
-fn preload(launcher: &Launcher, preloading: Preloading, pools: &[String]) -> Result<(), String> {
-    if preloading == Preloading::InZygote {
-        let policy = threads::ThreadPolicy::Refuse;
-        launcher.modules.load(policy).map_err(|e| e.to_string())?;
-    }
+/// Runs the preloads under `policy`, checks every pool's worker name
+/// against what they loaded, and arms the thread guard (here: the front's
+/// reads the front's threads, and knows none of the preloads').
+fn preload(
+    launcher: &Launcher,
+    policy: ThreadPolicy,
+    pools: &[String],
+) -> Result<ForkGuard, String> {
+    launcher.modules.load(policy).map_err(|e| e.to_string())?;
     for worker in pools {
         panic::catch_unwind(AssertUnwindSafe(|| launcher.modules.find(worker).map(drop)))
             .unwrap_or_else(|panic| Err(checking_panicked(&*panic).message))
             .map_err(|why| format!("--pool {worker}: {why}"))?;
     }
-    Ok(())
+    ForkGuard::arm(policy).map_err(|why| format!("--allow-dormant-threads: {why}"))
 }
 
 /// The next request, with its fds; None at end-of-file (or a socket that
@@ -194,9 +208,12 @@ fn receive(socket: BorrowedFd<'_>) -> Result<Option<(ToZygote, Vec<OwnedFd>)>, S
 /// What the zygote forks with.
 struct Forking<'z> {
     launcher: &'z Launcher,
-    /// Found in the front, which forked the zygote.
-    thread: &'z GlibcThread,
-    thread_count: &'z ThreadCount,
+    /// How its children become the front's; Clone until clone3 is refused.
+    fork: Cell<SiblingFork>,
+    guard: &'z ForkGuard,
+    /// The guard refused for good: no fork of this zygote is safe again,
+    /// and it exits (the front starts a new generation).
+    doomed: Cell<bool>,
     /// The server's process name, which each child takes back.
     server_name: [u8; 16],
 }
@@ -265,30 +282,50 @@ impl Forking<'_> {
         Ok(forked)
     }
 
-    /// `sys::fork_sibling` after the thread guard (what the request's check
-    /// ran may have started a thread), with the embedder's fork hooks
-    /// around it; the child takes the server's name back.
+    /// A sibling fork (`sys::sibling`) after the thread guard (what the
+    /// request's check ran may have started a thread), with the embedder's
+    /// fork hooks around it; the child takes the server's name back. A
+    /// clone3 refused for good (a seccomp filter: EPERM, ENOSYS) turns to
+    /// the Adopted way, logged once.
     fn fork(
         &self,
         in_child: impl FnOnce() -> Infallible,
     ) -> Result<(libc::pid_t, OwnedFd), LaunchError> {
-        self.thread_count
-            .ensure_one()
-            .map_err(|threads| {
-                LaunchError::new(
-                    ErrorKind::Threads,
-                    format!("the zygote is no longer single-threaded, and exits (a new generation starts): {threads}"),
+        if let Err(refusal) = self.guard.check() {
+            self.doomed.set(refusal.lasting);
+            let message = if refusal.lasting {
+                format!(
+                    "the zygote is no longer safe to fork, and exits (a new generation starts): {}",
+                    refusal.why
                 )
-            })?;
-        self.launcher.modules.before_fork();
-        let in_child = || {
+            } else {
+                format!("the zygote cannot fork now: {}", refusal.why)
+            };
+            return Err(LaunchError::new(ErrorKind::Threads, message));
+        }
+        // Copy, so that a clone refused can be followed by the other way.
+        let in_child = Cell::new(Some(in_child));
+        let run = || {
             sys::set_thread_name(&self.server_name);
-            in_child()
+            in_child.take().expect("a child runs its work once")()
         };
-        // SAFETY: the zygote is single-threaded (just checked) and inside
-        // no lock of glibc's; `thread` was found in the front, which forked
-        // it.
-        let forked = unsafe { sys::fork_sibling(self.thread, in_child) };
+        self.launcher.modules.before_fork();
+        // SAFETY: the guard has just allowed a fork (the zygote is
+        // single-threaded, or its other threads are tolerated and the way
+        // is Adopted), and it is inside no lock of the libc's.
+        let mut forked = unsafe { self.fork.get().fork(run) };
+        if let (SiblingFork::Clone(_), Err(e)) = (self.fork.get(), &forked) {
+            if matches!(e.raw_os_error(), Some(libc::EPERM | libc::ENOSYS)) {
+                log!(
+                    Level::Warn,
+                    "zygote {}: clone3(CLONE_PARENT) is refused ({e}); it forks each child twice from now on (adopted by the server)",
+                    sys::getpid()
+                );
+                self.fork.set(SiblingFork::Adopted);
+                // SAFETY: as above.
+                forked = unsafe { SiblingFork::Adopted.fork(run) };
+            }
+        }
         self.launcher.modules.after_fork_in_parent();
         forked.map_err(|e| LaunchError::os(ErrorKind::Resource, "the zygote's fork failed", e))
     }

@@ -25,23 +25,20 @@
 //!   worker's name, against what it loaded), plans it and forks the child,
 //!   which runs the ordinary setup.
 //!
-//! Each child is made with `clone3(CLONE_PARENT)` (`sys::fork_sibling`), so
-//! it is the front's child: reaped, signalled and reported there, its
-//! parent-death signal tied to the front, and it outlives the zygote. The
-//! answer is [`FromZygote::Forked`] with a pidfd made by the same clone, or
-//! [`FromZygote::Refused`]. The embedder's fork hooks run around each clone
-//! (an interpreter's import lock).
+//! Each child is made a sibling of the zygote (`sys::sibling`: by
+//! `clone3(CLONE_PARENT)`, or forked twice and adopted by the front, a
+//! subreaper), so it is the front's child: reaped, signalled and reported
+//! there, its parent-death signal tied to the front, and it outlives the
+//! zygote. The answer is [`FromZygote::Forked`] with a pidfd, or
+//! [`FromZygote::Refused`]. The embedder's fork hooks run around each fork
+//! (an interpreter's import lock). The zygote's own thread guard, armed
+//! after its preloads with the server's policy, is checked before each.
 //!
 //! The zygote keeps every signal blocked (as the fork left them: the
 //! front's handlers must not run here; each child resets them), and no fd
 //! but its socket, /dev/null and stdio. `ps` shows it as `zygote`. It ends
 //! at its socket's end-of-file: when the front lets it go (a newer
 //! generation is ready, shutdown) or dies.
-//!
-//! A server whose preloads ran in the front (it cannot split: see
-//! `event_loop/generations.rs`) still starts one, as its *forker*: then the
-//! zygote skips the preloads (they ran) and is asked only for pool
-//! children.
 
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
@@ -57,7 +54,8 @@ use super::pool_child::{self, Assignment};
 use super::{LaunchError, Launched, Launcher};
 use crate::peer::Peer;
 use crate::pool::PoolChild;
-use crate::sys::{self, GlibcThread};
+use crate::sys::{self, SiblingFork};
+use crate::threads::ThreadPolicy;
 use crate::watch::PreloadedFile;
 
 mod life;
@@ -140,20 +138,11 @@ enum Asked {
 /// A child the zygote made for a worker's pool (named), or why not.
 pub(crate) type Answer = (String, Result<PoolChild, LaunchError>);
 
-/// How a zygote starts: run the preloads (a generation of a split server)
-/// or not (they ran in the front: a forker).
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Preloading {
-    InZygote,
-    RanInFront,
-}
-
 impl Launcher {
-    /// Forks a zygote; it preloads (if `preloading` says so) and checks
-    /// `pools`' workers, and says whether it is ready on its socket
-    /// ([`Zygote::wait_ready`], [`Zygote::ready`]). None where its children
-    /// could not be made right (glibc's thread descriptor not found: see
-    /// `sys::sibling`).
+    /// Forks a zygote; it preloads under `policy`, checks `pools`' workers,
+    /// and says whether it is ready on its socket ([`Zygote::wait_ready`],
+    /// [`Zygote::ready`]). It makes its children with `fork` (the front
+    /// must be a subreaper: `sys::become_subreaper`).
     ///
     /// `stderr_after_ready` (`--stderr-after-ready`, for the first
     /// generation only) is kept open in the zygote, which makes it its
@@ -161,13 +150,11 @@ impl Launcher {
     /// the start-up stderr open for the server's whole life.
     pub(crate) fn start_zygote(
         &self,
-        preloading: Preloading,
+        fork: SiblingFork,
+        policy: ThreadPolicy,
         pools: &[String],
         stderr_after_ready: Option<RawFd>,
-    ) -> Result<Option<Zygote>, LaunchError> {
-        let Ok(thread) = GlibcThread::find_allowed() else {
-            return Ok(None);
-        };
+    ) -> Result<Zygote, LaunchError> {
         let (socket, zygote_end) = seqpacket_pair()
             .map_err(|e| LaunchError::os(ErrorKind::Resource, "creating the zygote's socket", e))?;
         let forked = self.fork(None, |reporter, _| {
@@ -178,8 +165,8 @@ impl Launcher {
                     self,
                     zygote_end.as_raw_fd(),
                     reporter,
-                    &thread,
-                    preloading,
+                    fork,
+                    policy,
                     pools,
                     stderr_after_ready,
                 )
@@ -187,13 +174,13 @@ impl Launcher {
         })?;
         sys::set_nonblocking(socket.as_raw_fd())
             .map_err(|e| LaunchError::os(ErrorKind::Resource, "the zygote's socket", e))?;
-        Ok(Some(Zygote {
+        Ok(Zygote {
             pid: forked.pid,
             socket,
             asked: VecDeque::new(),
             early: Vec::new(),
             broken: None,
-        }))
+        })
     }
 }
 
