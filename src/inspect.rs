@@ -46,6 +46,10 @@ pub(crate) struct KillArgs {
 pub(crate) struct ReloadArgs {
     #[command(flatten)]
     socket: SocketArg,
+    /// Upgrade in place: run the server's binary again, keeping its pid,
+    /// connections and children (SIGUSR2 does the same).
+    #[arg(long)]
+    exec: bool,
 }
 
 fn parse_signal(s: &str) -> Result<i32, String> {
@@ -220,6 +224,9 @@ fn human_duration(d: Duration) -> String {
 }
 
 pub(crate) fn reload(args: ReloadArgs) -> ExitCode {
+    if args.exec {
+        return upgrade(args.socket);
+    }
     match args.socket.connect().and_then(|c| c.reload()) {
         Ok((generation, modules)) => {
             let names: Vec<&str> = modules.iter().map(|m| m.name.as_str()).collect();
@@ -233,6 +240,20 @@ pub(crate) fn reload(args: ReloadArgs) -> ExitCode {
         }
         Err(e @ Error::Refused { .. }) => {
             eprintln!("forkserver: reload failed: {e}");
+            ExitCode::from(1)
+        }
+        Err(e) => failed(&e),
+    }
+}
+
+fn upgrade(socket: SocketArg) -> ExitCode {
+    match socket.connect().and_then(|c| c.upgrade()) {
+        Ok((version, previous)) => {
+            println!("upgraded in place: forkserver {version} serves (was {previous})");
+            ExitCode::SUCCESS
+        }
+        Err(e @ Error::Refused { .. }) => {
+            eprintln!("forkserver: upgrade failed: {e}");
             ExitCode::from(1)
         }
         Err(e) => failed(&e),

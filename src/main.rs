@@ -59,9 +59,11 @@ enum Command {
     Kill(inspect::KillArgs),
     /// Load the server's preloads afresh from what is on disk now (a new
     /// generation), without losing a child or a connection; waits until the
-    /// new generation serves. Root and the server's user only.
+    /// new generation serves. With --exec, upgrade the server in place: it
+    /// runs its binary again (the file on disk now), same pid, keeping every
+    /// connection and child. Root and the server's user only.
     #[command(
-        after_help = "Examples:\n  forkserver reload\n  systemctl reload forkserver   (ExecReload=forkserver reload)\n\nExits 0 once the new generation serves, 1 if it failed (the old one serves\non; the reason is printed), 125 if the server could not be reached."
+        after_help = "Examples:\n  forkserver reload\n  forkserver reload --exec      (after installing a new forkserver)\n  systemctl reload forkserver   (ExecReload=forkserver reload)\n\nExits 0 once the new generation (or image) serves, 1 if it failed (the old\none serves on; the reason is printed), 125 if the server could not be reached."
     )]
     Reload(inspect::ReloadArgs),
 }

@@ -25,4 +25,5 @@ mod soak;
 mod spawn;
 mod systemd_units;
 mod tty;
+mod upgrade;
 mod zygote;

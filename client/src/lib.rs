@@ -169,6 +169,23 @@ impl Client {
         }
     }
 
+    /// Upgrades the server in place: it runs its binary again (the file on
+    /// disk now) with the same pid, keeping every connection (this one
+    /// included) and every child, and starts a fresh generation; waits
+    /// until the new image serves. Returns its version and the version it
+    /// replaced. Root and the server's uid only. If the new binary cannot
+    /// take over (it does not start, or cannot read the state handed to
+    /// it), this is `Error::Refused` saying why, and the old image serves
+    /// on with everything it had.
+    pub fn upgrade(&self) -> Result<(String, String), Error> {
+        match self.call(|id| ClientMessage::Upgrade { id })? {
+            ServerMessage::Upgraded {
+                version, previous, ..
+            } => Ok((version, previous)),
+            other => Err(unexpected("upgraded", other)),
+        }
+    }
+
     /// Sends a request whose answer comes in pages and hands each page to
     /// `page`, which says whether more follow.
     fn call_pages(

@@ -80,6 +80,17 @@ pub enum ClientMessage {
         /// Echoed in the reply.
         id: u64,
     },
+    /// Upgrade the server in place: it runs its binary again (the file on
+    /// disk now), with the same pid, and hands the new image its socket,
+    /// every connection and every child; the new image starts a fresh
+    /// generation. Root and the server's uid only. Answered by the new
+    /// image with [`ServerMessage::Upgraded`] once its generation serves,
+    /// or by an error if the new binary could not take over (the old image
+    /// then serves on, with everything it had).
+    Upgrade {
+        /// Echoed in the reply.
+        id: u64,
+    },
 }
 
 /// A request to start a child. File descriptors ride on the same datagram
@@ -469,6 +480,17 @@ pub enum ServerMessage {
         /// The modules it preloaded, with their preload times.
         modules: Vec<ModuleInfo>,
     },
+    /// The answer to `Upgrade`, from the new image: it serves.
+    Upgraded {
+        /// The upgrade request's id.
+        id: u64,
+        /// The new image's version (`CARGO_PKG_VERSION` of its server).
+        version: String,
+        /// The image's earlier version.
+        previous: String,
+        /// The new image's first generation.
+        generation: u64,
+    },
     /// A request, or the connection, failed.
     Error {
         /// The request's id, when the error is about one request.
@@ -626,7 +648,8 @@ impl ServerMessage {
             | ServerMessage::Signaled { id, .. }
             | ServerMessage::Children { id, .. }
             | ServerMessage::Killed { id, .. }
-            | ServerMessage::Reloaded { id, .. } => Some(*id),
+            | ServerMessage::Reloaded { id, .. }
+            | ServerMessage::Upgraded { id, .. } => Some(*id),
             ServerMessage::Status(report) => Some(report.id),
             ServerMessage::Error { id, .. } => *id,
             ServerMessage::Welcome { .. } => None,

@@ -13,7 +13,9 @@ use crate::log::{self, log, Level};
 use crate::modules::{ForkHooks, ModuleSpecs, Modules, WorkerFamily};
 use crate::readiness::Readiness;
 use crate::worker::WorkerContext;
-use crate::{launch, listener, signals, sys, threads, ServeArgs, ServeError, ServeOptions};
+use crate::{
+    handover, launch, listener, signals, sys, threads, ServeArgs, ServeError, ServeOptions,
+};
 
 /// The smallest `max_message_bytes`: a reply page must hold one child with
 /// a target cut to 4096 bytes, and every error text.
@@ -227,31 +229,43 @@ impl ServerBuilder {
                 launch::MAX_MOVES - 3
             )));
         }
+        // A probe of an upgrade in place ends here; an upgrade's new image
+        // takes the state handed over (handover.rs).
+        handover::answer_probe();
+        let handover = handover::take_from_env()
+            .transpose()
+            .map_err(|why| ServeError::Config(format!("upgrade in place: {why}")))?;
         threads::tolerate("before any preload", options.threads)
             .map_err(ServeError::MultiThreaded)?;
         self.specs.dylibs.extend(options.dylibs.iter().cloned());
         let modules = Modules::new(self.specs);
         let signals = signals::SignalPipe::install()
             .map_err(|e| ServeError::Setup("installing signal handlers", e))?;
-        let ready_fd = options
-            .ready_fd
-            .map(sys::inherited_fd)
-            .transpose()
-            .map_err(|e| ServeError::Setup("--ready-fd", e))?;
-        let mut readiness = Readiness::from_env(ready_fd);
-        let listener = match listener::Listener::from_systemd()? {
-            Some(inherited) => inherited,
+        let mut ready_fd = None;
+        let listener = match &handover {
+            Some((state, _)) => {
+                // The old image blocked every signal for the exec.
+                sys::set_signal_mask(&state.signal_mask);
+                // SAFETY: the handover just taken, once.
+                unsafe { listener::Listener::taken_over(state.listener.clone()) }
+            }
             None => {
-                let mut listener = listener::Listener::bind(&options.socket, options.group)?;
-                listener.remove_dir_too(options.remove_socket_dir);
+                ready_fd = options
+                    .ready_fd
+                    .map(sys::inherited_fd)
+                    .transpose()
+                    .map_err(|e| ServeError::Setup("--ready-fd", e))?;
+                let listener = bind_or_inherit(options)?;
+                leave_controlling_terminal();
                 listener
             }
         };
-        leave_controlling_terminal();
+        let mut readiness = Readiness::from_env(ready_fd);
         let path = listener.path().to_owned();
         let mut options = options.clone();
         options.pools.extend(self.pools);
-        let mut event_loop = EventLoop::new(listener, signals, modules, &options)?;
+        let stderr_after_ready = options.stderr_after_ready.filter(|_| handover.is_none());
+        let mut event_loop = EventLoop::new(listener, signals, modules, &options, handover)?;
         let summary = format!(
             "listening on {} (protocol {}, version {}, {} module(s))",
             path.display(),
@@ -259,7 +273,7 @@ impl ServerBuilder {
             env!("CARGO_PKG_VERSION"),
             event_loop.module_count()
         );
-        if let Some(fd) = options.stderr_after_ready {
+        if let Some(fd) = stderr_after_ready {
             sys::inherited_fd(fd)
                 .and_then(sys::replace_stderr)
                 .map_err(|e| ServeError::Setup("--stderr-after-ready", e))?;
@@ -270,6 +284,16 @@ impl ServerBuilder {
         log!(Level::Info, "stopped");
         Ok(())
     }
+}
+
+/// The listening socket systemd passed, else one bound at `options.socket`.
+fn bind_or_inherit(options: &ServeOptions) -> Result<listener::Listener, ServeError> {
+    if let Some(inherited) = listener::Listener::from_systemd()? {
+        return Ok(inherited);
+    }
+    let mut listener = listener::Listener::bind(&options.socket, options.group)?;
+    listener.remove_dir_too(options.remove_socket_dir);
+    Ok(listener)
 }
 
 /// Gives up the server's controlling terminal, if it was started from one:

@@ -5,10 +5,13 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
 
 use forkserver_protocol::{encode, send_datagram, ErrorKind, ServerMessage};
+use serde::{Deserialize, Serialize};
 
+use crate::handover::{take, Passed};
+use crate::ledger::ConnId;
 use crate::log::{log, Level};
 use crate::peer::Peer;
 use crate::reply_size;
@@ -253,6 +256,79 @@ impl Connection {
                 (self.queued_bytes, self.queued_fds) = (0, 0);
                 Err(())
             }
+        }
+    }
+}
+
+/// A connection, handed over (`handover.rs`).
+#[derive(Serialize, Deserialize)]
+pub(crate) struct ConnectionState {
+    pub(crate) id: ConnId,
+    socket: RawFd,
+    peer: Peer,
+    greeted: bool,
+    client: String,
+    /// Replies queued, with their fds by number.
+    outbox: Vec<(Vec<u8>, Vec<RawFd>)>,
+    max_queued: usize,
+    max_bytes: usize,
+    dead: bool,
+    listing: Option<(u64, Vec<libc::pid_t>)>,
+}
+
+impl Connection {
+    /// The connection as the next image needs it, its fds added to
+    /// `passed`.
+    pub(crate) fn hand_over(&self, id: ConnId, passed: &mut Passed) -> ConnectionState {
+        ConnectionState {
+            id,
+            socket: passed.pass(self.socket.as_fd()),
+            peer: self.peer.clone(),
+            greeted: self.greeted,
+            client: self.client.clone(),
+            outbox: (self.outbox.iter())
+                .map(|(bytes, fds)| {
+                    let fds = fds.iter().map(|fd| passed.pass(fd.as_fd())).collect();
+                    (bytes.clone(), fds)
+                })
+                .collect(),
+            max_queued: self.max_queued,
+            max_bytes: self.max_bytes,
+            dead: self.dead,
+            listing: (self.listing.as_ref()).map(|l| (l.id, l.pids.iter().copied().collect())),
+        }
+    }
+
+    /// A connection an old image handed over.
+    ///
+    /// # Safety
+    /// `state` is this image's handover, taken once.
+    pub(crate) unsafe fn taken_over(state: ConnectionState) -> Connection {
+        let outbox: VecDeque<(Vec<u8>, Vec<OwnedFd>)> = (state.outbox.into_iter())
+            // SAFETY: the caller's.
+            .map(|(bytes, fds)| {
+                (
+                    bytes,
+                    fds.into_iter().map(|fd| unsafe { take(fd) }).collect(),
+                )
+            })
+            .collect();
+        Connection {
+            // SAFETY: the caller's.
+            socket: unsafe { take(state.socket) },
+            peer: state.peer,
+            greeted: state.greeted,
+            client: state.client,
+            queued_bytes: outbox.iter().map(|(bytes, _)| bytes.len()).sum(),
+            queued_fds: outbox.iter().map(|(_, fds)| fds.len()).sum(),
+            outbox,
+            max_queued: state.max_queued,
+            max_bytes: state.max_bytes,
+            dead: state.dead,
+            listing: state.listing.map(|(id, pids)| Listing {
+                id,
+                pids: pids.into(),
+            }),
         }
     }
 }

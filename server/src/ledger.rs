@@ -537,6 +537,10 @@ fn spawned(
     (message, fds)
 }
 
+#[path = "ledger_handover.rs"]
+mod handover;
+pub(crate) use handover::LedgerState;
+
 #[cfg(test)]
 #[path = "ledger_tests.rs"]
 mod tests;

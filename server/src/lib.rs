@@ -57,6 +57,7 @@ mod dylib;
 mod entry;
 mod error;
 mod event_loop;
+mod handover;
 mod huge;
 mod launch;
 mod ledger;

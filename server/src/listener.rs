@@ -19,7 +19,9 @@ use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt}
 use std::path::{Path, PathBuf};
 
 use forkserver_protocol::{connect_seqpacket, listen_seqpacket};
+use serde::{Deserialize, Serialize};
 
+use crate::handover::{take, Passed};
 use crate::{sys, ServeError};
 
 pub(crate) struct Listener {
@@ -30,6 +32,15 @@ pub(crate) struct Listener {
     identity: Option<(u64, u64)>,
     /// Remove the socket's directory too, if it is empty then
     /// (`--remove-socket-dir`).
+    remove_dir: bool,
+}
+
+/// A listener, handed over (`handover.rs`).
+#[derive(Clone, Serialize, Deserialize)]
+pub(crate) struct ListenerState {
+    socket: RawFd,
+    path: PathBuf,
+    identity: Option<(u64, u64)>,
     remove_dir: bool,
 }
 
@@ -58,6 +69,31 @@ impl Listener {
             identity: Some((meta.dev(), meta.ino())),
             remove_dir: false,
         })
+    }
+
+    /// The listener as the next image needs it (`handover.rs`), its fd
+    /// added to `passed`.
+    pub(crate) fn hand_over(&self, passed: &mut Passed) -> ListenerState {
+        ListenerState {
+            socket: passed.pass(self.socket.as_fd()),
+            path: self.path.clone(),
+            identity: self.identity,
+            remove_dir: self.remove_dir,
+        }
+    }
+
+    /// The listener an old image handed over.
+    ///
+    /// # Safety
+    /// `state` is this image's handover, taken once.
+    pub(crate) unsafe fn taken_over(state: ListenerState) -> Listener {
+        Listener {
+            // SAFETY: the caller's.
+            socket: unsafe { take(state.socket) },
+            path: state.path,
+            identity: state.identity,
+            remove_dir: state.remove_dir,
+        }
     }
 
     /// Whether to remove the socket's directory with the socket (only

@@ -12,6 +12,8 @@ use crate::log::{log, Level};
 
 pub(crate) struct Readiness {
     notify: Option<(UnixDatagram, SocketAddr)>,
+    /// `NOTIFY_SOCKET` as it was, for the next image of an upgrade.
+    notify_path: Option<Vec<u8>>,
     ready_fd: Option<OwnedFd>,
 }
 
@@ -20,6 +22,7 @@ impl Readiness {
     /// keeps `ready_fd` for the ready line.
     pub(crate) fn from_env(ready_fd: Option<OwnedFd>) -> Readiness {
         let path = std::env::var_os("NOTIFY_SOCKET");
+        let notify_path = path.as_ref().map(|p| p.as_encoded_bytes().to_vec());
         // SAFETY: the server is single-threaded; nothing reads the
         // environment concurrently.
         unsafe { std::env::remove_var("NOTIFY_SOCKET") };
@@ -38,7 +41,16 @@ impl Readiness {
                 }
             }
         });
-        Readiness { notify, ready_fd }
+        Readiness {
+            notify,
+            notify_path,
+            ready_fd,
+        }
+    }
+
+    /// `NOTIFY_SOCKET`'s value, if systemd set one.
+    pub(crate) fn socket_path(&self) -> Option<Vec<u8>> {
+        self.notify_path.clone()
     }
 
     /// Everything is preloaded and the socket is listening.

@@ -125,6 +125,23 @@ impl Generations {
         self.current.as_ref().map_or(0, |g| g.number)
     }
 
+    /// The latest generation's number (serving or not).
+    pub(super) fn latest(&self) -> u64 {
+        self.latest
+    }
+
+    /// The reloads asked and not answered yet: (connection, request id).
+    pub(super) fn waiting_reloads(&self) -> Vec<(ConnId, u64)> {
+        self.waiting.iter().chain(&self.queued).copied().collect()
+    }
+
+    /// In a new image (an upgrade in place): numbers go on from `latest`,
+    /// and the first generation answers the reloads `waiting`.
+    pub(super) fn taken_over(&mut self, latest: u64, waiting: Vec<(ConnId, u64)>) {
+        self.latest = latest;
+        self.waiting = waiting;
+    }
+
     pub(super) fn failure(&self) -> Option<&str> {
         self.failure.as_deref()
     }

@@ -21,12 +21,14 @@
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use forkserver_protocol::{ChildStatus, Limits, ModuleInfo};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 
 use crate::connection::Connection;
+use crate::handover::{Handover, Image};
 use crate::launch::{report, Launcher};
 use crate::ledger::{ConnId, Ledger, Settled};
 use crate::listener::Listener;
@@ -45,6 +47,7 @@ mod connections;
 mod generations;
 mod inspect;
 mod requests;
+mod upgrade;
 
 const LISTENER: u64 = 0;
 const SIGNALS: u64 = 1;
@@ -102,6 +105,9 @@ pub(crate) struct EventLoop {
     /// Our own uid (a root server runs children as their peer).
     server_uid: u32,
     started: Instant,
+    /// The binary and arguments to run again for an upgrade in place, or
+    /// why they are unknown.
+    image: Result<Rc<Image>, String>,
 }
 
 impl EventLoop {
@@ -110,6 +116,7 @@ impl EventLoop {
         signals: SignalPipe,
         modules: Modules,
         options: &ServeOptions,
+        handover: Option<(Handover, Option<String>)>,
     ) -> Result<EventLoop, ServeError> {
         let setup = |doing: &'static str| move |e: nix::Error| ServeError::Setup(doing, e.into());
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(setup("creating epoll"))?;
@@ -182,8 +189,19 @@ impl EventLoop {
             readiness: None,
             server_uid: sys::getuid(),
             started: Instant::now(),
+            image: Image::of_this_process()
+                .map(Rc::new)
+                .map_err(|e| format!("/proc/self: {e}")),
         };
-        event_loop.first_generation(options.stderr_after_ready)?;
+        let Some((state, failed)) = handover else {
+            event_loop.first_generation(options.stderr_after_ready)?;
+            return Ok(event_loop);
+        };
+        // SAFETY: the handover `serve` took from the environment, once.
+        let taken = unsafe { event_loop.take_over(state, failed) };
+        // --stderr-after-ready was applied by the first image.
+        event_loop.first_generation(None)?;
+        event_loop.upgrade_answered(taken);
         Ok(event_loop)
     }
 
@@ -389,11 +407,8 @@ impl EventLoop {
         if arrived.hangup {
             self.reload("SIGHUP", None);
         }
-        if arrived.upgrade {
-            log!(
-                Level::Warn,
-                "SIGUSR2 asks for an upgrade in place, which this version cannot do yet: nothing changes, the server serves on (restart it to run a new binary; SIGHUP or `forkserver reload` loads new preloads)"
-            );
+        if arrived.upgrade && self.listener.is_some() {
+            self.upgrade("SIGUSR2", None);
         }
         if arrived.terminate && self.listener.is_some() {
             self.stop_requested = true;

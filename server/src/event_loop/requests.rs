@@ -89,6 +89,7 @@ impl EventLoop {
             }
             ClientMessage::List { id: request } => self.list(id, request),
             ClientMessage::Reload { id: request } => self.reload_request(id, request),
+            ClientMessage::Upgrade { id: request } => self.upgrade_request(id, request),
             ClientMessage::Kill {
                 id: request,
                 pid,

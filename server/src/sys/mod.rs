@@ -4,7 +4,7 @@
 //! exec and keep to async-signal-safe calls.)
 //!
 //! This file holds the error helpers and fds, pipes and sockets;
-//! `process.rs` fork, reaping, pidfds and signals; `sibling.rs` the fork
+//! `process.rs` fork, exec, reaping, pidfds and signals; `sibling.rs` the fork
 //! whose child is the caller's sibling; `memory.rs` mappings and the
 //! dynamic loader.
 //!
@@ -90,9 +90,22 @@ pub(crate) fn set_nonblocking(fd: RawFd) -> io::Result<()> {
 
 /// Sets close-on-exec and non-blocking on an inherited fd.
 pub(crate) fn set_cloexec_nonblocking(fd: RawFd) -> io::Result<()> {
-    // SAFETY: F_SETFD on an fd we own only changes its fd flags.
-    cvt(unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) })?;
+    set_cloexec(fd, true)?;
     set_nonblocking(fd)
+}
+
+/// Sets or clears `fd`'s close-on-exec flag (its only fd flag).
+pub(crate) fn set_cloexec(fd: RawFd, on: bool) -> io::Result<()> {
+    let flags = if on { libc::FD_CLOEXEC } else { 0 };
+    // SAFETY: F_SETFD on an fd we own only changes its fd flags.
+    cvt(unsafe { libc::fcntl(fd, libc::F_SETFD, flags) }).map(drop)
+}
+
+/// An `O_PATH` fd for `path` (enough to exec it), close-on-exec.
+pub(crate) fn open_path(path: &CStr) -> io::Result<OwnedFd> {
+    // SAFETY: a NUL-terminated path; returns a new fd or -1.
+    let fd = cvt(unsafe { libc::open(path.as_ptr(), libc::O_PATH | libc::O_CLOEXEC) })?;
+    Ok(owned(fd))
 }
 
 /// Takes ownership of an fd the operator passed by number (`--ready-fd`,

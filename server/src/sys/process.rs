@@ -1,7 +1,7 @@
 //! Processes and signals: fork, reaping, pidfds, signal masks, ids.
 
 use std::convert::Infallible;
-use std::ffi::CStr;
+use std::ffi::{CStr, CString};
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::panic::{self, AssertUnwindSafe};
@@ -278,6 +278,28 @@ pub(crate) fn restore_signal_mask(mask: &libc::sigset_t) {
     unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, mask, ptr::null_mut()) };
 }
 
+/// The signals `mask` holds, by number (to hand a mask across an exec).
+pub(crate) fn signals_in(mask: &libc::sigset_t) -> Vec<i32> {
+    (1..=libc::SIGRTMAX())
+        // SAFETY: sigismember reads a valid set.
+        .filter(|&signal| unsafe { libc::sigismember(mask, signal) } == 1)
+        .collect()
+}
+
+/// Sets the signal mask to exactly `signals`.
+pub(crate) fn set_signal_mask(signals: &[i32]) {
+    // SAFETY: sigset_t is plain data that sigemptyset fills in; sigaddset
+    // ignores a number that is no signal.
+    unsafe {
+        let mut mask: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut mask);
+        for &signal in signals {
+            libc::sigaddset(&mut mask, signal);
+        }
+        libc::pthread_sigmask(libc::SIG_SETMASK, &mask, ptr::null_mut());
+    }
+}
+
 /// SIGPIPE to SIG_IGN: a client that goes away costs an `EPIPE`, not our
 /// life.
 pub(crate) fn ignore_sigpipe() -> io::Result<()> {
@@ -460,4 +482,38 @@ pub(crate) fn monotonic_usec() -> u64 {
         return 0;
     }
     now.tv_sec as u64 * 1_000_000 + now.tv_nsec as u64 / 1000
+}
+
+/// NULL-terminated pointers to `strings`, for the exec calls.
+fn pointers(strings: &[CString]) -> Vec<*const libc::c_char> {
+    let mut pointers: Vec<_> = strings.iter().map(|s| s.as_ptr()).collect();
+    pointers.push(std::ptr::null());
+    pointers
+}
+
+/// execve(2): returns only if it failed, with why.
+pub(crate) fn execve(path: &CStr, argv: &[CString], env: &[CString]) -> io::Error {
+    let (argv, env) = (pointers(argv), pointers(env));
+    // SAFETY: NUL-terminated strings in NULL-terminated arrays, alive for
+    // the call.
+    unsafe { libc::execve(path.as_ptr(), argv.as_ptr(), env.as_ptr()) };
+    io::Error::last_os_error()
+}
+
+/// execveat(2) of the file `fd` refers to (`AT_EMPTY_PATH`): returns only
+/// if it failed, with why.
+pub(crate) fn execveat_empty_path(fd: RawFd, argv: &[CString], env: &[CString]) -> io::Error {
+    let (argv, env) = (pointers(argv), pointers(env));
+    // SAFETY: as for execve; "" with AT_EMPTY_PATH names `fd` itself.
+    unsafe {
+        libc::syscall(
+            libc::SYS_execveat,
+            fd,
+            c"".as_ptr(),
+            argv.as_ptr(),
+            env.as_ptr(),
+            libc::AT_EMPTY_PATH,
+        )
+    };
+    io::Error::last_os_error()
 }
