@@ -224,17 +224,24 @@ fn a_preload_that_crashes_at_import_is_retried_with_a_growing_back_off() {
 }
 
 #[test]
-fn reload_is_for_root_and_the_server_s_uid_only() {
-    if !crate::util::root_or_skip("reload_is_for_root_and_the_server_s_uid_only") {
+fn reload_and_upgrade_are_for_root_and_the_server_s_uid_only() {
+    if !crate::util::root_or_skip("reload_and_upgrade_are_for_root_and_the_server_s_uid_only") {
         return;
     }
     let server = crate::util::server_nobody_may_use(&[]);
     let cli = server.dir.path().join("forkserver-cli");
-    let output = crate::util::cli_as_nobody(&server, &cli, "reload", &[]);
-    let said = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(1), "{output:?}");
-    assert!(said.contains("only root and the server's uid"), "{said}");
-    assert_eq!(server.client().status().unwrap().generation, 1);
+    for (args, asked) in [(&[][..], "reload"), (&["--exec"][..], "upgrade")] {
+        let output = crate::util::cli_as_nobody(&server, &cli, "reload", args);
+        let said = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{output:?}");
+        assert!(
+            said.contains(&format!("only root and the server's uid 0 may {asked} it")),
+            "{said}"
+        );
+    }
+    let status = server.client().status().unwrap();
+    assert_eq!((status.generation, status.pid), (1, server.pid()));
+    assert!(!server.log().contains("upgrading in place"));
 }
 
 /// A client keeps ~300 spawns a second in flight (exec and worker, pooled

@@ -1,9 +1,12 @@
 """``python -m forkserver_rs serve [--preload MODULES] [serve flags]``: the
 server, with Python modules preloaded and ``py:MODULE:FUNCTION`` workers.
 
-``python -m forkserver_rs reload [--socket PATH]``: the server loads its
-preloads afresh from disk (a new generation); no child or connection is
-lost. Exits 0 once the new generation serves, 1 (printing why) if it failed.
+``python -m forkserver_rs reload [--exec] [--socket PATH]``: the server loads
+its preloads afresh from disk (a new generation); no child or connection is
+lost. With ``--exec`` it upgrades in place instead: the server runs its
+program again (the Python and the package on disk now), same pid, keeping
+every connection and child. Exits 0 once the new generation (or image)
+serves, 1 (printing why) if it failed.
 
 ``python -m forkserver_rs install-hook [--site-dir DIR] [--remove]``: the
 opt-in start-up hook (a ``.pth`` file in site-packages) with which an
@@ -18,7 +21,7 @@ import sysconfig
 USAGE = (
     "usage: python -m forkserver_rs serve [--preload MODULE,...] [--socket PATH] [...]\n"
     "       python -m forkserver_rs serve --help   (every flag)\n"
-    "       python -m forkserver_rs reload [--socket PATH]\n"
+    "       python -m forkserver_rs reload [--exec] [--socket PATH]\n"
     "       python -m forkserver_rs install-hook [--site-dir DIR] [--remove]"
 )
 
@@ -70,20 +73,26 @@ def install_hook(argv):
 def reload(argv):
     from .client import Client, ServerError
 
+    upgrade = "--exec" in argv
+    argv = [arg for arg in argv if arg != "--exec"]
     if len(argv) not in (0, 2) or argv[:1] not in ([], ["--socket"]):
         print(f"reload: unknown arguments {argv!r}\n{USAGE}", file=sys.stderr)
         return 2
     socket = argv[1] if argv else None
+    what = "upgrade" if upgrade else "reload"
     try:
         with Client(socket) as client:
-            generation = client.reload()
+            done = client.upgrade() if upgrade else client.reload()
     except ServerError as exc:
-        print(f"forkserver: reload failed: {exc}", file=sys.stderr)
+        print(f"forkserver: {what} failed: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
         print(f"forkserver: {exc}", file=sys.stderr)
         return 125
-    print(f"generation {generation} serves")
+    if upgrade:
+        print(f"upgraded in place: forkserver {done[0]} serves (was {done[1]})")
+    else:
+        print(f"generation {done} serves")
     return 0
 
 

@@ -312,6 +312,19 @@ class Client:
             raise ServerError(reply.get("kind"), reply.get("message"))
         return reply["generation"]
 
+    def upgrade(self):
+        """Upgrades the server in place: it runs its program again (the
+        file on disk now) with the same pid, keeping every connection (this
+        one too) and every child, and starts a fresh generation; waits until
+        the new image serves. Returns ``(version, previous_version)``. Root
+        and the server's uid only. If the new program cannot take over,
+        raises ServerError saying why, and the old image serves on with
+        everything it had."""
+        reply, _ = self._request({"type": "upgrade"})
+        if reply.get("type") == "error":
+            raise ServerError(reply.get("kind"), reply.get("message"))
+        return reply["version"], reply["previous"]
+
     def run(self, target, args=(), *, input=None, capture_output=False, timeout=None, check=False,
             **options):
         """Runs a child to completion, as ``subprocess.run``: returns a

@@ -91,3 +91,34 @@ def test_a_reload_whose_import_fails_says_why_and_the_old_generation_serves_on(
         assert "no_such_module_for_reload" in status["reload_failure"]
         child = client.spawn("py:versioned:show", stdout=subprocess.PIPE)
         assert child.communicate(timeout=30)[0] == b"one\n"
+
+
+def test_an_upgrade_in_place_keeps_the_pid_the_connection_and_a_running_worker(
+    start_server, tmp_path, monkeypatch
+):
+    code = tmp_path / "code"
+    code.mkdir()
+    module = code / "versioned.py"
+    module.write_text(SOURCE.format(version="one"))
+    monkeypatch.setenv("PYTHONPATH", str(code))
+    server = start_server("--preload", "versioned", "--allow-dormant-threads")
+    assert server.ready, server.failure()
+    zygote = server.zygote()
+    with forkserver_rs.Client(server.socket) as client:
+        before = client.spawn("py:versioned:show_after_stdin", stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        module.write_text(SOURCE.format(version="second"))
+
+        done = subprocess.run(
+            [sys.executable, "-m", "forkserver_rs", "reload", "--exec", "--socket", server.socket],
+            capture_output=True, text=True, timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+        assert "upgraded in place" in done.stdout
+        # The same process, on the same connection, with a new generation.
+        status = client.status()
+        assert (status["pid"], status["generation"]) == (server.pid, 2)
+        assert server.zygote() not in (None, zygote)
+        child = client.spawn("py:versioned:show", stdout=subprocess.PIPE)
+        assert child.communicate(timeout=30)[0] == b"second\n"
+        out, _ = before.communicate(b"", timeout=30)
+        assert (out, before.returncode) == (b"one\n", 0)
