@@ -7,6 +7,8 @@ it started with."""
 import subprocess
 import sys
 
+import pytest
+
 import forkserver_rs
 from conftest import wait_until
 
@@ -26,9 +28,10 @@ def show_after_stdin():
 '''
 
 
-def test_an_edited_preload_is_stale_until_a_reload_and_a_running_worker_keeps_its_code(
-    start_server, tmp_path, monkeypatch
-):
+@pytest.fixture
+def versioned(start_server, tmp_path, monkeypatch):
+    """A server started as every context's is, preloading `versioned` from a
+    directory of the test's; (server, the module's file)."""
     code = tmp_path / "code"
     code.mkdir()
     module = code / "versioned.py"
@@ -36,6 +39,11 @@ def test_an_edited_preload_is_stale_until_a_reload_and_a_running_worker_keeps_it
     monkeypatch.setenv("PYTHONPATH", str(code))
     server = start_server("--preload", "versioned", "--allow-dormant-threads")
     assert server.ready, server.failure()
+    return server, module
+
+
+def test_an_edited_preload_is_stale_until_a_reload_and_a_running_worker_keeps_its_code(versioned):
+    server, module = versioned
     zygote = server.zygote()
     assert zygote is not None, "a server that tolerates threads splits too"
 
@@ -67,16 +75,8 @@ def test_an_edited_preload_is_stale_until_a_reload_and_a_running_worker_keeps_it
         assert (out, before.returncode) == (b"one\n", 0)
 
 
-def test_a_reload_whose_import_fails_says_why_and_the_old_generation_serves_on(
-    start_server, tmp_path, monkeypatch
-):
-    code = tmp_path / "code"
-    code.mkdir()
-    module = code / "versioned.py"
-    module.write_text(SOURCE.format(version="one"))
-    monkeypatch.setenv("PYTHONPATH", str(code))
-    server = start_server("--preload", "versioned", "--allow-dormant-threads")
-    assert server.ready, server.failure()
+def test_a_reload_whose_import_fails_says_why_and_the_old_generation_serves_on(versioned):
+    server, module = versioned
     module.write_text("import no_such_module_for_reload\n")
 
     done = subprocess.run(
@@ -93,16 +93,8 @@ def test_a_reload_whose_import_fails_says_why_and_the_old_generation_serves_on(
         assert child.communicate(timeout=30)[0] == b"one\n"
 
 
-def test_an_upgrade_in_place_keeps_the_pid_the_connection_and_a_running_worker(
-    start_server, tmp_path, monkeypatch
-):
-    code = tmp_path / "code"
-    code.mkdir()
-    module = code / "versioned.py"
-    module.write_text(SOURCE.format(version="one"))
-    monkeypatch.setenv("PYTHONPATH", str(code))
-    server = start_server("--preload", "versioned", "--allow-dormant-threads")
-    assert server.ready, server.failure()
+def test_an_upgrade_in_place_keeps_the_pid_the_connection_and_a_running_worker(versioned):
+    server, module = versioned
     zygote = server.zygote()
     with forkserver_rs.Client(server.socket) as client:
         before = client.spawn("py:versioned:show_after_stdin", stdin=subprocess.PIPE, stdout=subprocess.PIPE)

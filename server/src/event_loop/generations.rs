@@ -336,19 +336,9 @@ impl EventLoop {
 
     /// A `reload` request from `conn`: root and the server's uid only.
     pub(super) fn reload_request(&mut self, conn: ConnId, id: u64) {
-        let Some(peer) = self.connections.get(&conn).map(|c| c.peer.clone()) else {
-            return;
-        };
-        if peer.uid != 0 && peer.uid != self.server_uid {
-            let message = format!(
-                "only root and the server's uid {} may reload it, not uid {}",
-                self.server_uid, peer.uid
-            );
-            let reply = request_error(Some(id), ErrorKind::Denied, message);
-            self.reply(conn, reply, Vec::new());
-            return;
+        if let Some(peer) = self.operator(conn, id, "reload") {
+            self.reload(&format!("reload asked by {peer}"), Some((conn, id)));
         }
-        self.reload(&format!("reload asked by {peer}"), Some((conn, id)));
     }
 
     /// A zygote's socket is readable.

@@ -15,7 +15,7 @@ use crate::launch::{describe, LaunchError};
 use crate::ledger::ConnId;
 use crate::log::{log, Level};
 use crate::modules::panic_message;
-use crate::peer::child_rights;
+use crate::peer::{child_rights, Peer};
 use crate::reply_size;
 use crate::sys;
 
@@ -113,6 +113,26 @@ impl EventLoop {
         {
             self.zygote_answers();
         }
+    }
+
+    /// The peer of `conn` if it may operate the server (`doing` it, for
+    /// request `id`): root and the server's uid. Anyone else is answered
+    /// `denied`, naming both.
+    pub(super) fn operator(&mut self, conn: ConnId, id: u64, doing: &str) -> Option<Peer> {
+        let peer = self.connections.get(&conn)?.peer.clone();
+        if peer.uid == 0 || peer.uid == self.server_uid {
+            return Some(peer);
+        }
+        let message = format!(
+            "only root and the server's uid {} may {doing} it, not uid {}",
+            self.server_uid, peer.uid
+        );
+        self.reply(
+            conn,
+            request_error(Some(id), ErrorKind::Denied, message),
+            Vec::new(),
+        );
+        None
     }
 
     fn spawn_one(&mut self, conn_id: ConnId, request: Spawn, fds: Vec<OwnedFd>) {

@@ -30,19 +30,9 @@ pub(super) struct TakenOver {
 impl EventLoop {
     /// An `upgrade` request from `conn`: root and the server's uid only.
     pub(super) fn upgrade_request(&mut self, conn: ConnId, id: u64) {
-        let Some(peer) = self.connections.get(&conn).map(|c| c.peer.clone()) else {
-            return;
-        };
-        if peer.uid != 0 && peer.uid != self.server_uid {
-            let message = format!(
-                "only root and the server's uid {} may upgrade it, not uid {}",
-                self.server_uid, peer.uid
-            );
-            let reply = request_error(Some(id), ErrorKind::Denied, message);
-            self.reply(conn, reply, Vec::new());
-            return;
+        if let Some(peer) = self.operator(conn, id, "upgrade") {
+            self.upgrade(&format!("upgrade asked by {peer}"), Some((conn, id)));
         }
-        self.upgrade(&format!("upgrade asked by {peer}"), Some((conn, id)));
     }
 
     /// Runs the server's binary again in this process, handing everything
