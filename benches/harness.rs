@@ -94,6 +94,15 @@ fn cold() {
     }
 }
 
+/// How the server's zygote makes its children the server's: one clone3
+/// (glibc, no tolerated thread), or forked twice and adopted (musl, a
+/// server tolerating threads; `FORKSERVER_SIBLING_FORK=0`).
+#[derive(Clone, Copy, PartialEq)]
+enum Fork {
+    Clone,
+    Adopted,
+}
+
 /// One row of the report.
 #[derive(serde::Serialize)]
 struct Row {
@@ -204,18 +213,22 @@ impl Running {
     }
 
     fn zygote(mb: usize, huge: bool) -> Running {
-        Running::zygote_with_pool(mb, huge, 0)
+        Running::zygote_with_pool(mb, huge, 0, Fork::Clone)
     }
 
-    /// A zygote keeping `pool` idle children for worker `first_byte`.
-    fn zygote_with_pool(mb: usize, huge: bool, pool: usize) -> Running {
+    /// A zygote keeping `pool` idle children for worker `first_byte`,
+    /// forking its children the way `fork` says.
+    fn zygote_with_pool(mb: usize, huge: bool, pool: usize, fork: Fork) -> Running {
         let me = std::env::current_exe().unwrap();
-        let env = [
+        let mut env = vec![
             ("FS_BENCH_ROLE", "zygote".to_string()),
             ("FS_BENCH_MB", mb.to_string()),
             ("FS_BENCH_HUGE", (huge as u8).to_string()),
             ("FS_BENCH_POOL", pool.to_string()),
         ];
+        if fork == Fork::Adopted {
+            env.push(("FORKSERVER_SIBLING_FORK", "0".to_string()));
+        }
         Running::start(&me, &env)
     }
 
@@ -630,10 +643,14 @@ fn harness() {
         raw_fork,
     );
     for mb in [0usize, 64, 512] {
-        for pool in [0usize, 4] {
-            let zygote = Running::zygote_with_pool(mb, false, pool);
+        for (pool, fork) in [(0usize, Fork::Clone), (0, Fork::Adopted), (4, Fork::Clone)] {
+            let zygote = Running::zygote_with_pool(mb, false, pool, fork);
             let client = zygote.client();
-            let via = if pool > 0 { "pooled worker" } else { "worker" };
+            let via = match (pool, fork) {
+                (0, Fork::Clone) => "worker",
+                (0, Fork::Adopted) => "worker (adopted: forked twice)",
+                _ => "pooled worker",
+            };
             let runs = report.runs(if mb >= 512 { 60 } else { 200 });
             let mut to_spawned = Vec::with_capacity(runs);
             let mut to_byte = Vec::with_capacity(runs);

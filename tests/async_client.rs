@@ -3,6 +3,7 @@
 //! cancelled `wait`, the connection dying under pending futures, workers
 //! with payloads, `kill_on_drop`.
 
+use std::os::fd::AsFd;
 use std::time::Duration;
 
 use forkserver::client::tokio::AsyncClient;
@@ -77,29 +78,57 @@ async fn wait_races_a_timeout_and_a_cancelled_wait_loses_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_pending_future_fails_when_the_server_dies() {
-    let server = Server::start();
-    let client = AsyncClient::connect(&server.socket).await.unwrap();
+async fn every_pending_wait_says_the_server_was_lost_and_a_new_server_is_used() {
+    let mut server = Server::start();
+    let client = AsyncClient::connect(&server.socket)
+        .await
+        .unwrap()
+        .reconnect_wait(Duration::from_millis(300));
     let mut waits = Vec::new();
+    let mut pidfds = Vec::new();
     for _ in 0..10 {
-        let mut child = client.command("sleep").arg("30").spawn().await.unwrap();
-        waits.push(tokio::spawn(async move { child.wait().await }));
+        let mut child = client
+            .command("sleep")
+            .arg("30")
+            .detach(true)
+            .spawn()
+            .await
+            .unwrap();
+        pidfds.push(child.pidfd().try_clone_to_owned().unwrap());
+        waits.push(tokio::spawn(async move { (child.wait().await, child) }));
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
     server.signal(libc::SIGKILL);
+    server.wait_exit();
+    let mut lost = Vec::new();
     for wait in waits {
         match tokio::time::timeout(Duration::from_secs(10), wait).await {
-            Ok(Ok(Err(Error::Disconnected(why)))) => {
-                assert!(why.contains("closed"), "{why}")
+            Ok(Ok((Err(Error::ServerLost(why)), child))) => {
+                assert!(why.contains("closed"), "{why}");
+                lost.push(child);
             }
-            other => panic!("expected a disconnection error, got {other:?}"),
+            other => panic!("expected the server to be lost, got {other:?}"),
         }
     }
-    // New requests fail at once, with the same reason.
-    assert!(matches!(
-        client.command("true").status().await,
-        Err(Error::Disconnected(_))
-    ));
+    // No server: a request waits for one, then says so.
+    match client.command("true").status().await {
+        Err(e @ Error::ServerGone { .. }) => {
+            assert!(e.to_string().contains("forkserver serve --socket"), "{e}")
+        }
+        other => panic!("expected ServerGone, got {other:?}"),
+    }
+    // A new server on the socket: the same client uses it.
+    let second = crate::util::restart_on(&server);
+    assert!(client.command("true").status().await.unwrap().success());
+    assert_eq!(client.server().await.pid, second.0.id());
+    // The lost children run on (detached), and still take signals through
+    // their pidfds.
+    for mut child in lost {
+        child.start_kill().unwrap();
+    }
+    for pidfd in pidfds {
+        crate::util::wait_readable(pidfd.as_fd());
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

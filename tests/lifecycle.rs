@@ -157,3 +157,68 @@ fn log_levels_follow_the_flags() {
         log.contains(" debug spawn ") && log.contains(" ended: ")
     });
 }
+
+/// A server SIGKILLed, then another started on its socket: the same
+/// `Client` connects to the new one at its next request; the children of
+/// the lost connection say so from `wait` (at once, never hanging) and
+/// still take signals through their pidfds.
+#[test]
+fn a_client_outlives_its_server() {
+    let mut server = Server::start();
+    let client = forkserver::client::Client::connect(&server.socket)
+        .unwrap()
+        .reconnect_wait(std::time::Duration::from_millis(300));
+    let mut attached = client.command("sleep").arg("30").spawn().unwrap();
+    let mut detached = client
+        .command("sleep")
+        .arg("30")
+        .detach(true)
+        .spawn()
+        .unwrap();
+    server.signal(libc::SIGKILL);
+    server.wait_exit();
+    for child in [&mut attached, &mut detached] {
+        match child.wait() {
+            Err(e @ forkserver::client::Error::ServerLost(_)) => {
+                assert!(e.to_string().contains("exit status is unknown"), "{e}")
+            }
+            other => panic!("expected ServerLost, got {other:?}"),
+        }
+    }
+    // No server yet: the request waits a little, then says how to start one.
+    let gone = client.command("true").status().unwrap_err();
+    assert!(
+        matches!(gone, forkserver::client::Error::ServerGone { .. })
+            && gone.to_string().contains("forkserver serve --socket"),
+        "{gone}"
+    );
+    let second = crate::util::restart_on(&server);
+    assert!(client.command("true").status().unwrap().success());
+    assert_eq!(client.server().pid, second.0.id());
+    assert_eq!(client.status().unwrap().pid, second.0.id());
+    // The lost children were never the new server's; their pidfds still
+    // reach them (neither is killed by a lost server but by us).
+    for child in [&mut attached, &mut detached] {
+        assert!(crate::util::is_running(child.id()));
+        child.kill().unwrap();
+        crate::util::wait_readable(child.pidfd());
+    }
+}
+
+/// A server that dies and comes back while one request is being made:
+/// a request sent after the death is sent again to the new server, not
+/// failed.
+#[test]
+fn a_request_after_a_restart_goes_to_the_new_server() {
+    let mut server = Server::start();
+    let client = forkserver::client::Client::connect(&server.socket).unwrap();
+    assert!(client.command("true").status().unwrap().success());
+    server.signal(libc::SIGKILL);
+    server.wait_exit();
+    let second = crate::util::restart_on(&server);
+    // Nothing read the old connection's end since: the client finds it
+    // hung up when it sends.
+    let listed = client.list().unwrap();
+    assert!(listed.is_empty(), "{listed:?}");
+    assert_eq!(client.server().pid, second.0.id());
+}

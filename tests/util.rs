@@ -186,6 +186,39 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// Starts another `forkserver serve` on `server`'s socket (the first one
+/// is gone: killed and reaped), in its directory; returns once it answers.
+pub fn restart_on(server: &Server) -> KillOnDrop {
+    let second = KillOnDrop(
+        serve_command(
+            &[],
+            Path::new(FORKSERVER),
+            &server.socket,
+            server.dir.path(),
+        )
+        .spawn()
+        .unwrap(),
+    );
+    wait_until("the new server answers", || {
+        forkserver::protocol::connect_seqpacket(&server.socket).is_ok()
+    });
+    second
+}
+
+/// Waits (within TIMEOUT) until `fd` is readable: for a pidfd, until its
+/// process has exited.
+#[track_caller]
+pub fn wait_readable(fd: std::os::fd::BorrowedFd<'_>) {
+    let mut poll = libc::pollfd {
+        fd: std::os::fd::AsRawFd::as_raw_fd(&fd),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one pollfd of ours.
+    let ready = unsafe { libc::poll(&mut poll, 1, TIMEOUT.as_millis() as i32) };
+    assert_eq!(ready, 1, "not readable within {TIMEOUT:?}");
+}
+
 /// Lets user nobody reach `server`: opens its directory for traversal and
 /// copies the CLI there (the build tree may be closed to others). Returns the
 /// copy. The socket's own mode must admit nobody too (`--group nogroup`).

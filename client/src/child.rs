@@ -132,15 +132,27 @@ struct ExitWatch {
 
 impl ExitWatch {
     fn collect(&mut self, block: bool) -> Result<Option<ExitStatus>, Error> {
-        let exited = self.connection.take(self.id, block, |m| {
-            matches!(m, ServerMessage::Exited { .. })
-        })?;
+        let exited = self
+            .connection
+            .take(self.id, block, |m| {
+                matches!(m, ServerMessage::Exited { .. })
+            })
+            .map_err(lost)?;
         if let Some(incoming) = exited {
             if let ServerMessage::Exited { status, .. } = incoming.message {
                 self.status = Some(ExitStatus::from_raw(status.into_raw()));
             }
         }
         Ok(self.status)
+    }
+}
+
+/// A child's exit that cannot come: its connection ended (the server died
+/// or was restarted) before the server reported it.
+pub(crate) fn lost(e: Error) -> Error {
+    match e {
+        Error::Disconnected(why) => Error::ServerLost(why),
+        other => other,
     }
 }
 

@@ -13,7 +13,7 @@ use forkserver_protocol::{
 
 use crate::caller::Context;
 use crate::child::Child;
-use crate::connection::Connection;
+use crate::link::Link;
 use crate::spawned::{answers_spawn, read_answer};
 use crate::stdio::{stdio_spec, Stdio, StdioKind, INHERIT, NULL, PIPED};
 use crate::Error;
@@ -46,8 +46,8 @@ use crate::Error;
 ///   a root server may run a root client's child as anyone; anyone else may
 ///   name only their own uid and gid.
 pub struct Command {
-    /// None: the process-wide default connection, opened at first use.
-    connection: Option<Arc<Connection>>,
+    /// None: the process-wide default link, opened at first use.
+    link: Option<Arc<Link>>,
     /// The request as built so far; its id, stdio, fd mappings and caller
     /// context are filled in at spawn time.
     request: Spawn,
@@ -78,24 +78,24 @@ impl Command {
         Command::with(None, Spawn::exec(0, program.as_ref(), Vec::new()))
     }
 
-    pub(crate) fn on(connection: Arc<Connection>, program: &OsStr) -> Command {
-        Command::with(Some(connection), Spawn::exec(0, program, Vec::new()))
+    pub(crate) fn on(link: Arc<Link>, program: &OsStr) -> Command {
+        Command::with(Some(link), Spawn::exec(0, program, Vec::new()))
     }
 
     /// A command for worker `name` (on the default connection if None).
-    pub(crate) fn worker_on(connection: Option<Arc<Connection>>, name: &str) -> Command {
+    pub(crate) fn worker_on(link: Option<Arc<Link>>, name: &str) -> Command {
         let mut request = Spawn::exec(0, "", Vec::new());
         request.target = Target::Worker {
             name: name.to_owned(),
             args: Vec::new(),
             payload: None,
         };
-        Command::with(connection, request)
+        Command::with(link, request)
     }
 
-    fn with(connection: Option<Arc<Connection>>, request: Spawn) -> Command {
+    fn with(link: Option<Arc<Link>>, request: Spawn) -> Command {
         Command {
-            connection,
+            link,
             request,
             stdin: None,
             stdout: None,
@@ -471,15 +471,19 @@ impl Command {
         stdin: &'static StdioKind,
         out: &'static StdioKind,
     ) -> Result<Child, Error> {
-        let connection = match &self.connection {
-            Some(connection) => connection.clone(),
-            None => crate::default_connection()?,
+        let link = match &self.link {
+            Some(link) => link.clone(),
+            None => crate::default_link()?,
         };
-        let (mut request, mut fds, extra) = self.prepare(stdin, out)?;
+        let (request, mut fds, extra) = self.prepare(stdin, out)?;
         fds.extend(extra.iter().map(|fd| fd.as_fd()));
-        let id = connection.next_id();
-        request.id = id;
-        connection.send(&ClientMessage::Spawn(request), &fds)?;
+        let with_id = |id| {
+            ClientMessage::Spawn(Spawn {
+                id,
+                ..request.clone()
+            })
+        };
+        let (connection, id) = link.send(with_id, &fds)?;
         let reply = connection
             .take(id, true, answers_spawn)?
             .expect("a blocking take returns a message or an error");

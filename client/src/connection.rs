@@ -8,7 +8,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
@@ -112,9 +112,11 @@ impl Connection {
         send_bytes(self.socket.as_fd(), &outgoing.bytes, &fds)
     }
 
-    /// Whether the connection has failed (every request on it would fail).
-    pub(crate) fn is_broken(&self) -> bool {
-        self.lock().broken.is_some()
+    /// Whether the server is still on the other end: the connection has
+    /// not failed, and the server has not hung up (it died, or closed this
+    /// connection) without our having read it yet.
+    pub(crate) fn is_alive(&self) -> bool {
+        self.lock().broken.is_none() && !hung_up(self.socket.as_fd())
     }
 
     /// Takes the first message for `id` that `wanted` accepts. With `block`,
@@ -180,6 +182,19 @@ impl Connection {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
+}
+
+/// Whether the server hung up on `socket` (it died or closed it), read or
+/// not.
+pub(crate) fn hung_up(socket: BorrowedFd<'_>) -> bool {
+    let mut poll = libc::pollfd {
+        fd: socket.as_raw_fd(),
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: one pollfd of ours, no waiting.
+    let ready = unsafe { libc::poll(&mut poll, 1, 0) };
+    ready > 0 && poll.revents & (libc::POLLHUP | libc::POLLRDHUP | libc::POLLERR) != 0
 }
 
 /// Files a message under its id, or records a fatal error.

@@ -21,6 +21,20 @@ pub enum Error {
     Io(io::Error),
     /// The server closed the connection; the text says why when it told us.
     Disconnected(String),
+    /// The server went away (it died or was restarted) before it reported
+    /// this child's exit: the exit status is unknown, and the child may
+    /// still run (its pidfd still signals it: [`Child::kill`](crate::Child::kill)).
+    ServerLost(String),
+    /// The server is gone, and no server listened on its socket again
+    /// within the client's reconnect wait.
+    ServerGone {
+        /// The socket path.
+        path: PathBuf,
+        /// How long the client waited.
+        waited: std::time::Duration,
+        /// The OS error of the last `connect`.
+        source: io::Error,
+    },
     /// The server sent something this client cannot read.
     Protocol(String),
     /// The server refused a request (or the connection) with an error reply.
@@ -52,7 +66,9 @@ impl Error {
     /// exec, the `execve` errno (ENOENT, EACCES…).
     pub fn raw_os_error(&self) -> Option<i32> {
         match self {
-            Error::Connect { source, .. } | Error::Io(source) => source.raw_os_error(),
+            Error::Connect { source, .. }
+            | Error::Io(source)
+            | Error::ServerGone { source, .. } => source.raw_os_error(),
             Error::SpawnFailed { errno, .. } => *errno,
             _ => None,
         }
@@ -65,7 +81,10 @@ impl Error {
     /// std), `InvalidInput` for a request refused as invalid.
     pub fn kind(&self) -> io::ErrorKind {
         match self {
-            Error::Connect { source, .. } | Error::Io(source) => source.kind(),
+            Error::Connect { source, .. }
+            | Error::Io(source)
+            | Error::ServerGone { source, .. } => source.kind(),
+            Error::ServerLost(_) => io::ErrorKind::ConnectionAborted,
             Error::InvalidInput(_)
             | Error::SpawnFailed {
                 kind: ErrorKind::Invalid,
@@ -119,6 +138,21 @@ impl fmt::Display for Error {
             ),
             Error::Io(e) => write!(f, "talking to the forkserver: {e}"),
             Error::Disconnected(why) => f.write_str(why),
+            Error::ServerLost(why) => write!(
+                f,
+                "the forkserver was lost before it reported this child's exit ({why}): its exit status is unknown, and it may still be running (its pidfd still signals it)"
+            ),
+            Error::ServerGone {
+                path,
+                waited,
+                source,
+            } => write!(
+                f,
+                "the forkserver on {} is gone, and none listened there again within {:.1} s ({source}); start one with `forkserver serve --socket {}`",
+                path.display(),
+                waited.as_secs_f64(),
+                path.display()
+            ),
             Error::Protocol(why) => write!(f, "unexpected reply from the forkserver: {why}"),
             Error::Refused { message, .. } => write!(f, "the server refused: {message}"),
             Error::InvalidInput(message) => f.write_str(message),
@@ -147,7 +181,9 @@ impl fmt::Display for Error {
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            Error::Connect { source, .. } | Error::Io(source) => Some(source),
+            Error::Connect { source, .. }
+            | Error::Io(source)
+            | Error::ServerGone { source, .. } => Some(source),
             _ => None,
         }
     }

@@ -47,6 +47,7 @@ mod child;
 mod command;
 mod connection;
 mod error;
+mod link;
 mod spawned;
 mod stdio;
 #[cfg(feature = "tokio")]
@@ -68,19 +69,34 @@ pub use stdio::Stdio;
 
 use connection::Connection;
 use forkserver_protocol::{ClientMessage, ServerMessage};
+use link::Link;
 
 /// A connection to a forkserver. Cheap to clone; clones share the connection.
+///
+/// If the server dies, the next request connects to its socket again
+/// (waiting up to 3 s, or [`reconnect_wait`](Client::reconnect_wait), for a
+/// server to listen there) and goes to the new server; the children
+/// started on the lost connection report [`Error::ServerLost`] from
+/// `wait`, and can still be signalled through their pidfds.
 #[derive(Debug, Clone)]
 pub struct Client {
-    connection: Arc<Connection>,
+    link: Arc<Link>,
 }
 
 impl Client {
     /// Connects to the server listening on `path` and does the handshake.
     pub fn connect(path: impl AsRef<Path>) -> Result<Client, Error> {
         Ok(Client {
-            connection: Arc::new(Connection::open(path.as_ref(), &client_name())?),
+            link: Arc::new(Link::open(path.as_ref(), &client_name())?),
         })
+    }
+
+    /// Sets how long a request waits for a server to listen on the socket
+    /// again when the one it had is gone (3 s unless set); then it fails
+    /// with [`Error::ServerGone`]. Shared by this client's clones.
+    pub fn reconnect_wait(self, wait: std::time::Duration) -> Client {
+        self.link.set_wait(wait);
+        self
     }
 
     /// Connects to the server at [`default_socket_path`].
@@ -88,22 +104,28 @@ impl Client {
         Client::connect(default_socket_path())
     }
 
-    /// What the server said about itself when we connected.
-    pub fn server(&self) -> &ServerInfo {
-        &self.connection.info
+    /// What the server said about itself when this client last connected
+    /// (at first, or again after a server was lost).
+    pub fn server(&self) -> ServerInfo {
+        self.link.info()
+    }
+
+    /// The socket this client connects to.
+    pub fn socket(&self) -> &Path {
+        self.link.path()
     }
 
     /// A command that runs `program` (looked up in the child's `PATH` if it
     /// has no `/`).
     pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
-        Command::on(self.connection.clone(), program.as_ref())
+        Command::on(self.link.clone(), program.as_ref())
     }
 
     /// A command that runs a preloaded worker in a forked child of the
     /// server, without exec: an embedded worker by name (see
     /// [`ServerInfo::workers`]), or `MODULE:SYMBOL` of a dynamic module.
     pub fn worker(&self, name: &str) -> Command {
-        Command::worker_on(Some(self.connection.clone()), name)
+        Command::worker_on(Some(self.link.clone()), name)
     }
 
     /// The server's pid, version, uptime, socket, RSS, modules with their
@@ -190,34 +212,31 @@ impl Client {
     /// `page`, which says whether more follow.
     fn call_pages(
         &self,
-        request: impl FnOnce(u64) -> ClientMessage,
+        request: impl Fn(u64) -> ClientMessage,
         mut page: impl FnMut(ServerMessage) -> Result<bool, Error>,
     ) -> Result<(), Error> {
-        let id = self.connection.next_id();
-        self.connection.send(&request(id), &[])?;
-        while page(self.reply(id)?)? {}
+        let (connection, id) = self.link.send(request, &[])?;
+        while page(reply(&connection, id)?)? {}
         Ok(())
     }
 
     /// Sends a request made with a fresh id and waits for its reply; an
     /// error reply becomes `Error::Refused`.
-    fn call(&self, request: impl FnOnce(u64) -> ClientMessage) -> Result<ServerMessage, Error> {
-        let id = self.connection.next_id();
-        self.connection.send(&request(id), &[])?;
-        self.reply(id)
+    fn call(&self, request: impl Fn(u64) -> ClientMessage) -> Result<ServerMessage, Error> {
+        let (connection, id) = self.link.send(request, &[])?;
+        reply(&connection, id)
     }
+}
 
-    /// The next reply to request `id`; an error reply becomes
-    /// `Error::Refused`.
-    fn reply(&self, id: u64) -> Result<ServerMessage, Error> {
-        let reply = self
-            .connection
-            .take(id, true, |_| true)?
-            .expect("a blocking take returns a message or an error");
-        match reply.message {
-            ServerMessage::Error { kind, message, .. } => Err(Error::Refused { kind, message }),
-            other => Ok(other),
-        }
+/// The next reply to request `id` on `connection`; an error reply becomes
+/// `Error::Refused`.
+fn reply(connection: &Connection, id: u64) -> Result<ServerMessage, Error> {
+    let reply = connection
+        .take(id, true, |_| true)?
+        .expect("a blocking take returns a message or an error");
+    match reply.message {
+        ServerMessage::Error { kind, message, .. } => Err(Error::Refused { kind, message }),
+        other => Ok(other),
     }
 }
 
@@ -228,20 +247,20 @@ fn client_name() -> String {
         .unwrap_or_else(|| "forkserver-client".into())
 }
 
-/// The connection [`Command::new`] uses: opened to [`default_socket_path`]
-/// at first use, shared by the whole process, and opened again if the one
-/// before has broken (the server restarted, say).
-fn default_connection() -> Result<Arc<Connection>, Error> {
-    static DEFAULT: Mutex<Option<Arc<Connection>>> = Mutex::new(None);
+/// The link [`Command::new`] uses: to [`default_socket_path`], opened at
+/// first use and shared by the whole process (which connects again if the
+/// server is gone, as any client does).
+fn default_link() -> Result<Arc<Link>, Error> {
+    static DEFAULT: Mutex<Option<Arc<Link>>> = Mutex::new(None);
     let mut slot = DEFAULT
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
-    if let Some(connection) = slot.as_ref().filter(|c| !c.is_broken()) {
-        return Ok(connection.clone());
+    if let Some(link) = slot.as_ref() {
+        return Ok(link.clone());
     }
-    let connection = Arc::new(Connection::open(&default_socket_path(), &client_name())?);
-    *slot = Some(connection.clone());
-    Ok(connection)
+    let link = Arc::new(Link::open(&default_socket_path(), &client_name())?);
+    *slot = Some(link.clone());
+    Ok(link)
 }
 
 fn unexpected(wanted: &str, got: ServerMessage) -> Error {

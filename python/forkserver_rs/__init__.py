@@ -13,7 +13,16 @@ server instead of paying for ``spawn`` or risking ``fork``.
   settings), in this process and the processes it starts.
 """
 
-from .client import Child, Client, ServerError, SpawnError, Worker, default_socket_path
+from .client import (
+    Child,
+    Client,
+    ServerError,
+    ServerGone,
+    ServerLost,
+    SpawnError,
+    Worker,
+    default_socket_path,
+)
 from .context import ForkserverContext, get_context, register
 
 __all__ = [
@@ -21,6 +30,8 @@ __all__ = [
     "Client",
     "ForkserverContext",
     "ServerError",
+    "ServerGone",
+    "ServerLost",
     "SpawnError",
     "Worker",
     "default_socket_path",

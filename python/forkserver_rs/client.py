@@ -1,8 +1,9 @@
 """A forkserver client in pure Python, written from protocol/README.md.
 
-One :class:`Client` is one connection. It may be shared by threads: whoever
-needs a message the server has not sent yet becomes the reader, the others
-wait on a condition variable (there is no background thread).
+One :class:`Client` is one connection at a time (a new one if its server
+dies). It may be shared by threads: whoever needs a message the server has
+not sent yet becomes the reader, the others wait on a condition variable
+(there is no background thread).
 """
 
 import io
@@ -16,7 +17,16 @@ import time
 
 import msgpack
 
-__all__ = ["Client", "Child", "SpawnError", "ServerError", "Worker", "default_socket_path"]
+__all__ = [
+    "Client",
+    "Child",
+    "SpawnError",
+    "ServerError",
+    "ServerGone",
+    "ServerLost",
+    "Worker",
+    "default_socket_path",
+]
 
 PROTOCOL_VERSION = 1
 PIPE = subprocess.PIPE
@@ -115,39 +125,53 @@ class Worker:
         return f"Worker({self.name!r}, {self.args!r})"
 
 
-class Client:
-    """A connection to a forkserver.
+def _connect(path):
+    """A socket connected to the server at `path`; the errors name the socket
+    and what to do."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        sock.connect(path)
+    except (FileNotFoundError, ConnectionRefusedError) as exc:
+        sock.close()
+        raise ConnectionError(
+            f"no forkserver is listening on {path} ({exc.strerror}); "
+            "start one with `python -m forkserver_rs serve --socket PATH`"
+        ) from exc
+    except PermissionError as exc:
+        sock.close()
+        raise PermissionError(
+            exc.errno,
+            f"the forkserver socket {path} is closed to uid {os.getuid()} ({exc.strerror}): "
+            "the socket or a directory above it does not let you in. The server's owner can open "
+            "it with `serve --group GROUP` (the socket becomes 0660 for GROUP; its directory must "
+            "let you through) and admit you with `--allow-uid USER` or `--allow-gid GROUP`",
+            path,
+        ) from exc
+    return sock
 
-    >>> with Client("/run/forkserver.sock") as client:        # doctest: +SKIP
-    ...     child = client.spawn(["echo", "hi"], stdout=PIPE)
-    ...     child.stdout.read(), child.wait()
-    (b'hi\\n', 0)
-    """
 
-    def __init__(self, path=None, *, name="forkserver_rs.py"):
-        self.path = os.fspath(path) if path is not None else default_socket_path()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        try:
-            sock.connect(self.path)
-        except (FileNotFoundError, ConnectionRefusedError) as exc:
-            sock.close()
-            raise ConnectionError(
-                f"no forkserver is listening on {self.path} ({exc.strerror}); "
-                "start one with `python -m forkserver_rs serve --socket PATH`"
-            ) from exc
-        except PermissionError as exc:
-            sock.close()
-            raise PermissionError(
-                exc.errno,
-                f"the forkserver socket {self.path} is closed to uid {os.getuid()} ({exc.strerror}): "
-                "the socket or a directory above it does not let you in. The server's owner can open "
-                "it with `serve --group GROUP` (the socket becomes 0660 for GROUP; its directory must "
-                "let you through) and admit you with `--allow-uid USER` or `--allow-gid GROUP`",
-                self.path,
-            ) from exc
-        self._sock = sock
+class ServerLost(ConnectionError):
+    """The server went away (it died, or was restarted) before it answered.
+    A child started on the lost connection still runs until it ends (its
+    pidfd says when, and still signals it); its return code is then 255, as
+    with CPython's forkserver, and ``child.server_lost`` says why."""
+
+
+class ServerGone(ServerLost):
+    """No server listens on the socket, and none came within the client's
+    ``reconnect_wait``: nothing was sent."""
+
+
+class _Connection:
+    """One connection: its socket, the replies and exit reports read from it
+    and not yet taken. It may be shared by threads: whoever needs a message
+    the server has not sent yet becomes the reader, the others wait on a
+    condition variable (there is no background thread)."""
+
+    def __init__(self, path, name):
+        self.path = path
+        self._sock = _connect(path)
         self.limits = dict(_HELLO_LIMITS)
-        self._closed = False
         self._send_lock = threading.Lock()
         self._cond = threading.Condition()
         self._reading = False
@@ -155,34 +179,34 @@ class Client:
         self._replies = {}  # id -> (message, fds) for replies not yet taken
         self._exits = {}  # id -> exit status map
         self._next_id = 1
-        self._send({"type": "hello", "protocol": PROTOCOL_VERSION, "client": name})
+        try:
+            self._send({"type": "hello", "protocol": PROTOCOL_VERSION, "client": name})
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # a server that refuses us says why, and closes: read it
         welcome, _ = self._recv(None)
         if welcome.get("type") == "error":
-            sock.close()
+            self._sock.close()
             raise ServerError(welcome.get("kind"), welcome.get("message"))
         if welcome.get("type") != "welcome":
-            sock.close()
+            self._sock.close()
             raise ServerError("protocol", f"expected welcome, got {welcome.get('type')!r}")
         self.welcome = welcome
         self.limits.update(welcome.get("limits", {}))
 
-    # -- the connection -----------------------------------------------------
-
-    def fileno(self):
-        return self._sock.fileno()
+    def alive(self):
+        """Whether the server is still on the other end: the connection has
+        not failed, and the server has not hung up (died, or closed it)
+        without our having read so yet."""
+        if self._broken is not None or self._sock.fileno() < 0:
+            return False
+        poller = select.poll()
+        poller.register(self._sock, select.POLLRDHUP)
+        return not any(
+            events & (select.POLLHUP | select.POLLRDHUP | select.POLLERR) for _, events in poller.poll(0)
+        )
 
     def close(self):
-        """Closes the connection. Children not started with ``detach=True``
-        get SIGTERM (then SIGKILL) from the server."""
-        if not self._closed:
-            self._closed = True
-            self._sock.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
+        self._sock.close()
 
     def _send(self, message, fds=()):
         data = msgpack.packb(message, use_bin_type=True)
@@ -230,7 +254,7 @@ class Client:
         if not data:
             for fd in fds:
                 os.close(fd)
-            raise ConnectionError(f"the forkserver at {self.path} closed the connection")
+            raise ServerLost(f"the forkserver at {self.path} closed the connection")
         if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
             for fd in fds:
                 os.close(fd)
@@ -284,21 +308,113 @@ class Client:
                 elif timeout == 0 and self._broken is None:
                     return done()
 
-    def _request(self, message, fds=()):
+    def _new_id(self):
         with self._cond:
             request_id = self._next_id
             self._next_id += 1
-        message["id"] = request_id
-        self._send(message, fds)
+        return request_id
+
+    def _answer(self, request_id):
+        """The reply to request `request_id`, waiting for it."""
         self._wait_for(lambda: request_id in self._replies)
         with self._cond:
             return self._replies.pop(request_id)
+
+
+class Client:
+    """A connection to a forkserver.
+
+    >>> with Client("/run/forkserver.sock") as client:        # doctest: +SKIP
+    ...     child = client.spawn(["echo", "hi"], stdout=PIPE)
+    ...     child.stdout.read(), child.wait()
+    (b'hi\\n', 0)
+
+    If the server dies, the next request connects to the socket again
+    (waiting up to ``reconnect_wait`` seconds, 3 by default, for a server to
+    listen there) and goes to the new server. Children started on the lost
+    connection get return code 255 (the server that would have reported
+    their exit is gone), as with CPython's forkserver.
+    """
+
+    def __init__(self, path=None, *, name="forkserver_rs.py", reconnect_wait=3.0):
+        self.path = os.fspath(path) if path is not None else default_socket_path()
+        self.reconnect_wait = reconnect_wait
+        self._name = name
+        self._lock = threading.Lock()
+        self._closed = False
+        self._conn = _Connection(self.path, name)
+
+    @property
+    def welcome(self):
+        """What the server said about itself when this client last connected."""
+        return self._conn.welcome
+
+    @property
+    def limits(self):
+        return self._conn.limits
+
+    # -- the connection -----------------------------------------------------
+
+    def fileno(self):
+        return self._conn._sock.fileno()
+
+    def close(self):
+        """Closes the connection. Children not started with ``detach=True``
+        get SIGTERM (then SIGKILL) from the server."""
+        if not self._closed:
+            self._closed = True
+            self._conn.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _connection(self, dead=None):
+        """The connection to use now: the current one while its server is
+        there, else a new one (`dead`: one found closed as a request was
+        sent on it). Waits up to ``reconnect_wait`` for a server to listen."""
+        with self._lock:
+            if self._closed:
+                raise ValueError("the client is closed")
+            if self._conn is not dead and self._conn.alive():
+                return self._conn
+            deadline = time.monotonic() + self.reconnect_wait
+            while True:
+                try:
+                    self._conn = _Connection(self.path, self._name)
+                    return self._conn
+                except ConnectionError as exc:
+                    if time.monotonic() >= deadline or isinstance(exc, ServerLost):
+                        raise ServerGone(
+                            f"the forkserver on {self.path} is gone, and none listened there again "
+                            f"within {self.reconnect_wait:g} s; start one with "
+                            "`python -m forkserver_rs serve --socket PATH`"
+                        ) from exc
+                    time.sleep(0.02)
+
+    def _request(self, message, fds=()):
+        """Sends `message` and returns the reply, with the connection it came
+        on. A send that finds the connection closed goes again on a new one
+        (the old server never read it); a request the server took and did
+        not answer is not sent again (it may have acted on it)."""
+        conn = self._connection()
+        message["id"] = conn._new_id()
+        try:
+            conn._send(message, fds)
+        except (BrokenPipeError, ConnectionResetError):
+            conn = self._connection(dead=conn)
+            message["id"] = conn._new_id()
+            conn._send(message, fds)
+        reply, reply_fds = conn._answer(message["id"])
+        return reply, reply_fds, conn
 
     # -- requests -----------------------------------------------------------
 
     def status(self):
         """The server's status map (pid, modules, children, pools, ...)."""
-        reply, _ = self._request({"type": "status"})
+        reply, _, _ = self._request({"type": "status"})
         return reply
 
     def reload(self):
@@ -307,7 +423,7 @@ class Client:
         children and connections are untouched. Root and the server's uid
         only. A reload that fails raises ServerError quoting why (the old
         generation serves on)."""
-        reply, _ = self._request({"type": "reload"})
+        reply, _, _ = self._request({"type": "reload"})
         if reply.get("type") == "error":
             raise ServerError(reply.get("kind"), reply.get("message"))
         return reply["generation"]
@@ -320,7 +436,7 @@ class Client:
         and the server's uid only. If the new program cannot take over,
         raises ServerError saying why, and the old image serves on with
         everything it had."""
-        reply, _ = self._request({"type": "upgrade"})
+        reply, _, _ = self._request({"type": "upgrade"})
         if reply.get("type") == "error":
             raise ServerError(reply.get("kind"), reply.get("message"))
         return reply["version"], reply["previous"]
@@ -533,7 +649,7 @@ class Client:
         if die_with_server:
             message["die_with_server"] = True
         try:
-            reply, reply_fds = self._request(message, fds)
+            reply, reply_fds, conn = self._request(message, fds)
         except BaseException:
             if shared_stdout is not None:
                 os.close(shared_stdout)
@@ -542,7 +658,7 @@ class Client:
             for fd in keep_open:
                 os.close(fd)
         if reply.get("type") == "spawned":
-            child = Child(self, reply, reply_fds, shared_stdout, text)
+            child = Child(conn, reply, reply_fds, shared_stdout, text)
             child.args = [target, *args]
             return child
         if shared_stdout is not None:
@@ -569,12 +685,14 @@ class Child:
     ``poll``, ``wait``, ``communicate``, ``send_signal``, ``terminate``,
     ``kill``. Its exit status comes from the server, which reaps it."""
 
-    def __init__(self, client, reply, fds, shared_stdout, text):
-        self._client = client
+    def __init__(self, conn, reply, fds, shared_stdout, text):
+        self._conn = conn
         self._id = reply["id"]
         self.pid = reply["pid"]
         self.pidfd = fds[reply["pidfd"]]
         self.returncode = None
+        # Why the exit status is unknown, if the server was lost first.
+        self.server_lost = None
 
         def stream(index, mode):
             if index is None:
@@ -617,7 +735,7 @@ class Child:
         cannot both take the status: the second sees the first's return
         code instead of waiting for a report that was already taken."""
         if self.returncode is None:
-            status = self._client._exits.pop(self._id, None)
+            status = self._conn._exits.pop(self._id, None)
             if status is not None:
                 self.returncode = _returncode(status)
         return self.returncode is not None
@@ -629,15 +747,28 @@ class Child:
         if self.returncode is None:
             ended = select.select([self.pidfd], [], [], 0)[0] if self.pidfd is not None else True
             # Once the pidfd says the process is gone, the report is on its way.
-            self._client._wait_for(self._collect, None if ended else 0)
+            self._wait(None if ended else 0)
         return self.returncode
 
     def wait(self, timeout=None):
         """Waits for the child to end and returns its return code; raises
         ``subprocess.TimeoutExpired`` after `timeout` seconds."""
-        if self.returncode is None and not self._client._wait_for(self._collect, timeout):
+        if self.returncode is None and not self._wait(timeout):
             raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout)
         return self.returncode
+
+    def _wait(self, timeout):
+        """Waits up to `timeout` for the exit report. Once the server is
+        lost no report can come: the pidfd alone says when the child ends,
+        and its return code is then 255 (`server_lost` says why)."""
+        try:
+            return self._conn._wait_for(self._collect, timeout)
+        except (OSError, ServerError) as exc:
+            self.server_lost = exc
+            if self.pidfd is None or select.select([self.pidfd], [], [], timeout)[0]:
+                self.returncode = 255
+                return True
+            return False
 
     def communicate(self, input=None, timeout=None):
         """Writes `input` to stdin (then closes it), reads stdout and stderr

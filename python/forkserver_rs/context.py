@@ -51,7 +51,7 @@ from multiprocessing import context as mp_context
 from multiprocessing import pool as mp_pool
 from multiprocessing import popen_fork, popen_spawn_posix, process, reduction, spawn, util
 
-from .client import Client, ServerError
+from .client import Client, ServerError, ServerGone
 
 __all__ = ["get_context", "register", "ForkserverContext"]
 
@@ -396,7 +396,10 @@ class Popen(popen_fork.Popen):
             dump(process_obj, data)
         finally:
             mp_context.set_spawning_popen(None)
-        client = self._context._server.client()
+        server = self._context._server
+        # Connected (or started) first: the child is told the running
+        # server's socket, to use it in turn.
+        server.client()
         environ = dict(os.environ)
         registered = _registrations(with_running=True)
         if registered:
@@ -414,7 +417,7 @@ class Popen(popen_fork.Popen):
             written = 0
         os.set_blocking(parent_w, True)
         try:
-            self._child = client.spawn(
+            self._child = server.spawn(
                 _CHILD_TARGET,
                 args=(child_r, tracker_fd),
                 stdin=subprocess.DEVNULL,
@@ -542,6 +545,7 @@ class _ServerHandle:
         self._process = None
         self._lifeline = None
         self._directory = None
+        self._stop_registered = False
 
     def adopt(self, running):
         """The socket of the server the process that started us used (tried
@@ -555,10 +559,44 @@ class _ServerHandle:
         return self._connected or self._adopted or self.socket
 
     def client(self):
+        """The client to spawn with: connected to the server in use, or to
+        a new one if the server this process started has died (with the
+        same settings, as CPython's forkserver starts a new one)."""
         with self._lock:
+            if self._process is not None and self._process.poll() is not None:
+                self._forget_dead_server()
             if self._client is None:
                 self._client = self._connect()
             return self._client
+
+    def spawn(self, *args, **kwargs):
+        """``Client.spawn`` on :meth:`client`. A shared server that is gone
+        and does not come back within the client's wait (nothing was sent)
+        is replaced by one of this process's own, as at first use."""
+        client = self.client()
+        try:
+            return client.spawn(*args, **kwargs)
+        except ServerGone:
+            with self._lock:
+                if self._client is client:
+                    self._client = None
+                    self._connected = None
+            return self.client().spawn(*args, **kwargs)
+
+    def _forget_dead_server(self):
+        """The server this process started died: its client, lifeline and
+        directory go; the next :meth:`client` starts another."""
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        self._connected = None
+        self._process = None
+        if self._lifeline is not None:
+            os.close(self._lifeline)
+            self._lifeline = None
+        if self._directory is not None:
+            shutil.rmtree(self._directory, ignore_errors=True)
+            self._directory = None
 
     def _connect(self):
         for path in (self._adopted, self.socket):
@@ -646,7 +684,9 @@ class _ServerHandle:
         # the children (it runs finalizers of negative priority last). A
         # Finalize runs only in the process that made it, so an os.fork()
         # child of the parent leaves the server alone.
-        util.Finalize(None, self._stop, exitpriority=-100)
+        if not self._stop_registered:
+            util.Finalize(None, self._stop, exitpriority=-100)
+            self._stop_registered = True
 
     def _stop(self):
         """Closes the lifeline (the server then stops) and cleans up."""

@@ -85,12 +85,12 @@ class Server:
 
 @pytest.fixture
 def start_server(tmp_path):
-    """start_server(*serve_flags) -> Server (ready or not); all are stopped
-    at the end of the test."""
+    """start_server(*serve_flags, socket=None) -> Server (ready or not), on
+    `socket` or a new one; all are stopped at the end of the test."""
     started = []
 
-    def start(*args):
-        server = Server(str(tmp_path / f"fs{len(started)}.sock"), args)
+    def start(*args, socket=None):
+        server = Server(socket or str(tmp_path / f"fs{len(started)}.sock"), args)
         started.append(server)
         return server
 

@@ -247,7 +247,7 @@ def test_threads_polling_one_child_all_see_its_return_code(server):
             for t in threads:
                 t.join(10)
             if any(t.is_alive() for t in threads):
-                client._sock.shutdown(socket.SHUT_RDWR)  # frees the stuck thread
+                client._conn._sock.shutdown(socket.SHUT_RDWR)  # frees the stuck thread
                 pytest.fail(f"round {round}: a poll() never returned after the child ended")
             assert seen == [round % 7] * 4
 

@@ -125,7 +125,8 @@ impl AsyncChild {
         if let Some(status) = self.exit.status {
             return Ok(status);
         }
-        let exited = self.exit.connection.take(self.exit.id, is_exit).await?;
+        let exited =
+            (self.exit.connection.take(self.exit.id, is_exit).await).map_err(crate::child::lost)?;
         Ok(self.exit.record(exited.message))
     }
 
@@ -134,7 +135,8 @@ impl AsyncChild {
         if self.exit.status.is_some() {
             return Ok(self.exit.status);
         }
-        let exited = self.exit.connection.try_take(self.exit.id, is_exit)?;
+        let exited =
+            (self.exit.connection.try_take(self.exit.id, is_exit)).map_err(crate::child::lost)?;
         Ok(exited.map(|e| self.exit.record(e.message)))
     }
 

@@ -7,10 +7,11 @@ use std::path::Path;
 use std::process::{ExitStatus, Output};
 use std::sync::Arc;
 
-use forkserver_protocol::ClientMessage;
+use forkserver_protocol::{ClientMessage, Spawn};
 
 use super::child::AsyncChild;
 use super::connection::AsyncConnection;
+use super::link::AsyncLink;
 use crate::spawned::{answers_spawn, read_answer};
 use crate::stdio::{StdioKind, INHERIT, NULL, PIPED};
 use crate::{Command, Error, Stdio};
@@ -22,7 +23,7 @@ use crate::{Command, Error, Stdio};
 /// thread.
 #[derive(Debug)]
 pub struct AsyncCommand {
-    connection: Arc<AsyncConnection>,
+    link: Arc<AsyncLink>,
     inner: Command,
     kill_on_drop: bool,
 }
@@ -40,9 +41,9 @@ macro_rules! pass_through {
 }
 
 impl AsyncCommand {
-    pub(crate) fn new(connection: Arc<AsyncConnection>, inner: Command) -> AsyncCommand {
+    pub(crate) fn new(link: Arc<AsyncLink>, inner: Command) -> AsyncCommand {
         AsyncCommand {
-            connection,
+            link,
             inner,
             kill_on_drop: false,
         }
@@ -200,17 +201,32 @@ impl AsyncCommand {
         stdin: &'static StdioKind,
         out: &'static StdioKind,
     ) -> Result<AsyncChild, Error> {
-        let connection = self.connection.clone();
-        let permit = connection.start_permit().await;
-        let id = connection.next_id();
-        {
-            let (mut request, mut fds, extra) = self.inner.prepare(stdin, out)?;
-            fds.extend(extra.iter().map(|fd| fd.as_fd()));
-            request.id = id;
-            connection
-                .send(&ClientMessage::Spawn(request), &fds)
-                .await?;
-        }
+        let mut connection = self.link.connection().await?;
+        let (request, mut fds, extra) = self.inner.prepare(stdin, out)?;
+        fds.extend(extra.iter().map(|fd| fd.as_fd()));
+        let mut sent = false;
+        let (permit, id) = loop {
+            let permit = connection.start_permit().await;
+            let id = connection.next_id();
+            let message = ClientMessage::Spawn(Spawn {
+                id,
+                ..request.clone()
+            });
+            match connection.send(&message, &fds).await {
+                Ok(()) => break (permit, id),
+                // Closed as we sent: the server never read it (link.rs).
+                Err(Error::Disconnected(_)) if !sent => {
+                    drop(permit);
+                    sent = true;
+                    connection = self.link.instead_of(&connection).await?;
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        // Our copies of what the child got (its pipe ends) close before the
+        // wait, as they would have in a scope.
+        drop(fds);
+        drop(extra);
         // Cancelled or failed before the answer: nothing will take it, so
         // its messages are discarded as they come (a child that started
         // anyway is left to the connection's on_disconnect).

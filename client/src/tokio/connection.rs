@@ -129,6 +129,13 @@ impl AsyncConnection {
         Ok(AsyncConnection { shared })
     }
 
+    /// Whether the server is still on the other end (as the blocking
+    /// connection's `is_alive`).
+    pub(crate) fn is_alive(&self) -> bool {
+        self.lock().broken.is_none()
+            && !crate::connection::hung_up(self.shared.socket().get_ref().as_fd())
+    }
+
     pub(crate) fn info(&self) -> &ServerInfo {
         &self.shared.info
     }

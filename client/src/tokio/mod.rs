@@ -44,6 +44,7 @@
 mod child;
 mod command;
 mod connection;
+mod link;
 
 use std::ffi::OsStr;
 use std::path::Path;
@@ -54,23 +55,36 @@ use forkserver_protocol::{ClientMessage, ServerMessage};
 pub use child::AsyncChild;
 pub use command::AsyncCommand;
 use connection::AsyncConnection;
+use link::AsyncLink;
 
 use crate::{ChildInfo, Command, Error, ServerInfo, StatusReport};
 
 /// A connection to a forkserver, for async code. Cheap to clone; clones
 /// share the connection. Create it inside a tokio runtime.
+///
+/// If the server dies, the next request connects to its socket again, as
+/// the blocking [`Client`](crate::Client) does (waiting up to 3 s, or
+/// [`reconnect_wait`](AsyncClient::reconnect_wait)); the children started
+/// on the lost connection report [`Error::ServerLost`].
 #[derive(Debug, Clone)]
 pub struct AsyncClient {
-    connection: Arc<AsyncConnection>,
+    link: Arc<AsyncLink>,
 }
 
 impl AsyncClient {
     /// Connects to the server listening on `path` and does the handshake.
     pub async fn connect(path: impl AsRef<Path>) -> Result<AsyncClient, Error> {
-        let connection = AsyncConnection::open(path.as_ref(), &crate::client_name()).await?;
+        let link = AsyncLink::open(path.as_ref(), &crate::client_name()).await?;
         Ok(AsyncClient {
-            connection: Arc::new(connection),
+            link: Arc::new(link),
         })
+    }
+
+    /// Sets how long a request waits for a server to listen on the socket
+    /// again when the one it had is gone (3 s unless set).
+    pub fn reconnect_wait(self, wait: std::time::Duration) -> AsyncClient {
+        self.link.set_wait(wait);
+        self
     }
 
     /// Connects to the server at [`default_socket_path`](crate::default_socket_path).
@@ -78,21 +92,27 @@ impl AsyncClient {
         AsyncClient::connect(crate::default_socket_path()).await
     }
 
-    /// What the server said about itself when we connected.
-    pub fn server(&self) -> &ServerInfo {
-        self.connection.info()
+    /// What the server said about itself when this client last connected
+    /// (at first, or again after a server was lost).
+    pub async fn server(&self) -> ServerInfo {
+        self.link.info().await
+    }
+
+    /// The socket this client connects to.
+    pub fn socket(&self) -> &Path {
+        self.link.path()
     }
 
     /// A command that runs `program` (looked up in the child's `PATH` if it
     /// has no `/`).
     pub fn command(&self, program: impl AsRef<OsStr>) -> AsyncCommand {
-        AsyncCommand::new(self.connection.clone(), Command::new(program))
+        AsyncCommand::new(self.link.clone(), Command::new(program))
     }
 
     /// A command that runs a preloaded worker (see
     /// [`Client::worker`](crate::Client::worker)).
     pub fn worker(&self, name: &str) -> AsyncCommand {
-        AsyncCommand::new(self.connection.clone(), Command::worker_on(None, name))
+        AsyncCommand::new(self.link.clone(), Command::worker_on(None, name))
     }
 
     /// The server's status (see [`Client::status`](crate::Client::status)).
@@ -106,13 +126,10 @@ impl AsyncClient {
     /// The live children this client may see, every page read (see
     /// [`Client::list`](crate::Client::list)).
     pub async fn list(&self) -> Result<Vec<ChildInfo>, Error> {
-        let id = self.connection.next_id();
-        self.connection
-            .send(&ClientMessage::List { id }, &[])
-            .await?;
+        let (connection, id) = self.send(|id| ClientMessage::List { id }).await?;
         let mut all = Vec::new();
         loop {
-            match self.reply(id).await? {
+            match reply(&connection, id).await? {
                 ServerMessage::Children { children, more, .. } => {
                     all.extend(children);
                     if !more {
@@ -124,20 +141,36 @@ impl AsyncClient {
         }
     }
 
-    async fn call(
-        &self,
-        request: impl FnOnce(u64) -> ClientMessage,
-    ) -> Result<ServerMessage, Error> {
-        let id = self.connection.next_id();
-        self.connection.send(&request(id), &[]).await?;
-        self.reply(id).await
+    async fn call(&self, request: impl Fn(u64) -> ClientMessage) -> Result<ServerMessage, Error> {
+        let (connection, id) = self.send(request).await?;
+        reply(&connection, id).await
     }
 
-    async fn reply(&self, id: u64) -> Result<ServerMessage, Error> {
-        let reply = self.connection.take(id, |_| true).await?;
-        match reply.message {
-            ServerMessage::Error { kind, message, .. } => Err(Error::Refused { kind, message }),
-            other => Ok(other),
+    /// Sends a request (no fds) on the connection to use now, or on a new
+    /// one if its send finds that closed (see the blocking client's link).
+    async fn send(
+        &self,
+        request: impl Fn(u64) -> ClientMessage,
+    ) -> Result<(Arc<AsyncConnection>, u64), Error> {
+        let connection = self.link.connection().await?;
+        let id = connection.next_id();
+        match connection.send(&request(id), &[]).await {
+            Ok(()) => Ok((connection, id)),
+            Err(Error::Disconnected(_)) => {
+                let connection = self.link.instead_of(&connection).await?;
+                let id = connection.next_id();
+                connection.send(&request(id), &[]).await?;
+                Ok((connection, id))
+            }
+            Err(e) => Err(e),
         }
+    }
+}
+
+async fn reply(connection: &AsyncConnection, id: u64) -> Result<ServerMessage, Error> {
+    let reply = connection.take(id, |_| true).await?;
+    match reply.message {
+        ServerMessage::Error { kind, message, .. } => Err(Error::Refused { kind, message }),
+        other => Ok(other),
     }
 }
