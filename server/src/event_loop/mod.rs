@@ -39,7 +39,7 @@ use crate::pool::Pools;
 use crate::readiness::Readiness;
 use crate::signals::SignalPipe;
 use crate::sys::SiblingFork;
-use crate::threads::{ForkGuard, ThreadPolicy};
+use crate::threads::ForkGuard;
 use crate::{sys, ServeError, ServeOptions};
 
 mod budgets;
@@ -142,7 +142,7 @@ impl EventLoop {
         // adopted (`sys::sibling`), which needs this either way (a zygote
         // turns to adoption if its clone fails).
         sys::become_subreaper().map_err(|e| ServeError::Setup("becoming a child subreaper", e))?;
-        let (fork, why_not_clone) = SiblingFork::choose(options.threads != ThreadPolicy::Refuse);
+        let (fork, why_not_clone) = SiblingFork::choose();
         if let Some(why) = why_not_clone {
             log!(
                 Level::Debug,

@@ -19,11 +19,14 @@
 //!   which the caller's parent must be (`PR_SET_CHILD_SUBREAPER`:
 //!   [`become_subreaper`]). It costs a second copy of the address space,
 //!   and works in a caller that has other threads (the libc's fork resets
-//!   its own locks in the child, as for any fork).
+//!   its own locks in the child, as for any fork) — though a zygote never
+//!   forks its children with other threads about (see `choose`).
 //!
-//! [`SiblingFork::choose`] takes Clone where glibc's descriptor is found,
-//! `FORKSERVER_SIBLING_FORK=0` is not set and the caller will have no other
-//! thread; otherwise Adopted. The switch lets CI run everything both ways.
+//! [`SiblingFork::choose`] takes Clone where glibc's descriptor is found
+//! and `FORKSERVER_SIBLING_FORK=0` is not set; otherwise Adopted. The
+//! switch lets CI run everything both ways. Clone also needs a caller with
+//! one thread: a zygote whose preloads left threads forks itself first
+//! (`launch/zygote/life.rs`).
 
 use std::convert::Infallible;
 use std::io;
@@ -54,14 +57,10 @@ pub(crate) enum SiblingFork {
 }
 
 impl SiblingFork {
-    /// Clone where it can be used, else Adopted with why not. `threads`:
-    /// the caller may fork while it has other threads (a raw clone is
-    /// safe only in a single-threaded process).
-    pub(crate) fn choose(threads: bool) -> (SiblingFork, Option<String>) {
-        if threads {
-            let why = "the thread guard tolerates threads, and clone3 is safe only without them";
-            return (SiblingFork::Adopted, Some(why.into()));
-        }
+    /// Clone where it can be used, else Adopted with why not. (Clone needs
+    /// a single-threaded caller too: a zygote whose preloads left threads
+    /// forks a copy of itself, which has one, to fork from.)
+    pub(crate) fn choose() -> (SiblingFork, Option<String>) {
         match GlibcThread::find_allowed() {
             Ok(thread) => (SiblingFork::Clone(thread), None),
             Err(why) => (SiblingFork::Adopted, Some(why)),

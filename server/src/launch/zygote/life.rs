@@ -20,7 +20,7 @@ use crate::log::{log, Level};
 use crate::modules::panic_message;
 use crate::peer::child_rights;
 use crate::sys::{self, SiblingFork};
-use crate::threads::{ForkGuard, ThreadPolicy};
+use crate::threads::{ForkGuard, ThreadCount, ThreadPolicy};
 
 /// The zygote's life, in the zygote: keep only its socket (and stdio,
 /// /dev/null and its report pipe, which it never uses but for the fork's
@@ -30,7 +30,7 @@ use crate::threads::{ForkGuard, ThreadPolicy};
 /// # Safety
 /// Call only in the freshly forked child of a single-threaded front, with
 /// `socket`, the reporter's pipe and the launcher's /dev/null open, and
-/// `fork` chosen in the front (a subreaper) for `policy`.
+/// `fork` chosen in the front (a subreaper).
 pub(super) unsafe fn serve(
     launcher: &Launcher,
     socket: RawFd,
@@ -64,93 +64,185 @@ pub(super) unsafe fn serve(
             sys::getpid()
         );
     }
-    let say = |message: &FromZygote, fds: &[BorrowedFd<'_>]| {
-        let bytes = encode(message).expect("the zygote's messages encode");
-        // A front that has gone is seen at the next receive.
-        if bytes.len() <= MAX_MESSAGE {
-            let _ = send_datagram(socket, &bytes, fds, libc::MSG_NOSIGNAL);
-        } else {
-            // Only the first word is ever this big; it carries no fd.
-            let (marker, file) = match memfd_holding(&bytes) {
-                Ok(file) => (FromZygote::InMemfd, Some(file)),
-                Err(e) => {
-                    let message = format!("the zygote cannot hand over what it loaded: {e}");
-                    (FromZygote::Failed { message }, None)
-                }
-            };
-            let marker = encode(&marker).expect("the zygote's messages encode");
-            let fds: Vec<_> = file.iter().map(|f| f.as_fd()).collect();
-            let _ = send_datagram(socket, &marker, &fds, libc::MSG_NOSIGNAL);
-        }
-    };
+    let say = |message: &FromZygote| say(socket, message, &[]);
     let guard = match preload(launcher, policy, pools) {
         Ok(guard) => guard,
         Err(message) => {
-            say(&FromZygote::Failed { message }, &[]);
+            say(&FromZygote::Failed { message });
             // SAFETY: _exit ends the zygote without the front's atexit
             // handlers.
             unsafe { libc::_exit(1) }
         }
     };
     let ready = Ready {
+        pid: sys::getpid(),
         modules: launcher.modules.infos().to_vec(),
         files: launcher.modules.preloaded_files(),
     };
-    say(&FromZygote::Ready(ready), &[]);
-    if let Some(fd) = stderr_after_ready {
-        // Checked by the front before it started us; a failure here leaves
-        // the start-up stderr, which is all that could be done.
-        let _ = sys::inherited_fd(fd).and_then(sys::replace_stderr);
-    }
-    let zygote = Forking {
+    let serving = Serving {
         launcher,
-        fork: Cell::new(fork),
-        guard: &guard,
-        doomed: Cell::new(false),
+        socket,
+        policy,
+        stderr_after_ready,
         server_name,
     };
-    loop {
-        let (request, fds) = match receive(socket) {
-            Ok(Some(received)) => received,
-            // End-of-file: the front dropped us or died.
-            // SAFETY: as above.
-            Ok(None) => unsafe { libc::_exit(0) },
-            Err(message) => {
-                let refused = FromZygote::Refused {
-                    kind: ErrorKind::Protocol,
-                    errno: None,
-                    message,
-                };
-                say(&refused, &[]);
-                continue;
-            }
+    if ThreadCount::open().ensure_one().is_err() {
+        // SAFETY: the zygote's preloads are done, its threads tolerated.
+        unsafe { serving.shed_threads(fork, &guard, ready) }
+    }
+    serving.serve(fork, &guard, ready)
+}
+
+/// What the zygote serves with, once preloaded.
+struct Serving<'z> {
+    launcher: &'z Launcher,
+    socket: BorrowedFd<'z>,
+    policy: ThreadPolicy,
+    stderr_after_ready: Option<RawFd>,
+    /// The server's process name, which each child takes back.
+    server_name: [u8; 16],
+}
+
+impl Serving<'_> {
+    /// The preloads left threads, which the policy tolerates: a copy of
+    /// the zygote made by one fork has none, so it can make each child
+    /// with one clone (a multithreaded process could not: `sys::sibling`).
+    /// The copy, adopted by the front, serves from here on and says so
+    /// (`Ready::pid`); this process waits for its end (the front kills it
+    /// once it knows), holding nothing but its memory and sleeping threads.
+    ///
+    /// # Safety
+    /// In the zygote, once preloaded.
+    unsafe fn shed_threads(&self, fork: SiblingFork, guard: &ForkGuard, ready: Ready) -> ! {
+        let failed = |message: String| -> ! {
+            say(self.socket, &FromZygote::Failed { message }, &[]);
+            // SAFETY: _exit ends the zygote.
+            unsafe { libc::_exit(1) }
         };
-        // A panic while checking a request (in a worker family's name
-        // check, say) fails that request, not the zygote.
-        let forked = panic::catch_unwind(AssertUnwindSafe(|| match request {
-            ToZygote::Pool { worker } => zygote.pool_child(&worker, fds),
-            ToZygote::Spawn(assignment) => zygote.worker(*assignment, fds),
-            ToZygote::InMemfd => Err(LaunchError::new(ErrorKind::Protocol, "nested memfd".into())),
-        }))
-        .unwrap_or_else(|panic| Err(checking_panicked(&*panic)));
+        if let Err(refusal) = guard.check() {
+            failed(format!(
+                "the preloads' threads are not dormant: {}",
+                refusal.why
+            ));
+        }
+        let copy = || -> Infallible {
+            // One thread here, on the thread descriptor the way was checked
+            // with: it serves the copy as it would have the zygote. A
+            // thread that appears from now on was not tolerated.
+            let guard = match ForkGuard::arm(self.policy) {
+                Ok(guard) => guard,
+                Err(message) => failed(message),
+            };
+            let ready = Ready {
+                pid: sys::getpid(),
+                ..ready
+            };
+            self.serve(fork, &guard, ready)
+        };
+        self.launcher.modules.before_fork();
+        // SAFETY: the guard just allowed a fork; the copy runs the zygote's
+        // own code, as the zygote would.
+        let forked = unsafe { sys::fork_adopted(copy) };
+        self.launcher.modules.after_fork_in_parent();
         match forked {
-            Ok((pid, pidfd)) => say(&FromZygote::Forked { pid }, &[pidfd.as_fd()]),
-            Err(e) => {
-                let refused = FromZygote::Refused {
-                    kind: e.kind,
-                    errno: e.errno,
-                    message: e.message,
-                };
-                say(&refused, &[]);
-                if zygote.doomed.get() {
-                    // No fork of it is safe again; the front starts a new
-                    // generation once this one has gone.
-                    // SAFETY: as above.
-                    unsafe { libc::_exit(1) };
+            Ok((_, copy)) => {
+                // SAFETY: the copy has the socket now; ours must close so
+                // that the front sees the end of the one that serves.
+                unsafe { libc::close(self.socket.as_raw_fd()) };
+                sys::wait_readable(copy.as_fd(), -1);
+                // SAFETY: _exit ends this process.
+                unsafe { libc::_exit(0) }
+            }
+            Err(e) => failed(format!(
+                "the zygote cannot fork a copy of itself without its threads: {e}"
+            )),
+        }
+    }
+
+    /// Says it is ready, then makes one child per request until the front
+    /// closes the socket.
+    fn serve(&self, fork: SiblingFork, guard: &ForkGuard, ready: Ready) -> Infallible {
+        let (launcher, socket) = (self.launcher, self.socket);
+        let say = |message: &FromZygote, fds: &[BorrowedFd<'_>]| say(socket, message, fds);
+        say(&FromZygote::Ready(ready), &[]);
+        if let Some(fd) = self.stderr_after_ready {
+            // Checked by the front before it started us; a failure here
+            // leaves the start-up stderr, which is all that could be done.
+            let _ = sys::inherited_fd(fd).and_then(sys::replace_stderr);
+        }
+        let zygote = Forking {
+            launcher,
+            fork: Cell::new(fork),
+            guard,
+            doomed: Cell::new(false),
+            server_name: self.server_name,
+        };
+        loop {
+            let (request, fds) = match receive(socket) {
+                Ok(Some(received)) => received,
+                // End-of-file: the front dropped us or died.
+                // SAFETY: as above.
+                Ok(None) => unsafe { libc::_exit(0) },
+                Err(message) => {
+                    let refused = FromZygote::Refused {
+                        kind: ErrorKind::Protocol,
+                        errno: None,
+                        message,
+                    };
+                    say(&refused, &[]);
+                    continue;
+                }
+            };
+            // A panic while checking a request (in a worker family's name
+            // check, say) fails that request, not the zygote.
+            let forked = panic::catch_unwind(AssertUnwindSafe(|| match request {
+                ToZygote::Pool { worker } => zygote.pool_child(&worker, fds),
+                ToZygote::Spawn(assignment) => zygote.worker(*assignment, fds),
+                ToZygote::InMemfd => {
+                    Err(LaunchError::new(ErrorKind::Protocol, "nested memfd".into()))
+                }
+            }))
+            .unwrap_or_else(|panic| Err(checking_panicked(&*panic)));
+            match forked {
+                Ok((pid, pidfd)) => say(&FromZygote::Forked { pid }, &[pidfd.as_fd()]),
+                Err(e) => {
+                    let refused = FromZygote::Refused {
+                        kind: e.kind,
+                        errno: e.errno,
+                        message: e.message,
+                    };
+                    say(&refused, &[]);
+                    if zygote.doomed.get() {
+                        // No fork of it is safe again; the front starts a new
+                        // generation once this one has gone.
+                        // SAFETY: as above.
+                        unsafe { libc::_exit(1) };
+                    }
                 }
             }
         }
     }
+}
+
+/// Sends `message` (with `fds`) to the front: in a memfd if it is too big
+/// for a datagram (only the first word is ever that big; it carries no fd).
+/// A front that has gone is seen at the next receive.
+fn say(socket: BorrowedFd<'_>, message: &FromZygote, fds: &[BorrowedFd<'_>]) {
+    let bytes = encode(message).expect("the zygote's messages encode");
+    if bytes.len() <= MAX_MESSAGE {
+        let _ = send_datagram(socket, &bytes, fds, libc::MSG_NOSIGNAL);
+        return;
+    }
+    let (marker, file) = match memfd_holding(&bytes) {
+        Ok(file) => (FromZygote::InMemfd, Some(file)),
+        Err(e) => {
+            let message = format!("the zygote cannot hand over what it loaded: {e}");
+            (FromZygote::Failed { message }, None)
+        }
+    };
+    let marker = encode(&marker).expect("the zygote's messages encode");
+    let fds: Vec<_> = file.iter().map(|f| f.as_fd()).collect();
+    let _ = send_datagram(socket, &marker, &fds, libc::MSG_NOSIGNAL);
 }
 
 /// The error for a request whose check panicked.

@@ -34,6 +34,11 @@
 //! (an interpreter's import lock). The zygote's own thread guard, armed
 //! after its preloads with the server's policy, is checked before each.
 //!
+//! A zygote whose preloads left threads (tolerated: `--allow-dormant-threads`,
+//! every Python context's server) cannot clone; it forks a copy of itself
+//! (which has one thread), adopted by the front, and the copy serves: its
+//! `Ready` names it, and the front kills the original.
+//!
 //! The zygote keeps every signal blocked (as the fork left them: the
 //! front's handlers must not run here; each child resets them), and no fd
 //! but its socket, /dev/null and stdio. `ps` shows it as `zygote`. It ends
@@ -96,6 +101,9 @@ enum FromZygote {
 /// What a zygote loaded: its modules, and the files they came from.
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub(crate) struct Ready {
+    /// The process that serves: the zygote, or the copy of it without the
+    /// threads its preloads left (`life.rs`, `shed_threads`).
+    pub(crate) pid: libc::pid_t,
     pub(crate) modules: Vec<ModuleInfo>,
     pub(crate) files: Vec<PreloadedFile>,
 }
@@ -205,7 +213,16 @@ impl Zygote {
         match self.receive() {
             Err(None) => None,
             Err(Some(why)) => Some(Err(format!("the zygote {why}"))),
-            Ok((FromZygote::Ready(ready), _)) => Some(Ok(ready)),
+            Ok((FromZygote::Ready(ready), _)) => {
+                if ready.pid != self.pid && ready.pid > 0 {
+                    // The zygote's copy without threads serves; the
+                    // zygote itself, waiting for its end, is of no use.
+                    // SAFETY: kill on our own child, not yet reaped.
+                    unsafe { libc::kill(self.pid, libc::SIGKILL) };
+                    self.pid = ready.pid;
+                }
+                Some(Ok(ready))
+            }
             Ok((FromZygote::Failed { message }, _)) => Some(Err(message)),
             Ok(_) => Some(Err("the zygote answered before it was ready".into())),
         }
