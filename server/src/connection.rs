@@ -10,11 +10,11 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
 use forkserver_protocol::{encode, send_datagram, ErrorKind, ServerMessage};
 use serde::{Deserialize, Serialize};
 
-use crate::handover::{take, Passed};
 use crate::ledger::ConnId;
 use crate::log::{log, Level};
 use crate::peer::Peer;
 use crate::reply_size;
+use crate::sys::{take_passed, Passed};
 
 pub(crate) struct Connection {
     socket: OwnedFd,
@@ -309,13 +309,15 @@ impl Connection {
             .map(|(bytes, fds)| {
                 (
                     bytes,
-                    fds.into_iter().map(|fd| unsafe { take(fd) }).collect(),
+                    fds.into_iter()
+                        .map(|fd| unsafe { take_passed(fd) })
+                        .collect(),
                 )
             })
             .collect();
         Connection {
             // SAFETY: the caller's.
-            socket: unsafe { take(state.socket) },
+            socket: unsafe { take_passed(state.socket) },
             peer: state.peer,
             greeted: state.greeted,
             client: state.client,

@@ -32,7 +32,7 @@
 
 use std::ffi::{CString, OsStr, OsString};
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, RawFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -44,7 +44,7 @@ use crate::connection::ConnectionState;
 use crate::ledger::{ConnId, LedgerState};
 use crate::listener::ListenerState;
 use crate::log::{log, Level};
-use crate::sys;
+use crate::sys::{self, Passed};
 
 /// The version of [`Handover`]'s layout; a new image reads only its own.
 pub(crate) const FORMAT: u32 = 1;
@@ -82,38 +82,6 @@ pub(crate) struct Handover {
     /// Reloads asked and not yet answered: the new image's first
     /// generation answers them.
     pub(crate) reloads_waiting: Vec<(ConnId, u64)>,
-}
-
-/// The fds an image hands over: their close-on-exec flags are cleared just
-/// before the exec, and set again if it fails.
-#[derive(Default)]
-pub(crate) struct Passed(Vec<RawFd>);
-
-impl Passed {
-    /// Passes `fd`, returning the number the new image finds it at.
-    pub(crate) fn pass(&mut self, fd: BorrowedFd<'_>) -> RawFd {
-        self.0.push(fd.as_raw_fd());
-        fd.as_raw_fd()
-    }
-
-    fn set_cloexec(&self, on: bool) -> io::Result<()> {
-        for &fd in &self.0 {
-            sys::set_cloexec(fd, on)?;
-        }
-        Ok(())
-    }
-}
-
-/// In the new image: the fd handed over at `fd`, close-on-exec again.
-///
-/// # Safety
-/// `fd` must be a number from this image's [`Handover`], taken once.
-pub(crate) unsafe fn take(fd: RawFd) -> OwnedFd {
-    // The flag only; the fd is ours whatever this returns.
-    let _ = sys::set_cloexec(fd, true);
-    // SAFETY: the old image owned it and handed it over, open across the
-    // exec; nothing in this image opened it, and the caller takes it once.
-    unsafe { OwnedFd::from_raw_fd(fd) }
 }
 
 /// The binary and arguments the front was started with, read at start:
@@ -247,7 +215,7 @@ pub(crate) fn take_from_env() -> Option<Result<(Handover, Option<String>), Strin
             if let Some((exe_fd, _)) = fallback {
                 // SAFETY: the old image's binary, handed over once; not
                 // needed any more.
-                drop(unsafe { take(exe_fd) });
+                drop(unsafe { sys::take_passed(exe_fd) });
             }
             Ok((state, failed))
         }

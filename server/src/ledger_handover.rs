@@ -8,8 +8,8 @@ use forkserver_protocol::OnDisconnect;
 use serde::{Deserialize, Serialize};
 
 use super::{ChildRecord, ConnId, Ledger, Stage};
-use crate::handover::{take, Passed};
 use crate::launch::ClientEnds;
+use crate::sys::{take_passed, Passed};
 
 /// The ledger, handed over.
 #[derive(Serialize, Deserialize)]
@@ -63,10 +63,10 @@ fn pass_some(passed: &mut Passed, fd: &Option<OwnedFd>) -> Option<RawFd> {
 }
 
 /// # Safety
-/// As [`take`], for each number.
+/// As [`take_passed`], for each number.
 unsafe fn take_some(fd: Option<RawFd>) -> Option<OwnedFd> {
     // SAFETY: passed on to the caller.
-    fd.map(|fd| unsafe { take(fd) })
+    fd.map(|fd| unsafe { take_passed(fd) })
 }
 
 impl Ledger {
@@ -166,7 +166,7 @@ impl Ledger {
                     pool_control,
                 } => unsafe {
                     Stage::Starting {
-                        report: take(report),
+                        report: take_passed(report),
                         client_ends: ClientEnds {
                             stdin: take_some(stdin),
                             stdout: take_some(stdout),
@@ -191,7 +191,7 @@ impl Ledger {
                 owner: child.owner,
                 id: child.id,
                 // SAFETY: the caller's.
-                pidfd: unsafe { take(child.pidfd) },
+                pidfd: unsafe { take_passed(child.pidfd) },
                 stage,
                 on_disconnect: child.on_disconnect,
                 kill_at: child.kill_in_ms.map(ahead),

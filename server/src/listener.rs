@@ -21,8 +21,8 @@ use std::path::{Path, PathBuf};
 use forkserver_protocol::{connect_seqpacket, listen_seqpacket};
 use serde::{Deserialize, Serialize};
 
-use crate::handover::{take, Passed};
-use crate::{sys, ServeError};
+use crate::sys::{self, take_passed, Passed};
+use crate::ServeError;
 
 pub(crate) struct Listener {
     socket: OwnedFd,
@@ -89,7 +89,7 @@ impl Listener {
     pub(crate) unsafe fn taken_over(state: ListenerState) -> Listener {
         Listener {
             // SAFETY: the caller's.
-            socket: unsafe { take(state.socket) },
+            socket: unsafe { take_passed(state.socket) },
             path: state.path,
             identity: state.identity,
             remove_dir: state.remove_dir,

@@ -13,10 +13,10 @@ use nix::sys::epoll::{EpollEvent, EpollFlags};
 use super::connections::request_error;
 use super::{conn_token, pipe_token, EventLoop};
 use crate::connection::Connection;
-use crate::handover::{Handover, Passed, FORMAT};
+use crate::handover::{Handover, FORMAT};
 use crate::ledger::{ConnId, Ledger};
 use crate::log::{log, Level};
-use crate::sys;
+use crate::sys::{self, Passed};
 
 /// What a new image owes once its first generation serves: the answer to
 /// whoever asked for the upgrade.

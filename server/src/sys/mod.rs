@@ -101,6 +101,41 @@ pub(crate) fn set_cloexec(fd: RawFd, on: bool) -> io::Result<()> {
     cvt(unsafe { libc::fcntl(fd, libc::F_SETFD, flags) }).map(drop)
 }
 
+/// The fds a process hands to the next image of itself across an execve
+/// (an upgrade in place, `handover.rs`): their close-on-exec flags are
+/// cleared just before the exec, and set again if it fails.
+#[derive(Default)]
+pub(crate) struct Passed(Vec<RawFd>);
+
+impl Passed {
+    /// Passes `fd`, returning the number the new image finds it at.
+    pub(crate) fn pass(&mut self, fd: BorrowedFd<'_>) -> RawFd {
+        self.0.push(fd.as_raw_fd());
+        fd.as_raw_fd()
+    }
+
+    pub(crate) fn set_cloexec(&self, on: bool) -> io::Result<()> {
+        for &fd in &self.0 {
+            set_cloexec(fd, on)?;
+        }
+        Ok(())
+    }
+}
+
+/// In the new image of an exec: the fd handed over at `fd`, close-on-exec
+/// again.
+///
+/// # Safety
+/// `fd` must be a number the old image passed (its state says which),
+/// taken once.
+pub(crate) unsafe fn take_passed(fd: RawFd) -> OwnedFd {
+    // The flag only; the fd is ours whatever this returns.
+    let _ = set_cloexec(fd, true);
+    // SAFETY: the old image owned it and handed it over, open across the
+    // exec; nothing in this image opened it, and the caller takes it once.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
 /// An `O_PATH` fd for `path` (enough to exec it), close-on-exec.
 pub(crate) fn open_path(path: &CStr) -> io::Result<OwnedFd> {
     // SAFETY: a NUL-terminated path; returns a new fd or -1.
