@@ -26,10 +26,10 @@ fn hostile_soak_secs() -> u64 {
         .unwrap_or(30)
 }
 
-/// The 99th percentile of `samples`.
-fn p99(samples: &mut [Duration]) -> Duration {
+/// The `percent`th percentile of `samples`.
+fn percentile(samples: &mut [Duration], percent: usize) -> Duration {
     samples.sort();
-    samples[(samples.len() * 99 / 100).min(samples.len() - 1)]
+    samples[(samples.len() * percent / 100).min(samples.len() - 1)]
 }
 
 /// Root's spawns of `true` on one connection, at least `runs` of them and
@@ -49,8 +49,14 @@ fn good_spawns(server: &Server, runs: usize, until: Option<Instant>) -> Vec<Dura
 /// Three hostile `nobody` peers — a flood of refused requests on
 /// connections that never read, a hog of children and fds, escalation
 /// attempts — against a root server at 1024 fds, and one well-behaved root
-/// client: all of its spawns succeed, its p99 stays within 5× its p99
-/// alone, nothing hostile is granted, and the server ends as it began.
+/// client: all of its spawns succeed, its p90 stays within 5× its p90
+/// alone and its p99 within 15× that (a starved client waits hundreds of
+/// ms), nothing hostile is granted, and the server ends as it began.
+///
+/// The yardstick is the p90 alone, not the p99: on a shared 2-core machine
+/// the p99 of 1000 spawns alone is whatever stall the machine had then
+/// (2–14 ms across runs of the same code, while the p90 stayed 2.8–4.5 ms),
+/// and a ratio to it failed or passed by the luck of the quiet moment.
 #[test]
 fn a_hostile_soak_leaves_a_good_client_its_spawns() {
     if !util::root_or_skip("hostile_soak::a_hostile_soak_leaves_a_good_client_its_spawns") {
@@ -60,7 +66,7 @@ fn a_hostile_soak_leaves_a_good_client_its_spawns() {
     let fds_before = util::fd_table(server.pid());
     let rss_before = status_kb(server.pid(), "VmRSS:");
     // Enough spawns alone that their p99 is not one lucky run's.
-    let solo_p99 = p99(&mut good_spawns(&server, 1000, None));
+    let solo_p90 = percentile(&mut good_spawns(&server, 1000, None), 90);
 
     let secs = hostile_soak_secs();
     let program = peer_program(&server);
@@ -83,17 +89,19 @@ fn a_hostile_soak_leaves_a_good_client_its_spawns() {
     let until = Instant::now() + Duration::from_secs(secs.saturating_sub(2));
     let mut during = good_spawns(&server, 1, Some(until));
     let count = during.len();
-    let attack_p99 = p99(&mut during);
+    let attack_p90 = percentile(&mut during, 90);
+    let attack_p99 = percentile(&mut during, 99);
     let reports: Vec<String> = attackers
         .into_iter()
         .map(|a| text(&a.wait_with_output().unwrap().stdout))
         .collect();
     let summary = format!(
-        "{secs} s: {count} good spawns, p99 {attack_p99:?} vs {solo_p99:?} alone; {}",
+        "{secs} s: {count} good spawns, p90 {attack_p90:?} and p99 {attack_p99:?} vs p90 {solo_p90:?} alone; {}",
         reports.concat().replace('\n', "; ")
     );
     eprintln!("hostile soak: {summary}");
-    assert!(attack_p99 <= solo_p99 * 5, "{summary}");
+    assert!(attack_p90 <= solo_p90 * 5, "{summary}");
+    assert!(attack_p99 <= solo_p90 * 15, "{summary}");
     assert!(reports[2].contains(" 0 granted"), "{summary}");
     assert!(!reports[0].starts_with("flood: 0 "), "{summary}");
     assert!(reports[1].contains("max_fds_per_uid"), "{summary}");
