@@ -100,3 +100,93 @@ if __name__ == "__main__":
     print("ok", flush=True)
 """)
     assert done.stdout.strip() == "ok"
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_a_dask_host_whose_server_is_killed_keeps_its_workers_and_rejoins(
+    tmp_path, start_server, startup_hook
+):
+    """The README's multi-host recipe on one machine: two "hosts", each a
+    server and a `dask worker --nworkers 2` whose FORKSERVER_RS_CONTEXTS
+    names it, and one scheduler. Host A's server is SIGKILLed three times
+    during a stream of Polars tasks, a new one started on its socket 1 s
+    later: every task finishes right, no `dask worker` exits, the cluster
+    stays at 4 workers, and workers restarted afterwards are children of
+    their host's server of now."""
+    import json
+    import os
+    import signal
+    import time
+
+    from distributed import Client
+
+    flags = ("--preload", "distributed,polars", "--allow-dormant-threads")
+    servers = {"a": start_server(*flags), "b": start_server(*flags)}
+    for server in servers.values():
+        assert server.ready, server.failure()
+    port = _free_port()
+    dask = os.path.join(os.path.dirname(sys.executable), "dask")
+    scheduler = subprocess.Popen(
+        [dask, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path,
+    )
+    hosts = {}
+    try:
+        for host, server in servers.items():
+            settings = {"forkserver-rs": {"socket": server.socket, "preload": ["distributed", "polars"]}}
+            env = {
+                **os.environ,
+                "FORKSERVER_RS_CONTEXTS": json.dumps(settings),
+                "DASK_DISTRIBUTED__WORKER__MULTIPROCESSING_METHOD": "forkserver-rs",
+            }
+            hosts[host] = subprocess.Popen(
+                [dask, "worker", f"tcp://127.0.0.1:{port}", "--nworkers", "2", "--nthreads", "1",
+                 "--no-dashboard"],
+                env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / f"worker-{host}.log", "w"),
+                cwd=tmp_path,
+            )
+
+        def column_sum(n):
+            import polars as pl
+
+            return pl.DataFrame({"a": range(n)})["a"].sum()
+
+        with Client(f"tcp://127.0.0.1:{port}", timeout=60) as client:
+            client.wait_for_workers(4, timeout=120)
+            for round in range(3):
+                futures = client.map(column_sum, [100 + round * 1000 + i for i in range(40)], pure=False)
+                time.sleep(0.2)
+                os.kill(servers["a"].pid, signal.SIGKILL)
+                servers["a"].process.wait()
+                time.sleep(1)
+                servers["a"] = start_server(*flags, socket=servers["a"].socket)
+                assert servers["a"].ready, servers["a"].failure()
+                expected = [(n - 1) * n // 2 for n in [100 + round * 1000 + i for i in range(40)]]
+                assert client.gather(futures) == expected
+                client.wait_for_workers(4, timeout=30)
+            assert [host.poll() for host in hosts.values()] == [None, None], (
+                (tmp_path / "worker-a.log").read_text()
+            )
+            # The nannies restart their workers through the servers there
+            # are now: host A's is the last one started.
+            client.restart(timeout=120)
+            parents = sorted(client.run(os.getppid).values())
+            assert parents == sorted([servers["a"].pid] * 2 + [servers["b"].pid] * 2), (
+                parents, servers["a"].pid, servers["b"].pid,
+            )
+    finally:
+        for process in [*hosts.values(), scheduler]:
+            process.terminate()
+        for process in [*hosts.values(), scheduler]:
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()

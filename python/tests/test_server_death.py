@@ -57,8 +57,13 @@ def test_a_private_server_killed_during_a_pool_map_is_replaced(tmp_path):
                 server = ctx.client().status()["pid"]
                 result = pool.map_async(slow_square, range(40))
                 time.sleep(0.3)
+                workers = [p.pid for p in pool._pool]
                 os.kill(server, signal.SIGKILL)
                 assert result.get(60) == [x * x for x in range(40)]
+                # Its workers outlive the server (detached): the pool keeps
+                # them, as their pidfds say they run.
+                assert [p.pid for p in pool._pool] == workers
+                assert all(p.is_alive() for p in pool._pool)
                 # The pool keeps its workers that still live, and starts
                 # what it needs through a new server.
                 assert pool.map(slow_square, range(8)) == [x * x for x in range(8)]
