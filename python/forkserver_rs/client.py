@@ -176,7 +176,9 @@ class _Connection:
         self._cond = threading.Condition()
         self._reading = False
         self._broken = None  # why the connection can no longer be read
-        self._replies = {}  # id -> (message, fds) for replies not yet taken
+        # id -> [(message, fds), ...]: replies not yet taken, in order (a
+        # list or kill answer comes in pages with one id)
+        self._replies = {}
         self._exits = {}  # id -> exit status map
         self._next_id = 1
         try:
@@ -268,7 +270,7 @@ class _Connection:
         elif kind == "error" and message.get("fatal"):
             self._broken = ServerError(message.get("kind"), message.get("message"))
         elif "id" in message:
-            self._replies[message["id"]] = (message, fds)
+            self._replies.setdefault(message["id"], []).append((message, fds))
             return
         for fd in fds:
             os.close(fd)
@@ -318,7 +320,11 @@ class _Connection:
         """The reply to request `request_id`, waiting for it."""
         self._wait_for(lambda: request_id in self._replies)
         with self._cond:
-            return self._replies.pop(request_id)
+            queue = self._replies[request_id]
+            reply = queue.pop(0)
+            if not queue:
+                del self._replies[request_id]
+            return reply
 
 
 class Client:
@@ -416,6 +422,34 @@ class Client:
         """The server's status map (pid, modules, children, pools, ...)."""
         reply, _, _ = self._request({"type": "status"})
         return reply
+
+    def list(self):
+        """The server's live children this client may see (all of them for
+        root and the server's own uid, else those its uid started), as the
+        protocol's maps: ``pid``, ``age_ms``, ``owner_pid``, ``owner_uid``,
+        ``owner_connected``, ``detached``, ``target``, ... Every page read."""
+        return self._pages({"type": "list"}, "children", "children")
+
+    def kill(self, pid=None, sig=signal.SIGTERM):
+        """Sends `sig` to the child `pid`, or to every child this client may
+        touch (None), whoever spawned it; returns the pids signalled. A
+        child of another uid is refused (ServerError ``denied``) unless this
+        client is root or the server's own uid."""
+        return self._pages({"type": "kill", "pid": pid, "signal": int(sig)}, "killed", "pids")
+
+    def _pages(self, message, kind, field):
+        """The items of an answer that comes in pages (``more``)."""
+        reply, _, conn = self._request(message)
+        items = []
+        while True:
+            if reply.get("type") == "error":
+                raise ServerError(reply.get("kind"), reply.get("message"))
+            if reply.get("type") != kind:
+                raise ServerError("protocol", f"expected {kind}, got {reply.get('type')!r}")
+            items.extend(reply.get(field, []))
+            if not reply.get("more"):
+                return items
+            reply, _ = conn._answer(message["id"])
 
     def reload(self):
         """Has the server load its preloads afresh from disk in a new
