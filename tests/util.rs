@@ -82,10 +82,19 @@ impl Server {
         server
     }
 
+    /// Waits until the server serves. Its socket takes connections as soon
+    /// as it listens, before its event loop and first generation exist (and
+    /// with them fds a test's baseline of the server's fds must hold): so
+    /// then for the "listening on" line, logged once they do (unless the
+    /// server was started quiet, `-q`, and does not log it).
     #[track_caller]
     fn wait_ready(&mut self) {
         let deadline = Instant::now() + TIMEOUT;
-        while connect_seqpacket(&self.socket).is_err() {
+        let ready = |server: &Self| {
+            connect_seqpacket(&server.socket).is_ok()
+                && (server.quiet() || server.log().contains("listening on"))
+        };
+        while !ready(self) {
             if let Some(status) = self.process.try_wait().unwrap() {
                 panic!("server exited at start with {status}: {}", self.log());
             }
@@ -96,6 +105,16 @@ impl Server {
             );
             thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// Whether the server was started with `-q`/`--quiet` (it then does not
+    /// log "listening on").
+    fn quiet(&self) -> bool {
+        fs::read(format!("/proc/{}/cmdline", self.pid())).map_or(true, |cmdline| {
+            cmdline
+                .split(|&b| b == 0)
+                .any(|arg| arg == b"-q" || arg == b"--quiet" || arg == b"-qq")
+        })
     }
 
     pub fn pid(&self) -> u32 {
